@@ -1,0 +1,69 @@
+//! The `/v1` HTTP API (axum). Routes and permissions are listed in `docs/API.md`.
+
+mod caller;
+mod error;
+mod identity;
+mod sessions;
+mod targets;
+pub mod types;
+mod workers;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+
+pub use caller::Caller;
+pub use error::{check_name, ApiError};
+
+use crate::state::AppState;
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 64 * 1024;
+
+/// The API router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/v1/auth/login", post(identity::login))
+        .route("/v1/auth/logout", post(identity::logout))
+        .route("/v1/whoami", get(identity::whoami))
+        .route("/v1/users", get(identity::list_users).post(identity::create_user))
+        .route("/v1/users/{name}", get(identity::show_user).delete(identity::delete_user))
+        .route("/v1/users/{name}/lock", post(identity::lock_user))
+        .route("/v1/users/{name}/unlock", post(identity::unlock_user))
+        .route("/v1/groups", get(identity::list_groups).post(identity::create_group))
+        .route("/v1/groups/{name}", axum::routing::delete(identity::delete_group))
+        .route("/v1/groups/{name}/members", post(identity::add_member))
+        .route("/v1/groups/{name}/members/{user}", axum::routing::delete(identity::remove_member))
+        .route("/v1/roles", get(identity::list_roles).post(identity::create_role))
+        .route("/v1/roles/{name}", get(identity::show_role).delete(identity::delete_role))
+        .route("/v1/roles/{name}/rules", post(identity::add_rule))
+        .route("/v1/roles/{name}/bind", post(identity::bind))
+        .route("/v1/roles/{name}/unbind", post(identity::unbind))
+        .route("/v1/targets", get(targets::list).post(targets::create))
+        .route(
+            "/v1/targets/{name}",
+            get(targets::show).patch(targets::update).delete(targets::delete),
+        )
+        .route("/v1/targets/{name}/authorize", post(targets::authorize))
+        .route("/v1/workers", get(workers::list).post(workers::create))
+        .route("/v1/workers/register", post(workers::register))
+        .route("/v1/workers/{name}", axum::routing::delete(workers::delete))
+        .route("/v1/sessions", get(sessions::list))
+        .route("/v1/sessions/{id}", get(sessions::show))
+        .route("/v1/sessions/{id}/cancel", post(sessions::cancel))
+        .route("/v1/policy/check", get(sessions::policy_check))
+        .route("/v1/audit", get(sessions::audit))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> Result<&'static str, ApiError> {
+    state
+        .store
+        .cluster_id()
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("store not ready: {e}")))?;
+    Ok("ok")
+}

@@ -1,0 +1,110 @@
+//! Sessions (list, show, cancel), policy explanation, audit queries.
+
+use axum::extract::{Path, Query, State};
+use axum::Json;
+use serde_json::json;
+
+use super::types::{AuditEvent, AuditQuery, Decision, PolicyCheckQuery, Session, SessionQuery};
+use super::{ApiError, Caller};
+use crate::policy::{self, SourcedRule, TargetRef};
+use crate::state::AppState;
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// `GET /v1/sessions`: the caller's own sessions, or everyone's with `sessions:read`.
+pub async fn list(State(state): State<AppState>, caller: Caller, Query(mut q): Query<SessionQuery>) -> ApiResult<Vec<Session>> {
+    if !caller.may("sessions:read", None) {
+        match &q.user {
+            Some(u) if u != caller.name() => {
+                caller.require(&state, "sessions:read", None).await?;
+            }
+            _ => q.user = Some(caller.name().to_owned()),
+        }
+    }
+    Ok(Json(state.store.sessions(&q).await?))
+}
+
+async fn visible_session(state: &AppState, caller: &Caller, id: &str, action: &str) -> Result<Session, ApiError> {
+    let s = state.store.session(id).await?;
+    if s.user != caller.name() {
+        caller.require(state, action, None).await?;
+    }
+    Ok(s)
+}
+
+/// `GET /v1/sessions/{id}`.
+pub async fn show(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Session> {
+    Ok(Json(visible_session(&state, &caller, &id, "sessions:read").await?))
+}
+
+/// `POST /v1/sessions/{id}/cancel`: ends the session and cuts its open connections.
+pub async fn cancel(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Session> {
+    let s = visible_session(&state, &caller, &id, "sessions:cancel").await?;
+    if s.status == "terminated" {
+        return Err(ApiError::Conflict(format!(
+            "session {id} has already ended ({})",
+            s.end_reason.unwrap_or_default()
+        )));
+    }
+    let reason = if s.user == caller.name() {
+        format!("cancelled by {}", caller.name())
+    } else {
+        format!("cancelled by admin {}", caller.name())
+    };
+    state.store.end_session(&id, &reason).await?;
+    let pushed = state.workers.cancel(&s.worker, &id, &reason);
+    state
+        .audit(
+            caller.name(),
+            "session.cancel",
+            &format!("session:{id}"),
+            "success",
+            json!({"user": s.user, "target": s.target, "worker": s.worker, "pushed": pushed}),
+        )
+        .await?;
+    Ok(Json(state.store.session(&id).await?))
+}
+
+/// `GET /v1/policy/check?user=&target=&action=`: which rule decides, and why.
+pub async fn policy_check(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<PolicyCheckQuery>,
+) -> ApiResult<Decision> {
+    caller.require(&state, "roles:read", None).await?;
+    state.store.user(&q.user).await?;
+    let target = state.store.target(&q.target).await?;
+    let action = q.action.unwrap_or_else(|| "connect".into());
+    policy::validate_action(&action).map_err(ApiError::BadRequest)?;
+    let rules: Vec<SourcedRule> = state
+        .store
+        .rules_for_user(&q.user)
+        .await?
+        .into_iter()
+        .map(|(role, position, rule)| SourcedRule { role, position, rule })
+        .collect();
+    let tref = TargetRef {
+        name: &target.name,
+        labels: &target.labels,
+    };
+    Ok(Json(match policy::check(&rules, &action, Some(tref)) {
+        Ok(g) => Decision {
+            allowed: true,
+            reason: format!("'{action}' on target '{}' is allowed for '{}' by {}", target.name, q.user, g.rule()),
+            rule: Some(g.rule().to_owned()),
+            action,
+        },
+        Err(d) => Decision {
+            allowed: false,
+            reason: format!("user '{}': {}", q.user, d.reason),
+            rule: d.rule,
+            action,
+        },
+    }))
+}
+
+/// `GET /v1/audit`.
+pub async fn audit(State(state): State<AppState>, caller: Caller, Query(q): Query<AuditQuery>) -> ApiResult<Vec<AuditEvent>> {
+    caller.require(&state, "audit:read", None).await?;
+    Ok(Json(state.store.audit_events(&q).await?))
+}

@@ -1,0 +1,246 @@
+//! Targets, and session authorization (DESIGN §3).
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine as _;
+use serde_json::json;
+
+use postern_proto::ids::SessionId;
+use postern_proto::token::{self, Confirmation, SessionClaims};
+
+use super::types::{Authorization, AuthorizeRequest, CreateTarget, Target, TargetType, UpdateTarget, WorkerEndpoint};
+use super::{check_name, ApiError, Caller};
+use crate::policy::TargetRef;
+use crate::state::AppState;
+use crate::store::{now, NewSession, WorkerRow};
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// A worker is a candidate if a controller heard from it this recently.
+const WORKER_FRESH_SECS: i64 = 30;
+
+fn target_ref(t: &Target) -> TargetRef<'_> {
+    TargetRef {
+        name: &t.name,
+        labels: &t.labels,
+    }
+}
+
+fn check_address(address: &str) -> Result<(), ApiError> {
+    let bad = || ApiError::BadRequest(format!("invalid address '{address}': expected HOST:PORT"));
+    let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host.len() <= 253
+                && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        }
+    };
+    if !host_ok || port == 0 {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+fn check_kind(kind: TargetType) -> Result<(), ApiError> {
+    match kind {
+        TargetType::Tcp => Ok(()),
+        other => Err(ApiError::BadRequest(format!(
+            "target type '{}' is not supported by workers yet: use --type tcp",
+            other.as_str()
+        ))),
+    }
+}
+
+/// `GET /v1/targets`: the targets the caller may read or connect to.
+pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Vec<Target>> {
+    let all = state.store.targets().await?;
+    Ok(Json(
+        all.into_iter()
+            .filter(|t| caller.may("read", Some(target_ref(t))) || caller.may("connect", Some(target_ref(t))))
+            .collect(),
+    ))
+}
+
+/// `GET /v1/targets/{name}`.
+pub async fn show(State(state): State<AppState>, caller: Caller, Path(name): Path<String>) -> ApiResult<Target> {
+    let t = state.store.target(&name).await?;
+    if !caller.may("connect", Some(target_ref(&t))) {
+        caller.require(&state, "read", Some(target_ref(&t))).await?;
+    }
+    Ok(Json(t))
+}
+
+/// `POST /v1/targets`.
+pub async fn create(State(state): State<AppState>, caller: Caller, Json(req): Json<CreateTarget>) -> ApiResult<Target> {
+    caller.require(&state, "targets:write", None).await?;
+    check_name("target", &req.name)?;
+    check_kind(req.kind)?;
+    check_address(&req.address)?;
+    if req.max_duration_secs == Some(0) || req.default_duration_secs == Some(0) {
+        return Err(ApiError::BadRequest("session durations must be at least 1 s".into()));
+    }
+    let t = state.store.create_target(&req).await?;
+    state
+        .audit(caller.name(), "target.create", &format!("target:{}", t.name), "success", json!({"target": t}))
+        .await?;
+    Ok(Json(t))
+}
+
+/// `PATCH /v1/targets/{name}`.
+pub async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Json(req): Json<UpdateTarget>,
+) -> ApiResult<Target> {
+    caller.require(&state, "targets:write", None).await?;
+    if let Some(a) = &req.address {
+        check_address(a)?;
+    }
+    if req.max_duration_secs == Some(0) || req.default_duration_secs == Some(0) {
+        return Err(ApiError::BadRequest("session durations must be at least 1 s".into()));
+    }
+    let t = state.store.update_target(&name, &req).await?;
+    state
+        .audit(caller.name(), "target.update", &format!("target:{name}"), "success", json!({"change": req}))
+        .await?;
+    Ok(Json(t))
+}
+
+/// `DELETE /v1/targets/{name}`.
+pub async fn delete(State(state): State<AppState>, caller: Caller, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    caller.require(&state, "targets:write", None).await?;
+    state.store.delete_target(&name).await?;
+    state.audit(caller.name(), "target.delete", &format!("target:{name}"), "success", json!({})).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/targets/{name}/authorize`: policy check, worker choice, signed session token.
+pub async fn authorize(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Json(req): Json<AuthorizeRequest>,
+) -> ApiResult<Authorization> {
+    let target = state.store.target(&name).await?;
+    let resource = format!("target:{}", target.name);
+    if let Err(denied) = crate::policy::check(&caller.rules, "connect", Some(target_ref(&target))) {
+        state
+            .audit(
+                caller.name(),
+                "session.denied",
+                &resource,
+                "denied",
+                json!({"reason": denied.reason, "rule": denied.rule}),
+            )
+            .await?;
+        return Err(ApiError::Forbidden(format!(
+            "permission denied for user '{}': {}",
+            caller.name(),
+            denied.reason
+        )));
+    }
+    if !target.enabled {
+        return Err(ApiError::Conflict(format!("target '{}' is disabled", target.name)));
+    }
+    let spki = B64
+        .decode(req.client_spki.trim())
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 2048)
+        .ok_or_else(|| ApiError::BadRequest("client_spki must be the base64url DER public key of the session key".into()))?;
+    let duration = req
+        .duration_secs
+        .unwrap_or(target.default_duration_secs)
+        .clamp(1, target.max_duration_secs);
+
+    let worker = pick_worker(&state, &target).await?;
+    let worker_addr = worker
+        .session_addr
+        .clone()
+        .ok_or_else(|| ApiError::Unavailable(format!("worker '{}' has not reported its address", worker.name)))?;
+    let session_id = SessionId::random();
+    let iat = now();
+    let claims = SessionClaims {
+        iss: state.issuer.clone(),
+        sub: caller.name().into(),
+        sid: session_id.clone(),
+        target: target.name.clone().into(),
+        protocol: target.kind.as_str().into(),
+        endpoint: target.address.clone(),
+        worker: worker.name.clone().into(),
+        iat,
+        exp: iat + duration as i64,
+        connection_limit: target.connection_limit,
+        cnf: Confirmation {
+            spki_s256: token::spki_thumbprint(&spki),
+        },
+    };
+    let signed = token::sign(&claims, &state.keys.session_key);
+    state
+        .store
+        .insert_session(&NewSession {
+            id: session_id.as_str(),
+            user: caller.name(),
+            target: &target.name,
+            worker: &worker.name,
+            expires_at: claims.exp,
+        })
+        .await?;
+    state
+        .audit(
+            caller.name(),
+            "session.authorize",
+            &resource,
+            "success",
+            json!({"session": session_id, "worker": worker.name, "expires_at": claims.exp}),
+        )
+        .await?;
+    Ok(Json(Authorization {
+        session_id: session_id.0,
+        token: signed,
+        worker: WorkerEndpoint {
+            server_name: postern_proto::worker_server_name(&worker.name),
+            name: worker.name,
+            addr: worker_addr,
+        },
+        ca_pem: state.keys.ca_pem.clone(),
+        expires_at: claims.exp,
+        target: target.name,
+        protocol: target.kind,
+        connection_limit: target.connection_limit,
+    }))
+}
+
+/// A connected worker whose tags satisfy the target's filter; among several, a random one.
+async fn pick_worker(state: &AppState, target: &Target) -> Result<WorkerRow, ApiError> {
+    let fresh = now() - WORKER_FRESH_SECS;
+    let candidates: Vec<WorkerRow> = state
+        .store
+        .workers()
+        .await?
+        .into_iter()
+        .filter(|w| w.connected_to.is_some() && w.session_addr.is_some() && w.last_seen.is_some_and(|s| s >= fresh))
+        .filter(|w| target.worker_filter.iter().all(|(k, v)| w.tags.get(k) == Some(v)))
+        .collect();
+    if candidates.is_empty() {
+        let filter = if target.worker_filter.is_empty() {
+            String::new()
+        } else {
+            let f: Vec<String> = target.worker_filter.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!(" with tags {}", f.join(","))
+        };
+        return Err(ApiError::Unavailable(format!(
+            "no connected worker{filter} can serve target '{}': start one (`postern workers create`) or check `postern workers list`",
+            target.name
+        )));
+    }
+    let mut r = [0u8; 4];
+    getrandom::fill(&mut r).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let i = u32::from_le_bytes(r) as usize % candidates.len();
+    Ok(candidates.into_iter().nth(i).ok_or_else(|| ApiError::Internal("worker choice".into()))?)
+}

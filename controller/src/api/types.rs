@@ -1,0 +1,452 @@
+//! The JSON bodies of the `/v1` HTTP API, shared with the CLI (which depends on this crate).
+//! Times are Unix seconds; durations are seconds.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Every error answer: `{"error": "not_found", "message": "no target named 'x'; ..."}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Machine-readable code (`bad_request`, `unauthenticated`, `forbidden`, `not_found`,
+    /// `conflict`, `unavailable`, `internal`).
+    pub error: String,
+    /// What went wrong and what to do, for a person.
+    pub message: String,
+}
+
+/// `POST /v1/auth/login`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    /// User name.
+    pub user: String,
+    /// Password.
+    pub password: String,
+}
+
+/// Answer to a successful login.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoginResponse {
+    /// The opaque API token (`pt_…`); send as `Authorization: Bearer`.
+    pub token: String,
+    /// The user logged in.
+    pub user: String,
+    /// When the token stops working.
+    pub expires_at: i64,
+}
+
+/// `GET /v1/whoami`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WhoAmI {
+    /// User name.
+    pub user: String,
+    /// Groups the user belongs to.
+    pub groups: Vec<String>,
+    /// Roles bound to the user directly or through a group.
+    pub roles: Vec<String>,
+    /// When the token used for this call expires.
+    pub token_expires_at: i64,
+}
+
+/// A user as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct User {
+    /// Login name.
+    pub name: String,
+    /// Locked users cannot log in, call the API or open sessions.
+    pub locked: bool,
+    /// Whether a password is set.
+    pub has_password: bool,
+    /// Creation time.
+    pub created_at: i64,
+    /// Groups.
+    pub groups: Vec<String>,
+}
+
+/// `POST /v1/users`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUser {
+    /// Login name: letters, digits, `.`, `_`, `-`, `@`; at most 64 characters.
+    pub name: String,
+    /// Optional password (at least 8 characters).
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+/// A group and its members.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Group {
+    /// Name.
+    pub name: String,
+    /// Member user names.
+    pub members: Vec<String>,
+}
+
+/// `POST /v1/groups`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateGroup {
+    /// Name.
+    pub name: String,
+}
+
+/// `POST /v1/groups/{name}/members`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddMember {
+    /// User to add.
+    pub user: String,
+}
+
+/// Allow or deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Effect {
+    /// Grants the actions.
+    Allow,
+    /// Refuses the actions; deny wins over allow.
+    Deny,
+}
+
+/// One rule of a role. Target actions (`connect`, `read`) apply to the targets selected by
+/// `targets` (a name glob, `*` if absent) **and** `labels` (all must match); admin actions
+/// (`users:*`, `targets:write`, `sessions:cancel`, `audit:read`, `workers:*`, `*`) ignore them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Allow or deny.
+    pub effect: Effect,
+    /// Actions, e.g. `["connect"]`, `["users:*"]`, `["*"]`.
+    pub actions: Vec<String>,
+    /// Target name glob (`pg-*`); absent means every target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets: Option<String>,
+    /// Labels a target must all carry.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Who a role is bound to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Principal {
+    /// A user, by name.
+    User(String),
+    /// A group, by name.
+    Group(String),
+}
+
+/// A role with its rules and bindings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Role {
+    /// Name.
+    pub name: String,
+    /// Rules, in the order added.
+    pub rules: Vec<Rule>,
+    /// Principals the role is bound to.
+    pub bindings: Vec<Principal>,
+}
+
+/// `POST /v1/roles`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRole {
+    /// Name.
+    pub name: String,
+}
+
+/// Target protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetType {
+    /// Plain TCP.
+    Tcp,
+    /// SSH (credential injection; not yet implemented on the worker).
+    Ssh,
+    /// PostgreSQL (wire-protocol proxy; not yet implemented on the worker).
+    Postgres,
+}
+
+impl TargetType {
+    /// Lowercase name as used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetType::Tcp => "tcp",
+            TargetType::Ssh => "ssh",
+            TargetType::Postgres => "postgres",
+        }
+    }
+}
+
+/// A target as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Target {
+    /// Unique human name.
+    pub name: String,
+    /// Protocol.
+    #[serde(rename = "type")]
+    pub kind: TargetType,
+    /// `host:port` the worker dials.
+    pub address: String,
+    /// Labels for policy selection.
+    pub labels: BTreeMap<String, String>,
+    /// Session length when the client asks for none.
+    pub default_duration_secs: u64,
+    /// Longest session allowed.
+    pub max_duration_secs: u64,
+    /// Connections per session; `None` is unlimited.
+    pub connection_limit: Option<u32>,
+    /// Worker tags a worker must carry to serve this target.
+    pub worker_filter: BTreeMap<String, String>,
+    /// Disabled targets cannot be authorized.
+    pub enabled: bool,
+    /// Creation time.
+    pub created_at: i64,
+}
+
+/// `POST /v1/targets`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTarget {
+    /// Unique name: letters, digits, `.`, `_`, `-`; at most 64 characters.
+    pub name: String,
+    /// Protocol.
+    #[serde(rename = "type")]
+    pub kind: TargetType,
+    /// `host:port`.
+    pub address: String,
+    /// Labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Default session length (default 1 h, capped by the maximum).
+    #[serde(default)]
+    pub default_duration_secs: Option<u64>,
+    /// Maximum session length (default 8 h).
+    #[serde(default)]
+    pub max_duration_secs: Option<u64>,
+    /// Connections per session.
+    #[serde(default)]
+    pub connection_limit: Option<u32>,
+    /// Worker tags required.
+    #[serde(default)]
+    pub worker_filter: BTreeMap<String, String>,
+}
+
+/// `PATCH /v1/targets/{name}`: fields present are changed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateTarget {
+    /// New address.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Replaces all labels.
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// New default duration.
+    #[serde(default)]
+    pub default_duration_secs: Option<u64>,
+    /// New maximum duration.
+    #[serde(default)]
+    pub max_duration_secs: Option<u64>,
+    /// New connection limit; `Some(0)` removes the limit.
+    #[serde(default)]
+    pub connection_limit: Option<u32>,
+    /// Replaces the worker filter.
+    #[serde(default)]
+    pub worker_filter: Option<BTreeMap<String, String>>,
+    /// Enable or disable.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+}
+
+/// A worker as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Worker {
+    /// Unique name.
+    pub name: String,
+    /// Tags matched against targets' worker filters.
+    pub tags: BTreeMap<String, String>,
+    /// `pending` (not yet registered) or `registered`.
+    pub status: String,
+    /// Whether a controller currently holds its control connection.
+    pub connected: bool,
+    /// Address clients dial for sessions, as the worker last reported it.
+    pub session_addr: Option<String>,
+    /// Last time a controller heard from it.
+    pub last_seen: Option<i64>,
+    /// Creation time.
+    pub created_at: i64,
+}
+
+/// `POST /v1/workers`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWorker {
+    /// Unique name (becomes part of its certificate's DNS name).
+    pub name: String,
+    /// Tags.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Answer to [`CreateWorker`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreatedWorker {
+    /// The worker.
+    pub worker: Worker,
+    /// One-time activation token, valid for 24 h.
+    pub activation_token: String,
+}
+
+/// `POST /v1/targets/{name}/authorize`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizeRequest {
+    /// base64url DER SubjectPublicKeyInfo of the client's ephemeral session key.
+    pub client_spki: String,
+    /// Requested session length; the target's default if absent, capped at its maximum.
+    #[serde(default)]
+    pub duration_secs: Option<u64>,
+}
+
+/// Where and how to reach the worker that carries the session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerEndpoint {
+    /// Worker name.
+    pub name: String,
+    /// `host:port` of its session listener.
+    pub addr: String,
+    /// TLS server name to verify its certificate against.
+    pub server_name: String,
+}
+
+/// Answer to [`AuthorizeRequest`]: everything the CLI needs to open the session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Authorization {
+    /// Session id.
+    pub session_id: String,
+    /// Signed session token for the worker.
+    pub token: String,
+    /// The worker to dial.
+    pub worker: WorkerEndpoint,
+    /// PEM of the cluster CA that signed the worker's certificate.
+    pub ca_pem: String,
+    /// Session expiry.
+    pub expires_at: i64,
+    /// Target name.
+    pub target: String,
+    /// Target protocol.
+    pub protocol: TargetType,
+    /// Connections allowed in the session.
+    pub connection_limit: Option<u32>,
+}
+
+/// A session as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Session {
+    /// Id.
+    pub id: String,
+    /// User.
+    pub user: String,
+    /// Target.
+    pub target: String,
+    /// Worker.
+    pub worker: String,
+    /// `pending`, `active` or `terminated`.
+    pub status: String,
+    /// Creation (authorization) time.
+    pub created_at: i64,
+    /// Expiry.
+    pub expires_at: i64,
+    /// When the worker activated it.
+    pub activated_at: Option<i64>,
+    /// When it ended.
+    pub ended_at: Option<i64>,
+    /// Why it ended.
+    pub end_reason: Option<String>,
+    /// Connections made.
+    pub connections: i64,
+    /// Bytes client → target over closed connections.
+    pub bytes_up: i64,
+    /// Bytes target → client over closed connections.
+    pub bytes_down: i64,
+}
+
+/// Query of `GET /v1/sessions`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SessionQuery {
+    /// Only pending or active sessions.
+    #[serde(default)]
+    pub active: Option<bool>,
+    /// Only this user's.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Only this target's.
+    #[serde(default)]
+    pub target: Option<String>,
+}
+
+/// Query of `GET /v1/policy/check`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PolicyCheckQuery {
+    /// User.
+    pub user: String,
+    /// Target name.
+    pub target: String,
+    /// Action, `connect` if absent.
+    #[serde(default)]
+    pub action: Option<String>,
+}
+
+/// An explained policy decision.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Decision {
+    /// Whether the action is allowed.
+    pub allowed: bool,
+    /// The action checked.
+    pub action: String,
+    /// The rule that decided, as `role NAME rule #N (allow connect on pg-*)`, if any.
+    pub rule: Option<String>,
+    /// Full explanation for a person.
+    pub reason: String,
+}
+
+/// An audit event.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// Sequence number.
+    pub id: i64,
+    /// Time (Unix seconds).
+    pub time: i64,
+    /// Who acted (user name, `worker:NAME`, `system`, or `anonymous`).
+    pub actor: String,
+    /// What (`auth.login`, `auth.login_failed`, `session.authorize`, `session.denied`, …).
+    pub action: String,
+    /// On what (`target:pg-prod`, `user:bob`, `session:s_…`).
+    pub resource: String,
+    /// `success`, `failure` or `denied`.
+    pub outcome: String,
+    /// Free-form details.
+    pub details: serde_json::Value,
+}
+
+/// Query of `GET /v1/audit`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AuditQuery {
+    /// Only this actor.
+    #[serde(default)]
+    pub actor: Option<String>,
+    /// Only this action (exact, or a prefix ending in `.`).
+    #[serde(default)]
+    pub action: Option<String>,
+    /// Only events whose resource contains this text.
+    #[serde(default)]
+    pub resource: Option<String>,
+    /// Only events at or after this time.
+    #[serde(default)]
+    pub since: Option<i64>,
+    /// At most this many (default 100, newest last).
+    #[serde(default)]
+    pub limit: Option<i64>,
+}

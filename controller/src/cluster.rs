@@ -1,0 +1,379 @@
+//! The cluster listener: workers hold one QUIC mutual-TLS connection each (ALPN
+//! `postern-cluster/1`); on it they activate sessions and report connections, and the
+//! controller pushes cancellations.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quinn::crypto::rustls::QuicServerConfig;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use postern_proto::cluster::{ControllerHello, ControllerMessage, WorkerHello, WorkerMessage};
+use postern_proto::frame;
+use postern_proto::ids::SessionId;
+
+use crate::keys::{fingerprint, KeyError, RootKeys};
+use crate::policy::{self, SourcedRule, TargetRef};
+use crate::state::AppState;
+use crate::store::now;
+
+/// The cluster listener failed or a worker misbehaved.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// TLS configuration could not be built.
+    #[error("cluster TLS setup failed: {0}")]
+    Tls(String),
+    /// Binding the UDP socket failed.
+    #[error("cannot listen for workers on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Certificate issuance failed.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// A frame was malformed (worker side).
+    #[error("worker sent a bad frame: {0}")]
+    Frame(#[from] frame::FrameError),
+    /// The QUIC stream failed.
+    #[error("worker stream failed: {0}")]
+    Stream(String),
+}
+
+/// Workers whose control connections this controller holds.
+#[derive(Debug, Default)]
+pub struct Registry {
+    links: Mutex<HashMap<String, Link>>,
+    generation: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Link {
+    generation: u64,
+    tx: mpsc::UnboundedSender<ControllerMessage>,
+    conn: quinn::Connection,
+}
+
+impl Registry {
+    fn insert(&self, name: &str, tx: mpsc::UnboundedSender<ControllerMessage>, conn: quinn::Connection) -> u64 {
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        let old = self.lock().insert(name.to_owned(), Link { generation, tx, conn });
+        if let Some(old) = old {
+            old.conn.close(0u32.into(), b"replaced by a newer connection");
+        }
+        generation
+    }
+
+    fn remove(&self, name: &str, generation: u64) {
+        let mut links = self.lock();
+        if links.get(name).is_some_and(|l| l.generation == generation) {
+            links.remove(name);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Link>> {
+        self.links.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pushes a cancellation to the worker if this controller holds its connection.
+    pub fn cancel(&self, worker: &str, session_id: &str, reason: &str) -> bool {
+        self.lock().get(worker).is_some_and(|l| {
+            l.tx.send(ControllerMessage::CancelSession {
+                session_id: session_id.into(),
+                reason: reason.to_owned(),
+            })
+            .is_ok()
+        })
+    }
+
+    /// Closes the worker's control connection (worker deleted).
+    pub fn disconnect(&self, worker: &str, reason: &str) {
+        if let Some(l) = self.lock().remove(worker) {
+            l.conn.close(1u32.into(), reason.as_bytes());
+        }
+    }
+
+    /// Names of the connected workers.
+    pub fn connected(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+}
+
+/// Builds the QUIC endpoint workers connect to.
+pub fn endpoint(keys: &RootKeys, addr: SocketAddr) -> Result<quinn::Endpoint, ClusterError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(keys.ca_der()).map_err(|e| ClusterError::Tls(e.to_string()))?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| ClusterError::Tls(e.to_string()))?;
+    let (cert, key) = keys.issue_controller_cert()?;
+    let chain: Vec<CertificateDer<'static>> = vec![cert, keys.ca_der()];
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClusterError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, PrivatePkcs8KeyDer::from(key.serialize_der()).into())
+        .map_err(|e| ClusterError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![postern_proto::ALPN_CLUSTER.to_vec()];
+    let quic = QuicServerConfig::try_from(tls).map_err(|e| ClusterError::Tls(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(Duration::from_secs(10).try_into().map_err(|_| ClusterError::Tls("idle".into()))?));
+    config.transport_config(Arc::new(transport));
+    quinn::Endpoint::server(config, addr).map_err(|source| ClusterError::Bind { addr, source })
+}
+
+/// Accepts worker connections until the endpoint closes.
+pub async fn serve(state: AppState, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => serve_worker(state, conn).await,
+                Err(e) => tracing::debug!(%remote, error = %e, "worker handshake failed"),
+            }
+        });
+    }
+}
+
+async fn serve_worker(state: AppState, conn: quinn::Connection) {
+    let Some(fp) = peer_fingerprint(&conn) else {
+        conn.close(1u32.into(), b"no client certificate");
+        return;
+    };
+    let worker = match state.store.worker_by_fingerprint(&fp).await {
+        Ok(Some(w)) => w,
+        Ok(None) => {
+            conn.close(1u32.into(), b"unknown or deleted worker");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "store failure on worker connect");
+            conn.close(1u32.into(), b"controller store unavailable");
+            return;
+        }
+    };
+    let name = worker.name;
+    match control_loop(&state, &conn, &name).await {
+        Ok(()) => tracing::info!(worker = %name, "worker disconnected"),
+        Err(e) => tracing::warn!(worker = %name, error = %e, "worker connection ended"),
+    }
+}
+
+async fn control_loop(state: &AppState, conn: &quinn::Connection, name: &str) -> Result<(), ClusterError> {
+    let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
+        .await
+        .map_err(|_| ClusterError::Stream("no control stream within 10 s".into()))?
+        .map_err(|e| ClusterError::Stream(e.to_string()))?;
+    let hello: WorkerHello = read_frame(&mut recv)
+        .await?
+        .ok_or_else(|| ClusterError::Stream("control stream closed before hello".into()))?;
+    if hello.version != postern_proto::PROTOCOL_VERSION {
+        conn.close(1u32.into(), b"unsupported protocol version");
+        return Err(ClusterError::Stream(format!("worker speaks version {}", hello.version)));
+    }
+    let mut cancel = Vec::new();
+    for sid in &hello.active_sessions {
+        match state.store.session(sid.as_str()).await {
+            Ok(s) if s.status != "terminated" && s.worker == name => {}
+            _ => cancel.push(sid.clone()),
+        }
+    }
+    let store_err = |e: crate::store::StoreError| ClusterError::Stream(e.to_string());
+    state
+        .store
+        .worker_connected(name, &state.instance, &hello.session_addr)
+        .await
+        .map_err(store_err)?;
+    let reply = ControllerHello {
+        version: postern_proto::PROTOCOL_VERSION,
+        worker: name.into(),
+        session_keys: vec![postern_proto::token::encode_public_key(&state.keys.session_key.verifying_key())],
+        issuer: state.issuer.clone(),
+        cancel,
+    };
+    write_frame(&mut send, &reply).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<ControllerMessage>();
+    let generation = state.workers.insert(name, tx.clone(), conn.clone());
+    let _ = state
+        .audit(&format!("worker:{name}"), "worker.connect", &format!("worker:{name}"), "success", json!({"session_addr": hello.session_addr}))
+        .await;
+    tracing::info!(worker = %name, session_addr = %hello.session_addr, "worker connected");
+
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            if write_frame(&mut send, &msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    let result = loop {
+        match read_frame::<WorkerMessage>(&mut recv).await {
+            Ok(Some(msg)) => handle(state, name, msg, &tx).await,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    writer.abort();
+    state.workers.remove(name, generation);
+    let _ = state.store.worker_disconnected(name, &state.instance).await;
+    let _ = state
+        .audit(&format!("worker:{name}"), "worker.disconnect", &format!("worker:{name}"), "success", json!({}))
+        .await;
+    result
+}
+
+async fn handle(state: &AppState, worker: &str, msg: WorkerMessage, tx: &mpsc::UnboundedSender<ControllerMessage>) {
+    match msg {
+        WorkerMessage::Activate { id, session_id } => {
+            let (state, worker, tx) = (state.clone(), worker.to_owned(), tx.clone());
+            // Activations run concurrently: one slow store call must not hold up the others.
+            tokio::spawn(async move {
+                let refused = match activation_refusal(&state, &worker, &session_id).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(error = %e, "activation failed");
+                        Some("controller store failure".into())
+                    }
+                };
+                let outcome = if refused.is_some() { "denied" } else { "success" };
+                let session = state.store.session(session_id.as_str()).await.ok();
+                let (user, target) = session.map(|s| (s.user, s.target)).unzip();
+                let _ = state
+                    .audit(
+                        user.as_deref().unwrap_or("unknown"),
+                        "session.activate",
+                        &format!("session:{session_id}"),
+                        outcome,
+                        json!({"worker": worker, "refused": refused, "target": target}),
+                    )
+                    .await;
+                let _ = tx.send(ControllerMessage::Activated { id, refused });
+            });
+        }
+        WorkerMessage::ConnectionClosed { session_id, bytes_up, bytes_down, reason } => {
+            let _ = state.store.record_connection(session_id.as_str(), bytes_up, bytes_down).await;
+            let _ = state
+                .audit(
+                    &format!("worker:{worker}"),
+                    "connection.close",
+                    &format!("session:{session_id}"),
+                    "success",
+                    json!({"bytes_up": bytes_up, "bytes_down": bytes_down, "reason": reason}),
+                )
+                .await;
+        }
+        WorkerMessage::SessionClosed { session_id, reason } => {
+            if let Ok(true) = state.store.end_session(session_id.as_str(), &reason).await {
+                let _ = state
+                    .audit(&format!("worker:{worker}"), "session.end", &format!("session:{session_id}"), "success", json!({"reason": reason}))
+                    .await;
+            }
+        }
+        WorkerMessage::CancelAck { session_id, connections_cut } => {
+            let _ = state
+                .audit(
+                    &format!("worker:{worker}"),
+                    "session.cancel_ack",
+                    &format!("session:{session_id}"),
+                    "success",
+                    json!({"connections_cut": connections_cut}),
+                )
+                .await;
+        }
+        WorkerMessage::Heartbeat { .. } => {
+            let _ = state.store.worker_seen(worker).await;
+        }
+        _ => tracing::debug!(worker, "ignoring unknown worker message"),
+    }
+}
+
+/// `None` if the session may start on this worker now, else why not.
+async fn activation_refusal(
+    state: &AppState,
+    worker: &str,
+    session_id: &SessionId,
+) -> Result<Option<String>, crate::store::StoreError> {
+    let s = match state.store.session(session_id.as_str()).await {
+        Ok(s) => s,
+        Err(crate::store::StoreError::NotFound { .. }) => return Ok(Some("unknown session".into())),
+        Err(e) => return Err(e),
+    };
+    if s.worker != worker {
+        return Ok(Some(format!("session belongs to worker '{}'", s.worker)));
+    }
+    if s.status == "terminated" {
+        return Ok(Some(format!("session has ended: {}", s.end_reason.unwrap_or_default())));
+    }
+    if s.expires_at <= now() {
+        return Ok(Some("session expired".into()));
+    }
+    match state.store.find_user(&s.user).await? {
+        Some(u) if !u.locked => {}
+        Some(_) => return Ok(Some(format!("user '{}' is locked", s.user))),
+        None => return Ok(Some(format!("user '{}' no longer exists", s.user))),
+    }
+    let target = match state.store.target(&s.target).await {
+        Ok(t) => t,
+        Err(crate::store::StoreError::NotFound { .. }) => return Ok(Some(format!("target '{}' no longer exists", s.target))),
+        Err(e) => return Err(e),
+    };
+    if !target.enabled {
+        return Ok(Some(format!("target '{}' is disabled", s.target)));
+    }
+    // Policy may have changed since authorization: check again.
+    let rules: Vec<SourcedRule> = state
+        .store
+        .rules_for_user(&s.user)
+        .await?
+        .into_iter()
+        .map(|(role, position, rule)| SourcedRule { role, position, rule })
+        .collect();
+    let tref = TargetRef {
+        name: &target.name,
+        labels: &target.labels,
+    };
+    if let Err(d) = policy::check(&rules, "connect", Some(tref)) {
+        return Ok(Some(d.reason));
+    }
+    if !state.store.activate_session(session_id.as_str()).await? {
+        return Ok(Some("session can no longer be activated".into()));
+    }
+    Ok(None)
+}
+
+fn peer_fingerprint(conn: &quinn::Connection) -> Option<String> {
+    let identity = conn.peer_identity()?;
+    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    certs.first().map(|c| fingerprint(c))
+}
+
+async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<Option<T>, ClusterError> {
+    let mut header = [0u8; 4];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(ClusterError::Stream(e.to_string())),
+    }
+    let len = frame::body_len(header)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(|e| ClusterError::Stream(e.to_string()))?;
+    Ok(Some(frame::decode(&body)?))
+}
+
+async fn write_frame<T: serde::Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<(), ClusterError> {
+    let bytes = frame::encode(msg)?;
+    send.write_all(&bytes).await.map_err(|e| ClusterError::Stream(e.to_string()))
+}

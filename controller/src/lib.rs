@@ -1,0 +1,234 @@
+//! # postern-controller
+//!
+//! The controller knows users, targets and policy, authorizes sessions, and holds the
+//! workers' control connections.
+//!
+//! # Layout
+//! - [`config`]: the TOML config with `POSTERN_*` overrides.
+//! - [`store`]: SQLite/PostgreSQL persistence (sqlx `Any`), migrations.
+//! - [`keys`]: root keys sealed under the KEK: session-signing key, cluster CA.
+//! - [`auth`]: passwords (argon2id) and API tokens.
+//! - [`policy`]: the RBAC engine (pure).
+//! - [`api`]: the `/v1` HTTP API (axum); [`api::types`] are its JSON bodies.
+//! - [`cluster`]: the QUIC listener for workers (activation, reports, cancellation pushes).
+//! - [`state`]: what handlers share.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod auth;
+pub mod cluster;
+pub mod config;
+pub mod keys;
+pub mod policy;
+pub mod state;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::task::JoinHandle;
+
+pub use config::ControllerConfig;
+
+use crate::api::types::{Effect, Principal, Rule};
+use crate::keys::{Kek, RootKeys};
+use crate::state::{AppState, Inner};
+use crate::store::Store;
+
+/// Starting the controller failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// Root keys could not be loaded.
+    #[error(transparent)]
+    Keys(#[from] keys::KeyError),
+    /// The cluster listener could not start.
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
+    /// A listener or file could not be opened.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// The admin account created on first start when `bootstrap_admin` is set.
+#[derive(Debug, Clone)]
+pub struct Bootstrap {
+    /// User name (`admin`).
+    pub user: String,
+    /// Generated password.
+    pub password: String,
+}
+
+/// A running controller.
+#[derive(Debug)]
+pub struct ControllerHandle {
+    api_addr: SocketAddr,
+    cluster_addr: SocketAddr,
+    bootstrap: Option<Bootstrap>,
+    state: AppState,
+    endpoint: quinn::Endpoint,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ControllerHandle {
+    /// The bound HTTP API address.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+    /// The bound cluster (QUIC) address.
+    pub fn cluster_addr(&self) -> SocketAddr {
+        self.cluster_addr
+    }
+    /// The admin created on this start, if any.
+    pub fn bootstrap(&self) -> Option<&Bootstrap> {
+        self.bootstrap.as_ref()
+    }
+    /// The store (for tests and `postern dev`).
+    pub fn store(&self) -> &Store {
+        &self.state.store
+    }
+    /// Stops the listeners and waits for the tasks.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        self.endpoint.close(0u32.into(), b"controller shutting down");
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        self.state.store.close().await;
+    }
+}
+
+/// Starts the controller: opens the store, loads root keys, binds both listeners.
+pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartError> {
+    config.validate()?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let kek = load_kek(&config)?;
+    let store = Store::open(&config.database_url).await?;
+    let keys = RootKeys::load_or_create(&store, &kek).await?;
+    let issuer = store.cluster_id().await?;
+    let bootstrap = if config.bootstrap_admin { bootstrap_admin(&store).await? } else { None };
+
+    let endpoint = cluster::endpoint(&keys, config.cluster_listen)?;
+    let cluster_addr = endpoint.local_addr().map_err(|e| StartError::Io(e.to_string()))?;
+    let cluster_addrs = if config.cluster_public_addrs.is_empty() {
+        vec![cluster_addr.to_string()]
+    } else {
+        config.cluster_public_addrs.clone()
+    };
+    let listener = tokio::net::TcpListener::bind(config.api_listen)
+        .await
+        .map_err(|e| StartError::Io(format!("cannot listen for the API on {}: {e}", config.api_listen)))?;
+    let api_addr = listener.local_addr().map_err(|e| StartError::Io(e.to_string()))?;
+
+    let state = AppState::new(Inner {
+        store,
+        keys,
+        issuer,
+        token_ttl: config.token_ttl,
+        instance: format!("controller-{}", postern_proto::ids::random_base32(8)),
+        cluster_addrs,
+        workers: Default::default(),
+    });
+    let (shutdown, mut shutdown_rx) = tokio::sync::watch::channel(false);
+    let api = tokio::spawn({
+        let router = api::router(state.clone());
+        async move {
+            let stop = async move {
+                let _ = shutdown_rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stop).await {
+                tracing::error!(error = %e, "API server failed");
+            }
+        }
+    });
+    let cluster = tokio::spawn(cluster::serve(state.clone(), endpoint.clone()));
+    tracing::info!(%api_addr, %cluster_addr, "controller started");
+    Ok(ControllerHandle {
+        api_addr,
+        cluster_addr,
+        bootstrap,
+        state,
+        endpoint,
+        shutdown,
+        tasks: vec![api, cluster],
+    })
+}
+
+/// Starts the controller and runs it until `shutdown` completes.
+pub async fn run(config: ControllerConfig, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let handle = start(config).await?;
+    shutdown.await;
+    handle.shutdown().await;
+    Ok(())
+}
+
+fn load_kek(config: &ControllerConfig) -> Result<Kek, StartError> {
+    if let Ok(k) = std::env::var("POSTERN_KEK") {
+        return Ok(Kek::from_base64(&k)?);
+    }
+    let Some(path) = &config.kek_file else {
+        return Err(StartError::Io("no key-encryption key: set kek_file or POSTERN_KEK".into()));
+    };
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Kek::from_base64(&text)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && config.bootstrap_admin => {
+            // Only a bootstrapping (dev) controller invents its KEK.
+            let kek = Kek::generate_base64();
+            write_private(path, &kek).map_err(|e| StartError::Io(format!("cannot write {}: {e}", path.display())))?;
+            Ok(Kek::from_base64(&kek)?)
+        }
+        Err(e) => Err(StartError::Io(format!("cannot read kek_file {}: {e}", path.display()))),
+    }
+}
+
+/// Writes a file readable by its owner only.
+pub fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    f.write_all(contents.as_bytes())
+}
+
+/// Creates `admin` with role `admin` (`allow *`) if the store has no users yet.
+async fn bootstrap_admin(store: &Store) -> Result<Option<Bootstrap>, StartError> {
+    if !store.users().await?.is_empty() {
+        return Ok(None);
+    }
+    let password = postern_proto::ids::random_base32(15);
+    let hash = auth::hash_password(&password).map_err(StartError::Io)?;
+    store.create_user("admin", Some(&hash)).await?;
+    if store.require_role("admin").await.is_err() {
+        store.create_role("admin").await?;
+        store
+            .add_rule(
+                "admin",
+                &Rule {
+                    effect: Effect::Allow,
+                    actions: vec!["*".into()],
+                    targets: None,
+                    labels: Default::default(),
+                },
+            )
+            .await?;
+    }
+    store.bind_role("admin", &Principal::User("admin".into())).await?;
+    store
+        .audit("system", "user.bootstrap", "user:admin", "success", &json!({"role": "admin"}))
+        .await?;
+    Ok(Some(Bootstrap {
+        user: "admin".into(),
+        password,
+    }))
+}

@@ -1,0 +1,59 @@
+//! State shared by the API handlers and the cluster listener.
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cluster::Registry;
+use crate::keys::RootKeys;
+use crate::store::{Store, StoreError};
+
+/// Cheap-to-clone handle on the controller's shared state.
+#[derive(Clone, Debug)]
+pub struct AppState(Arc<Inner>);
+
+/// The shared state.
+#[derive(Debug)]
+pub struct Inner {
+    /// The store.
+    pub store: Store,
+    /// Root keys.
+    pub keys: RootKeys,
+    /// Token issuer: the cluster id.
+    pub issuer: String,
+    /// Lifetime of login tokens.
+    pub token_ttl: Duration,
+    /// This controller process's identity in `workers.connected_to`.
+    pub instance: String,
+    /// Cluster addresses announced to registering workers.
+    pub cluster_addrs: Vec<String>,
+    /// Workers whose control connection this controller holds.
+    pub workers: Registry,
+}
+
+impl Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    /// Wraps the state.
+    pub fn new(inner: Inner) -> Self {
+        AppState(Arc::new(inner))
+    }
+
+    /// Appends an audit event (also mirrored to the log).
+    pub async fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        resource: &str,
+        outcome: &str,
+        details: serde_json::Value,
+    ) -> Result<(), StoreError> {
+        tracing::info!(target: "postern::audit", actor, action, resource, outcome, %details);
+        self.store.audit(actor, action, resource, outcome, &details).await
+    }
+}

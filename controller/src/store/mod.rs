@@ -1,0 +1,247 @@
+//! The controller's store: one schema on SQLite (default, one file) or PostgreSQL (production,
+//! several controllers), through sqlx's `Any` driver so that every query is written once.
+//!
+//! Only text and 64-bit integers cross the driver boundary (what `Any` maps on both
+//! backends); JSON columns are text, times are Unix seconds. Names are primary keys.
+
+mod identity;
+mod resources;
+mod sessions;
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{AnyPool, Row};
+
+pub use identity::{TokenOwner, UserRow};
+pub use resources::{ActivationOutcome, WorkerRow};
+pub use sessions::{NewSession, SessionRow};
+
+/// Which database a store runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite file.
+    Sqlite,
+    /// PostgreSQL server.
+    Postgres,
+}
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The named thing does not exist.
+    #[error("no {kind} named '{name}'{}", suggestion.as_ref().map(|s| format!("; did you mean '{s}'?")).unwrap_or_default())]
+    NotFound {
+        /// `user`, `target`, …
+        kind: &'static str,
+        /// The name asked for.
+        name: String,
+        /// The closest existing name, if any is close.
+        suggestion: Option<String>,
+    },
+    /// A thing with that name exists already, or a relation already holds.
+    #[error("{0}")]
+    Conflict(String),
+    /// The database URL is not usable.
+    #[error("unsupported database URL '{0}': use sqlite://PATH or postgres://…")]
+    BadUrl(String),
+    /// Migrating the schema failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored value could not be read back.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// The database failed.
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+/// A handle on the store; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl Store {
+    /// Connects to `url` (`sqlite://path`, `sqlite::memory:`, `postgres://…`) and migrates.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            return Err(StoreError::BadUrl(url.to_owned()));
+        };
+        let options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
+        let pool = match backend {
+            Backend::Sqlite => {
+                // One writer at a time in SQLite: a busy timeout turns contention into waiting,
+                // WAL lets readers go on while one connection writes.
+                let url = if url.contains('?') || url.contains(":memory:") {
+                    url.to_owned()
+                } else {
+                    format!("{url}?mode=rwc")
+                };
+                let memory = url.contains(":memory:");
+                options
+                    .max_connections(if memory { 1 } else { 8 })
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
+                            sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
+                            Ok(())
+                        })
+                    })
+                    .connect(&url)
+                    .await?
+            }
+            Backend::Postgres => options.max_connections(16).connect(url).await?,
+        };
+        if backend == Backend::Sqlite && !url.contains(":memory:") {
+            sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await?;
+        }
+        let store = Store { pool, backend };
+        store.migrator().run(&store.pool).await?;
+        Ok(store)
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Closes every pooled connection.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    fn migrator(&self) -> Migrator {
+        let files: &[(i64, &str, &'static str)] = match self.backend {
+            Backend::Sqlite => &[(
+                1,
+                "initial",
+                include_str!("../../../migrations/sqlite/0001_initial.sql"),
+            )],
+            Backend::Postgres => &[(
+                1,
+                "initial",
+                include_str!("../../../migrations/postgres/0001_initial.sql"),
+            )],
+        };
+        Migrator::with_migrations(
+            files
+                .iter()
+                .map(|(v, d, sql)| {
+                    Migration::new(
+                        *v,
+                        Cow::Borrowed(*d),
+                        MigrationType::Simple,
+                        sqlx::SqlSafeStr::into_sql_str(*sql),
+                        false,
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// The cluster's identifier (the token issuer), created on first use.
+    pub async fn cluster_id(&self) -> Result<String, StoreError> {
+        let candidate = format!("postern-{}", postern_proto::ids::random_base32(10));
+        sqlx::query(
+            "INSERT INTO cluster (id, cluster_id, created_at) VALUES (1, $1, $2) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&candidate)
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        let row = sqlx::query("SELECT cluster_id FROM cluster WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("cluster_id")?)
+    }
+
+    /// The sealed root key for `purpose` and its public part, if stored.
+    pub async fn root_key(&self, purpose: &str) -> Result<Option<(String, String)>, StoreError> {
+        let row = sqlx::query("SELECT sealed, public FROM root_keys WHERE purpose = $1")
+            .bind(purpose)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok((r.try_get("sealed")?, r.try_get("public")?)))
+            .transpose()
+    }
+
+    /// Stores a root key unless another controller stored one first; returns what is stored.
+    pub async fn insert_root_key(
+        &self,
+        purpose: &str,
+        sealed: &str,
+        public: &str,
+    ) -> Result<(String, String), StoreError> {
+        sqlx::query(
+            "INSERT INTO root_keys (purpose, sealed, public, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT (purpose) DO NOTHING",
+        )
+        .bind(purpose)
+        .bind(sealed)
+        .bind(public)
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        self.root_key(purpose)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("root key {purpose} vanished")))
+    }
+
+    /// Builds a [`StoreError::NotFound`] with the closest name in `table` as a suggestion.
+    pub(crate) async fn not_found(&self, kind: &'static str, table: &str, name: &str) -> StoreError {
+        let sql = format!("SELECT name FROM {table}");
+        let names: Vec<String> = match sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&self.pool).await {
+            Ok(rows) => rows.iter().filter_map(|r| r.try_get("name").ok()).collect(),
+            Err(_) => Vec::new(),
+        };
+        StoreError::NotFound {
+            kind,
+            name: name.to_owned(),
+            suggestion: closest(name, &names),
+        }
+    }
+}
+
+/// The closest of `names` to `wanted`, if it is close enough to be a likely typo.
+pub fn closest(wanted: &str, names: &[String]) -> Option<String> {
+    names
+        .iter()
+        .map(|n| (strsim::jaro_winkler(wanted, n), n))
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, n)| n.clone())
+}
+
+/// The current time, Unix seconds.
+pub fn now() -> i64 {
+    postern_proto::unix_now()
+}
+
+fn json_col<T: serde::de::DeserializeOwned>(row: &AnyRow, col: &str) -> Result<T, StoreError> {
+    let text: String = row.try_get(col)?;
+    serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("{col}: {e}")))
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "null".into())
+}
+
+/// Maps a unique-constraint violation to [`StoreError::Conflict`] with `message`.
+fn conflict(e: sqlx::Error, message: impl FnOnce() -> String) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(message()),
+        _ => StoreError::Db(e),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,302 @@
+//! Targets and workers.
+
+use std::collections::BTreeMap;
+
+use sqlx::Row;
+
+use super::{conflict, json_col, now, to_json, Store, StoreError};
+use crate::api::types::{CreateTarget, Target, TargetType, UpdateTarget};
+
+/// Default session length when neither client nor target says.
+pub const DEFAULT_DURATION: u64 = 3600;
+/// Default maximum session length.
+pub const DEFAULT_MAX_DURATION: u64 = 8 * 3600;
+
+/// A worker row.
+#[derive(Debug, Clone)]
+pub struct WorkerRow {
+    /// Name.
+    pub name: String,
+    /// Tags.
+    pub tags: BTreeMap<String, String>,
+    /// SHA-256 (hex) of its certificate, once registered.
+    pub cert_fingerprint: Option<String>,
+    /// Session address it reported.
+    pub session_addr: Option<String>,
+    /// Controller instance holding its control connection.
+    pub connected_to: Option<String>,
+    /// Last heard from.
+    pub last_seen: Option<i64>,
+    /// Created.
+    pub created_at: i64,
+}
+
+/// What happened to an activation-token registration.
+#[derive(Debug)]
+pub enum ActivationOutcome {
+    /// Registered: the worker's name.
+    Registered(String),
+    /// No pending worker has this token (unknown, used, or expired).
+    Invalid,
+}
+
+const TARGET_COLS: &str = "name, kind, address, labels, default_duration, max_duration, connection_limit, worker_filter, enabled, created_at";
+const WORKER_COLS: &str = "name, tags, cert_fingerprint, session_addr, connected_to, last_seen, created_at";
+
+fn target_from(row: &sqlx::any::AnyRow) -> Result<Target, StoreError> {
+    let kind: String = row.try_get("kind")?;
+    let kind = match kind.as_str() {
+        "tcp" => TargetType::Tcp,
+        "ssh" => TargetType::Ssh,
+        "postgres" => TargetType::Postgres,
+        other => return Err(StoreError::Corrupt(format!("target kind {other}"))),
+    };
+    let limit: Option<i64> = row.try_get("connection_limit")?;
+    Ok(Target {
+        name: row.try_get("name")?,
+        kind,
+        address: row.try_get("address")?,
+        labels: json_col(row, "labels")?,
+        default_duration_secs: row.try_get::<i64, _>("default_duration")? as u64,
+        max_duration_secs: row.try_get::<i64, _>("max_duration")? as u64,
+        connection_limit: limit.map(|l| l as u32),
+        worker_filter: json_col(row, "worker_filter")?,
+        enabled: row.try_get::<i64, _>("enabled")? != 0,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn worker_from(row: &sqlx::any::AnyRow) -> Result<WorkerRow, StoreError> {
+    Ok(WorkerRow {
+        name: row.try_get("name")?,
+        tags: json_col(row, "tags")?,
+        cert_fingerprint: row.try_get("cert_fingerprint")?,
+        session_addr: row.try_get("session_addr")?,
+        connected_to: row.try_get("connected_to")?,
+        last_seen: row.try_get("last_seen")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+impl Store {
+    /// Creates a target (already validated by the caller).
+    pub async fn create_target(&self, t: &CreateTarget) -> Result<Target, StoreError> {
+        let max = t.max_duration_secs.unwrap_or(DEFAULT_MAX_DURATION);
+        let default = t.default_duration_secs.unwrap_or(DEFAULT_DURATION).min(max);
+        sqlx::query(
+            "INSERT INTO targets (name, kind, address, labels, default_duration, max_duration, connection_limit, worker_filter, enabled, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9)",
+        )
+        .bind(&t.name)
+        .bind(t.kind.as_str())
+        .bind(&t.address)
+        .bind(to_json(&t.labels))
+        .bind(default as i64)
+        .bind(max as i64)
+        .bind(t.connection_limit.map(i64::from))
+        .bind(to_json(&t.worker_filter))
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| conflict(e, || format!("a target named '{}' already exists", t.name)))?;
+        self.target(&t.name).await
+    }
+
+    /// Looks a target up by name.
+    pub async fn target(&self, name: &str) -> Result<Target, StoreError> {
+        let sql = format!("SELECT {TARGET_COLS} FROM targets WHERE name = $1");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(r) => target_from(&r),
+            None => Err(self.not_found("target", "targets", name).await),
+        }
+    }
+
+    /// Every target, by name.
+    pub async fn targets(&self) -> Result<Vec<Target>, StoreError> {
+        let sql = format!("SELECT {TARGET_COLS} FROM targets ORDER BY name");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&self.pool).await?;
+        rows.iter().map(target_from).collect()
+    }
+
+    /// Applies an update (already validated by the caller).
+    pub async fn update_target(&self, name: &str, u: &UpdateTarget) -> Result<Target, StoreError> {
+        let mut t = self.target(name).await?;
+        if let Some(a) = &u.address {
+            t.address.clone_from(a);
+        }
+        if let Some(l) = &u.labels {
+            t.labels.clone_from(l);
+        }
+        if let Some(m) = u.max_duration_secs {
+            t.max_duration_secs = m;
+        }
+        if let Some(d) = u.default_duration_secs {
+            t.default_duration_secs = d;
+        }
+        t.default_duration_secs = t.default_duration_secs.min(t.max_duration_secs);
+        if let Some(c) = u.connection_limit {
+            t.connection_limit = (c > 0).then_some(c);
+        }
+        if let Some(f) = &u.worker_filter {
+            t.worker_filter.clone_from(f);
+        }
+        if let Some(e) = u.enabled {
+            t.enabled = e;
+        }
+        sqlx::query(
+            "UPDATE targets SET address = $1, labels = $2, default_duration = $3, max_duration = $4, \
+             connection_limit = $5, worker_filter = $6, enabled = $7 WHERE name = $8",
+        )
+        .bind(&t.address)
+        .bind(to_json(&t.labels))
+        .bind(t.default_duration_secs as i64)
+        .bind(t.max_duration_secs as i64)
+        .bind(t.connection_limit.map(i64::from))
+        .bind(to_json(&t.worker_filter))
+        .bind(i64::from(t.enabled))
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        Ok(t)
+    }
+
+    /// Deletes a target.
+    pub async fn delete_target(&self, name: &str) -> Result<(), StoreError> {
+        self.target(name).await?;
+        sqlx::query("DELETE FROM targets WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Creates a pending worker with the hash of its activation token.
+    pub async fn create_worker(
+        &self,
+        name: &str,
+        tags: &BTreeMap<String, String>,
+        activation_hash: &str,
+        activation_expires_at: i64,
+    ) -> Result<WorkerRow, StoreError> {
+        sqlx::query(
+            "INSERT INTO workers (name, tags, activation_hash, activation_expires_at, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(name)
+        .bind(to_json(tags))
+        .bind(activation_hash)
+        .bind(activation_expires_at)
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| conflict(e, || format!("a worker named '{name}' already exists")))?;
+        self.worker(name).await
+    }
+
+    /// Looks a worker up by name.
+    pub async fn worker(&self, name: &str) -> Result<WorkerRow, StoreError> {
+        let sql = format!("SELECT {WORKER_COLS} FROM workers WHERE name = $1");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(r) => worker_from(&r),
+            None => Err(self.not_found("worker", "workers", name).await),
+        }
+    }
+
+    /// Every worker, by name.
+    pub async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+        let sql = format!("SELECT {WORKER_COLS} FROM workers ORDER BY name");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&self.pool).await?;
+        rows.iter().map(worker_from).collect()
+    }
+
+    /// Deletes a worker: its certificate stops being trusted at once.
+    pub async fn delete_worker(&self, name: &str) -> Result<(), StoreError> {
+        self.worker(name).await?;
+        sqlx::query("DELETE FROM workers WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Consumes an activation token: the pending worker holding it becomes registered with
+    /// the certificate whose fingerprint is given. Single use, atomically.
+    pub async fn register_worker(
+        &self,
+        activation_hash: &str,
+        cert_fingerprint: &str,
+    ) -> Result<ActivationOutcome, StoreError> {
+        let row = sqlx::query(
+            "UPDATE workers SET activation_hash = NULL, activation_expires_at = NULL, cert_fingerprint = $1 \
+             WHERE activation_hash = $2 AND activation_expires_at > $3 RETURNING name",
+        )
+        .bind(cert_fingerprint)
+        .bind(activation_hash)
+        .bind(now())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some(r) => ActivationOutcome::Registered(r.try_get("name")?),
+            None => ActivationOutcome::Invalid,
+        })
+    }
+
+    /// The name of the pending worker holding this unexpired activation token.
+    pub async fn pending_worker(&self, activation_hash: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT name FROM workers WHERE activation_hash = $1 AND activation_expires_at > $2")
+            .bind(activation_hash)
+            .bind(now())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok(r.try_get("name")?)).transpose()
+    }
+
+    /// The registered worker holding the certificate with this fingerprint.
+    pub async fn worker_by_fingerprint(&self, fingerprint: &str) -> Result<Option<WorkerRow>, StoreError> {
+        let sql = format!("SELECT {WORKER_COLS} FROM workers WHERE cert_fingerprint = $1");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(fingerprint)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(worker_from).transpose()
+    }
+
+    /// Records that a controller instance holds the worker's control connection.
+    pub async fn worker_connected(&self, name: &str, instance: &str, session_addr: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE workers SET connected_to = $1, session_addr = $2, last_seen = $3 WHERE name = $4")
+            .bind(instance)
+            .bind(session_addr)
+            .bind(now())
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records a heartbeat.
+    pub async fn worker_seen(&self, name: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE workers SET last_seen = $1 WHERE name = $2")
+            .bind(now())
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records that the instance lost the worker (unless another instance took it over).
+    pub async fn worker_disconnected(&self, name: &str, instance: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE workers SET connected_to = NULL WHERE name = $1 AND connected_to = $2")
+            .bind(name)
+            .bind(instance)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}

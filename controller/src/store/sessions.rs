@@ -1,0 +1,203 @@
+//! Sessions and audit events.
+
+use sqlx::Row;
+
+use super::{json_col, now, Store, StoreError};
+use crate::api::types::{AuditEvent, AuditQuery, Session, SessionQuery};
+
+/// A session about to be stored.
+#[derive(Debug, Clone)]
+pub struct NewSession<'a> {
+    /// Id.
+    pub id: &'a str,
+    /// User.
+    pub user: &'a str,
+    /// Target.
+    pub target: &'a str,
+    /// Worker.
+    pub worker: &'a str,
+    /// Expiry.
+    pub expires_at: i64,
+}
+
+/// A stored session (the API type is the row).
+pub type SessionRow = Session;
+
+const SESSION_COLS: &str = "id, user_name, target_name, worker_name, status, created_at, expires_at, activated_at, ended_at, end_reason, connections, bytes_up, bytes_down";
+
+fn session_from(row: &sqlx::any::AnyRow) -> Result<Session, StoreError> {
+    Ok(Session {
+        id: row.try_get("id")?,
+        user: row.try_get("user_name")?,
+        target: row.try_get("target_name")?,
+        worker: row.try_get("worker_name")?,
+        status: row.try_get("status")?,
+        created_at: row.try_get("created_at")?,
+        expires_at: row.try_get("expires_at")?,
+        activated_at: row.try_get("activated_at")?,
+        ended_at: row.try_get("ended_at")?,
+        end_reason: row.try_get("end_reason")?,
+        connections: row.try_get("connections")?,
+        bytes_up: row.try_get("bytes_up")?,
+        bytes_down: row.try_get("bytes_down")?,
+    })
+}
+
+impl Store {
+    /// Stores a pending session.
+    pub async fn insert_session(&self, s: &NewSession<'_>) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO sessions (id, user_name, target_name, worker_name, status, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, 'pending', $5, $6)",
+        )
+        .bind(s.id)
+        .bind(s.user)
+        .bind(s.target)
+        .bind(s.worker)
+        .bind(now())
+        .bind(s.expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Looks a session up.
+    pub async fn session(&self, id: &str) -> Result<Session, StoreError> {
+        let sql = format!("SELECT {SESSION_COLS} FROM sessions WHERE id = $1");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(r) => session_from(&r),
+            None => Err(StoreError::NotFound {
+                kind: "session",
+                name: id.to_owned(),
+                suggestion: None,
+            }),
+        }
+    }
+
+    /// Sessions matching the query, newest first (at most 1000).
+    pub async fn sessions(&self, q: &SessionQuery) -> Result<Vec<Session>, StoreError> {
+        let sql = format!(
+            "SELECT {SESSION_COLS} FROM sessions \
+             WHERE ($1 = 0 OR status IN ('pending', 'active')) \
+               AND ($2 = '' OR user_name = $2) AND ($3 = '' OR target_name = $3) \
+             ORDER BY created_at DESC, id LIMIT 1000"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(i64::from(q.active.unwrap_or(false)))
+            .bind(q.user.clone().unwrap_or_default())
+            .bind(q.target.clone().unwrap_or_default())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(session_from).collect()
+    }
+
+    /// Marks a pending or active session active (idempotent for a reconnecting client).
+    /// Returns false when the session is not in a state that may be activated.
+    pub async fn activate_session(&self, id: &str) -> Result<bool, StoreError> {
+        let t = now();
+        let done = sqlx::query(
+            "UPDATE sessions SET status = 'active', activated_at = COALESCE(activated_at, $1) \
+             WHERE id = $2 AND status IN ('pending', 'active') AND expires_at > $1",
+        )
+        .bind(t)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Adds a closed connection's figures to its session.
+    pub async fn record_connection(&self, id: &str, bytes_up: u64, bytes_down: u64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE sessions SET connections = connections + 1, bytes_up = bytes_up + $1, bytes_down = bytes_down + $2 WHERE id = $3",
+        )
+        .bind(bytes_up as i64)
+        .bind(bytes_down as i64)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Ends a session unless it has ended already; returns whether this call ended it.
+    pub async fn end_session(&self, id: &str, reason: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE sessions SET status = 'terminated', ended_at = $1, end_reason = $2 \
+             WHERE id = $3 AND status <> 'terminated'",
+        )
+        .bind(now())
+        .bind(reason)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Appends an audit event.
+    pub async fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        resource: &str,
+        outcome: &str,
+        details: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO audit_events (time, actor, action, resource, outcome, details) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(now())
+        .bind(actor)
+        .bind(action)
+        .bind(resource)
+        .bind(outcome)
+        .bind(details.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Audit events matching the query, oldest first among the newest `limit`.
+    pub async fn audit_events(&self, q: &AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
+        let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+        let action = q.action.clone().unwrap_or_default();
+        let (action_exact, action_prefix) = if action.ends_with('.') {
+            (String::new(), format!("{action}%"))
+        } else {
+            (action, String::new())
+        };
+        let rows = sqlx::query(
+            "SELECT id, time, actor, action, resource, outcome, details FROM audit_events \
+             WHERE ($1 = '' OR actor = $1) AND ($2 = '' OR action = $2) AND ($3 = '' OR action LIKE $3) \
+               AND ($4 = '' OR resource LIKE $4) AND time >= $5 \
+             ORDER BY id DESC LIMIT $6",
+        )
+        .bind(q.actor.clone().unwrap_or_default())
+        .bind(action_exact)
+        .bind(action_prefix)
+        .bind(q.resource.as_ref().map(|r| format!("%{r}%")).unwrap_or_default())
+        .bind(q.since.unwrap_or(0))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = rows
+            .iter()
+            .map(|r| {
+                Ok(AuditEvent {
+                    id: r.try_get("id")?,
+                    time: r.try_get("time")?,
+                    actor: r.try_get("actor")?,
+                    action: r.try_get("action")?,
+                    resource: r.try_get("resource")?,
+                    outcome: r.try_get("outcome")?,
+                    details: json_col(r, "details")?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        out.reverse();
+        Ok(out)
+    }
+}

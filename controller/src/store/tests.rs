@@ -1,0 +1,210 @@
+//! Store tests, run against SQLite and against PostgreSQL (a fresh database per test, dropped
+//! afterwards). `POSTERN_TEST_PG` names the server (default: the local one, user postgres).
+
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::api::types::{AuditQuery, CreateTarget, Effect, Principal, Rule, SessionQuery, TargetType, UpdateTarget};
+
+fn pg_admin_url() -> String {
+    std::env::var("POSTERN_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A throwaway PostgreSQL database, dropped by [`PgDb::drop_db`].
+struct PgDb {
+    name: String,
+    url: String,
+}
+
+impl PgDb {
+    async fn create() -> PgDb {
+        sqlx::any::install_default_drivers();
+        let admin = pg_admin_url();
+        let name = format!("postern_test_{}", postern_proto::ids::random_base32(8));
+        let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&admin)
+            .await
+            .expect("the local PostgreSQL must be running (POSTERN_TEST_PG)");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("create test database");
+        let base = admin.rsplit_once('/').map(|(b, _)| b.to_owned()).unwrap_or(admin);
+        PgDb {
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+
+    async fn drop_db(self) {
+        let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&pg_admin_url())
+            .await
+            .expect("connect to drop");
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)))
+            .execute(&mut conn)
+            .await
+            .expect("drop test database");
+    }
+}
+
+/// Runs `body` once on a SQLite file store and once on a fresh PostgreSQL database.
+async fn on_both<F, Fut>(body: F)
+where
+    F: Fn(Store) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let dir = std::env::temp_dir().join(format!("postern-store-{}", postern_proto::ids::random_base32(6)));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let sqlite = Store::open(&format!("sqlite://{}", dir.join("t.db").display()))
+        .await
+        .expect("open sqlite");
+    assert_eq!(sqlite.backend(), Backend::Sqlite);
+    body(sqlite.clone()).await;
+    sqlite.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let db = PgDb::create().await;
+    let pg = Store::open(&db.url).await.expect("open postgres");
+    assert_eq!(pg.backend(), Backend::Postgres);
+    body(pg.clone()).await;
+    pg.close().await;
+    db.drop_db().await;
+}
+
+fn target(name: &str) -> CreateTarget {
+    CreateTarget {
+        name: name.into(),
+        kind: TargetType::Tcp,
+        address: "127.0.0.1:5432".into(),
+        labels: [("env".to_string(), "prod".to_string())].into(),
+        default_duration_secs: None,
+        max_duration_secs: Some(600),
+        connection_limit: Some(3),
+        worker_filter: BTreeMap::new(),
+    }
+}
+
+#[tokio::test]
+async fn users_tokens_and_locking() {
+    on_both(|s| async move {
+        s.create_user("alice", Some("hash")).await.expect("create");
+        assert!(matches!(s.create_user("alice", None).await, Err(StoreError::Conflict(_))));
+        match s.user("alcie").await {
+            Err(StoreError::NotFound { suggestion, .. }) => assert_eq!(suggestion.as_deref(), Some("alice")),
+            other => panic!("expected not found, got {other:?}"),
+        }
+        s.insert_token("h1", "alice", now() + 60).await.expect("token");
+        s.insert_token("old", "alice", now() - 1).await.expect("token");
+        assert_eq!(s.token_owner("h1").await.expect("q").expect("owner").user.name, "alice");
+        assert!(s.token_owner("old").await.expect("q").is_none(), "expired token must not work");
+        let locked = s.set_user_locked("alice", true).await.expect("lock");
+        assert!(locked.locked);
+        assert!(s.token_owner("h1").await.expect("q").is_none(), "locking revokes tokens");
+        s.delete_user("alice").await.expect("delete");
+        assert!(s.find_user("alice").await.expect("q").is_none());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn groups_roles_and_effective_rules() {
+    on_both(|s| async move {
+        s.create_user("bob", None).await.expect("user");
+        s.create_group("dev").await.expect("group");
+        s.add_member("dev", "bob").await.expect("member");
+        assert!(matches!(s.add_member("dev", "bob").await, Err(StoreError::Conflict(_))));
+        s.create_role("db").await.expect("role");
+        let allow = Rule {
+            effect: Effect::Allow,
+            actions: vec!["connect".into()],
+            targets: Some("pg-*".into()),
+            labels: BTreeMap::new(),
+        };
+        let deny = Rule {
+            effect: Effect::Deny,
+            actions: vec!["connect".into()],
+            targets: None,
+            labels: [("env".to_string(), "prod".to_string())].into(),
+        };
+        s.add_rule("db", &allow).await.expect("rule");
+        s.add_rule("db", &deny).await.expect("rule");
+        assert!(s.rules_for_user("bob").await.expect("rules").is_empty(), "unbound role grants nothing");
+        s.bind_role("db", &Principal::Group("dev".into())).await.expect("bind");
+        let rules = s.rules_for_user("bob").await.expect("rules");
+        assert_eq!(rules, vec![("db".to_string(), 1, allow.clone()), ("db".to_string(), 2, deny.clone())]);
+        assert_eq!(s.roles_for_user("bob").await.expect("roles"), vec!["db"]);
+        s.remove_member("dev", "bob").await.expect("remove");
+        assert!(s.rules_for_user("bob").await.expect("rules").is_empty());
+        s.bind_role("db", &Principal::User("bob".into())).await.expect("bind user");
+        assert_eq!(s.rules_for_user("bob").await.expect("rules").len(), 2);
+        s.unbind_role("db", &Principal::User("bob".into())).await.expect("unbind");
+        assert!(s.unbind_role("db", &Principal::User("bob".into())).await.is_err());
+        s.delete_role("db").await.expect("delete role");
+        assert!(s.role_names().await.expect("names").is_empty());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn targets_workers_and_sessions() {
+    on_both(|s| async move {
+        let t = s.create_target(&target("pg-prod")).await.expect("target");
+        assert_eq!(t.connection_limit, Some(3));
+        assert_eq!(t.default_duration_secs, 600, "default is capped by the maximum");
+        assert!(matches!(s.create_target(&target("pg-prod")).await, Err(StoreError::Conflict(_))));
+        let u = s
+            .update_target("pg-prod", &UpdateTarget { enabled: Some(false), connection_limit: Some(0), ..Default::default() })
+            .await
+            .expect("update");
+        assert!(!u.enabled);
+        assert_eq!(u.connection_limit, None);
+
+        s.create_worker("w1", &BTreeMap::new(), "act", now() + 60).await.expect("worker");
+        assert_eq!(s.pending_worker("act").await.expect("q").as_deref(), Some("w1"));
+        assert!(matches!(s.register_worker("act", "fp1").await.expect("reg"), ActivationOutcome::Registered(n) if n == "w1"));
+        assert!(matches!(s.register_worker("act", "fp2").await.expect("reg"), ActivationOutcome::Invalid), "single use");
+        assert_eq!(s.worker_by_fingerprint("fp1").await.expect("q").expect("w").name, "w1");
+        s.worker_connected("w1", "c1", "127.0.0.1:9").await.expect("connected");
+        assert_eq!(s.worker("w1").await.expect("w").connected_to.as_deref(), Some("c1"));
+        s.worker_disconnected("w1", "other").await.expect("noop");
+        assert!(s.worker("w1").await.expect("w").connected_to.is_some(), "only the holder disconnects");
+
+        let new = NewSession { id: "s_1", user: "bob", target: "pg-prod", worker: "w1", expires_at: now() + 60 };
+        s.insert_session(&new).await.expect("session");
+        assert!(s.activate_session("s_1").await.expect("activate"));
+        assert!(s.activate_session("s_1").await.expect("again"), "idempotent");
+        s.record_connection("s_1", 10, 20).await.expect("conn");
+        s.record_connection("s_1", 1, 2).await.expect("conn");
+        let active = s.sessions(&SessionQuery { active: Some(true), ..Default::default() }).await.expect("list");
+        assert_eq!(active.len(), 1);
+        assert_eq!((active[0].connections, active[0].bytes_up, active[0].bytes_down), (2, 11, 22));
+        assert!(s.end_session("s_1", "client closed").await.expect("end"));
+        assert!(!s.end_session("s_1", "again").await.expect("end"), "ends once");
+        assert!(!s.activate_session("s_1").await.expect("activate"), "ended sessions stay ended");
+        let ended = s.session("s_1").await.expect("get");
+        assert_eq!((ended.status.as_str(), ended.end_reason.as_deref()), ("terminated", Some("client closed")));
+        assert!(s.sessions(&SessionQuery { active: Some(true), ..Default::default() }).await.expect("l").is_empty());
+        assert_eq!(s.sessions(&SessionQuery { user: Some("bob".into()), ..Default::default() }).await.expect("l").len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn audit_and_root_keys() {
+    on_both(|s| async move {
+        s.audit("alice", "auth.login", "user:alice", "success", &serde_json::json!({"m": 1})).await.expect("a");
+        s.audit("bob", "session.denied", "target:db", "denied", &serde_json::json!({})).await.expect("a");
+        let all = s.audit_events(&AuditQuery::default()).await.expect("q");
+        assert_eq!(all.len(), 2);
+        assert!(all[0].id < all[1].id, "oldest first");
+        let denied = s.audit_events(&AuditQuery { action: Some("session.".into()), ..Default::default() }).await.expect("q");
+        assert_eq!(denied.len(), 1);
+        assert_eq!(denied[0].actor, "bob");
+        let (sealed, public) = s.insert_root_key("k", "sealed-a", "pub-a").await.expect("k");
+        assert_eq!((sealed.as_str(), public.as_str()), ("sealed-a", "pub-a"));
+        let again = s.insert_root_key("k", "sealed-b", "pub-b").await.expect("k");
+        assert_eq!(again.0, "sealed-a", "the first stored key wins");
+        let id = s.cluster_id().await.expect("id");
+        assert_eq!(s.cluster_id().await.expect("id"), id, "cluster id is stable");
+    })
+    .await;
+}

@@ -1,0 +1,128 @@
+//! Worker ↔ controller messages (ALPN `postern-cluster/1`).
+//!
+//! The worker opens one bidirectional control stream right after the mutual-TLS handshake
+//! and sends [`WorkerHello`]; the controller answers [`ControllerHello`]. From then on both
+//! directions carry [`WorkerMessage`] / [`ControllerMessage`] frames; requests and their
+//! answers are matched by `id`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{SessionId, WorkerName};
+
+/// First frame on the control stream, from the worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerHello {
+    /// [`crate::PROTOCOL_VERSION`].
+    pub version: u32,
+    /// The address clients should dial for sessions (`host:port`).
+    pub session_addr: String,
+    /// Sessions the worker carries now (after a reconnect), so the controller can re-sync.
+    pub active_sessions: Vec<SessionId>,
+}
+
+/// The controller's answer to [`WorkerHello`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControllerHello {
+    /// [`crate::PROTOCOL_VERSION`].
+    pub version: u32,
+    /// The worker's name, as the controller knows it from its certificate.
+    pub worker: WorkerName,
+    /// Keys whose session tokens the worker accepts (base64url Ed25519).
+    pub session_keys: Vec<String>,
+    /// Token issuer expected in `iss`.
+    pub issuer: String,
+    /// Of `active_sessions` in the hello, those no longer valid: end them now.
+    pub cancel: Vec<SessionId>,
+}
+
+/// Frames from the worker after the hello.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum WorkerMessage {
+    /// Ask the controller whether the session may start; answered by
+    /// [`ControllerMessage::Activated`] with the same `id`.
+    Activate {
+        /// Request id.
+        id: u64,
+        /// Session to activate.
+        session_id: SessionId,
+    },
+    /// A proxied connection ended (asynchronous report).
+    ConnectionClosed {
+        /// Session the connection belonged to.
+        session_id: SessionId,
+        /// Bytes from client to target.
+        bytes_up: u64,
+        /// Bytes from target to client.
+        bytes_down: u64,
+        /// Why it ended, for the record (`client closed`, `target error: …`).
+        reason: String,
+    },
+    /// The session ended on the worker.
+    SessionClosed {
+        /// The session.
+        session_id: SessionId,
+        /// Why (`client closed`, `expired`, …).
+        reason: String,
+    },
+    /// Acknowledges a [`ControllerMessage::CancelSession`].
+    CancelAck {
+        /// The session.
+        session_id: SessionId,
+        /// How many open connections were cut.
+        connections_cut: u32,
+    },
+    /// Keep-alive with load figures.
+    Heartbeat {
+        /// Sessions carried now.
+        sessions: u32,
+        /// Connections carried now.
+        connections: u32,
+    },
+}
+
+/// Frames from the controller after the hello.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ControllerMessage {
+    /// Answer to [`WorkerMessage::Activate`].
+    Activated {
+        /// Request id.
+        id: u64,
+        /// `None` when the session may start; otherwise why not.
+        refused: Option<String>,
+    },
+    /// End a session now, cutting its connections.
+    CancelSession {
+        /// The session.
+        session_id: SessionId,
+        /// Reason shown to the client (`cancelled by admin alice`).
+        reason: String,
+    },
+}
+
+/// `POST /v1/workers/register` body: a worker's first contact, over the HTTP API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    /// The one-time activation token printed by `postern workers create`.
+    pub activation_token: String,
+    /// PEM certificate signing request for the key the worker generated.
+    pub csr_pem: String,
+}
+
+/// Answer to [`RegisterRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    /// The worker's name.
+    pub worker: WorkerName,
+    /// The worker's certificate (PEM), signed by the cluster CA; valid as TLS client
+    /// (towards controllers) and server (towards session clients).
+    pub cert_pem: String,
+    /// The cluster CA certificate (PEM).
+    pub ca_pem: String,
+    /// Controller cluster addresses (`host:port`) to dial over QUIC.
+    pub cluster_addrs: Vec<String>,
+}

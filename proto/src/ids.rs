@@ -1,0 +1,135 @@
+//! Identifier and secret newtypes. Secrets print as `***` in `Debug`.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+macro_rules! id_newtype {
+    ($(#[$m:meta])* $name:ident) => {
+        $(#[$m])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub String);
+
+        impl $name {
+            /// The identifier as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:?})", stringify!($name), self.0)
+            }
+        }
+        impl From<String> for $name {
+            fn from(s: String) -> Self {
+                Self(s)
+            }
+        }
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                Self(s.to_owned())
+            }
+        }
+    };
+}
+
+id_newtype!(
+    /// A session's identifier (`s_` followed by 26 base32 characters of randomness).
+    SessionId
+);
+id_newtype!(
+    /// A worker's unique name.
+    WorkerName
+);
+id_newtype!(
+    /// A target's unique, human name.
+    TargetName
+);
+id_newtype!(
+    /// A user's unique login name.
+    UserName
+);
+
+impl SessionId {
+    /// A fresh random session id.
+    pub fn random() -> Self {
+        Self(format!("s_{}", random_base32(16)))
+    }
+}
+
+/// A bearer secret (API token, activation token). Its `Debug` never shows the value.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    /// A fresh secret of 32 random bytes, base32-encoded, with a readable prefix.
+    pub fn random(prefix: &str) -> Self {
+        Self(format!("{prefix}{}", random_base32(32)))
+    }
+    /// The secret's text; call only where it must be sent or hashed.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// `n` random bytes as lowercase RFC 4648 base32 without padding.
+pub fn random_base32(n: usize) -> String {
+    let mut bytes = vec![0u8; n];
+    // The OS random source failing is not recoverable in any useful way.
+    getrandom::fill(&mut bytes).expect("the operating system's random source failed");
+    base32(&bytes)
+}
+
+fn base32(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let mut out = String::with_capacity(bytes.len() * 8 / 5 + 1);
+    let (mut buffer, mut bits) = (0u32, 0u32);
+    for &b in bytes {
+        buffer = (buffer << 8) | u32::from(b);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(ALPHABET[((buffer >> bits) & 31) as usize] as char);
+        }
+    }
+    if bits > 0 {
+        out.push(ALPHABET[((buffer << (5 - bits)) & 31) as usize] as char);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_debug_hides_value() {
+        let s = Secret::random("pt_");
+        assert_eq!(format!("{s:?}"), "***");
+        assert!(s.expose().starts_with("pt_"));
+    }
+
+    #[test]
+    fn base32_known_vectors() {
+        assert_eq!(base32(b"f"), "my");
+        assert_eq!(base32(b"foobar"), "mzxw6ytboi");
+    }
+
+    #[test]
+    fn session_ids_differ() {
+        assert_ne!(SessionId::random(), SessionId::random());
+    }
+}

@@ -1,0 +1,43 @@
+//! # postern-proto
+//!
+//! Everything the controller, the worker and the CLI must agree on, and nothing that does I/O
+//! (in the manner of `quinn-proto`): the session-authorization token, the QUIC frames of the
+//! session and cluster protocols, ALPN names, application close codes and shared identifiers.
+//!
+//! # Layout
+//! - [`ids`]: newtypes for identifiers and secrets.
+//! - [`token`]: the Ed25519-signed session authorization (a compact JWT, `alg: EdDSA`) and the
+//!   client-key thumbprint it is bound to (`cnf`).
+//! - [`frame`]: length-prefixed frames (u32 big-endian length, JSON body, 64 KiB limit).
+//! - [`session`]: client ↔ worker messages (ALPN `postern-session/1`).
+//! - [`cluster`]: worker ↔ controller messages (ALPN `postern-cluster/1`).
+#![forbid(unsafe_code)]
+
+pub mod cluster;
+pub mod frame;
+pub mod ids;
+pub mod session;
+pub mod token;
+
+/// ALPN of a client ↔ worker session connection.
+pub const ALPN_SESSION: &[u8] = b"postern-session/1";
+/// ALPN of the worker ↔ controller cluster connection.
+pub const ALPN_CLUSTER: &[u8] = b"postern-cluster/1";
+/// Version carried in every hello; bumped together with the ALPN names on breaking changes.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The DNS name a worker's certificate carries, and that clients and controllers verify.
+pub fn worker_server_name(worker_name: &str) -> String {
+    format!("{worker_name}.worker.postern.internal")
+}
+
+/// The DNS name every controller's cluster certificate carries.
+pub const CONTROLLER_SERVER_NAME: &str = "controller.postern.internal";
+
+/// The current time in whole seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
