@@ -65,11 +65,24 @@ struct Link {
 }
 
 impl Registry {
-    fn insert(&self, name: &str, tx: mpsc::UnboundedSender<ControllerMessage>, conn: quinn::Connection) -> u64 {
+    fn insert(
+        &self,
+        name: &str,
+        tx: mpsc::UnboundedSender<ControllerMessage>,
+        conn: quinn::Connection,
+    ) -> u64 {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
-        let old = self.lock().insert(name.to_owned(), Link { generation, tx, conn });
+        let old = self.lock().insert(
+            name.to_owned(),
+            Link {
+                generation,
+                tx,
+                conn,
+            },
+        );
         if let Some(old) = old {
-            old.conn.close(0u32.into(), b"replaced by a newer connection");
+            old.conn
+                .close(0u32.into(), b"replaced by a newer connection");
         }
         generation
     }
@@ -113,7 +126,9 @@ impl Registry {
 pub fn endpoint(keys: &RootKeys, addr: SocketAddr) -> Result<quinn::Endpoint, ClusterError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(keys.ca_der()).map_err(|e| ClusterError::Tls(e.to_string()))?;
+    roots
+        .add(keys.ca_der())
+        .map_err(|e| ClusterError::Tls(e.to_string()))?;
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| ClusterError::Tls(e.to_string()))?;
@@ -129,7 +144,11 @@ pub fn endpoint(keys: &RootKeys, addr: SocketAddr) -> Result<quinn::Endpoint, Cl
     let quic = QuicServerConfig::try_from(tls).map_err(|e| ClusterError::Tls(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
-    transport.max_idle_timeout(Some(Duration::from_secs(10).try_into().map_err(|_| ClusterError::Tls("idle".into()))?));
+    transport.max_idle_timeout(Some(
+        Duration::from_secs(10)
+            .try_into()
+            .map_err(|_| ClusterError::Tls("idle".into()))?,
+    ));
     config.transport_config(Arc::new(transport));
     quinn::Endpoint::server(config, addr).map_err(|source| ClusterError::Bind { addr, source })
 }
@@ -172,7 +191,11 @@ async fn serve_worker(state: AppState, conn: quinn::Connection) {
     }
 }
 
-async fn control_loop(state: &AppState, conn: &quinn::Connection, name: &str) -> Result<(), ClusterError> {
+async fn control_loop(
+    state: &AppState,
+    conn: &quinn::Connection,
+    name: &str,
+) -> Result<(), ClusterError> {
     let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
         .await
         .map_err(|_| ClusterError::Stream("no control stream within 10 s".into()))?
@@ -182,7 +205,10 @@ async fn control_loop(state: &AppState, conn: &quinn::Connection, name: &str) ->
         .ok_or_else(|| ClusterError::Stream("control stream closed before hello".into()))?;
     if hello.version != postern_proto::PROTOCOL_VERSION {
         conn.close(1u32.into(), b"unsupported protocol version");
-        return Err(ClusterError::Stream(format!("worker speaks version {}", hello.version)));
+        return Err(ClusterError::Stream(format!(
+            "worker speaks version {}",
+            hello.version
+        )));
     }
     let mut cancel = Vec::new();
     for sid in &hello.active_sessions {
@@ -200,7 +226,9 @@ async fn control_loop(state: &AppState, conn: &quinn::Connection, name: &str) ->
     let reply = ControllerHello {
         version: postern_proto::PROTOCOL_VERSION,
         worker: name.into(),
-        session_keys: vec![postern_proto::token::encode_public_key(&state.keys.session_key.verifying_key())],
+        session_keys: vec![postern_proto::token::encode_public_key(
+            &state.keys.session_key.verifying_key(),
+        )],
         issuer: state.issuer.clone(),
         cancel,
     };
@@ -208,7 +236,13 @@ async fn control_loop(state: &AppState, conn: &quinn::Connection, name: &str) ->
     let (tx, mut rx) = mpsc::unbounded_channel::<ControllerMessage>();
     let generation = state.workers.insert(name, tx.clone(), conn.clone());
     let _ = state
-        .audit(&format!("worker:{name}"), "worker.connect", &format!("worker:{name}"), "success", json!({"session_addr": hello.session_addr}))
+        .audit(
+            &format!("worker:{name}"),
+            "worker.connect",
+            &format!("worker:{name}"),
+            "success",
+            json!({"session_addr": hello.session_addr}),
+        )
         .await;
     tracing::info!(worker = %name, session_addr = %hello.session_addr, "worker connected");
 
@@ -230,12 +264,23 @@ async fn control_loop(state: &AppState, conn: &quinn::Connection, name: &str) ->
     state.workers.remove(name, generation);
     let _ = state.store.worker_disconnected(name, &state.instance).await;
     let _ = state
-        .audit(&format!("worker:{name}"), "worker.disconnect", &format!("worker:{name}"), "success", json!({}))
+        .audit(
+            &format!("worker:{name}"),
+            "worker.disconnect",
+            &format!("worker:{name}"),
+            "success",
+            json!({}),
+        )
         .await;
     result
 }
 
-async fn handle(state: &AppState, worker: &str, msg: WorkerMessage, tx: &mpsc::UnboundedSender<ControllerMessage>) {
+async fn handle(
+    state: &AppState,
+    worker: &str,
+    msg: WorkerMessage,
+    tx: &mpsc::UnboundedSender<ControllerMessage>,
+) {
     match msg {
         WorkerMessage::Activate { id, session_id } => {
             let (state, worker, tx) = (state.clone(), worker.to_owned(), tx.clone());
@@ -248,7 +293,11 @@ async fn handle(state: &AppState, worker: &str, msg: WorkerMessage, tx: &mpsc::U
                         Some("controller store failure".into())
                     }
                 };
-                let outcome = if refused.is_some() { "denied" } else { "success" };
+                let outcome = if refused.is_some() {
+                    "denied"
+                } else {
+                    "success"
+                };
                 let session = state.store.session(session_id.as_str()).await.ok();
                 let (user, target) = session.map(|s| (s.user, s.target)).unzip();
                 let _ = state
@@ -263,8 +312,16 @@ async fn handle(state: &AppState, worker: &str, msg: WorkerMessage, tx: &mpsc::U
                 let _ = tx.send(ControllerMessage::Activated { id, refused });
             });
         }
-        WorkerMessage::ConnectionClosed { session_id, bytes_up, bytes_down, reason } => {
-            let _ = state.store.record_connection(session_id.as_str(), bytes_up, bytes_down).await;
+        WorkerMessage::ConnectionClosed {
+            session_id,
+            bytes_up,
+            bytes_down,
+            reason,
+        } => {
+            let _ = state
+                .store
+                .record_connection(session_id.as_str(), bytes_up, bytes_down)
+                .await;
             let _ = state
                 .audit(
                     &format!("worker:{worker}"),
@@ -278,11 +335,20 @@ async fn handle(state: &AppState, worker: &str, msg: WorkerMessage, tx: &mpsc::U
         WorkerMessage::SessionClosed { session_id, reason } => {
             if let Ok(true) = state.store.end_session(session_id.as_str(), &reason).await {
                 let _ = state
-                    .audit(&format!("worker:{worker}"), "session.end", &format!("session:{session_id}"), "success", json!({"reason": reason}))
+                    .audit(
+                        &format!("worker:{worker}"),
+                        "session.end",
+                        &format!("session:{session_id}"),
+                        "success",
+                        json!({"reason": reason}),
+                    )
                     .await;
             }
         }
-        WorkerMessage::CancelAck { session_id, connections_cut } => {
+        WorkerMessage::CancelAck {
+            session_id,
+            connections_cut,
+        } => {
             let _ = state
                 .audit(
                     &format!("worker:{worker}"),
@@ -308,14 +374,19 @@ async fn activation_refusal(
 ) -> Result<Option<String>, crate::store::StoreError> {
     let s = match state.store.session(session_id.as_str()).await {
         Ok(s) => s,
-        Err(crate::store::StoreError::NotFound { .. }) => return Ok(Some("unknown session".into())),
+        Err(crate::store::StoreError::NotFound { .. }) => {
+            return Ok(Some("unknown session".into()))
+        }
         Err(e) => return Err(e),
     };
     if s.worker != worker {
         return Ok(Some(format!("session belongs to worker '{}'", s.worker)));
     }
     if s.status == "terminated" {
-        return Ok(Some(format!("session has ended: {}", s.end_reason.unwrap_or_default())));
+        return Ok(Some(format!(
+            "session has ended: {}",
+            s.end_reason.unwrap_or_default()
+        )));
     }
     if s.expires_at <= now() {
         return Ok(Some("session expired".into()));
@@ -327,7 +398,9 @@ async fn activation_refusal(
     }
     let target = match state.store.target(&s.target).await {
         Ok(t) => t,
-        Err(crate::store::StoreError::NotFound { .. }) => return Ok(Some(format!("target '{}' no longer exists", s.target))),
+        Err(crate::store::StoreError::NotFound { .. }) => {
+            return Ok(Some(format!("target '{}' no longer exists", s.target)))
+        }
         Err(e) => return Err(e),
     };
     if !target.enabled {
@@ -339,7 +412,11 @@ async fn activation_refusal(
         .rules_for_user(&s.user)
         .await?
         .into_iter()
-        .map(|(role, position, rule)| SourcedRule { role, position, rule })
+        .map(|(role, position, rule)| SourcedRule {
+            role,
+            position,
+            rule,
+        })
         .collect();
     let tref = TargetRef {
         name: &target.name,
@@ -360,7 +437,9 @@ fn peer_fingerprint(conn: &quinn::Connection) -> Option<String> {
     certs.first().map(|c| fingerprint(c))
 }
 
-async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<Option<T>, ClusterError> {
+async fn read_frame<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<T>, ClusterError> {
     let mut header = [0u8; 4];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
@@ -369,11 +448,18 @@ async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result
     }
     let len = frame::body_len(header)?;
     let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(|e| ClusterError::Stream(e.to_string()))?;
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| ClusterError::Stream(e.to_string()))?;
     Ok(Some(frame::decode(&body)?))
 }
 
-async fn write_frame<T: serde::Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<(), ClusterError> {
+async fn write_frame<T: serde::Serialize>(
+    send: &mut quinn::SendStream,
+    msg: &T,
+) -> Result<(), ClusterError> {
     let bytes = frame::encode(msg)?;
-    send.write_all(&bytes).await.map_err(|e| ClusterError::Stream(e.to_string()))
+    send.write_all(&bytes)
+        .await
+        .map_err(|e| ClusterError::Stream(e.to_string()))
 }

@@ -8,8 +8,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use ed25519_dalek::SigningKey;
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_LEN};
 use rustls_pki_types::CertificateDer;
@@ -58,7 +58,10 @@ impl Kek {
             .decode(text.trim())
             .map_err(|e| KeyError::BadKek(format!("not base64: {e}")))?;
         if bytes.len() != 32 {
-            return Err(KeyError::BadKek(format!("{} bytes, expected 32", bytes.len())));
+            return Err(KeyError::BadKek(format!(
+                "{} bytes, expected 32",
+                bytes.len()
+            )));
         }
         let key = UnboundKey::new(&CHACHA20_POLY1305, &bytes)
             .map_err(|_| KeyError::BadKek("rejected by the cipher".into()))?;
@@ -137,8 +140,12 @@ impl RootKeys {
             None => {
                 let mut seed = [0u8; 32];
                 fill_random(&mut seed);
-                let public = postern_proto::token::encode_public_key(&SigningKey::from_bytes(&seed).verifying_key());
-                store.insert_root_key(SESSION_KEY, &kek.seal(SESSION_KEY, &seed), &public).await?
+                let public = postern_proto::token::encode_public_key(
+                    &SigningKey::from_bytes(&seed).verifying_key(),
+                );
+                store
+                    .insert_root_key(SESSION_KEY, &kek.seal(SESSION_KEY, &seed), &public)
+                    .await?
             }
         };
         let seed: [u8; 32] = kek
@@ -156,12 +163,18 @@ impl RootKeys {
                 dn.push(DnType::CommonName, "Postern cluster CA");
                 params.distinguished_name = dn;
                 params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-                params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+                params.key_usages = vec![
+                    KeyUsagePurpose::KeyCertSign,
+                    KeyUsagePurpose::CrlSign,
+                    KeyUsagePurpose::DigitalSignature,
+                ];
                 params.not_before = rcgen::date_time_ymd(2024, 1, 1);
                 params.not_after = rcgen::date_time_ymd(2044, 1, 1);
                 let cert = params.self_signed(&key)?;
                 let sealed = kek.seal(CLUSTER_CA, key.serialize_pem().as_bytes());
-                store.insert_root_key(CLUSTER_CA, &sealed, &cert.pem()).await?
+                store
+                    .insert_root_key(CLUSTER_CA, &sealed, &cert.pem())
+                    .await?
             }
         };
         let key_pem = String::from_utf8(kek.open(CLUSTER_CA, &sealed)?)
@@ -185,7 +198,8 @@ impl RootKeys {
     /// Issues a certificate for a controller's cluster listener, with a fresh key.
     pub fn issue_controller_cert(&self) -> Result<(CertificateDer<'static>, KeyPair), KeyError> {
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(vec![postern_proto::CONTROLLER_SERVER_NAME.to_owned()])?;
+        let mut params =
+            CertificateParams::new(vec![postern_proto::CONTROLLER_SERVER_NAME.to_owned()])?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.not_before = rcgen::date_time_ymd(2024, 1, 1);
         params.not_after = rcgen::date_time_ymd(2044, 1, 1);
@@ -195,11 +209,16 @@ impl RootKeys {
 
     /// Signs a worker's CSR: the certificate names the worker (never what the CSR asks for)
     /// and serves both as its client certificate and its session-listener certificate.
-    pub fn sign_worker_csr(&self, csr_pem: &str, worker: &str) -> Result<(String, String), KeyError> {
+    pub fn sign_worker_csr(
+        &self,
+        csr_pem: &str,
+        worker: &str,
+    ) -> Result<(String, String), KeyError> {
         if csr_pem.len() > 16 * 1024 {
             return Err(KeyError::BadCsr("larger than 16 KiB".into()));
         }
-        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| KeyError::BadCsr(e.to_string()))?;
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| KeyError::BadCsr(e.to_string()))?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, worker);
@@ -207,7 +226,10 @@ impl RootKeys {
         params.subject_alt_names = vec![SanType::DnsName(
             postern_proto::worker_server_name(worker).try_into()?,
         )];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.not_before = rcgen::date_time_ymd(2024, 1, 1);
         params.not_after = rcgen::date_time_ymd(2044, 1, 1);
         csr.params = params;
@@ -218,7 +240,10 @@ impl RootKeys {
 
 /// Hex SHA-256 of a certificate's DER: how a worker's certificate is recognised.
 pub fn fingerprint(der: &[u8]) -> String {
-    Sha256::digest(der).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn pem_to_der(pem: &str) -> Option<CertificateDer<'static>> {

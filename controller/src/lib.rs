@@ -99,7 +99,8 @@ impl ControllerHandle {
     /// Stops the listeners and waits for the tasks.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        self.endpoint.close(0u32.into(), b"controller shutting down");
+        self.endpoint
+            .close(0u32.into(), b"controller shutting down");
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
@@ -115,10 +116,11 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
     let store = Store::open(&config.database_url).await?;
     let keys = RootKeys::load_or_create(&store, &kek).await?;
     let issuer = store.cluster_id().await?;
-    let bootstrap = if config.bootstrap_admin { bootstrap_admin(&store).await? } else { None };
 
     let endpoint = cluster::endpoint(&keys, config.cluster_listen)?;
-    let cluster_addr = endpoint.local_addr().map_err(|e| StartError::Io(e.to_string()))?;
+    let cluster_addr = endpoint
+        .local_addr()
+        .map_err(|e| StartError::Io(e.to_string()))?;
     let cluster_addrs = if config.cluster_public_addrs.is_empty() {
         vec![cluster_addr.to_string()]
     } else {
@@ -126,8 +128,22 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
     };
     let listener = tokio::net::TcpListener::bind(config.api_listen)
         .await
-        .map_err(|e| StartError::Io(format!("cannot listen for the API on {}: {e}", config.api_listen)))?;
-    let api_addr = listener.local_addr().map_err(|e| StartError::Io(e.to_string()))?;
+        .map_err(|e| {
+            StartError::Io(format!(
+                "cannot listen for the API on {}: {e}",
+                config.api_listen
+            ))
+        })?;
+    let api_addr = listener
+        .local_addr()
+        .map_err(|e| StartError::Io(e.to_string()))?;
+    // Only once both listeners are bound: a one-time admin password must not be printed
+    // by a start that then fails.
+    let bootstrap = if config.bootstrap_admin {
+        bootstrap_admin(&store).await?
+    } else {
+        None
+    };
 
     let state = AppState::new(Inner {
         store,
@@ -145,7 +161,10 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
             let stop = async move {
                 let _ = shutdown_rx.wait_for(|s| *s).await;
             };
-            if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stop).await {
+            if let Err(e) = axum::serve(listener, router)
+                .with_graceful_shutdown(stop)
+                .await
+            {
                 tracing::error!(error = %e, "API server failed");
             }
         }
@@ -164,7 +183,10 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
 }
 
 /// Starts the controller and runs it until `shutdown` completes.
-pub async fn run(config: ControllerConfig, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+pub async fn run(
+    config: ControllerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
     let handle = start(config).await?;
     shutdown.await;
     handle.shutdown().await;
@@ -176,17 +198,23 @@ fn load_kek(config: &ControllerConfig) -> Result<Kek, StartError> {
         return Ok(Kek::from_base64(&k)?);
     }
     let Some(path) = &config.kek_file else {
-        return Err(StartError::Io("no key-encryption key: set kek_file or POSTERN_KEK".into()));
+        return Err(StartError::Io(
+            "no key-encryption key: set kek_file or POSTERN_KEK".into(),
+        ));
     };
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(Kek::from_base64(&text)?),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && config.bootstrap_admin => {
             // Only a bootstrapping (dev) controller invents its KEK.
             let kek = Kek::generate_base64();
-            write_private(path, &kek).map_err(|e| StartError::Io(format!("cannot write {}: {e}", path.display())))?;
+            write_private(path, &kek)
+                .map_err(|e| StartError::Io(format!("cannot write {}: {e}", path.display())))?;
             Ok(Kek::from_base64(&kek)?)
         }
-        Err(e) => Err(StartError::Io(format!("cannot read kek_file {}: {e}", path.display()))),
+        Err(e) => Err(StartError::Io(format!(
+            "cannot read kek_file {}: {e}",
+            path.display()
+        ))),
     }
 }
 
@@ -197,7 +225,12 @@ pub fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(contents.as_bytes())
 }
 
@@ -223,9 +256,17 @@ async fn bootstrap_admin(store: &Store) -> Result<Option<Bootstrap>, StartError>
             )
             .await?;
     }
-    store.bind_role("admin", &Principal::User("admin".into())).await?;
     store
-        .audit("system", "user.bootstrap", "user:admin", "success", &json!({"role": "admin"}))
+        .bind_role("admin", &Principal::User("admin".into()))
+        .await?;
+    store
+        .audit(
+            "system",
+            "user.bootstrap",
+            "user:admin",
+            "success",
+            &json!({"role": "admin"}),
+        )
         .await?;
     Ok(Some(Bootstrap {
         user: "admin".into(),

@@ -67,7 +67,11 @@ pub fn check(
     target: Option<TargetRef<'_>>,
 ) -> Result<Granted, Denied> {
     let applies = |r: &&SourcedRule| rule_applies(&r.rule, action, target);
-    if let Some(deny) = rules.iter().filter(|r| r.rule.effect == Effect::Deny).find(applies) {
+    if let Some(deny) = rules
+        .iter()
+        .filter(|r| r.rule.effect == Effect::Deny)
+        .find(applies)
+    {
         let rule = describe(deny);
         return Err(Denied {
             action: action.to_owned(),
@@ -75,7 +79,11 @@ pub fn check(
             rule: Some(rule),
         });
     }
-    if let Some(allow) = rules.iter().filter(|r| r.rule.effect == Effect::Allow).find(applies) {
+    if let Some(allow) = rules
+        .iter()
+        .filter(|r| r.rule.effect == Effect::Allow)
+        .find(applies)
+    {
         return Ok(Granted {
             action: action.to_owned(),
             rule: describe(allow),
@@ -92,12 +100,19 @@ pub fn check(
 }
 
 fn on(target: Option<TargetRef<'_>>) -> String {
-    target.map(|t| format!(" on target '{}'", t.name)).unwrap_or_default()
+    target
+        .map(|t| format!(" on target '{}'", t.name))
+        .unwrap_or_default()
 }
 
 /// `role NAME rule #N (allow connect on pg-*)`.
 pub fn describe(r: &SourcedRule) -> String {
-    format!("role '{}' rule #{} ({})", r.role, r.position, summarize(&r.rule))
+    format!(
+        "role '{}' rule #{} ({})",
+        r.role,
+        r.position,
+        summarize(&r.rule)
+    )
 }
 
 /// `allow connect,read on pg-* [env=prod]`.
@@ -111,7 +126,11 @@ pub fn summarize(rule: &Rule) -> String {
         s.push_str(&format!(" on {glob}"));
     }
     if !rule.labels.is_empty() {
-        let labels: Vec<String> = rule.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let labels: Vec<String> = rule
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         s.push_str(&format!(" [{}]", labels.join(",")));
     }
     s
@@ -157,7 +176,9 @@ fn selects(rule: &Rule, target: TargetRef<'_>) -> bool {
 
 /// Validates a glob at rule creation so evaluation never meets a bad one.
 pub fn validate_glob(glob: &str) -> Result<(), String> {
-    globset::Glob::new(glob).map(|_| ()).map_err(|e| e.to_string())
+    globset::Glob::new(glob)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 fn glob_matches(glob: &str, name: &str) -> bool {
@@ -169,12 +190,27 @@ fn glob_matches(glob: &str, name: &str) -> bool {
 /// Actions a rule may name.
 pub fn validate_action(action: &str) -> Result<(), String> {
     const TARGET: &[&str] = &["connect", "read"];
-    const NOUNS: &[&str] = &["users", "groups", "roles", "targets", "workers", "sessions", "audit", "recordings"];
+    const NOUNS: &[&str] = &[
+        "users",
+        "groups",
+        "roles",
+        "targets",
+        "workers",
+        "sessions",
+        "audit",
+        "recordings",
+    ];
     if action == "*" || TARGET.contains(&action) {
         return Ok(());
     }
     match action.split_once(':') {
-        Some((noun, verb)) if NOUNS.contains(&noun) && !verb.is_empty() && verb.chars().all(|c| c.is_ascii_lowercase() || c == '*') => Ok(()),
+        Some((noun, verb))
+            if NOUNS.contains(&noun)
+                && !verb.is_empty()
+                && verb.chars().all(|c| c.is_ascii_lowercase() || c == '*') =>
+        {
+            Ok(())
+        }
         _ => Err(format!(
             "unknown action '{action}': use connect, read, *, or NOUN:VERB with NOUN one of {}",
             NOUNS.join(", ")

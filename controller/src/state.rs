@@ -54,6 +54,8 @@ impl AppState {
         details: serde_json::Value,
     ) -> Result<(), StoreError> {
         tracing::info!(target: "postern::audit", actor, action, resource, outcome, %details);
-        self.store.audit(actor, action, resource, outcome, &details).await
+        self.store
+            .audit(actor, action, resource, outcome, &details)
+            .await
     }
 }

@@ -126,3 +126,12 @@ pub struct RegisterResponse {
     /// Controller cluster addresses (`host:port`) to dial over QUIC.
     pub cluster_addrs: Vec<String>,
 }
+
+/// `GET /v1/cluster`: where the controllers' cluster listeners are. Unauthenticated (the
+/// addresses are not secret; the worker still verifies the controller against its pinned
+/// CA), so that a registered worker can follow controllers that moved.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    /// Controller cluster addresses (`host:port`).
+    pub cluster_addrs: Vec<String>,
+}

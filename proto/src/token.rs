@@ -89,7 +89,8 @@ pub fn verify(token: &str, key: &VerifyingKey, now: i64) -> Result<SessionClaims
         return Err(TokenError::Malformed("too long"));
     }
     let mut parts = token.split('.');
-    let (Some(h), Some(b), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(h), Some(b), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(TokenError::Malformed("expected three dot-separated parts"));
     };
@@ -226,8 +227,17 @@ mod tests {
     #[test]
     fn garbage_is_malformed() {
         let vk = key(1).verifying_key();
-        for g in ["", "a.b", "a.b.c.d", "!!!.???.***", &"x".repeat(MAX_TOKEN_LEN + 1)] {
-            assert!(matches!(verify(g, &vk, 0), Err(TokenError::Malformed(_))), "{g}");
+        for g in [
+            "",
+            "a.b",
+            "a.b.c.d",
+            "!!!.???.***",
+            &"x".repeat(MAX_TOKEN_LEN + 1),
+        ] {
+            assert!(
+                matches!(verify(g, &vk, 0), Err(TokenError::Malformed(_))),
+                "{g}"
+            );
         }
     }
 

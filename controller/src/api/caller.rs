@@ -31,23 +31,34 @@ impl FromRequestParts<AppState> for Caller {
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| ApiError::Unauthenticated("not logged in: run `postern login`".into()))?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .ok_or_else(|| ApiError::Unauthenticated("expected 'Authorization: Bearer <token>'".into()))?;
+            .ok_or_else(|| {
+                ApiError::Unauthenticated("not logged in: run `postern login`".into())
+            })?;
+        let token = header.strip_prefix("Bearer ").ok_or_else(|| {
+            ApiError::Unauthenticated("expected 'Authorization: Bearer <token>'".into())
+        })?;
         let token_hash = hash_token(token.trim());
         let owner = state.store.token_owner(&token_hash).await?.ok_or_else(|| {
-            ApiError::Unauthenticated("your API token is invalid or expired: run `postern login`".into())
+            ApiError::Unauthenticated(
+                "your API token is invalid or expired: run `postern login`".into(),
+            )
         })?;
         if owner.user.locked {
-            return Err(ApiError::Forbidden(format!("user '{}' is locked", owner.user.name)));
+            return Err(ApiError::Forbidden(format!(
+                "user '{}' is locked",
+                owner.user.name
+            )));
         }
         let rules = state
             .store
             .rules_for_user(&owner.user.name)
             .await?
             .into_iter()
-            .map(|(role, position, rule)| SourcedRule { role, position, rule })
+            .map(|(role, position, rule)| SourcedRule {
+                role,
+                position,
+                rule,
+            })
             .collect();
         Ok(Caller {
             user: owner.user,
@@ -74,7 +85,9 @@ impl Caller {
         match policy::check(&self.rules, action, target) {
             Ok(g) => Ok(g),
             Err(denied) => {
-                let resource = target.map(|t| format!("target:{}", t.name)).unwrap_or_else(|| action.to_owned());
+                let resource = target
+                    .map(|t| format!("target:{}", t.name))
+                    .unwrap_or_else(|| action.to_owned());
                 state
                     .audit(
                         self.name(),

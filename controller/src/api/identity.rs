@@ -6,8 +6,8 @@ use axum::Json;
 use serde_json::json;
 
 use super::types::{
-    AddMember, CreateGroup, CreateRole, CreateUser, Group, LoginRequest, LoginResponse, Principal, Role, Rule, User,
-    WhoAmI,
+    AddMember, CreateGroup, CreateRole, CreateUser, Group, LoginRequest, LoginResponse, Principal,
+    Role, Rule, User, WhoAmI,
 };
 use super::{check_name, ApiError, Caller};
 use crate::auth::{dummy_hash, hash_password, new_api_token, verify_password};
@@ -20,30 +20,61 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 const MIN_PASSWORD: usize = 8;
 
 /// `POST /v1/auth/login`.
-pub async fn login(State(state): State<AppState>, Json(req): Json<LoginRequest>) -> ApiResult<LoginResponse> {
+pub async fn login(
+    State(state): State<AppState>,
+    Json(req): Json<LoginRequest>,
+) -> ApiResult<LoginResponse> {
     let user = state.store.find_user(&req.user).await?;
     let hash = user.as_ref().and_then(|u| u.password_hash.clone());
     let password = req.password.clone();
-    let ok = tokio::task::spawn_blocking(move || verify_password(&password, hash.as_deref().unwrap_or(dummy_hash())))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let ok = tokio::task::spawn_blocking(move || {
+        verify_password(&password, hash.as_deref().unwrap_or(dummy_hash()))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
     let Some(user) = user.filter(|u| u.password_hash.is_some() && ok) else {
         state
-            .audit(&req.user, "auth.login_failed", &format!("user:{}", req.user), "failure", json!({"reason": "bad user name or password"}))
+            .audit(
+                &req.user,
+                "auth.login_failed",
+                &format!("user:{}", req.user),
+                "failure",
+                json!({"reason": "bad user name or password"}),
+            )
             .await?;
-        return Err(ApiError::Unauthenticated("invalid user name or password".into()));
+        return Err(ApiError::Unauthenticated(
+            "invalid user name or password".into(),
+        ));
     };
     if user.locked {
         state
-            .audit(&user.name, "auth.login_failed", &format!("user:{}", user.name), "failure", json!({"reason": "locked"}))
+            .audit(
+                &user.name,
+                "auth.login_failed",
+                &format!("user:{}", user.name),
+                "failure",
+                json!({"reason": "locked"}),
+            )
             .await?;
-        return Err(ApiError::Forbidden(format!("user '{}' is locked: ask an admin to unlock it", user.name)));
+        return Err(ApiError::Forbidden(format!(
+            "user '{}' is locked: ask an admin to unlock it",
+            user.name
+        )));
     }
     let (token, hash) = new_api_token();
     let expires_at = now() + state.token_ttl.as_secs() as i64;
-    state.store.insert_token(&hash, &user.name, expires_at).await?;
     state
-        .audit(&user.name, "auth.login", &format!("user:{}", user.name), "success", json!({"method": "password"}))
+        .store
+        .insert_token(&hash, &user.name, expires_at)
+        .await?;
+    state
+        .audit(
+            &user.name,
+            "auth.login",
+            &format!("user:{}", user.name),
+            "success",
+            json!({"method": "password"}),
+        )
         .await?;
     Ok(Json(LoginResponse {
         token: token.expose().to_owned(),
@@ -56,7 +87,13 @@ pub async fn login(State(state): State<AppState>, Json(req): Json<LoginRequest>)
 pub async fn logout(State(state): State<AppState>, caller: Caller) -> Result<StatusCode, ApiError> {
     state.store.delete_token(&caller.token_hash).await?;
     state
-        .audit(caller.name(), "auth.logout", &format!("user:{}", caller.name()), "success", json!({}))
+        .audit(
+            caller.name(),
+            "auth.logout",
+            &format!("user:{}", caller.name()),
+            "success",
+            json!({}),
+        )
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -92,19 +129,29 @@ pub async fn list_users(State(state): State<AppState>, caller: Caller) -> ApiRes
 }
 
 /// `GET /v1/users/{name}`.
-pub async fn show_user(State(state): State<AppState>, caller: Caller, Path(name): Path<String>) -> ApiResult<User> {
+pub async fn show_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<User> {
     caller.require(&state, "users:read", None).await?;
     let u = state.store.user(&name).await?;
     Ok(Json(user_view(&state, u).await?))
 }
 
 /// `POST /v1/users`.
-pub async fn create_user(State(state): State<AppState>, caller: Caller, Json(req): Json<CreateUser>) -> ApiResult<User> {
+pub async fn create_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(req): Json<CreateUser>,
+) -> ApiResult<User> {
     caller.require(&state, "users:write", None).await?;
     check_name("user", &req.name)?;
     let hash = match req.password {
         Some(p) if p.chars().count() < MIN_PASSWORD => {
-            return Err(ApiError::BadRequest(format!("password too short: use at least {MIN_PASSWORD} characters")))
+            return Err(ApiError::BadRequest(format!(
+                "password too short: use at least {MIN_PASSWORD} characters"
+            )))
         }
         Some(p) => Some(
             tokio::task::spawn_blocking(move || hash_password(&p))
@@ -116,40 +163,79 @@ pub async fn create_user(State(state): State<AppState>, caller: Caller, Json(req
     };
     let u = state.store.create_user(&req.name, hash.as_deref()).await?;
     state
-        .audit(caller.name(), "user.create", &format!("user:{}", u.name), "success", json!({"password": hash.is_some()}))
+        .audit(
+            caller.name(),
+            "user.create",
+            &format!("user:{}", u.name),
+            "success",
+            json!({"password": hash.is_some()}),
+        )
         .await?;
     Ok(Json(user_view(&state, u).await?))
 }
 
 /// `DELETE /v1/users/{name}`.
-pub async fn delete_user(State(state): State<AppState>, caller: Caller, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn delete_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     caller.require(&state, "users:write", None).await?;
     if name == caller.name() {
         return Err(ApiError::Conflict("you cannot delete yourself".into()));
     }
     state.store.delete_user(&name).await?;
-    state.audit(caller.name(), "user.delete", &format!("user:{name}"), "success", json!({})).await?;
+    state
+        .audit(
+            caller.name(),
+            "user.delete",
+            &format!("user:{name}"),
+            "success",
+            json!({}),
+        )
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn set_locked(state: AppState, caller: Caller, name: String, locked: bool) -> ApiResult<User> {
+async fn set_locked(
+    state: AppState,
+    caller: Caller,
+    name: String,
+    locked: bool,
+) -> ApiResult<User> {
     caller.require(&state, "users:lock", None).await?;
     if locked && name == caller.name() {
         return Err(ApiError::Conflict("you cannot lock yourself".into()));
     }
     let u = state.store.set_user_locked(&name, locked).await?;
     let action = if locked { "user.lock" } else { "user.unlock" };
-    state.audit(caller.name(), action, &format!("user:{name}"), "success", json!({})).await?;
+    state
+        .audit(
+            caller.name(),
+            action,
+            &format!("user:{name}"),
+            "success",
+            json!({}),
+        )
+        .await?;
     Ok(Json(user_view(&state, u).await?))
 }
 
 /// `POST /v1/users/{name}/lock`.
-pub async fn lock_user(State(state): State<AppState>, caller: Caller, Path(name): Path<String>) -> ApiResult<User> {
+pub async fn lock_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<User> {
     set_locked(state, caller, name, true).await
 }
 
 /// `POST /v1/users/{name}/unlock`.
-pub async fn unlock_user(State(state): State<AppState>, caller: Caller, Path(name): Path<String>) -> ApiResult<User> {
+pub async fn unlock_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<User> {
     set_locked(state, caller, name, false).await
 }
 
@@ -166,23 +252,52 @@ async fn group_view(state: &AppState, name: &str) -> Result<Group, ApiError> {
 pub async fn list_groups(State(state): State<AppState>, caller: Caller) -> ApiResult<Vec<Group>> {
     caller.require(&state, "groups:read", None).await?;
     let groups = state.store.groups().await?;
-    Ok(Json(groups.into_iter().map(|(name, members)| Group { name, members }).collect()))
+    Ok(Json(
+        groups
+            .into_iter()
+            .map(|(name, members)| Group { name, members })
+            .collect(),
+    ))
 }
 
 /// `POST /v1/groups`.
-pub async fn create_group(State(state): State<AppState>, caller: Caller, Json(req): Json<CreateGroup>) -> ApiResult<Group> {
+pub async fn create_group(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(req): Json<CreateGroup>,
+) -> ApiResult<Group> {
     caller.require(&state, "groups:write", None).await?;
     check_name("group", &req.name)?;
     state.store.create_group(&req.name).await?;
-    state.audit(caller.name(), "group.create", &format!("group:{}", req.name), "success", json!({})).await?;
+    state
+        .audit(
+            caller.name(),
+            "group.create",
+            &format!("group:{}", req.name),
+            "success",
+            json!({}),
+        )
+        .await?;
     Ok(Json(group_view(&state, &req.name).await?))
 }
 
 /// `DELETE /v1/groups/{name}`.
-pub async fn delete_group(State(state): State<AppState>, caller: Caller, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn delete_group(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     caller.require(&state, "groups:write", None).await?;
     state.store.delete_group(&name).await?;
-    state.audit(caller.name(), "group.delete", &format!("group:{name}"), "success", json!({})).await?;
+    state
+        .audit(
+            caller.name(),
+            "group.delete",
+            &format!("group:{name}"),
+            "success",
+            json!({}),
+        )
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -196,7 +311,13 @@ pub async fn add_member(
     caller.require(&state, "groups:write", None).await?;
     state.store.add_member(&name, &req.user).await?;
     state
-        .audit(caller.name(), "group.add_member", &format!("group:{name}"), "success", json!({"user": req.user}))
+        .audit(
+            caller.name(),
+            "group.add_member",
+            &format!("group:{name}"),
+            "success",
+            json!({"user": req.user}),
+        )
         .await?;
     Ok(Json(group_view(&state, &name).await?))
 }
@@ -210,7 +331,13 @@ pub async fn remove_member(
     caller.require(&state, "groups:write", None).await?;
     state.store.remove_member(&name, &user).await?;
     state
-        .audit(caller.name(), "group.remove_member", &format!("group:{name}"), "success", json!({"user": user}))
+        .audit(
+            caller.name(),
+            "group.remove_member",
+            &format!("group:{name}"),
+            "success",
+            json!({"user": user}),
+        )
         .await?;
     Ok(Json(group_view(&state, &name).await?))
 }
@@ -235,25 +362,53 @@ pub async fn list_roles(State(state): State<AppState>, caller: Caller) -> ApiRes
 }
 
 /// `GET /v1/roles/{name}`.
-pub async fn show_role(State(state): State<AppState>, caller: Caller, Path(name): Path<String>) -> ApiResult<Role> {
+pub async fn show_role(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Role> {
     caller.require(&state, "roles:read", None).await?;
     Ok(Json(role_view(&state, &name).await?))
 }
 
 /// `POST /v1/roles`.
-pub async fn create_role(State(state): State<AppState>, caller: Caller, Json(req): Json<CreateRole>) -> ApiResult<Role> {
+pub async fn create_role(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(req): Json<CreateRole>,
+) -> ApiResult<Role> {
     caller.require(&state, "roles:write", None).await?;
     check_name("role", &req.name)?;
     state.store.create_role(&req.name).await?;
-    state.audit(caller.name(), "role.create", &format!("role:{}", req.name), "success", json!({})).await?;
+    state
+        .audit(
+            caller.name(),
+            "role.create",
+            &format!("role:{}", req.name),
+            "success",
+            json!({}),
+        )
+        .await?;
     Ok(Json(role_view(&state, &req.name).await?))
 }
 
 /// `DELETE /v1/roles/{name}`.
-pub async fn delete_role(State(state): State<AppState>, caller: Caller, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn delete_role(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     caller.require(&state, "roles:write", None).await?;
     state.store.delete_role(&name).await?;
-    state.audit(caller.name(), "role.delete", &format!("role:{name}"), "success", json!({})).await?;
+    state
+        .audit(
+            caller.name(),
+            "role.delete",
+            &format!("role:{name}"),
+            "success",
+            json!({}),
+        )
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -266,17 +421,26 @@ pub async fn add_rule(
 ) -> ApiResult<Role> {
     caller.require(&state, "roles:write", None).await?;
     if rule.actions.is_empty() {
-        return Err(ApiError::BadRequest("a rule needs at least one action".into()));
+        return Err(ApiError::BadRequest(
+            "a rule needs at least one action".into(),
+        ));
     }
     for a in &rule.actions {
         validate_action(a).map_err(ApiError::BadRequest)?;
     }
     if let Some(g) = &rule.targets {
-        validate_glob(g).map_err(|e| ApiError::BadRequest(format!("invalid target glob '{g}': {e}")))?;
+        validate_glob(g)
+            .map_err(|e| ApiError::BadRequest(format!("invalid target glob '{g}': {e}")))?;
     }
     state.store.add_rule(&name, &rule).await?;
     state
-        .audit(caller.name(), "role.add_rule", &format!("role:{name}"), "success", json!({"rule": rule}))
+        .audit(
+            caller.name(),
+            "role.add_rule",
+            &format!("role:{name}"),
+            "success",
+            json!({"rule": rule}),
+        )
         .await?;
     Ok(Json(role_view(&state, &name).await?))
 }
@@ -290,7 +454,15 @@ pub async fn bind(
 ) -> ApiResult<Role> {
     caller.require(&state, "roles:write", None).await?;
     state.store.bind_role(&name, &who).await?;
-    state.audit(caller.name(), "role.bind", &format!("role:{name}"), "success", json!({"principal": who})).await?;
+    state
+        .audit(
+            caller.name(),
+            "role.bind",
+            &format!("role:{name}"),
+            "success",
+            json!({"principal": who}),
+        )
+        .await?;
     Ok(Json(role_view(&state, &name).await?))
 }
 
@@ -304,7 +476,13 @@ pub async fn unbind(
     caller.require(&state, "roles:write", None).await?;
     state.store.unbind_role(&name, &who).await?;
     state
-        .audit(caller.name(), "role.unbind", &format!("role:{name}"), "success", json!({"principal": who}))
+        .audit(
+            caller.name(),
+            "role.unbind",
+            &format!("role:{name}"),
+            "success",
+            json!({"principal": who}),
+        )
         .await?;
     Ok(Json(role_view(&state, &name).await?))
 }

@@ -25,26 +25,50 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/v1/cluster", get(cluster_info))
         .route("/v1/auth/login", post(identity::login))
         .route("/v1/auth/logout", post(identity::logout))
         .route("/v1/whoami", get(identity::whoami))
-        .route("/v1/users", get(identity::list_users).post(identity::create_user))
-        .route("/v1/users/{name}", get(identity::show_user).delete(identity::delete_user))
+        .route(
+            "/v1/users",
+            get(identity::list_users).post(identity::create_user),
+        )
+        .route(
+            "/v1/users/{name}",
+            get(identity::show_user).delete(identity::delete_user),
+        )
         .route("/v1/users/{name}/lock", post(identity::lock_user))
         .route("/v1/users/{name}/unlock", post(identity::unlock_user))
-        .route("/v1/groups", get(identity::list_groups).post(identity::create_group))
-        .route("/v1/groups/{name}", axum::routing::delete(identity::delete_group))
+        .route(
+            "/v1/groups",
+            get(identity::list_groups).post(identity::create_group),
+        )
+        .route(
+            "/v1/groups/{name}",
+            axum::routing::delete(identity::delete_group),
+        )
         .route("/v1/groups/{name}/members", post(identity::add_member))
-        .route("/v1/groups/{name}/members/{user}", axum::routing::delete(identity::remove_member))
-        .route("/v1/roles", get(identity::list_roles).post(identity::create_role))
-        .route("/v1/roles/{name}", get(identity::show_role).delete(identity::delete_role))
+        .route(
+            "/v1/groups/{name}/members/{user}",
+            axum::routing::delete(identity::remove_member),
+        )
+        .route(
+            "/v1/roles",
+            get(identity::list_roles).post(identity::create_role),
+        )
+        .route(
+            "/v1/roles/{name}",
+            get(identity::show_role).delete(identity::delete_role),
+        )
         .route("/v1/roles/{name}/rules", post(identity::add_rule))
         .route("/v1/roles/{name}/bind", post(identity::bind))
         .route("/v1/roles/{name}/unbind", post(identity::unbind))
         .route("/v1/targets", get(targets::list).post(targets::create))
         .route(
             "/v1/targets/{name}",
-            get(targets::show).patch(targets::update).delete(targets::delete),
+            get(targets::show)
+                .patch(targets::update)
+                .delete(targets::delete),
         )
         .route("/v1/targets/{name}/authorize", post(targets::authorize))
         .route("/v1/workers", get(workers::list).post(workers::create))
@@ -59,11 +83,21 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> Result<&'static str, ApiError> {
+async fn readyz(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> Result<&'static str, ApiError> {
     state
         .store
         .cluster_id()
         .await
         .map_err(|e| ApiError::Unavailable(format!("store not ready: {e}")))?;
     Ok("ok")
+}
+
+async fn cluster_info(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> axum::Json<postern_proto::cluster::ClusterInfo> {
+    axum::Json(postern_proto::cluster::ClusterInfo {
+        cluster_addrs: state.cluster_addrs.clone(),
+    })
 }

@@ -12,7 +12,11 @@ use crate::state::AppState;
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
 /// `GET /v1/sessions`: the caller's own sessions, or everyone's with `sessions:read`.
-pub async fn list(State(state): State<AppState>, caller: Caller, Query(mut q): Query<SessionQuery>) -> ApiResult<Vec<Session>> {
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(mut q): Query<SessionQuery>,
+) -> ApiResult<Vec<Session>> {
     if !caller.may("sessions:read", None) {
         match &q.user {
             Some(u) if u != caller.name() => {
@@ -24,7 +28,12 @@ pub async fn list(State(state): State<AppState>, caller: Caller, Query(mut q): Q
     Ok(Json(state.store.sessions(&q).await?))
 }
 
-async fn visible_session(state: &AppState, caller: &Caller, id: &str, action: &str) -> Result<Session, ApiError> {
+async fn visible_session(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    action: &str,
+) -> Result<Session, ApiError> {
     let s = state.store.session(id).await?;
     if s.user != caller.name() {
         caller.require(state, action, None).await?;
@@ -33,12 +42,22 @@ async fn visible_session(state: &AppState, caller: &Caller, id: &str, action: &s
 }
 
 /// `GET /v1/sessions/{id}`.
-pub async fn show(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Session> {
-    Ok(Json(visible_session(&state, &caller, &id, "sessions:read").await?))
+pub async fn show(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Session> {
+    Ok(Json(
+        visible_session(&state, &caller, &id, "sessions:read").await?,
+    ))
 }
 
 /// `POST /v1/sessions/{id}/cancel`: ends the session and cuts its open connections.
-pub async fn cancel(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Session> {
+pub async fn cancel(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Session> {
     let s = visible_session(&state, &caller, &id, "sessions:cancel").await?;
     if s.status == "terminated" {
         return Err(ApiError::Conflict(format!(
@@ -81,7 +100,11 @@ pub async fn policy_check(
         .rules_for_user(&q.user)
         .await?
         .into_iter()
-        .map(|(role, position, rule)| SourcedRule { role, position, rule })
+        .map(|(role, position, rule)| SourcedRule {
+            role,
+            position,
+            rule,
+        })
         .collect();
     let tref = TargetRef {
         name: &target.name,
@@ -90,7 +113,12 @@ pub async fn policy_check(
     Ok(Json(match policy::check(&rules, &action, Some(tref)) {
         Ok(g) => Decision {
             allowed: true,
-            reason: format!("'{action}' on target '{}' is allowed for '{}' by {}", target.name, q.user, g.rule()),
+            reason: format!(
+                "'{action}' on target '{}' is allowed for '{}' by {}",
+                target.name,
+                q.user,
+                g.rule()
+            ),
             rule: Some(g.rule().to_owned()),
             action,
         },
@@ -104,7 +132,11 @@ pub async fn policy_check(
 }
 
 /// `GET /v1/audit`.
-pub async fn audit(State(state): State<AppState>, caller: Caller, Query(q): Query<AuditQuery>) -> ApiResult<Vec<AuditEvent>> {
+pub async fn audit(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<AuditQuery>,
+) -> ApiResult<Vec<AuditEvent>> {
     caller.require(&state, "audit:read", None).await?;
     Ok(Json(state.store.audit_events(&q).await?))
 }

@@ -10,7 +10,9 @@ use serde_json::json;
 use postern_proto::ids::SessionId;
 use postern_proto::token::{self, Confirmation, SessionClaims};
 
-use super::types::{Authorization, AuthorizeRequest, CreateTarget, Target, TargetType, UpdateTarget, WorkerEndpoint};
+use super::types::{
+    Authorization, AuthorizeRequest, CreateTarget, Target, TargetType, UpdateTarget, WorkerEndpoint,
+};
 use super::{check_name, ApiError, Caller};
 use crate::policy::TargetRef;
 use crate::state::AppState;
@@ -37,7 +39,9 @@ fn check_address(address: &str) -> Result<(), ApiError> {
         None => {
             !host.is_empty()
                 && host.len() <= 253
-                && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
         }
     };
     if !host_ok || port == 0 {
@@ -61,13 +65,20 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Ve
     let all = state.store.targets().await?;
     Ok(Json(
         all.into_iter()
-            .filter(|t| caller.may("read", Some(target_ref(t))) || caller.may("connect", Some(target_ref(t))))
+            .filter(|t| {
+                caller.may("read", Some(target_ref(t)))
+                    || caller.may("connect", Some(target_ref(t)))
+            })
             .collect(),
     ))
 }
 
 /// `GET /v1/targets/{name}`.
-pub async fn show(State(state): State<AppState>, caller: Caller, Path(name): Path<String>) -> ApiResult<Target> {
+pub async fn show(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Target> {
     let t = state.store.target(&name).await?;
     if !caller.may("connect", Some(target_ref(&t))) {
         caller.require(&state, "read", Some(target_ref(&t))).await?;
@@ -76,17 +87,29 @@ pub async fn show(State(state): State<AppState>, caller: Caller, Path(name): Pat
 }
 
 /// `POST /v1/targets`.
-pub async fn create(State(state): State<AppState>, caller: Caller, Json(req): Json<CreateTarget>) -> ApiResult<Target> {
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(req): Json<CreateTarget>,
+) -> ApiResult<Target> {
     caller.require(&state, "targets:write", None).await?;
     check_name("target", &req.name)?;
     check_kind(req.kind)?;
     check_address(&req.address)?;
     if req.max_duration_secs == Some(0) || req.default_duration_secs == Some(0) {
-        return Err(ApiError::BadRequest("session durations must be at least 1 s".into()));
+        return Err(ApiError::BadRequest(
+            "session durations must be at least 1 s".into(),
+        ));
     }
     let t = state.store.create_target(&req).await?;
     state
-        .audit(caller.name(), "target.create", &format!("target:{}", t.name), "success", json!({"target": t}))
+        .audit(
+            caller.name(),
+            "target.create",
+            &format!("target:{}", t.name),
+            "success",
+            json!({"target": t}),
+        )
         .await?;
     Ok(Json(t))
 }
@@ -103,20 +126,40 @@ pub async fn update(
         check_address(a)?;
     }
     if req.max_duration_secs == Some(0) || req.default_duration_secs == Some(0) {
-        return Err(ApiError::BadRequest("session durations must be at least 1 s".into()));
+        return Err(ApiError::BadRequest(
+            "session durations must be at least 1 s".into(),
+        ));
     }
     let t = state.store.update_target(&name, &req).await?;
     state
-        .audit(caller.name(), "target.update", &format!("target:{name}"), "success", json!({"change": req}))
+        .audit(
+            caller.name(),
+            "target.update",
+            &format!("target:{name}"),
+            "success",
+            json!({"change": req}),
+        )
         .await?;
     Ok(Json(t))
 }
 
 /// `DELETE /v1/targets/{name}`.
-pub async fn delete(State(state): State<AppState>, caller: Caller, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     caller.require(&state, "targets:write", None).await?;
     state.store.delete_target(&name).await?;
-    state.audit(caller.name(), "target.delete", &format!("target:{name}"), "success", json!({})).await?;
+    state
+        .audit(
+            caller.name(),
+            "target.delete",
+            &format!("target:{name}"),
+            "success",
+            json!({}),
+        )
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -146,23 +189,32 @@ pub async fn authorize(
         )));
     }
     if !target.enabled {
-        return Err(ApiError::Conflict(format!("target '{}' is disabled", target.name)));
+        return Err(ApiError::Conflict(format!(
+            "target '{}' is disabled",
+            target.name
+        )));
     }
     let spki = B64
         .decode(req.client_spki.trim())
         .ok()
         .filter(|k| !k.is_empty() && k.len() <= 2048)
-        .ok_or_else(|| ApiError::BadRequest("client_spki must be the base64url DER public key of the session key".into()))?;
+        .ok_or_else(|| {
+            ApiError::BadRequest(
+                "client_spki must be the base64url DER public key of the session key".into(),
+            )
+        })?;
     let duration = req
         .duration_secs
         .unwrap_or(target.default_duration_secs)
         .clamp(1, target.max_duration_secs);
 
     let worker = pick_worker(&state, &target).await?;
-    let worker_addr = worker
-        .session_addr
-        .clone()
-        .ok_or_else(|| ApiError::Unavailable(format!("worker '{}' has not reported its address", worker.name)))?;
+    let worker_addr = worker.session_addr.clone().ok_or_else(|| {
+        ApiError::Unavailable(format!(
+            "worker '{}' has not reported its address",
+            worker.name
+        ))
+    })?;
     let session_id = SessionId::random();
     let iat = now();
     let claims = SessionClaims {
@@ -224,14 +276,27 @@ async fn pick_worker(state: &AppState, target: &Target) -> Result<WorkerRow, Api
         .workers()
         .await?
         .into_iter()
-        .filter(|w| w.connected_to.is_some() && w.session_addr.is_some() && w.last_seen.is_some_and(|s| s >= fresh))
-        .filter(|w| target.worker_filter.iter().all(|(k, v)| w.tags.get(k) == Some(v)))
+        .filter(|w| {
+            w.connected_to.is_some()
+                && w.session_addr.is_some()
+                && w.last_seen.is_some_and(|s| s >= fresh)
+        })
+        .filter(|w| {
+            target
+                .worker_filter
+                .iter()
+                .all(|(k, v)| w.tags.get(k) == Some(v))
+        })
         .collect();
     if candidates.is_empty() {
         let filter = if target.worker_filter.is_empty() {
             String::new()
         } else {
-            let f: Vec<String> = target.worker_filter.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let f: Vec<String> = target
+                .worker_filter
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
             format!(" with tags {}", f.join(","))
         };
         return Err(ApiError::Unavailable(format!(
@@ -242,5 +307,8 @@ async fn pick_worker(state: &AppState, target: &Target) -> Result<WorkerRow, Api
     let mut r = [0u8; 4];
     getrandom::fill(&mut r).map_err(|e| ApiError::Internal(e.to_string()))?;
     let i = u32::from_le_bytes(r) as usize % candidates.len();
-    Ok(candidates.into_iter().nth(i).ok_or_else(|| ApiError::Internal("worker choice".into()))?)
+    candidates
+        .into_iter()
+        .nth(i)
+        .ok_or_else(|| ApiError::Internal("worker choice".into()))
 }

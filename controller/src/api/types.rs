@@ -365,7 +365,7 @@ pub struct Session {
     pub ended_at: Option<i64>,
     /// Why it ended.
     pub end_reason: Option<String>,
-    /// Connections made.
+    /// Connections that have ended, as reported by the worker.
     pub connections: i64,
     /// Bytes client → target over closed connections.
     pub bytes_up: i64,

@@ -5,7 +5,10 @@ fn rule(effect: Effect, actions: &[&str], targets: Option<&str>, labels: &[(&str
         effect,
         actions: actions.iter().map(|s| s.to_string()).collect(),
         targets: targets.map(str::to_owned),
-        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
     }
 }
 
@@ -28,14 +31,22 @@ fn target<'a>(name: &'a str, labels: &'a BTreeMap<String, String>) -> Option<Tar
 #[test]
 fn no_rules_denies_naming_the_permission() {
     let labels = BTreeMap::new();
-    let d = check(&[], "connect", target("db", &labels)).unwrap_err();
-    assert!(d.reason.contains("missing permission 'connect' on target 'db'"), "{}", d.reason);
+    let d = check(&[], "connect", target("db", &labels)).expect_err("denied");
+    assert!(
+        d.reason
+            .contains("missing permission 'connect' on target 'db'"),
+        "{}",
+        d.reason
+    );
     assert_eq!(d.rule, None);
 }
 
 #[test]
 fn glob_allows_matching_names_only() {
-    let rules = sourced("dev", vec![rule(Effect::Allow, &["connect"], Some("pg-*"), &[])]);
+    let rules = sourced(
+        "dev",
+        vec![rule(Effect::Allow, &["connect"], Some("pg-*"), &[])],
+    );
     let labels = BTreeMap::new();
     let g = check(&rules, "connect", target("pg-prod", &labels)).expect("allowed");
     assert_eq!(g.rule(), "role 'dev' rule #1 (allow connect on pg-*)");
@@ -46,26 +57,47 @@ fn glob_allows_matching_names_only() {
 #[test]
 fn deny_beats_allow() {
     let mut rules = sourced("dev", vec![rule(Effect::Allow, &["*"], None, &[])]);
-    rules.extend(sourced("guard", vec![rule(Effect::Deny, &["connect"], None, &[("env", "prod")])]));
+    rules.extend(sourced(
+        "guard",
+        vec![rule(Effect::Deny, &["connect"], None, &[("env", "prod")])],
+    ));
     let prod: BTreeMap<_, _> = [("env".to_string(), "prod".to_string())].into();
-    let d = check(&rules, "connect", target("db", &prod)).unwrap_err();
-    assert_eq!(d.rule.as_deref(), Some("role 'guard' rule #1 (deny connect [env=prod])"));
+    let d = check(&rules, "connect", target("db", &prod)).expect_err("denied");
+    assert_eq!(
+        d.rule.as_deref(),
+        Some("role 'guard' rule #1 (deny connect [env=prod])")
+    );
     let staging: BTreeMap<_, _> = [("env".to_string(), "staging".to_string())].into();
     assert!(check(&rules, "connect", target("db", &staging)).is_ok());
 }
 
 #[test]
 fn labels_must_all_match() {
-    let rules = sourced("r", vec![rule(Effect::Allow, &["connect"], None, &[("env", "prod"), ("team", "pay")])]);
+    let rules = sourced(
+        "r",
+        vec![rule(
+            Effect::Allow,
+            &["connect"],
+            None,
+            &[("env", "prod"), ("team", "pay")],
+        )],
+    );
     let one: BTreeMap<_, _> = [("env".to_string(), "prod".to_string())].into();
     assert!(check(&rules, "connect", target("db", &one)).is_err());
-    let both: BTreeMap<_, _> = [("env".to_string(), "prod".to_string()), ("team".to_string(), "pay".to_string())].into();
+    let both: BTreeMap<_, _> = [
+        ("env".to_string(), "prod".to_string()),
+        ("team".to_string(), "pay".to_string()),
+    ]
+    .into();
     assert!(check(&rules, "connect", target("db", &both)).is_ok());
 }
 
 #[test]
 fn admin_actions_and_noun_wildcards() {
-    let rules = sourced("ops", vec![rule(Effect::Allow, &["users:*", "audit:read"], None, &[])]);
+    let rules = sourced(
+        "ops",
+        vec![rule(Effect::Allow, &["users:*", "audit:read"], None, &[])],
+    );
     assert!(check(&rules, "users:write", None).is_ok());
     assert!(check(&rules, "audit:read", None).is_ok());
     assert!(check(&rules, "targets:write", None).is_err());
@@ -86,7 +118,14 @@ fn star_allows_everything() {
 
 #[test]
 fn action_validation() {
-    for ok in ["*", "connect", "read", "users:*", "sessions:cancel", "audit:read"] {
+    for ok in [
+        "*",
+        "connect",
+        "read",
+        "users:*",
+        "sessions:cancel",
+        "audit:read",
+    ] {
         assert!(validate_action(ok).is_ok(), "{ok}");
     }
     for bad in ["", "conect", "users:", "bogus:read", "users:Write"] {

@@ -43,13 +43,15 @@ impl Store {
         name: &str,
         password_hash: Option<&str>,
     ) -> Result<UserRow, StoreError> {
-        sqlx::query("INSERT INTO users (name, password_hash, locked, created_at) VALUES ($1, $2, 0, $3)")
-            .bind(name)
-            .bind(password_hash)
-            .bind(now())
-            .execute(&self.pool)
-            .await
-            .map_err(|e| conflict(e, || format!("a user named '{name}' already exists")))?;
+        sqlx::query(
+            "INSERT INTO users (name, password_hash, locked, created_at) VALUES ($1, $2, 0, $3)",
+        )
+        .bind(name)
+        .bind(password_hash)
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| conflict(e, || format!("a user named '{name}' already exists")))?;
         self.user(name).await
     }
 
@@ -63,18 +65,21 @@ impl Store {
 
     /// Looks a user up by name, `None` if absent.
     pub async fn find_user(&self, name: &str) -> Result<Option<UserRow>, StoreError> {
-        let row = sqlx::query("SELECT name, password_hash, locked, created_at FROM users WHERE name = $1")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT name, password_hash, locked, created_at FROM users WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(user_from).transpose()
     }
 
     /// Every user, by name.
     pub async fn users(&self) -> Result<Vec<UserRow>, StoreError> {
-        let rows = sqlx::query("SELECT name, password_hash, locked, created_at FROM users ORDER BY name")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT name, password_hash, locked, created_at FROM users ORDER BY name")
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter().map(user_from).collect()
     }
 
@@ -82,13 +87,24 @@ impl Store {
     pub async fn delete_user(&self, name: &str) -> Result<(), StoreError> {
         self.user(name).await?;
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM api_tokens WHERE user_name = $1").bind(name).execute(&mut *tx).await?;
-        sqlx::query("DELETE FROM group_members WHERE user_name = $1").bind(name).execute(&mut *tx).await?;
-        sqlx::query("DELETE FROM role_bindings WHERE principal_kind = 'user' AND principal_name = $1")
+        sqlx::query("DELETE FROM api_tokens WHERE user_name = $1")
             .bind(name)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM users WHERE name = $1").bind(name).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM group_members WHERE user_name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "DELETE FROM role_bindings WHERE principal_kind = 'user' AND principal_name = $1",
+        )
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM users WHERE name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -122,7 +138,12 @@ impl Store {
     }
 
     /// Stores an API token by its hash.
-    pub async fn insert_token(&self, hash: &str, user: &str, expires_at: i64) -> Result<(), StoreError> {
+    pub async fn insert_token(
+        &self,
+        hash: &str,
+        user: &str,
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
         sqlx::query("INSERT INTO api_tokens (token_hash, user_name, created_at, expires_at) VALUES ($1, $2, $3, $4)")
             .bind(hash)
             .bind(user)
@@ -198,9 +219,10 @@ impl Store {
         let groups = sqlx::query("SELECT name FROM groups ORDER BY name")
             .fetch_all(&self.pool)
             .await?;
-        let members = sqlx::query("SELECT group_name, user_name FROM group_members ORDER BY user_name")
-            .fetch_all(&self.pool)
-            .await?;
+        let members =
+            sqlx::query("SELECT group_name, user_name FROM group_members ORDER BY user_name")
+                .fetch_all(&self.pool)
+                .await?;
         let mut out = Vec::with_capacity(groups.len());
         for g in &groups {
             let name: String = g.try_get("name")?;
@@ -219,12 +241,20 @@ impl Store {
     pub async fn delete_group(&self, name: &str) -> Result<(), StoreError> {
         self.require_group(name).await?;
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM group_members WHERE group_name = $1").bind(name).execute(&mut *tx).await?;
-        sqlx::query("DELETE FROM role_bindings WHERE principal_kind = 'group' AND principal_name = $1")
+        sqlx::query("DELETE FROM group_members WHERE group_name = $1")
             .bind(name)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM groups WHERE name = $1").bind(name).execute(&mut *tx).await?;
+        sqlx::query(
+            "DELETE FROM role_bindings WHERE principal_kind = 'group' AND principal_name = $1",
+        )
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM groups WHERE name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -245,11 +275,12 @@ impl Store {
     /// Removes a user from a group.
     pub async fn remove_member(&self, group: &str, user: &str) -> Result<(), StoreError> {
         self.require_group(group).await?;
-        let done = sqlx::query("DELETE FROM group_members WHERE group_name = $1 AND user_name = $2")
-            .bind(group)
-            .bind(user)
-            .execute(&self.pool)
-            .await?;
+        let done =
+            sqlx::query("DELETE FROM group_members WHERE group_name = $1 AND user_name = $2")
+                .bind(group)
+                .bind(user)
+                .execute(&self.pool)
+                .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound {
                 kind: "member",
@@ -262,10 +293,12 @@ impl Store {
 
     /// The groups a user belongs to.
     pub async fn user_groups(&self, user: &str) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query("SELECT group_name FROM group_members WHERE user_name = $1 ORDER BY group_name")
-            .bind(user)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT group_name FROM group_members WHERE user_name = $1 ORDER BY group_name",
+        )
+        .bind(user)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(|r| Ok(r.try_get("group_name")?)).collect()
     }
 
@@ -303,11 +336,15 @@ impl Store {
     /// A role's rules (in order) and bindings.
     pub async fn role(&self, name: &str) -> Result<(Vec<Rule>, Vec<Principal>), StoreError> {
         self.require_role(name).await?;
-        let rules = sqlx::query("SELECT rule FROM role_rules WHERE role_name = $1 ORDER BY position")
-            .bind(name)
-            .fetch_all(&self.pool)
-            .await?;
-        let rules = rules.iter().map(|r| json_col(r, "rule")).collect::<Result<_, _>>()?;
+        let rules =
+            sqlx::query("SELECT rule FROM role_rules WHERE role_name = $1 ORDER BY position")
+                .bind(name)
+                .fetch_all(&self.pool)
+                .await?;
+        let rules = rules
+            .iter()
+            .map(|r| json_col(r, "rule"))
+            .collect::<Result<_, _>>()?;
         let bindings = sqlx::query(
             "SELECT principal_kind, principal_name FROM role_bindings WHERE role_name = $1 ORDER BY principal_kind, principal_name",
         )
@@ -319,7 +356,11 @@ impl Store {
             .map(|r| {
                 let kind: String = r.try_get("principal_kind")?;
                 let name: String = r.try_get("principal_name")?;
-                Ok(if kind == "group" { Principal::Group(name) } else { Principal::User(name) })
+                Ok(if kind == "group" {
+                    Principal::Group(name)
+                } else {
+                    Principal::User(name)
+                })
             })
             .collect::<Result<_, StoreError>>()?;
         Ok((rules, bindings))
@@ -329,9 +370,18 @@ impl Store {
     pub async fn delete_role(&self, name: &str) -> Result<(), StoreError> {
         self.require_role(name).await?;
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM role_rules WHERE role_name = $1").bind(name).execute(&mut *tx).await?;
-        sqlx::query("DELETE FROM role_bindings WHERE role_name = $1").bind(name).execute(&mut *tx).await?;
-        sqlx::query("DELETE FROM roles WHERE name = $1").bind(name).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM role_rules WHERE role_name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM role_bindings WHERE role_name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM roles WHERE name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -340,11 +390,13 @@ impl Store {
     pub async fn add_rule(&self, role: &str, rule: &Rule) -> Result<(), StoreError> {
         self.require_role(role).await?;
         let mut tx = self.pool.begin().await?;
-        let next: i64 = sqlx::query("SELECT COALESCE(MAX(position), 0) + 1 AS next FROM role_rules WHERE role_name = $1")
-            .bind(role)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get("next")?;
+        let next: i64 = sqlx::query(
+            "SELECT COALESCE(MAX(position), 0) + 1 AS next FROM role_rules WHERE role_name = $1",
+        )
+        .bind(role)
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("next")?;
         sqlx::query("INSERT INTO role_rules (role_name, position, rule) VALUES ($1, $2, $3)")
             .bind(role)
             .bind(next)
@@ -410,7 +462,13 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|r| Ok((r.try_get("role_name")?, r.try_get("position")?, json_col(r, "rule")?)))
+            .map(|r| {
+                Ok((
+                    r.try_get("role_name")?,
+                    r.try_get("position")?,
+                    json_col(r, "rule")?,
+                ))
+            })
             .collect()
     }
 

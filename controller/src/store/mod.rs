@@ -92,8 +92,12 @@ impl Store {
                     .max_connections(if memory { 1 } else { 8 })
                     .after_connect(|conn, _| {
                         Box::pin(async move {
-                            sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
-                            sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
+                            sqlx::query("PRAGMA busy_timeout = 10000")
+                                .execute(&mut *conn)
+                                .await?;
+                            sqlx::query("PRAGMA synchronous = NORMAL")
+                                .execute(&mut *conn)
+                                .await?;
                             Ok(())
                         })
                     })
@@ -103,7 +107,9 @@ impl Store {
             Backend::Postgres => options.max_connections(16).connect(url).await?,
         };
         if backend == Backend::Sqlite && !url.contains(":memory:") {
-            sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await?;
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(&pool)
+                .await?;
         }
         let store = Store { pool, backend };
         store.migrator().run(&store.pool).await?;
@@ -197,9 +203,17 @@ impl Store {
     }
 
     /// Builds a [`StoreError::NotFound`] with the closest name in `table` as a suggestion.
-    pub(crate) async fn not_found(&self, kind: &'static str, table: &str, name: &str) -> StoreError {
+    pub(crate) async fn not_found(
+        &self,
+        kind: &'static str,
+        table: &str,
+        name: &str,
+    ) -> StoreError {
         let sql = format!("SELECT name FROM {table}");
-        let names: Vec<String> = match sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&self.pool).await {
+        let names: Vec<String> = match sqlx::query(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await
+        {
             Ok(rows) => rows.iter().filter_map(|r| r.try_get("name").ok()).collect(),
             Err(_) => Vec::new(),
         };

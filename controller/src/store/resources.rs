@@ -41,7 +41,8 @@ pub enum ActivationOutcome {
 }
 
 const TARGET_COLS: &str = "name, kind, address, labels, default_duration, max_duration, connection_limit, worker_filter, enabled, created_at";
-const WORKER_COLS: &str = "name, tags, cert_fingerprint, session_addr, connected_to, last_seen, created_at";
+const WORKER_COLS: &str =
+    "name, tags, cert_fingerprint, session_addr, connected_to, last_seen, created_at";
 
 fn target_from(row: &sqlx::any::AnyRow) -> Result<Target, StoreError> {
     let kind: String = row.try_get("kind")?;
@@ -118,7 +119,9 @@ impl Store {
     /// Every target, by name.
     pub async fn targets(&self) -> Result<Vec<Target>, StoreError> {
         let sql = format!("SELECT {TARGET_COLS} FROM targets ORDER BY name");
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(target_from).collect()
     }
 
@@ -212,7 +215,9 @@ impl Store {
     /// Every worker, by name.
     pub async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
         let sql = format!("SELECT {WORKER_COLS} FROM workers ORDER BY name");
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(worker_from).collect()
     }
 
@@ -249,17 +254,25 @@ impl Store {
     }
 
     /// The name of the pending worker holding this unexpired activation token.
-    pub async fn pending_worker(&self, activation_hash: &str) -> Result<Option<String>, StoreError> {
-        let row = sqlx::query("SELECT name FROM workers WHERE activation_hash = $1 AND activation_expires_at > $2")
-            .bind(activation_hash)
-            .bind(now())
-            .fetch_optional(&self.pool)
-            .await?;
+    pub async fn pending_worker(
+        &self,
+        activation_hash: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query(
+            "SELECT name FROM workers WHERE activation_hash = $1 AND activation_expires_at > $2",
+        )
+        .bind(activation_hash)
+        .bind(now())
+        .fetch_optional(&self.pool)
+        .await?;
         row.map(|r| Ok(r.try_get("name")?)).transpose()
     }
 
     /// The registered worker holding the certificate with this fingerprint.
-    pub async fn worker_by_fingerprint(&self, fingerprint: &str) -> Result<Option<WorkerRow>, StoreError> {
+    pub async fn worker_by_fingerprint(
+        &self,
+        fingerprint: &str,
+    ) -> Result<Option<WorkerRow>, StoreError> {
         let sql = format!("SELECT {WORKER_COLS} FROM workers WHERE cert_fingerprint = $1");
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(fingerprint)
@@ -269,7 +282,12 @@ impl Store {
     }
 
     /// Records that a controller instance holds the worker's control connection.
-    pub async fn worker_connected(&self, name: &str, instance: &str, session_addr: &str) -> Result<(), StoreError> {
+    pub async fn worker_connected(
+        &self,
+        name: &str,
+        instance: &str,
+        session_addr: &str,
+    ) -> Result<(), StoreError> {
         sqlx::query("UPDATE workers SET connected_to = $1, session_addr = $2, last_seen = $3 WHERE name = $4")
             .bind(instance)
             .bind(session_addr)

@@ -111,7 +111,12 @@ impl Store {
     }
 
     /// Adds a closed connection's figures to its session.
-    pub async fn record_connection(&self, id: &str, bytes_up: u64, bytes_down: u64) -> Result<(), StoreError> {
+    pub async fn record_connection(
+        &self,
+        id: &str,
+        bytes_up: u64,
+        bytes_down: u64,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE sessions SET connections = connections + 1, bytes_up = bytes_up + $1, bytes_down = bytes_down + $2 WHERE id = $3",
         )

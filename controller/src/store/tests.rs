@@ -4,10 +4,13 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use crate::api::types::{AuditQuery, CreateTarget, Effect, Principal, Rule, SessionQuery, TargetType, UpdateTarget};
+use crate::api::types::{
+    AuditQuery, CreateTarget, Effect, Principal, Rule, SessionQuery, TargetType, UpdateTarget,
+};
 
 fn pg_admin_url() -> String {
-    std::env::var("POSTERN_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("POSTERN_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// A throwaway PostgreSQL database, dropped by [`PgDb::drop_db`].
@@ -28,7 +31,10 @@ impl PgDb {
             .execute(&mut conn)
             .await
             .expect("create test database");
-        let base = admin.rsplit_once('/').map(|(b, _)| b.to_owned()).unwrap_or(admin);
+        let base = admin
+            .rsplit_once('/')
+            .map(|(b, _)| b.to_owned())
+            .unwrap_or(admin);
         PgDb {
             url: format!("{base}/{name}"),
             name,
@@ -39,10 +45,13 @@ impl PgDb {
         let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&pg_admin_url())
             .await
             .expect("connect to drop");
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)))
-            .execute(&mut conn)
-            .await
-            .expect("drop test database");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        )))
+        .execute(&mut conn)
+        .await
+        .expect("drop test database");
     }
 }
 
@@ -52,7 +61,10 @@ where
     F: Fn(Store) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let dir = std::env::temp_dir().join(format!("postern-store-{}", postern_proto::ids::random_base32(6)));
+    let dir = std::env::temp_dir().join(format!(
+        "postern-store-{}",
+        postern_proto::ids::random_base32(6)
+    ));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let sqlite = Store::open(&format!("sqlite://{}", dir.join("t.db").display()))
         .await
@@ -87,18 +99,41 @@ fn target(name: &str) -> CreateTarget {
 async fn users_tokens_and_locking() {
     on_both(|s| async move {
         s.create_user("alice", Some("hash")).await.expect("create");
-        assert!(matches!(s.create_user("alice", None).await, Err(StoreError::Conflict(_))));
+        assert!(matches!(
+            s.create_user("alice", None).await,
+            Err(StoreError::Conflict(_))
+        ));
         match s.user("alcie").await {
-            Err(StoreError::NotFound { suggestion, .. }) => assert_eq!(suggestion.as_deref(), Some("alice")),
+            Err(StoreError::NotFound { suggestion, .. }) => {
+                assert_eq!(suggestion.as_deref(), Some("alice"))
+            }
             other => panic!("expected not found, got {other:?}"),
         }
-        s.insert_token("h1", "alice", now() + 60).await.expect("token");
-        s.insert_token("old", "alice", now() - 1).await.expect("token");
-        assert_eq!(s.token_owner("h1").await.expect("q").expect("owner").user.name, "alice");
-        assert!(s.token_owner("old").await.expect("q").is_none(), "expired token must not work");
+        s.insert_token("h1", "alice", now() + 60)
+            .await
+            .expect("token");
+        s.insert_token("old", "alice", now() - 1)
+            .await
+            .expect("token");
+        assert_eq!(
+            s.token_owner("h1")
+                .await
+                .expect("q")
+                .expect("owner")
+                .user
+                .name,
+            "alice"
+        );
+        assert!(
+            s.token_owner("old").await.expect("q").is_none(),
+            "expired token must not work"
+        );
         let locked = s.set_user_locked("alice", true).await.expect("lock");
         assert!(locked.locked);
-        assert!(s.token_owner("h1").await.expect("q").is_none(), "locking revokes tokens");
+        assert!(
+            s.token_owner("h1").await.expect("q").is_none(),
+            "locking revokes tokens"
+        );
         s.delete_user("alice").await.expect("delete");
         assert!(s.find_user("alice").await.expect("q").is_none());
     })
@@ -111,7 +146,10 @@ async fn groups_roles_and_effective_rules() {
         s.create_user("bob", None).await.expect("user");
         s.create_group("dev").await.expect("group");
         s.add_member("dev", "bob").await.expect("member");
-        assert!(matches!(s.add_member("dev", "bob").await, Err(StoreError::Conflict(_))));
+        assert!(matches!(
+            s.add_member("dev", "bob").await,
+            Err(StoreError::Conflict(_))
+        ));
         s.create_role("db").await.expect("role");
         let allow = Rule {
             effect: Effect::Allow,
@@ -127,17 +165,35 @@ async fn groups_roles_and_effective_rules() {
         };
         s.add_rule("db", &allow).await.expect("rule");
         s.add_rule("db", &deny).await.expect("rule");
-        assert!(s.rules_for_user("bob").await.expect("rules").is_empty(), "unbound role grants nothing");
-        s.bind_role("db", &Principal::Group("dev".into())).await.expect("bind");
+        assert!(
+            s.rules_for_user("bob").await.expect("rules").is_empty(),
+            "unbound role grants nothing"
+        );
+        s.bind_role("db", &Principal::Group("dev".into()))
+            .await
+            .expect("bind");
         let rules = s.rules_for_user("bob").await.expect("rules");
-        assert_eq!(rules, vec![("db".to_string(), 1, allow.clone()), ("db".to_string(), 2, deny.clone())]);
+        assert_eq!(
+            rules,
+            vec![
+                ("db".to_string(), 1, allow.clone()),
+                ("db".to_string(), 2, deny.clone())
+            ]
+        );
         assert_eq!(s.roles_for_user("bob").await.expect("roles"), vec!["db"]);
         s.remove_member("dev", "bob").await.expect("remove");
         assert!(s.rules_for_user("bob").await.expect("rules").is_empty());
-        s.bind_role("db", &Principal::User("bob".into())).await.expect("bind user");
+        s.bind_role("db", &Principal::User("bob".into()))
+            .await
+            .expect("bind user");
         assert_eq!(s.rules_for_user("bob").await.expect("rules").len(), 2);
-        s.unbind_role("db", &Principal::User("bob".into())).await.expect("unbind");
-        assert!(s.unbind_role("db", &Principal::User("bob".into())).await.is_err());
+        s.unbind_role("db", &Principal::User("bob".into()))
+            .await
+            .expect("unbind");
+        assert!(s
+            .unbind_role("db", &Principal::User("bob".into()))
+            .await
+            .is_err());
         s.delete_role("db").await.expect("delete role");
         assert!(s.role_names().await.expect("names").is_empty());
     })
@@ -191,20 +247,52 @@ async fn targets_workers_and_sessions() {
 #[tokio::test]
 async fn audit_and_root_keys() {
     on_both(|s| async move {
-        s.audit("alice", "auth.login", "user:alice", "success", &serde_json::json!({"m": 1})).await.expect("a");
-        s.audit("bob", "session.denied", "target:db", "denied", &serde_json::json!({})).await.expect("a");
+        s.audit(
+            "alice",
+            "auth.login",
+            "user:alice",
+            "success",
+            &serde_json::json!({"m": 1}),
+        )
+        .await
+        .expect("a");
+        s.audit(
+            "bob",
+            "session.denied",
+            "target:db",
+            "denied",
+            &serde_json::json!({}),
+        )
+        .await
+        .expect("a");
         let all = s.audit_events(&AuditQuery::default()).await.expect("q");
         assert_eq!(all.len(), 2);
         assert!(all[0].id < all[1].id, "oldest first");
-        let denied = s.audit_events(&AuditQuery { action: Some("session.".into()), ..Default::default() }).await.expect("q");
+        let denied = s
+            .audit_events(&AuditQuery {
+                action: Some("session.".into()),
+                ..Default::default()
+            })
+            .await
+            .expect("q");
         assert_eq!(denied.len(), 1);
         assert_eq!(denied[0].actor, "bob");
-        let (sealed, public) = s.insert_root_key("k", "sealed-a", "pub-a").await.expect("k");
+        let (sealed, public) = s
+            .insert_root_key("k", "sealed-a", "pub-a")
+            .await
+            .expect("k");
         assert_eq!((sealed.as_str(), public.as_str()), ("sealed-a", "pub-a"));
-        let again = s.insert_root_key("k", "sealed-b", "pub-b").await.expect("k");
+        let again = s
+            .insert_root_key("k", "sealed-b", "pub-b")
+            .await
+            .expect("k");
         assert_eq!(again.0, "sealed-a", "the first stored key wins");
         let id = s.cluster_id().await.expect("id");
-        assert_eq!(s.cluster_id().await.expect("id"), id, "cluster id is stable");
+        assert_eq!(
+            s.cluster_id().await.expect("id"),
+            id,
+            "cluster id is stable"
+        );
     })
     .await;
 }

@@ -1,0 +1,520 @@
+//! The command line, as clap derive types: one enum per noun, one variant per verb.
+//!
+//! Parsing of small values (`k=v`, `8h`, comma lists) lives here too, so that a bad value is
+//! reported by clap with the flag it came from.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Postern: identity-aware access to databases, servers and internal services.
+#[derive(Debug, Parser)]
+#[command(name = "postern", version, propagate_version = true)]
+#[command(
+    about = "Postern: identity-aware access to databases, servers and internal services",
+    after_help = "Start here: `postern dev` runs a controller and a worker on this machine."
+)]
+pub struct Cli {
+    /// Flags every command takes.
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags accepted by every command.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Global options")]
+pub struct GlobalArgs {
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Controller URL (default: the saved profile's, else http://127.0.0.1:9200).
+    #[arg(long, global = true, env = "POSTERN_ADDR", value_name = "URL")]
+    pub addr: Option<String>,
+    /// API token to use instead of the saved profile's.
+    #[arg(
+        long,
+        global = true,
+        env = "POSTERN_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+    /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// The nouns (and a few verbs) of the CLI.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Log in to a controller and save the token in the profile.
+    Login(LoginArgs),
+    /// Log out: revoke the saved token and forget it.
+    Logout,
+    /// Show who the saved token belongs to.
+    Whoami,
+    /// Open a session to a target and serve it on a local port.
+    Connect(ConnectArgs),
+    /// Manage targets (databases, servers, services).
+    #[command(subcommand)]
+    Targets(TargetsCmd),
+    /// Manage users.
+    #[command(subcommand)]
+    Users(UsersCmd),
+    /// Manage groups.
+    #[command(subcommand)]
+    Groups(GroupsCmd),
+    /// Manage roles, their rules and bindings.
+    #[command(subcommand)]
+    Roles(RolesCmd),
+    /// Manage workers.
+    #[command(subcommand)]
+    Workers(WorkersCmd),
+    /// List, inspect and cancel sessions.
+    #[command(subcommand)]
+    Sessions(SessionsCmd),
+    /// Explain policy decisions.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Read the audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Run a controller and a worker in this process, on loopback, for trying Postern out.
+    Dev(DevArgs),
+}
+
+/// `postern login`.
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// User name (default: the profile's; asked for on a terminal).
+    #[arg(long, short)]
+    pub user: Option<String>,
+    /// Read the password from the first line of stdin.
+    #[arg(long)]
+    pub password_stdin: bool,
+}
+
+/// `postern connect`.
+#[derive(Debug, Args)]
+pub struct ConnectArgs {
+    /// Target name.
+    pub target: String,
+    /// Local port to listen on (127.0.0.1); a free one if absent.
+    #[arg(long, short)]
+    pub port: Option<u16>,
+    /// Session length, e.g. 30m or 2h (default: the target's).
+    #[arg(long, short, value_parser = parse_duration_secs, value_name = "DURATION")]
+    pub duration: Option<u64>,
+    /// Command to run against the session; `{port}` and `{host}` in its arguments are
+    /// replaced by the local port and address. The session ends when it exits.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// `postern targets ...`.
+#[derive(Debug, Subcommand)]
+pub enum TargetsCmd {
+    /// List the targets you may see.
+    List,
+    /// Show one target.
+    Show {
+        /// Target name.
+        name: String,
+    },
+    /// Create a target.
+    Create(CreateTargetArgs),
+    /// Change a target.
+    Update(UpdateTargetArgs),
+    /// Delete a target (its open sessions are cancelled).
+    Delete {
+        /// Target name.
+        name: String,
+    },
+}
+
+/// Target protocols, as typed on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TargetKind {
+    /// Plain TCP.
+    Tcp,
+    /// SSH.
+    Ssh,
+    /// PostgreSQL.
+    Postgres,
+}
+
+/// `postern targets create`.
+#[derive(Debug, Args)]
+pub struct CreateTargetArgs {
+    /// Unique name.
+    pub name: String,
+    /// Protocol.
+    #[arg(long = "type", short = 't', value_enum)]
+    pub kind: TargetKind,
+    /// HOST:PORT the worker dials.
+    #[arg(long, short)]
+    pub address: String,
+    #[command(flatten)]
+    pub common: TargetSettings,
+}
+
+/// `postern targets update`.
+#[derive(Debug, Args)]
+pub struct UpdateTargetArgs {
+    /// Target name.
+    pub name: String,
+    /// New HOST:PORT.
+    #[arg(long, short)]
+    pub address: Option<String>,
+    #[command(flatten)]
+    pub common: TargetSettings,
+    /// Allow sessions again.
+    #[arg(long, conflicts_with = "disable")]
+    pub enable: bool,
+    /// Refuse new sessions and cancel open ones.
+    #[arg(long)]
+    pub disable: bool,
+}
+
+/// Settings shared by `targets create` and `targets update`.
+#[derive(Debug, Args)]
+pub struct TargetSettings {
+    /// Label KEY=VALUE (repeatable; on update, replaces all labels).
+    #[arg(long = "label", short = 'l', value_parser = parse_kv, value_name = "KEY=VALUE")]
+    pub labels: Vec<(String, String)>,
+    /// Session length when none is asked for, e.g. 1h.
+    #[arg(long, value_parser = parse_duration_secs, value_name = "DURATION")]
+    pub default_duration: Option<u64>,
+    /// Longest session allowed, e.g. 8h.
+    #[arg(long, value_parser = parse_duration_secs, value_name = "DURATION")]
+    pub max_duration: Option<u64>,
+    /// Connections allowed per session (on update, 0 removes the limit).
+    #[arg(long, value_name = "N")]
+    pub connection_limit: Option<u32>,
+    /// Worker tag KEY=VALUE a worker must carry (repeatable; on update, replaces the filter).
+    #[arg(long = "worker-filter", value_parser = parse_kv, value_name = "KEY=VALUE")]
+    pub worker_filter: Vec<(String, String)>,
+}
+
+/// `postern users ...`.
+#[derive(Debug, Subcommand)]
+pub enum UsersCmd {
+    /// List users.
+    List,
+    /// Show one user.
+    Show {
+        /// User name.
+        name: String,
+    },
+    /// Create a user (SSO users are created on first login).
+    Create {
+        /// User name.
+        name: String,
+        /// Read a password from the first line of stdin.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Delete a user.
+    Delete {
+        /// User name.
+        name: String,
+    },
+    /// Lock a user: refuse logins and new sessions, and cancel open ones.
+    Lock {
+        /// User name.
+        name: String,
+    },
+    /// Unlock a user.
+    Unlock {
+        /// User name.
+        name: String,
+    },
+}
+
+/// `postern groups ...`.
+#[derive(Debug, Subcommand)]
+pub enum GroupsCmd {
+    /// List groups and their members.
+    List,
+    /// Create a group.
+    Create {
+        /// Group name.
+        name: String,
+    },
+    /// Delete a group.
+    Delete {
+        /// Group name.
+        name: String,
+    },
+    /// Add a user to a group.
+    AddMember {
+        /// Group name.
+        group: String,
+        /// User name.
+        user: String,
+    },
+    /// Remove a user from a group.
+    RemoveMember {
+        /// Group name.
+        group: String,
+        /// User name.
+        user: String,
+    },
+}
+
+/// `postern roles ...`.
+#[derive(Debug, Subcommand)]
+pub enum RolesCmd {
+    /// List roles.
+    List,
+    /// Show a role's rules and bindings.
+    Show {
+        /// Role name.
+        name: String,
+    },
+    /// Create an empty role.
+    Create {
+        /// Role name.
+        name: String,
+    },
+    /// Delete a role.
+    Delete {
+        /// Role name.
+        name: String,
+    },
+    /// Add an allow rule: ACTIONS is comma-separated (connect,read | users:* | *).
+    Allow(RuleArgs),
+    /// Add a deny rule (deny wins over allow).
+    Deny(RuleArgs),
+    /// Bind a role to a user or a group.
+    Bind(BindArgs),
+    /// Remove a role's binding to a user or a group.
+    Unbind(BindArgs),
+}
+
+/// `postern roles allow|deny`.
+#[derive(Debug, Args)]
+pub struct RuleArgs {
+    /// Role name.
+    pub role: String,
+    /// Comma-separated actions: connect, read, users:*, targets:write, sessions:cancel, *, ...
+    #[arg(value_parser = parse_actions)]
+    pub actions: Actions,
+    /// Target name glob the rule applies to (default: every target).
+    #[arg(long, value_name = "GLOB")]
+    pub targets: Option<String>,
+    /// Label KEY=VALUE a target must carry (repeatable; all must match).
+    #[arg(long = "label", short = 'l', value_parser = parse_kv, value_name = "KEY=VALUE")]
+    pub labels: Vec<(String, String)>,
+}
+
+/// A parsed, non-empty list of actions.
+#[derive(Debug, Clone)]
+pub struct Actions(pub Vec<String>);
+
+/// `postern roles bind|unbind`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("principal").required(true).args(["user", "group"])))]
+pub struct BindArgs {
+    /// Role name.
+    pub role: String,
+    /// A user.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// A group.
+    #[arg(long)]
+    pub group: Option<String>,
+}
+
+/// `postern workers ...`.
+#[derive(Debug, Subcommand)]
+pub enum WorkersCmd {
+    /// Create a worker and print its one-time activation token.
+    Create {
+        /// Worker name.
+        name: String,
+        /// Tag KEY=VALUE matched against targets' worker filters (repeatable).
+        #[arg(long = "tag", value_parser = parse_kv, value_name = "KEY=VALUE")]
+        tags: Vec<(String, String)>,
+    },
+    /// List workers.
+    List,
+    /// Delete (revoke) a worker.
+    Delete {
+        /// Worker name.
+        name: String,
+    },
+}
+
+/// `postern sessions ...`.
+#[derive(Debug, Subcommand)]
+pub enum SessionsCmd {
+    /// List sessions (yours, or everyone's with sessions:read).
+    List {
+        /// Only pending or active sessions.
+        #[arg(long)]
+        active: bool,
+        /// Only this user's.
+        #[arg(long)]
+        user: Option<String>,
+        /// Only this target's.
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// Show one session.
+    Show {
+        /// Session id.
+        id: String,
+    },
+    /// Cancel a session; its open connections are closed at once.
+    Cancel {
+        /// Session id.
+        id: String,
+    },
+}
+
+/// `postern policy ...`.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCmd {
+    /// Would USER be allowed ACTION on TARGET, and by which rule? Exits 1 when denied.
+    Check {
+        /// User name.
+        user: String,
+        /// Target name.
+        target: String,
+        /// Action to check.
+        #[arg(long, default_value = "connect")]
+        action: String,
+    },
+}
+
+/// `postern audit ...`.
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// List audit events, oldest first.
+    List {
+        /// Only events by this actor (user name, worker:NAME, system).
+        #[arg(long)]
+        user: Option<String>,
+        /// Only this action, or a prefix ending in `.` (session.).
+        #[arg(long)]
+        action: Option<String>,
+        /// Only events whose resource contains this text (target:pg-prod).
+        #[arg(long)]
+        resource: Option<String>,
+        /// Only events in the last DURATION (1h, 2d) or since an RFC 3339 time.
+        #[arg(long, value_parser = parse_since, value_name = "WHEN")]
+        since: Option<i64>,
+        /// At most N events (the newest N).
+        #[arg(long, value_name = "N")]
+        limit: Option<i64>,
+    },
+}
+
+/// `postern dev`.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Where the database, keys and worker state live (default: the user data dir).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address of the HTTP API; must be a loopback address.
+    #[arg(long, default_value = "127.0.0.1:9200", value_name = "ADDR")]
+    pub api_addr: SocketAddr,
+}
+
+/// Parses `KEY=VALUE`.
+pub fn parse_kv(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got '{s}'")),
+    }
+}
+
+/// Collects `KEY=VALUE` pairs into a map.
+pub fn kv_map(pairs: &[(String, String)]) -> BTreeMap<String, String> {
+    pairs.iter().cloned().collect()
+}
+
+/// Parses a duration such as `90s`, `15m`, `8h`, `1h30m` or a bare number of seconds.
+pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(secs);
+    }
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("'{s}' is not a duration like 30m or 8h: {e}"))?;
+    if d.as_secs() == 0 {
+        return Err(format!("'{s}' is shorter than a second"));
+    }
+    Ok(d.as_secs())
+}
+
+/// Parses `--since`: a duration back from now, or an RFC 3339 time; gives Unix seconds.
+pub fn parse_since(s: &str) -> Result<i64, String> {
+    let s = s.trim();
+    if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
+        return Ok(t.unix_timestamp());
+    }
+    let secs = parse_duration_secs(s)
+        .map_err(|_| format!("'{s}' is neither a duration (1h, 2d) nor an RFC 3339 time"))?;
+    Ok(postern_proto::unix_now().saturating_sub(i64::try_from(secs).unwrap_or(i64::MAX)))
+}
+
+/// Parses a comma-separated list of actions.
+pub fn parse_actions(s: &str) -> Result<Actions, String> {
+    let actions: Vec<String> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if actions.is_empty() {
+        return Err("expected actions such as connect,read or users:* or *".into());
+    }
+    Ok(Actions(actions))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn small_values_parse() {
+        assert_eq!(parse_kv("env=prod"), Ok(("env".into(), "prod".into())));
+        assert!(parse_kv("env").is_err());
+        assert!(parse_kv("=x").is_err());
+        assert_eq!(parse_duration_secs("8h"), Ok(8 * 3600));
+        assert_eq!(parse_duration_secs("1h30m"), Ok(5400));
+        assert_eq!(parse_duration_secs("45"), Ok(45));
+        assert!(parse_duration_secs("soon").is_err());
+        assert_eq!(
+            parse_actions("connect, read,").map(|a| a.0),
+            Ok(vec!["connect".to_owned(), "read".to_owned()])
+        );
+        assert!(parse_actions(",").is_err());
+    }
+
+    #[test]
+    fn connect_takes_a_trailing_command() {
+        let cli = Cli::try_parse_from([
+            "postern", "connect", "pg", "--port", "7000", "--", "psql", "-p", "{port}",
+        ])
+        .expect("parses");
+        let Command::Connect(c) = cli.command else {
+            panic!("not connect")
+        };
+        assert_eq!(c.port, Some(7000));
+        assert_eq!(c.command, ["psql", "-p", "{port}"]);
+    }
+}

@@ -1,0 +1,292 @@
+//! The HTTP client of the controller's `/v1` API.
+//!
+//! Every failure becomes an [`ApiError`] whose text is what a person should read: the
+//! controller's own `message` for API errors, and a hint for the usual set-up mistakes (nothing
+//! listening, not logged in, expired token).
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode, Url};
+use serde::{de::DeserializeOwned, Serialize};
+
+use postern_controller::api::types::ErrorBody;
+
+/// A failed API call.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// The controller address is not a URL.
+    #[error("'{addr}' is not a controller URL (expected e.g. http://127.0.0.1:9200): {detail}")]
+    BadAddr {
+        /// The address given.
+        addr: String,
+        /// Why it does not parse.
+        detail: String,
+    },
+    /// Nothing answered at the address.
+    #[error("cannot reach the controller at {addr}: {detail}; is it running? (`postern dev` starts one)")]
+    Unreachable {
+        /// The controller URL.
+        addr: String,
+        /// The transport error.
+        detail: String,
+    },
+    /// No token was given or saved.
+    #[error("not logged in: run `postern login` (or `postern dev`)")]
+    NotLoggedIn,
+    /// The token was refused.
+    #[error("your session token is invalid or expired: run `postern login`")]
+    Unauthenticated,
+    /// The controller answered with an error body.
+    #[error("{message}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// Machine-readable code (`not_found`, `forbidden`, ...).
+        code: String,
+        /// The controller's explanation.
+        message: String,
+    },
+    /// The answer was not what the API promises.
+    #[error("unexpected answer from the controller ({context}): {detail}")]
+    BadResponse {
+        /// Which call.
+        context: String,
+        /// What was wrong with it.
+        detail: String,
+    },
+}
+
+impl ApiError {
+    /// Whether the controller said the thing asked for does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ApiError::Api { status: 404, .. })
+    }
+}
+
+/// A client of one controller, with or without a token.
+#[derive(Clone)]
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: Url,
+    addr: String,
+    token: Option<String>,
+}
+
+impl std::fmt::Debug for ApiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiClient")
+            .field("addr", &self.addr)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+impl ApiClient {
+    /// A client of the controller at `addr` (already normalised, see
+    /// [`crate::profile::normalize_addr`]).
+    pub fn new(addr: &str, token: Option<String>) -> Result<ApiClient, ApiError> {
+        // reqwest is built without a bundled provider; a library caller may not have
+        // installed one yet. Installing twice is harmless (the second call returns Err).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let bad_addr = |detail: String| ApiError::BadAddr {
+            addr: addr.to_owned(),
+            detail,
+        };
+        let base = Url::parse(addr).map_err(|e| bad_addr(e.to_string()))?;
+        if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
+            return Err(bad_addr("the scheme must be http or https".into()));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60))
+            .user_agent(concat!("postern-cli/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| bad_addr(format!("cannot build an HTTP client: {e}")))?;
+        Ok(ApiClient {
+            http,
+            base,
+            addr: addr.to_owned(),
+            token,
+        })
+    }
+
+    /// The controller URL.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Whether a token will be sent.
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// `GET` a path given as segments (each is percent-encoded), with query pairs.
+    pub async fn get<T: DeserializeOwned>(
+        &self,
+        path: &[&str],
+        query: &[(&str, String)],
+    ) -> Result<T, ApiError> {
+        let resp = self.send(Method::GET, path, query, None::<&()>).await?;
+        json(resp, path).await
+    }
+
+    /// `POST` a JSON body.
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &[&str],
+        body: &B,
+    ) -> Result<T, ApiError> {
+        let resp = self.send(Method::POST, path, &[], Some(body)).await?;
+        json(resp, path).await
+    }
+
+    /// `POST` without a body, expecting a JSON answer.
+    pub async fn post_empty<T: DeserializeOwned>(&self, path: &[&str]) -> Result<T, ApiError> {
+        let resp = self.send(Method::POST, path, &[], None::<&()>).await?;
+        json(resp, path).await
+    }
+
+    /// `POST` without a body, ignoring the answer's body (204).
+    pub async fn post_no_content(&self, path: &[&str]) -> Result<(), ApiError> {
+        self.send(Method::POST, path, &[], None::<&()>).await?;
+        Ok(())
+    }
+
+    /// `PATCH` a JSON body.
+    pub async fn patch<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &[&str],
+        body: &B,
+    ) -> Result<T, ApiError> {
+        let resp = self.send(Method::PATCH, path, &[], Some(body)).await?;
+        json(resp, path).await
+    }
+
+    /// `DELETE`, expecting 204 (any JSON answer is ignored).
+    pub async fn delete(&self, path: &[&str]) -> Result<(), ApiError> {
+        self.send(Method::DELETE, path, &[], None::<&()>).await?;
+        Ok(())
+    }
+
+    /// `DELETE`, expecting a JSON answer.
+    pub async fn delete_json<T: DeserializeOwned>(&self, path: &[&str]) -> Result<T, ApiError> {
+        let resp = self.send(Method::DELETE, path, &[], None::<&()>).await?;
+        json(resp, path).await
+    }
+
+    /// Builds the URL, sends, and turns any non-2xx answer into an [`ApiError`].
+    async fn send<B: Serialize + ?Sized>(
+        &self,
+        method: Method,
+        path: &[&str],
+        query: &[(&str, String)],
+        body: Option<&B>,
+    ) -> Result<reqwest::Response, ApiError> {
+        let url = self.url(path, query)?;
+        let mut req = self.http.request(method, url);
+        // Only the login call goes without a token; every other route needs one.
+        let anonymous = path == ["v1", "auth", "login"];
+        if !anonymous {
+            let token = self.token.as_deref().ok_or(ApiError::NotLoggedIn)?;
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = req.send().await.map_err(|e| self.transport_error(e))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let bytes = resp.bytes().await.unwrap_or_default();
+        let parsed: Option<ErrorBody> = serde_json::from_slice(&bytes).ok();
+        if status == StatusCode::UNAUTHORIZED && !anonymous {
+            return Err(ApiError::Unauthenticated);
+        }
+        Err(match parsed {
+            Some(b) => ApiError::Api {
+                status: status.as_u16(),
+                code: b.error,
+                message: b.message,
+            },
+            None => ApiError::Api {
+                status: status.as_u16(),
+                code: status.as_str().to_owned(),
+                message: format!(
+                    "the controller answered {status}: {}",
+                    String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).trim()
+                ),
+            },
+        })
+    }
+
+    fn url(&self, path: &[&str], query: &[(&str, String)]) -> Result<Url, ApiError> {
+        let mut url = self.base.clone();
+        {
+            let mut segs = url.path_segments_mut().map_err(|()| ApiError::BadAddr {
+                addr: self.addr.clone(),
+                detail: "cannot hold a path".into(),
+            })?;
+            segs.pop_if_empty();
+            segs.extend(path);
+        }
+        if !query.is_empty() {
+            let mut pairs = url.query_pairs_mut();
+            for (k, v) in query {
+                pairs.append_pair(k, v);
+            }
+        }
+        Ok(url)
+    }
+
+    fn transport_error(&self, e: reqwest::Error) -> ApiError {
+        if e.is_connect() || e.is_timeout() {
+            ApiError::Unreachable {
+                addr: self.addr.clone(),
+                detail: root_cause(&e),
+            }
+        } else {
+            ApiError::BadResponse {
+                context: self.addr.clone(),
+                detail: error_chain(&e),
+            }
+        }
+    }
+}
+
+async fn json<T: DeserializeOwned>(resp: reqwest::Response, path: &[&str]) -> Result<T, ApiError> {
+    let context = || format!("/{}", path.join("/"));
+    let bytes = resp.bytes().await.map_err(|e| ApiError::BadResponse {
+        context: context(),
+        detail: error_chain(&e),
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::BadResponse {
+        context: context(),
+        detail: e.to_string(),
+    })
+}
+
+/// reqwest's `Display` hides the cause ("error sending request"); show the whole chain.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
+}
+
+/// The innermost cause ("Connection refused (os error 111)"), which is what a person needs.
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}

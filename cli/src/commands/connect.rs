@@ -1,0 +1,247 @@
+//! `postern connect TARGET [--port N] [-- CMD ARGS...]`: authorize, open the session, serve a
+//! local port, and either wait for Ctrl-C or run CMD against the port.
+
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{ExitCode, ExitStatus};
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use postern_controller::api::types::{Authorization, AuthorizeRequest};
+
+use super::Ctx;
+use crate::args::ConnectArgs;
+use crate::output::relative;
+use crate::session::{new_client_key, open_session, Session};
+
+/// Runs `postern connect`.
+pub async fn run(ctx: &Ctx, args: ConnectArgs) -> Result<ExitCode> {
+    // Take over SIGINT/SIGTERM before anything else: with a command running, Ctrl-C belongs
+    // to it (psql cancels its query), not to us.
+    let mut signals = Signals::new()?;
+    // Bind first: a busy port should fail before a session is authorized (and audited).
+    let port = args.port.unwrap_or(0);
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port))
+        .await
+        .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
+    let addr = listener.local_addr().context("reading the local address")?;
+    let setup = async {
+        let key = new_client_key()?;
+        let auth: Authorization = ctx
+            .api()?
+            .post(
+                &["v1", "targets", &args.target, "authorize"],
+                &AuthorizeRequest {
+                    client_spki: key.spki_b64().to_owned(),
+                    duration_secs: args.duration,
+                },
+            )
+            .await?;
+        let session = open_session(&auth, &key).await?;
+        anyhow::Ok((auth, session))
+    };
+    let (auth, session) = tokio::select! {
+        r = setup => r?,
+        _ = signals.int.recv() => return Ok(ExitCode::from(130)),
+        _ = signals.term.recv() => return Ok(ExitCode::from(143)),
+    };
+    let _accept = session.serve(listener);
+    announce(ctx, &auth, &session, addr, &args.command)?;
+
+    if args.command.is_empty() {
+        wait_for_end(session, &mut signals).await
+    } else {
+        run_command(session, addr, &args.command, &mut signals).await
+    }
+}
+
+fn announce(
+    ctx: &Ctx,
+    auth: &Authorization,
+    session: &Session,
+    addr: SocketAddr,
+    command: &[String],
+) -> Result<()> {
+    if ctx.json {
+        // One line, so a script can read it as soon as the port is served.
+        println!(
+            "{}",
+            json!({
+                "session_id": session.session_id(),
+                "port": addr.port(),
+                "address": addr.to_string(),
+                "expires_at": session.expires_at(),
+                "target": auth.target,
+            })
+        );
+        let _ = std::io::stdout().flush();
+        return Ok(());
+    }
+    let limit = match session.connection_limit() {
+        Some(1) => ", 1 connection allowed".to_owned(),
+        Some(n) => format!(", {n} connections allowed"),
+        None => String::new(),
+    };
+    let text = format!(
+        "Session {} to {} ({}) via worker {}, expires {}{limit}",
+        session.session_id(),
+        auth.target,
+        auth.protocol.as_str(),
+        auth.worker.name,
+        relative(session.expires_at()),
+    );
+    match command.first() {
+        None => {
+            println!(
+                "{text}\nListening on {addr} — connect your client there. Ctrl-C ends the session."
+            );
+            let _ = std::io::stdout().flush();
+        }
+        Some(program) => {
+            eprintln!("{text}\nListening on {addr}; the session ends when `{program}` exits.");
+        }
+    }
+    Ok(())
+}
+
+/// No command: serve until Ctrl-C, SIGTERM or the worker ends the session.
+async fn wait_for_end(session: Session, signals: &mut Signals) -> Result<ExitCode> {
+    tokio::select! {
+        _ = signals.int.recv() => {}
+        _ = signals.term.recv() => {}
+        end = session.closed() => {
+            eprintln!("session ended: {end}");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    eprintln!("Ending session {}.", session.session_id());
+    session.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the command with `{port}` and `{host}` substituted; its exit ends the session.
+async fn run_command(
+    session: Session,
+    addr: SocketAddr,
+    command: &[String],
+    signals: &mut Signals,
+) -> Result<ExitCode> {
+    let port = addr.port().to_string();
+    let host = addr.ip().to_string();
+    let argv: Vec<String> = command
+        .iter()
+        .map(|a| a.replace("{port}", &port).replace("{host}", &host))
+        .collect();
+    let Some((program, rest)) = argv.split_first() else {
+        session.close().await;
+        return Ok(ExitCode::SUCCESS);
+    };
+    let mut child = match tokio::process::Command::new(program)
+        .args(rest)
+        .kill_on_drop(true)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            session.close().await;
+            return Err(e).with_context(|| format!("cannot run `{program}`"));
+        }
+    };
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status.with_context(|| format!("waiting for `{program}`"))?,
+            // The terminal sent SIGINT to the whole foreground group; the command decides.
+            _ = signals.int.recv() => continue,
+            _ = signals.term.recv() => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                session.close().await;
+                return Ok(ExitCode::from(143));
+            }
+            end = session.closed() => {
+                eprintln!("session ended: {end}");
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    };
+    session.close().await;
+    Ok(exit_code(status))
+}
+
+/// The command's exit code, or 128 + signal when a signal killed it (as shells report it).
+fn exit_code(status: ExitStatus) -> ExitCode {
+    if let Some(code) = status.code() {
+        return ExitCode::from((code & 0xff) as u8);
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(sig) = status.signal() {
+            return ExitCode::from((128 + sig).clamp(0, 255) as u8);
+        }
+    }
+    ExitCode::FAILURE
+}
+
+/// SIGINT and SIGTERM, taken over for the life of the command.
+struct Signals {
+    int: SignalStream,
+    term: SignalStream,
+}
+
+impl Signals {
+    fn new() -> Result<Signals> {
+        Ok(Signals {
+            int: SignalStream::interrupt()?,
+            term: SignalStream::terminate()?,
+        })
+    }
+}
+
+#[cfg(unix)]
+struct SignalStream(tokio::signal::unix::Signal);
+
+#[cfg(unix)]
+impl SignalStream {
+    fn interrupt() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self(
+            signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+        ))
+    }
+    fn terminate() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self(
+            signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
+        ))
+    }
+    async fn recv(&mut self) {
+        if self.0.recv().await.is_none() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+#[cfg(not(unix))]
+struct SignalStream(bool);
+
+#[cfg(not(unix))]
+impl SignalStream {
+    fn interrupt() -> Result<Self> {
+        Ok(Self(true))
+    }
+    fn terminate() -> Result<Self> {
+        Ok(Self(false))
+    }
+    async fn recv(&mut self) {
+        if self.0 {
+            let _ = tokio::signal::ctrl_c().await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    }
+}

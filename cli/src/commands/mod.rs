@@ -1,0 +1,103 @@
+//! The commands, one module per noun, and what they share: the resolved controller address,
+//! token and output mode ([`Ctx`]).
+
+mod audit;
+mod auth;
+mod connect;
+mod groups;
+mod policy;
+mod roles;
+mod sessions;
+mod targets;
+mod users;
+mod workers;
+
+pub(crate) use auth::password_login;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use crate::args::{Cli, Command, GlobalArgs};
+use crate::client::ApiClient;
+use crate::profile::{config_dir, normalize_addr, Profile, DEFAULT_ADDR};
+
+/// What every command needs: where the controller is, which token to send, how to print.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    /// Print JSON instead of tables.
+    pub json: bool,
+    /// Controller URL, normalised.
+    pub addr: String,
+    /// Token to send, if any.
+    pub token: Option<String>,
+    /// Whether `token` came from the saved profile (and not from a flag or the environment).
+    pub token_from_profile: bool,
+    /// Where the profile lives.
+    pub config_dir: PathBuf,
+    /// The saved profile as loaded.
+    pub profile: Profile,
+}
+
+impl Ctx {
+    /// Resolves flags, environment and profile: flag/env first, then the profile.
+    pub fn resolve(global: &GlobalArgs) -> Result<Ctx> {
+        let config_dir = config_dir()?;
+        let profile = Profile::load(&config_dir)?;
+        let profile_addr = profile.addr.as_deref().map(normalize_addr);
+        let addr = match (&global.addr, &profile_addr) {
+            (Some(a), _) => normalize_addr(a),
+            (None, Some(a)) => a.clone(),
+            (None, None) => DEFAULT_ADDR.to_owned(),
+        };
+        // The profile's token belongs to the profile's controller: never send it elsewhere.
+        let (token, token_from_profile) = match &global.token {
+            Some(t) if !t.is_empty() => (Some(t.clone()), false),
+            _ if profile_addr.as_deref() == Some(addr.as_str()) => (profile.token.clone(), true),
+            _ => (None, false),
+        };
+        Ok(Ctx {
+            json: global.json,
+            addr,
+            token,
+            token_from_profile,
+            config_dir,
+            profile,
+        })
+    }
+
+    /// An API client with the resolved token (calls fail with "not logged in" without one).
+    pub fn api(&self) -> Result<ApiClient> {
+        Ok(ApiClient::new(&self.addr, self.token.clone())?)
+    }
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    let command = match cli.command {
+        Command::Dev(args) => return crate::dev::run(args, cli.global.json).await,
+        other => other,
+    };
+    let ctx = Ctx::resolve(&cli.global)?;
+    match command {
+        Command::Login(args) => auth::login(&ctx, args).await,
+        Command::Logout => auth::logout(&ctx).await,
+        Command::Whoami => auth::whoami(&ctx).await,
+        Command::Connect(args) => connect::run(&ctx, args).await,
+        Command::Targets(cmd) => targets::run(&ctx, cmd).await,
+        Command::Users(cmd) => users::run(&ctx, cmd).await,
+        Command::Groups(cmd) => groups::run(&ctx, cmd).await,
+        Command::Roles(cmd) => roles::run(&ctx, cmd).await,
+        Command::Workers(cmd) => workers::run(&ctx, cmd).await,
+        Command::Sessions(cmd) => sessions::run(&ctx, cmd).await,
+        Command::Policy(cmd) => policy::run(&ctx, cmd).await,
+        Command::Audit(cmd) => audit::run(&ctx, cmd).await,
+        Command::Dev(args) => crate::dev::run(args, cli.global.json).await,
+    }
+}
+
+/// The usual ending of a command.
+fn ok() -> Result<ExitCode> {
+    Ok(ExitCode::SUCCESS)
+}

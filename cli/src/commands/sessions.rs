@@ -1,0 +1,100 @@
+//! `postern sessions ...`.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use postern_controller::api::types::Session;
+
+use super::{ok, Ctx};
+use crate::args::SessionsCmd;
+use crate::output::{bytes, opt, print_fields, print_json, relative, when, Table};
+
+/// Runs a `sessions` subcommand.
+pub async fn run(ctx: &Ctx, cmd: SessionsCmd) -> Result<ExitCode> {
+    let api = ctx.api()?;
+    match cmd {
+        SessionsCmd::List {
+            active,
+            user,
+            target,
+        } => {
+            let mut query = Vec::new();
+            if active {
+                query.push(("active", "true".to_owned()));
+            }
+            if let Some(u) = user {
+                query.push(("user", u));
+            }
+            if let Some(t) = target {
+                query.push(("target", t));
+            }
+            let sessions: Vec<Session> = api.get(&["v1", "sessions"], &query).await?;
+            if ctx.json {
+                print_json(&sessions)?;
+                return ok();
+            }
+            let mut t = Table::new(&[
+                "ID", "USER", "TARGET", "WORKER", "STATUS", "CREATED", "EXPIRES", "CONNS", "UP",
+                "DOWN",
+            ]);
+            for s in sessions {
+                let expires = if s.status == "terminated" {
+                    "-".into()
+                } else {
+                    relative(s.expires_at)
+                };
+                t.row(vec![
+                    s.id,
+                    s.user,
+                    s.target,
+                    s.worker,
+                    s.status,
+                    relative(s.created_at),
+                    expires,
+                    s.connections.to_string(),
+                    bytes(s.bytes_up),
+                    bytes(s.bytes_down),
+                ]);
+            }
+            t.print("No sessions.");
+        }
+        SessionsCmd::Show { id } => {
+            let s: Session = api.get(&["v1", "sessions", &id], &[]).await?;
+            show(ctx, &s)?;
+        }
+        SessionsCmd::Cancel { id } => {
+            let s: Session = api.post_empty(&["v1", "sessions", &id, "cancel"]).await?;
+            if !ctx.json {
+                println!(
+                    "Cancelled session {} ({} to {}); its connections are being closed.",
+                    s.id, s.user, s.target
+                );
+            }
+            show(ctx, &s)?;
+        }
+    }
+    ok()
+}
+
+fn show(ctx: &Ctx, s: &Session) -> Result<()> {
+    if ctx.json {
+        return print_json(s);
+    }
+    print_fields(&[
+        ("Id", s.id.clone()),
+        ("User", s.user.clone()),
+        ("Target", s.target.clone()),
+        ("Worker", s.worker.clone()),
+        ("Status", s.status.clone()),
+        ("Created", when(s.created_at)),
+        ("Activated", opt(s.activated_at.map(when))),
+        ("Expires", when(s.expires_at)),
+        ("Ended", opt(s.ended_at.map(when))),
+        ("End reason", opt(s.end_reason.clone())),
+        ("Connections", s.connections.to_string()),
+        ("Bytes up", bytes(s.bytes_up)),
+        ("Bytes down", bytes(s.bytes_down)),
+    ]);
+    Ok(())
+}

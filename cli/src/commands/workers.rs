@@ -1,0 +1,87 @@
+//! `postern workers ...`.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use postern_controller::api::types::{CreateWorker, CreatedWorker, Worker};
+
+use super::targets::yes_no;
+use super::{ok, Ctx};
+use crate::args::{kv_map, WorkersCmd};
+use crate::output::{kv_list, opt, print_json, relative, Table};
+
+/// Runs a `workers` subcommand.
+pub async fn run(ctx: &Ctx, cmd: WorkersCmd) -> Result<ExitCode> {
+    let api = ctx.api()?;
+    match cmd {
+        WorkersCmd::Create { name, tags } => {
+            let created: CreatedWorker = api
+                .post(
+                    &["v1", "workers"],
+                    &CreateWorker {
+                        name,
+                        tags: kv_map(&tags),
+                    },
+                )
+                .await?;
+            if ctx.json {
+                // Asked for explicitly: the token is the point of this command.
+                print_json(&created)?;
+                return ok();
+            }
+            let w = &created.worker;
+            let token = &created.activation_token;
+            println!("Created worker {} (tags: {}).", w.name, kv_list(&w.tags));
+            println!();
+            println!("One-time activation token (shown once, valid 24 h):");
+            println!();
+            println!("    {token}");
+            println!();
+            println!("Start the worker with it on a host that can reach your targets:");
+            println!();
+            println!("    POSTERN_CONTROLLER_URL={} \\", ctx.addr);
+            println!("    POSTERN_ACTIVATION_TOKEN={token} \\");
+            println!("    POSTERN_DATA_DIR=/var/lib/postern-worker \\");
+            println!("    postern-worker");
+            println!();
+            println!(
+                "(or put controller_url, activation_token and data_dir in its TOML config). \
+                 It registers, then `postern workers list` shows it connected."
+            );
+        }
+        WorkersCmd::List => {
+            let workers: Vec<Worker> = api.get(&["v1", "workers"], &[]).await?;
+            if ctx.json {
+                print_json(&workers)?;
+                return ok();
+            }
+            let mut t = Table::new(&[
+                "NAME",
+                "STATUS",
+                "CONNECTED",
+                "SESSION ADDRESS",
+                "TAGS",
+                "LAST SEEN",
+            ]);
+            for w in workers {
+                t.row(vec![
+                    w.name,
+                    w.status,
+                    yes_no(w.connected),
+                    opt(w.session_addr),
+                    kv_list(&w.tags),
+                    opt(w.last_seen.map(relative)),
+                ]);
+            }
+            t.print("No workers. Create one with `postern workers create NAME`.");
+        }
+        WorkersCmd::Delete { name } => {
+            api.delete(&["v1", "workers", &name]).await?;
+            if !ctx.json {
+                println!("Deleted worker {name}; its certificate is no longer trusted.");
+            }
+        }
+    }
+    ok()
+}

@@ -1,0 +1,97 @@
+//! # postern-cli
+//!
+//! The `postern` command line for engineers, admins and auditors, and `postern dev`, which
+//! runs a controller and a worker in one process on loopback.
+//!
+//! # Layout
+//! - [`args`]: the clap command tree and small value parsers.
+//! - [`profile`]: the saved profile (controller URL, token, user), mode 0600.
+//! - [`client`]: the `/v1` HTTP API client and its person-readable errors.
+//! - [`session`]: the client side of a session (ephemeral key, QUIC to the worker, local
+//!   listener); public so that tests and the benchmark can open sessions in-process.
+//! - [`output`]: tables, JSON and time formatting.
+//! - [`commands`]: one module per noun; [`commands::run`] dispatches.
+//! - [`dev`]: `postern dev`.
+//! - `prompt`: reading a user name or password from the terminal (echo off) or stdin.
+#![forbid(unsafe_code)]
+
+pub mod args;
+pub mod client;
+pub mod commands;
+pub mod dev;
+pub mod output;
+pub mod profile;
+mod prompt;
+pub mod session;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Parses `args` (program name first), runs the command, prints any error, and gives the
+/// process exit code: 0 on success, 1 on error, 2 on a usage error, or the exit code of the
+/// command `postern connect -- CMD` ran.
+pub fn main_entry<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    // One crypto provider for the process (reqwest is built without one). Err means a
+    // provider is already installed, which is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let cli = match args::Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
+    init_tracing(cli.global.verbose);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(commands::run(cli));
+    // A blocked stdin reader (an interrupted password prompt) must not keep us alive.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            print_error(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints `error: <message>` and its causes on stderr.
+pub fn print_error(e: &anyhow::Error) {
+    eprintln!("error: {e}");
+    for cause in e.chain().skip(1) {
+        eprintln!("  caused by: {cause}");
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

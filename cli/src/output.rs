@@ -1,0 +1,200 @@
+//! Human and machine output: aligned tables, key/value blocks, JSON, and time formatting.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use time::format_description::well_known::Rfc3339;
+
+/// Prints `value` as pretty JSON on stdout.
+pub fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).context("encoding JSON output")?;
+    println!("{text}");
+    Ok(())
+}
+
+/// A table with a header row; columns are padded to their widest cell.
+#[derive(Debug)]
+pub struct Table {
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// A table with these column titles.
+    pub fn new(header: &[&str]) -> Table {
+        Table {
+            rows: vec![header.iter().map(|h| (*h).to_owned()).collect()],
+        }
+    }
+
+    /// Adds a row (as many cells as the header).
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    /// Renders the table; the last column is not padded.
+    pub fn render(&self) -> String {
+        let cols = self.rows.iter().map(Vec::len).max().unwrap_or(0);
+        let mut widths = vec![0usize; cols];
+        for row in &self.rows {
+            for (i, cell) in row.iter().enumerate() {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
+        }
+        let mut out = String::new();
+        for row in &self.rows {
+            let mut line = String::new();
+            for (i, cell) in row.iter().enumerate() {
+                if i + 1 == row.len() {
+                    line.push_str(cell);
+                } else {
+                    let _ = write!(line, "{cell:<w$}  ", w = widths[i]);
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Prints the table on stdout, or `empty` if it has no rows.
+    pub fn print(&self, empty: &str) {
+        if self.rows.len() <= 1 {
+            println!("{empty}");
+        } else {
+            print!("{}", self.render());
+        }
+    }
+}
+
+/// Prints `key: value` lines with the values aligned.
+pub fn print_fields(fields: &[(&str, String)]) {
+    let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    for (k, v) in fields {
+        println!("{:<width$} {v}", format!("{k}:"));
+    }
+}
+
+/// A Unix time as RFC 3339 (UTC).
+pub fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| unix.to_string())
+}
+
+/// A Unix time relative to now: `in 59m`, `3h ago`, `now`.
+pub fn relative(unix: i64) -> String {
+    relative_to(unix, postern_proto::unix_now())
+}
+
+/// A Unix time relative to `now`.
+pub fn relative_to(unix: i64, now: i64) -> String {
+    let delta = unix - now;
+    if delta.abs() < 1 {
+        return "now".into();
+    }
+    let span = short_duration(delta.unsigned_abs());
+    if delta > 0 {
+        format!("in {span}")
+    } else {
+        format!("{span} ago")
+    }
+}
+
+/// A Unix time as `RFC3339 (relative)`.
+pub fn when(unix: i64) -> String {
+    format!("{} ({})", rfc3339(unix), relative(unix))
+}
+
+/// A span of seconds in at most two units: `45s`, `59m`, `7h 59m`, `2d 3h`. Spans over a
+/// minute are rounded to the minute.
+pub fn short_duration(secs: u64) -> String {
+    if secs < 60 {
+        return format!("{secs}s");
+    }
+    let mins = (secs + 30) / 60;
+    let (d, h, m) = (mins / 1440, (mins % 1440) / 60, mins % 60);
+    match (d, h, m) {
+        (0, 0, m) => format!("{m}m"),
+        (0, h, 0) => format!("{h}h"),
+        (0, h, m) => format!("{h}h {m}m"),
+        (d, 0, _) => format!("{d}d"),
+        (d, h, _) => format!("{d}d {h}h"),
+    }
+}
+
+/// `k=v,k2=v2`, or `-` for none.
+pub fn kv_list(map: &BTreeMap<String, String>) -> String {
+    if map.is_empty() {
+        return "-".into();
+    }
+    map.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A list joined by `, `, or `-` for none.
+pub fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".into()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// A byte count in B, KiB, MiB or GiB.
+pub fn bytes(n: i64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v.abs() >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// An optional value, or `-`.
+pub fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_short() {
+        assert_eq!(short_duration(45), "45s");
+        assert_eq!(short_duration(3599), "1h");
+        assert_eq!(short_duration(3540), "59m");
+        assert_eq!(short_duration(8 * 3600 - 60), "7h 59m");
+        assert_eq!(short_duration(2 * 86400 + 3 * 3600 + 50), "2d 3h");
+        assert_eq!(relative_to(100 + 3540, 100), "in 59m");
+        assert_eq!(relative_to(100, 100 + 7200), "2h ago");
+    }
+
+    #[test]
+    fn tables_align() {
+        let mut t = Table::new(&["NAME", "TYPE"]);
+        t.row(vec!["pg-prod".into(), "postgres".into()]);
+        t.row(vec!["x".into(), "tcp".into()]);
+        assert_eq!(
+            t.render(),
+            "NAME     TYPE\npg-prod  postgres\nx        tcp\n"
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(bytes(12), "12 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+    }
+}

@@ -1,0 +1,476 @@
+//! The session data path: the client side of ALPN `postern-session/1`.
+//!
+//! [`new_client_key`] makes the ephemeral key whose SPKI the authorization is bound to;
+//! [`open_session`] dials the worker with it (mutual TLS 1.3 over QUIC) and presents the
+//! token; [`Session::listen`] serves a local TCP port where every accepted connection becomes
+//! one bidirectional QUIC stream. Nothing here calls the controller: once the session is open,
+//! each new connection costs one stream open and one round trip to the worker.
+//!
+//! Tests and the benchmark drive this module in-process, without the `connect` command.
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use quinn::crypto::rustls::QuicClientConfig;
+use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use postern_controller::api::types::Authorization;
+use postern_proto::session::{close, ConnOpen, ConnReply, RefusalCode, SessionHello, SessionReply};
+use postern_proto::{frame, ALPN_SESSION, PROTOCOL_VERSION};
+
+/// Buffer size of each direction of a proxied connection.
+const COPY_BUF: usize = 64 * 1024;
+/// How long to wait for the worker's QUIC handshake and hello reply.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a clean close may wait for the worker to acknowledge.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// Why a session could not be opened or used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// The ephemeral key or its certificate could not be made.
+    #[error("cannot generate the session key: {0}")]
+    Key(#[from] rcgen::Error),
+    /// The controller's authorization cannot be used (bad CA, address, server name).
+    #[error("the session authorization is unusable: {0}")]
+    BadAuthorization(String),
+    /// TLS could not be configured.
+    #[error("cannot set up TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    /// No local UDP socket.
+    #[error("cannot open a UDP socket: {0}")]
+    Socket(#[source] io::Error),
+    /// The worker could not be reached or the handshake failed.
+    #[error("cannot reach worker {worker} at {addr}: {detail}")]
+    Unreachable {
+        /// Worker name.
+        worker: String,
+        /// Address dialled.
+        addr: String,
+        /// What failed.
+        detail: String,
+    },
+    /// The worker refused the session.
+    #[error("session refused by worker: {message}")]
+    Refused {
+        /// Machine-readable reason.
+        code: RefusalCode,
+        /// The worker's explanation.
+        message: String,
+    },
+    /// The worker refused one proxied connection.
+    #[error("connection refused by worker: {message}")]
+    ConnRefused {
+        /// Machine-readable reason.
+        code: RefusalCode,
+        /// The worker's explanation.
+        message: String,
+    },
+    /// The session connection is gone.
+    #[error("session ended: {0}")]
+    Ended(SessionEnd),
+    /// The worker broke the protocol.
+    #[error("worker protocol error: {0}")]
+    Protocol(String),
+}
+
+/// The ephemeral key of one session and its self-signed certificate.
+pub struct ClientKey {
+    key: rcgen::KeyPair,
+    cert: CertificateDer<'static>,
+    spki_der: Vec<u8>,
+    spki_b64: String,
+}
+
+impl std::fmt::Debug for ClientKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientKey")
+            .field("spki", &self.spki_b64)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientKey {
+    /// base64url (no padding) of the DER SubjectPublicKeyInfo: the `client_spki` of
+    /// [`postern_controller::api::types::AuthorizeRequest`].
+    pub fn spki_b64(&self) -> &str {
+        &self.spki_b64
+    }
+
+    /// The thumbprint a token bound to this key carries (`cnf`).
+    pub fn thumbprint(&self) -> String {
+        postern_proto::token::spki_thumbprint(&self.spki_der)
+    }
+
+    fn private_key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.serialize_der()))
+    }
+}
+
+/// Makes a fresh P-256 key and a self-signed certificate for it.
+pub fn new_client_key() -> Result<ClientKey, SessionError> {
+    let key = rcgen::KeyPair::generate()?;
+    let cert = rcgen::CertificateParams::new(vec!["postern-client".to_owned()])?
+        .self_signed(&key)?
+        .der()
+        .clone();
+    // The worker hashes the SPKI of the certificate it sees; rcgen writes the certificate's
+    // SPKI with this same encoder, so the bytes are identical.
+    let spki_der = rcgen::PublicKeyData::subject_public_key_info(&key);
+    let spki_b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&spki_der);
+    Ok(ClientKey {
+        key,
+        cert,
+        spki_der,
+        spki_b64,
+    })
+}
+
+/// How a session connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionEnd {
+    /// The application close code (see [`postern_proto::session::close`]), when the peer
+    /// closed it deliberately.
+    pub code: Option<u32>,
+    /// Why, for a person.
+    pub reason: String,
+}
+
+impl std::fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl SessionEnd {
+    fn from_error(e: &ConnectionError) -> SessionEnd {
+        match e {
+            ConnectionError::ApplicationClosed(ac) => {
+                let code = u32::try_from(ac.error_code.into_inner()).ok();
+                let text = String::from_utf8_lossy(&ac.reason).trim().to_owned();
+                let reason = if !text.is_empty() {
+                    text
+                } else {
+                    match code {
+                        Some(close::EXPIRED) => "the session expired".into(),
+                        Some(close::CANCELLED) => "the session was cancelled".into(),
+                        Some(close::SHUTDOWN) => "the worker is shutting down".into(),
+                        Some(close::REFUSED) => "the session was refused".into(),
+                        Some(close::CLIENT_DONE) => "client done".into(),
+                        _ => format!("closed by the worker (code {})", ac.error_code),
+                    }
+                };
+                SessionEnd { code, reason }
+            }
+            ConnectionError::TimedOut => SessionEnd {
+                code: None,
+                reason: "the worker stopped answering (timed out)".into(),
+            },
+            ConnectionError::Reset => SessionEnd {
+                code: None,
+                reason: "the worker reset the connection (restarted?)".into(),
+            },
+            ConnectionError::LocallyClosed => SessionEnd {
+                code: Some(close::CLIENT_DONE),
+                reason: "client done".into(),
+            },
+            other => SessionEnd {
+                code: None,
+                reason: other.to_string(),
+            },
+        }
+    }
+}
+
+/// An open session: the QUIC connection to the worker, accepted by it.
+#[derive(Debug)]
+pub struct Session {
+    endpoint: Endpoint,
+    conn: Connection,
+    // The hello stream stays open for the session's life: the worker may use it, and
+    // dropping it would finish/stop it.
+    _hello: (SendStream, RecvStream),
+    session_id: String,
+    expires_at: i64,
+    connection_limit: Option<u32>,
+}
+
+/// Dials the worker named in `auth`, proves possession of `key`, and presents the token.
+pub async fn open_session(auth: &Authorization, key: &ClientKey) -> Result<Session, SessionError> {
+    let config = client_config(&auth.ca_pem, key)?;
+    let unreachable = |detail: String| SessionError::Unreachable {
+        worker: auth.worker.name.clone(),
+        addr: auth.worker.addr.clone(),
+        detail,
+    };
+    let addr = tokio::net::lookup_host(&auth.worker.addr)
+        .await
+        .map_err(|e| unreachable(format!("cannot resolve the address: {e}")))?
+        .next()
+        .ok_or_else(|| unreachable("the address resolves to nothing".into()))?;
+    let bind: SocketAddr = if addr.is_ipv6() {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let endpoint = Endpoint::client(bind).map_err(SessionError::Socket)?;
+    let connecting = endpoint
+        .connect_with(config, addr, &auth.worker.server_name)
+        .map_err(|e| SessionError::BadAuthorization(format!("cannot dial the worker: {e}")))?;
+
+    let handshake = async {
+        let conn = connecting
+            .await
+            .map_err(|e| unreachable(connection_error_text(&e)))?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| unreachable(connection_error_text(&e)))?;
+        let hello = SessionHello {
+            version: PROTOCOL_VERSION,
+            token: auth.token.clone(),
+        };
+        write_frame(&mut send, &hello, &conn).await?;
+        let reply: SessionReply = read_frame(&mut recv, &conn).await.map_err(|e| match e {
+            // A refusing worker may close the connection before its reply frame arrives;
+            // its close reason says the same thing.
+            SessionError::Ended(end) if end.code.is_some() => SessionError::Refused {
+                code: RefusalCode::Internal,
+                message: end.reason,
+            },
+            other => other,
+        })?;
+        Ok::<_, SessionError>((conn, send, recv, reply))
+    };
+    let (conn, send, recv, reply) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| unreachable(format!("no answer within {}s", HANDSHAKE_TIMEOUT.as_secs())))??;
+
+    match reply {
+        SessionReply::Accepted {
+            session_id,
+            expires_at,
+            connection_limit,
+        } => Ok(Session {
+            endpoint,
+            conn,
+            _hello: (send, recv),
+            session_id: session_id.0,
+            expires_at,
+            connection_limit,
+        }),
+        SessionReply::Refused { code, message } => {
+            conn.close(VarInt::from_u32(close::CLIENT_DONE), b"refused");
+            Err(SessionError::Refused { code, message })
+        }
+        other => {
+            conn.close(VarInt::from_u32(close::PROTOCOL), b"unexpected reply");
+            Err(SessionError::Protocol(format!(
+                "unexpected reply to the hello: {other:?}"
+            )))
+        }
+    }
+}
+
+impl Session {
+    /// The session id the worker confirmed.
+    pub fn session_id(&self) -> &str {
+        &self.session_id
+    }
+
+    /// When the worker will end the session (Unix seconds).
+    pub fn expires_at(&self) -> i64 {
+        self.expires_at
+    }
+
+    /// Connections allowed in the session, if limited.
+    pub fn connection_limit(&self) -> Option<u32> {
+        self.connection_limit
+    }
+
+    /// The underlying QUIC connection.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Opens one proxied connection to the target: a stream whose bytes reach the target
+    /// once this returns.
+    pub async fn open_stream(&self) -> Result<(SendStream, RecvStream), SessionError> {
+        open_stream(&self.conn).await
+    }
+
+    /// Binds `127.0.0.1:port` (0 for any free port) and serves it: see [`Session::serve`].
+    pub async fn listen(&self, port: u16) -> io::Result<(SocketAddr, JoinHandle<()>)> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?;
+        let addr = listener.local_addr()?;
+        Ok((addr, self.serve(listener)))
+    }
+
+    /// Proxies every connection accepted on `listener` through the session, until the
+    /// session ends. A failing connection affects only itself.
+    pub fn serve(&self, listener: TcpListener) -> JoinHandle<()> {
+        tokio::spawn(accept_loop(listener, self.conn.clone()))
+    }
+
+    /// Waits until the session connection ends, and says why.
+    pub async fn closed(&self) -> SessionEnd {
+        SessionEnd::from_error(&self.conn.closed().await)
+    }
+
+    /// Ends the session cleanly (`CLIENT_DONE`) and waits briefly for the worker to hear it.
+    pub async fn close(self) {
+        self.conn
+            .close(VarInt::from_u32(close::CLIENT_DONE), b"client done");
+        let _ = tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await;
+    }
+}
+
+async fn accept_loop(listener: TcpListener, conn: Connection) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = conn.closed() => return,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _peer)) => tcp,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("accepting a local connection failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            match proxy_one(&conn, tcp).await {
+                Ok((up, down)) => tracing::debug!(up, down, "connection closed"),
+                Err(e @ SessionError::ConnRefused { .. }) => eprintln!("{e}"),
+                Err(SessionError::Ended(_)) => {}
+                Err(e) => tracing::debug!("connection ended: {e}"),
+            }
+        });
+    }
+}
+
+/// Relays one local TCP connection over a new stream; returns bytes (up, down).
+async fn proxy_one(conn: &Connection, mut tcp: TcpStream) -> Result<(u64, u64), SessionError> {
+    let _ = tcp.set_nodelay(true);
+    let (send, recv) = open_stream(conn).await?;
+    let mut stream = tokio::io::join(recv, send);
+    tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut stream, COPY_BUF, COPY_BUF)
+        .await
+        .map_err(|e| match conn.close_reason() {
+            Some(reason) => SessionError::Ended(SessionEnd::from_error(&reason)),
+            None => SessionError::Protocol(format!("relay: {e}")),
+        })
+}
+
+async fn open_stream(conn: &Connection) -> Result<(SendStream, RecvStream), SessionError> {
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| SessionError::Ended(SessionEnd::from_error(&e)))?;
+    write_frame(
+        &mut send,
+        &ConnOpen {
+            version: PROTOCOL_VERSION,
+        },
+        conn,
+    )
+    .await?;
+    match read_frame::<ConnReply>(&mut recv, conn).await? {
+        ConnReply::Ok => Ok((send, recv)),
+        ConnReply::Refused { code, message } => Err(SessionError::ConnRefused { code, message }),
+        other => Err(SessionError::Protocol(format!(
+            "unexpected reply to a connection open: {other:?}"
+        ))),
+    }
+}
+
+pub fn client_config(ca_pem: &str, key: &ClientKey) -> Result<quinn::ClientConfig, SessionError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let cert = cert.map_err(|e| {
+            SessionError::BadAuthorization(format!("the worker CA is not valid PEM: {e}"))
+        })?;
+        roots.add(cert)?;
+    }
+    if roots.is_empty() {
+        return Err(SessionError::BadAuthorization(
+            "the authorization carries no worker CA certificate".into(),
+        ));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(vec![key.cert.clone()], key.private_key())?;
+    tls.alpn_protocols = vec![ALPN_SESSION.to_vec()];
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| {
+        SessionError::BadAuthorization(format!("TLS config unusable for QUIC: {e}"))
+    })?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(transport_config()));
+    Ok(config)
+}
+
+/// Windows sized for bulk transfer at high bandwidth-delay products, and keep-alives well
+/// inside the idle timeout so a quiet psql prompt keeps its session.
+fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.stream_receive_window(VarInt::from_u32(8 << 20))
+        .receive_window(VarInt::from_u32(32 << 20))
+        .send_window(32 << 20)
+        .keep_alive_interval(Some(Duration::from_secs(5)))
+        .max_idle_timeout(Some(VarInt::from_u32(30_000).into()));
+    t
+}
+
+async fn write_frame<T: Serialize>(
+    send: &mut SendStream,
+    msg: &T,
+    conn: &Connection,
+) -> Result<(), SessionError> {
+    let bytes = frame::encode(msg).map_err(|e| SessionError::Protocol(e.to_string()))?;
+    send.write_all(&bytes)
+        .await
+        .map_err(|e| match conn.close_reason() {
+            Some(reason) => SessionError::Ended(SessionEnd::from_error(&reason)),
+            None => SessionError::Protocol(format!("sending a frame: {e}")),
+        })
+}
+
+async fn read_frame<T: DeserializeOwned>(
+    recv: &mut RecvStream,
+    conn: &Connection,
+) -> Result<T, SessionError> {
+    let fail = |e: quinn::ReadExactError| match conn.close_reason() {
+        Some(reason) => SessionError::Ended(SessionEnd::from_error(&reason)),
+        None => SessionError::Protocol(format!("reading a frame: {e}")),
+    };
+    let mut header = [0u8; 4];
+    recv.read_exact(&mut header).await.map_err(fail)?;
+    let len = frame::body_len(header).map_err(|e| SessionError::Protocol(e.to_string()))?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(fail)?;
+    frame::decode(&body).map_err(|e| SessionError::Protocol(e.to_string()))
+}
+
+fn connection_error_text(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::TimedOut => "no answer (is the worker running and reachable?)".into(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

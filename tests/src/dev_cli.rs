@@ -1,0 +1,158 @@
+//! Must show 1: `postern dev`, then `postern connect demo-postgres -- psql … -c 'select 1'`
+//! prints 1 — the real binary, the real psql, the real PostgreSQL on this machine.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::harness::TempDir;
+
+/// The `postern` binary next to this test binary (`cargo build --bins` puts it there).
+pub fn postern_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join("postern");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before the tests",
+        bin.display()
+    );
+    bin
+}
+
+/// `postern dev` running in the background, killed on drop.
+struct Dev {
+    child: Child,
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_dev(dir: &TempDir) -> (Dev, String) {
+    let mut child = Command::new(postern_bin())
+        .args(["dev", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args(["--api-addr", "127.0.0.1:0"])
+        .env("POSTERN_CONFIG_DIR", dir.path().join("config"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn postern dev");
+    let stdout = child.stdout.take();
+    // From here on, Drop kills and reaps the process on every path, panics included.
+    let dev = Dev { child };
+    let stdout = stdout.expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            println!("[postern dev] {line}");
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut banner = String::new();
+    while Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                banner.push_str(&line);
+                banner.push('\n');
+                if line.contains("Ctrl-C") {
+                    return (dev, banner);
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => break,
+        }
+    }
+    panic!("postern dev did not come up; it printed:\n{banner}");
+}
+
+fn postern(dir: &TempDir, args: &[&str]) -> std::process::Output {
+    Command::new(postern_bin())
+        .args(args)
+        .env("POSTERN_CONFIG_DIR", dir.path().join("config"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run postern")
+}
+
+#[test]
+fn dev_then_connect_runs_real_psql_through_the_worker() {
+    let dir = TempDir::new("postern-dev-cli");
+    let (_dev, banner) = start_dev(&dir);
+    assert!(
+        banner.contains("admin"),
+        "banner names the admin login:\n{banner}"
+    );
+    assert!(
+        banner.contains("postern connect demo-postgres"),
+        "banner says what to try:\n{banner}"
+    );
+
+    let out = postern(
+        &dir,
+        &[
+            "connect",
+            "demo-postgres",
+            "--",
+            "psql",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            "{port}",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-Atc",
+            "select 1",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "connect failed: {stdout}\n{stderr}");
+    assert_eq!(
+        stdout.trim(),
+        "1",
+        "psql output through the session; stderr: {stderr}"
+    );
+
+    // The session is recorded, and ends with the command, with its traffic counted.
+    let mut last = serde_json::Value::Null;
+    for _ in 0..50 {
+        let out = postern(&dir, &["sessions", "list", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let sessions: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("sessions json");
+        last = sessions[0].clone();
+        if last["status"] == "terminated" && last["connections"] == 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(last["target"], "demo-postgres");
+    assert_eq!(
+        last["status"], "terminated",
+        "session did not end with the command: {last}"
+    );
+    assert_eq!(last["connections"], 1, "{last}");
+    assert!(
+        last["bytes_down"].as_i64().unwrap_or(0) > 0,
+        "no bytes counted: {last}"
+    );
+
+    // A mistyped target gets a clear error and a non-zero exit.
+    let out = postern(&dir, &["connect", "demo-postgre", "--", "true"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("did you mean 'demo-postgres'"), "{stderr}");
+}

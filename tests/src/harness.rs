@@ -1,0 +1,270 @@
+//! A controller and a worker on loopback, in-process, with an admin API client.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use postern_controller::api::types::{
+    CreateTarget, CreateWorker, CreatedWorker, LoginRequest, LoginResponse, TargetType,
+};
+use postern_controller::{ControllerConfig, ControllerHandle};
+use postern_worker::{WorkerConfig, WorkerHandle};
+
+/// A temporary directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A fresh empty directory.
+    pub fn new(prefix: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("{prefix}-{}", postern_proto::ids::random_base32(8)));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A JSON API client with a bearer token.
+#[derive(Clone)]
+pub struct Api {
+    /// Base URL.
+    pub base: String,
+    /// Bearer token.
+    pub token: Option<String>,
+    http: reqwest::Client,
+}
+
+/// An API answer that was not 2xx.
+#[derive(Debug)]
+pub struct ApiFailure {
+    /// HTTP status.
+    pub status: u16,
+    /// The `message` of the error body.
+    pub message: String,
+}
+
+impl Api {
+    /// A client for `base` without a token.
+    pub fn new(base: &str) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Api {
+            base: base.trim_end_matches('/').to_owned(),
+            token: None,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Logs in and returns a client carrying the token.
+    pub async fn login(&self, user: &str, password: &str) -> anyhow::Result<Api> {
+        let r: LoginResponse = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/auth/login",
+                Some(&LoginRequest {
+                    user: user.into(),
+                    password: password.into(),
+                }),
+            )
+            .await
+            .map_err(|f| anyhow::anyhow!("login failed: {f:?}"))?;
+        Ok(Api {
+            token: Some(r.token),
+            ..self.clone()
+        })
+    }
+
+    /// Calls the API; `Err` carries a non-2xx answer.
+    pub async fn call<T: DeserializeOwned, B: Serialize>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ApiFailure> {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.map_err(|e| ApiFailure {
+            status: 0,
+            message: e.to_string(),
+        })?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        if !(200..300).contains(&status) {
+            let message = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["message"].as_str().map(str::to_owned))
+                .unwrap_or(text);
+            return Err(ApiFailure { status, message });
+        }
+        let text = if text.is_empty() {
+            "null".to_owned()
+        } else {
+            text
+        };
+        serde_json::from_str(&text).map_err(|e| ApiFailure {
+            status,
+            message: format!("bad body: {e}: {text}"),
+        })
+    }
+
+    /// `call` for tests that expect success.
+    pub async fn ok<T: DeserializeOwned, B: Serialize>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> T {
+        match self.call(method.clone(), path, body).await {
+            Ok(v) => v,
+            Err(f) => panic!("{method} {path} failed: {f:?}"),
+        }
+    }
+}
+
+/// A controller (SQLite in a temp dir) and one registered worker, both in-process.
+pub struct Cluster {
+    /// The controller.
+    pub controller: Option<ControllerHandle>,
+    /// The worker.
+    pub worker: Option<WorkerHandle>,
+    /// Logged-in admin client.
+    pub admin: Api,
+    /// Data directory.
+    pub dir: TempDir,
+}
+
+impl Cluster {
+    /// Starts a controller and a worker named `w1` and waits until the worker is connected.
+    pub async fn start() -> anyhow::Result<Cluster> {
+        let dir = TempDir::new("postern-e2e");
+        let config = ControllerConfig::dev(dir.path(), SocketAddr::from(([127, 0, 0, 1], 0)));
+        let controller = postern_controller::start(config).await?;
+        let boot = controller.bootstrap().cloned().context("bootstrap admin")?;
+        let api = Api::new(&format!("http://{}", controller.api_addr()));
+        let admin = api.login(&boot.user, &boot.password).await?;
+        let created: CreatedWorker = admin
+            .ok(
+                reqwest::Method::POST,
+                "/v1/workers",
+                Some(&CreateWorker {
+                    name: "w1".into(),
+                    tags: Default::default(),
+                }),
+            )
+            .await;
+        let worker = postern_worker::start(WorkerConfig {
+            controller_url: api.base.clone(),
+            activation_token: Some(created.activation_token),
+            data_dir: dir.path().join("worker"),
+            session_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            public_addr: None,
+            grace_period: Duration::from_secs(15),
+        })
+        .await?;
+        let cluster = Cluster {
+            controller: Some(controller),
+            worker: Some(worker),
+            admin,
+            dir,
+        };
+        cluster.wait_worker_connected().await?;
+        Ok(cluster)
+    }
+
+    /// Waits (≤ 10 s) until the controller lists the worker as connected.
+    pub async fn wait_worker_connected(&self) -> anyhow::Result<()> {
+        for _ in 0..200 {
+            let workers: Vec<postern_controller::api::types::Worker> = self
+                .admin
+                .ok(reqwest::Method::GET, "/v1/workers", None::<&()>)
+                .await;
+            if workers.iter().any(|w| w.connected) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("worker did not connect within 10 s")
+    }
+
+    /// Creates a tcp target.
+    pub async fn create_target(&self, name: &str, address: &str, labels: &[(&str, &str)]) {
+        let _: serde_json::Value = self
+            .admin
+            .ok(
+                reqwest::Method::POST,
+                "/v1/targets",
+                Some(&CreateTarget {
+                    name: name.into(),
+                    kind: TargetType::Tcp,
+                    address: address.into(),
+                    labels: labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    default_duration_secs: None,
+                    max_duration_secs: None,
+                    connection_limit: None,
+                    worker_filter: Default::default(),
+                }),
+            )
+            .await;
+    }
+
+    /// Creates a user with a password and returns a logged-in client for them.
+    pub async fn user(&self, name: &str) -> Api {
+        let password = format!("pw-{name}-long-enough");
+        let _: serde_json::Value = self
+            .admin
+            .ok(
+                reqwest::Method::POST,
+                "/v1/users",
+                Some(&serde_json::json!({"name": name, "password": password})),
+            )
+            .await;
+        self.admin.login(name, &password).await.expect("user login")
+    }
+
+    /// Stops both.
+    pub async fn stop(mut self) {
+        if let Some(w) = self.worker.take() {
+            w.shutdown().await;
+        }
+        if let Some(c) = self.controller.take() {
+            c.shutdown().await;
+        }
+    }
+}
+
+/// A TCP echo server on loopback; returns its address.
+pub async fn echo_server() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind echo");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = sock.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}

@@ -1,0 +1,184 @@
+//! Must show 2: a user with no role is refused with a message naming the missing permission
+//! and an audit event records it; a deny rule beats an allow rule; typos get a suggestion.
+
+use reqwest::Method;
+use serde_json::json;
+
+use postern_cli::session::new_client_key;
+use postern_controller::api::types::{AuditEvent, Authorization, AuthorizeRequest, Decision};
+
+use crate::harness::{Api, ApiFailure, Cluster};
+
+async fn authorize(api: &Api, target: &str) -> Result<Authorization, ApiFailure> {
+    let key = new_client_key().expect("client key");
+    api.call(
+        Method::POST,
+        &format!("/v1/targets/{target}/authorize"),
+        Some(&AuthorizeRequest {
+            client_spki: key.spki_b64().into(),
+            duration_secs: None,
+        }),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn refusals_are_explained_audited_and_deny_wins() {
+    let c = Cluster::start().await.expect("cluster");
+    c.create_target("pg-prod", "127.0.0.1:5432", &[("env", "prod")])
+        .await;
+    c.create_target("pg-staging", "127.0.0.1:5432", &[("env", "staging")])
+        .await;
+    let bob = c.user("bob").await;
+
+    // No role: refused, naming the permission, and audited.
+    let err = authorize(&bob, "pg-prod")
+        .await
+        .expect_err("bob has no role");
+    assert_eq!(err.status, 403);
+    assert!(
+        err.message
+            .contains("missing permission 'connect' on target 'pg-prod'"),
+        "unclear refusal: {}",
+        err.message
+    );
+    let events: Vec<AuditEvent> = c
+        .admin
+        .ok(Method::GET, "/v1/audit?action=session.denied", None::<&()>)
+        .await;
+    let denial = events
+        .iter()
+        .find(|e| e.actor == "bob")
+        .expect("denial audited");
+    assert_eq!(denial.resource, "target:pg-prod");
+    assert_eq!(denial.outcome, "denied");
+
+    // Admin-only actions are refused too, with the permission named.
+    let err = bob
+        .call::<serde_json::Value, _>(Method::POST, "/v1/users", Some(&json!({"name": "eve"})))
+        .await
+        .expect_err("bob cannot create users");
+    assert_eq!(err.status, 403);
+    assert!(err.message.contains("'users:write'"), "{}", err.message);
+
+    // An allow rule lets bob in.
+    let _: serde_json::Value = c
+        .admin
+        .ok(Method::POST, "/v1/roles", Some(&json!({"name": "dev"})))
+        .await;
+    let _: serde_json::Value = c
+        .admin
+        .ok(
+            Method::POST,
+            "/v1/roles/dev/rules",
+            Some(&json!({"effect": "allow", "actions": ["connect"], "targets": "pg-*"})),
+        )
+        .await;
+    let _: serde_json::Value = c
+        .admin
+        .ok(
+            Method::POST,
+            "/v1/roles/dev/bind",
+            Some(&json!({"user": "bob"})),
+        )
+        .await;
+    let granted = authorize(&bob, "pg-prod")
+        .await
+        .expect("allowed by role dev");
+    assert_eq!(granted.target, "pg-prod");
+
+    // A deny rule on env=prod, through a group, beats it; staging stays allowed.
+    let _: serde_json::Value = c
+        .admin
+        .ok(
+            Method::POST,
+            "/v1/groups",
+            Some(&json!({"name": "contractors"})),
+        )
+        .await;
+    let _: serde_json::Value = c
+        .admin
+        .ok(
+            Method::POST,
+            "/v1/groups/contractors/members",
+            Some(&json!({"user": "bob"})),
+        )
+        .await;
+    let _: serde_json::Value = c
+        .admin
+        .ok(Method::POST, "/v1/roles", Some(&json!({"name": "no-prod"})))
+        .await;
+    let _: serde_json::Value = c
+        .admin
+        .ok(
+            Method::POST,
+            "/v1/roles/no-prod/rules",
+            Some(&json!({"effect": "deny", "actions": ["connect"], "labels": {"env": "prod"}})),
+        )
+        .await;
+    let _: serde_json::Value = c
+        .admin
+        .ok(
+            Method::POST,
+            "/v1/roles/no-prod/bind",
+            Some(&json!({"group": "contractors"})),
+        )
+        .await;
+    let err = authorize(&bob, "pg-prod").await.expect_err("deny wins");
+    assert_eq!(err.status, 403);
+    assert!(
+        err.message.contains("denied by role 'no-prod' rule #1"),
+        "{}",
+        err.message
+    );
+    authorize(&bob, "pg-staging")
+        .await
+        .expect("staging still allowed");
+
+    // `policy check` explains both decisions.
+    let d: Decision = c
+        .admin
+        .ok(
+            Method::GET,
+            "/v1/policy/check?user=bob&target=pg-prod",
+            None::<&()>,
+        )
+        .await;
+    assert!(!d.allowed);
+    assert_eq!(
+        d.rule.as_deref(),
+        Some("role 'no-prod' rule #1 (deny connect [env=prod])")
+    );
+    let d: Decision = c
+        .admin
+        .ok(
+            Method::GET,
+            "/v1/policy/check?user=bob&target=pg-staging",
+            None::<&()>,
+        )
+        .await;
+    assert!(d.allowed, "{}", d.reason);
+    assert!(d.reason.contains("role 'dev' rule #1"), "{}", d.reason);
+
+    // A typo gets a suggestion, not a bare 404.
+    let err = authorize(&bob, "pg-prd").await.expect_err("no such target");
+    assert_eq!(err.status, 404);
+    assert!(
+        err.message.contains("did you mean 'pg-prod'"),
+        "{}",
+        err.message
+    );
+
+    // Bad input is refused with a clear message.
+    let err = bob
+        .call::<serde_json::Value, _>(
+            Method::POST,
+            "/v1/targets/pg-staging/authorize",
+            Some(&json!({"client_spki": "!!!"})),
+        )
+        .await
+        .expect_err("bad key");
+    assert_eq!(err.status, 400);
+    assert!(err.message.contains("client_spki"), "{}", err.message);
+    c.stop().await;
+}

@@ -1,0 +1,207 @@
+//! The worker's configuration: a TOML file (`deny_unknown_fields`, human durations such as
+//! `"15s"`), then `POSTERN_*` environment overrides.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The session port clients reach the worker on unless configured otherwise.
+const DEFAULT_SESSION_PORT: u16 = 9203;
+/// How long the worker keeps sessions alive without its controller.
+const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(15);
+
+/// The worker's configuration. Its `Debug` hides the activation token.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// HTTP base URL of the controller API, e.g. `http://127.0.0.1:9200`; used to register.
+    pub controller_url: String,
+    /// One-time activation token from `postern workers create NAME`; needed only until the
+    /// worker is registered.
+    #[serde(default)]
+    pub activation_token: Option<String>,
+    /// Holds `key.pem`, `cert.pem`, `ca.pem` and `worker.json`.
+    pub data_dir: PathBuf,
+    /// Address of the session listener (QUIC); port 0 picks a free port.
+    #[serde(default = "default_session_listen")]
+    pub session_listen: SocketAddr,
+    /// Address (`host:port`) advertised to clients; defaults to the bound session address.
+    #[serde(default)]
+    pub public_addr: Option<String>,
+    /// How long sessions survive without the controller before the worker ends them all.
+    #[serde(
+        default = "default_grace_period",
+        deserialize_with = "deserialize_duration"
+    )]
+    pub grace_period: Duration,
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read worker config {path}: {error}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        error: std::io::Error,
+    },
+    /// The file is not a valid worker config.
+    #[error("invalid worker config {path}: {error}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with its location.
+        error: Box<toml::de::Error>,
+    },
+    /// An environment override has an invalid value.
+    #[error("invalid value {value:?} in {var}: {reason}")]
+    Env {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl std::fmt::Debug for WorkerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerConfig")
+            .field("controller_url", &self.controller_url)
+            .field(
+                "activation_token",
+                &self.activation_token.as_ref().map(|_| "***"),
+            )
+            .field("data_dir", &self.data_dir)
+            .field("session_listen", &self.session_listen)
+            .field("public_addr", &self.public_addr)
+            .field("grace_period", &self.grace_period)
+            .finish()
+    }
+}
+
+impl WorkerConfig {
+    /// Reads a TOML config file.
+    pub fn from_toml_file(path: impl AsRef<Path>) -> anyhow::Result<Self> {
+        Ok(Self::load(path.as_ref())?)
+    }
+
+    /// Applies `POSTERN_CONTROLLER_URL`, `POSTERN_ACTIVATION_TOKEN`, `POSTERN_DATA_DIR`,
+    /// `POSTERN_SESSION_LISTEN`, `POSTERN_PUBLIC_ADDR` and `POSTERN_GRACE_PERIOD`. A variable
+    /// with an invalid value is logged and ignored; use [`Self::try_apply_env`] to refuse it.
+    pub fn apply_env(&mut self) {
+        if let Err(e) = self.try_apply_env() {
+            tracing::warn!("ignoring environment override: {e}");
+        }
+    }
+
+    /// Like [`Self::apply_env`], but stops at the first invalid value and reports it.
+    pub fn try_apply_env(&mut self) -> Result<(), ConfigError> {
+        self.apply_env_from(|var| std::env::var(var).ok())
+    }
+
+    fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        toml::from_str(&text).map_err(|error| ConfigError::Parse {
+            path: path.to_owned(),
+            error: Box::new(error),
+        })
+    }
+
+    /// The overrides, reading variables through `get` (so they can be tested without
+    /// touching the process environment).
+    fn apply_env_from(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = get("POSTERN_CONTROLLER_URL") {
+            self.controller_url = v;
+        }
+        if let Some(v) = get("POSTERN_ACTIVATION_TOKEN") {
+            self.activation_token = (!v.is_empty()).then_some(v);
+        }
+        if let Some(v) = get("POSTERN_DATA_DIR") {
+            self.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = get("POSTERN_SESSION_LISTEN") {
+            self.session_listen = v.parse().map_err(|e| ConfigError::Env {
+                var: "POSTERN_SESSION_LISTEN",
+                reason: format!("{e} (expected IP:PORT)"),
+                value: v,
+            })?;
+        }
+        if let Some(v) = get("POSTERN_PUBLIC_ADDR") {
+            self.public_addr = (!v.is_empty()).then_some(v);
+        }
+        if let Some(v) = get("POSTERN_GRACE_PERIOD") {
+            self.grace_period = humantime::parse_duration(&v).map_err(|e| ConfigError::Env {
+                var: "POSTERN_GRACE_PERIOD",
+                reason: format!("{e} (expected a duration such as 15s)"),
+                value: v,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn default_session_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], DEFAULT_SESSION_PORT))
+}
+
+fn default_grace_period() -> Duration {
+    DEFAULT_GRACE_PERIOD
+}
+
+/// Parses `"15s"`, `"1m 30s"` and the like.
+fn deserialize_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "invalid duration {text:?}: {e} (expected e.g. \"15s\")"
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_durations() {
+        let c: WorkerConfig =
+            toml::from_str("controller_url = \"http://127.0.0.1:9200\"\ndata_dir = \"/tmp/w\"\n")
+                .expect("parses");
+        assert_eq!(c.grace_period, DEFAULT_GRACE_PERIOD);
+        assert_eq!(c.session_listen.to_string(), "127.0.0.1:9203");
+        let c: WorkerConfig =
+            toml::from_str("controller_url = \"x\"\ndata_dir = \"d\"\ngrace_period = \"1m 5s\"\n")
+                .expect("parses");
+        assert_eq!(c.grace_period, Duration::from_secs(65));
+        assert!(toml::from_str::<WorkerConfig>(
+            "controller_url = \"x\"\ndata_dir = \"d\"\nbogus = 1\n"
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn env_overrides() {
+        let mut c: WorkerConfig =
+            toml::from_str("controller_url = \"x\"\ndata_dir = \"d\"\n").expect("parses");
+        c.apply_env_from(|v| match v {
+            "POSTERN_GRACE_PERIOD" => Some("2s".into()),
+            "POSTERN_SESSION_LISTEN" => Some("127.0.0.1:0".into()),
+            _ => None,
+        })
+        .expect("valid");
+        assert_eq!(c.grace_period, Duration::from_secs(2));
+        assert_eq!(c.session_listen.port(), 0);
+        let bad = c.apply_env_from(|v| (v == "POSTERN_GRACE_PERIOD").then(|| "soon".into()));
+        assert!(matches!(bad, Err(ConfigError::Env { .. })));
+    }
+}

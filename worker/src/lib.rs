@@ -1,0 +1,222 @@
+//! # postern-worker
+//!
+//! The worker carries sessions: clients reach it over QUIC with a session token signed by
+//! the controller; it checks the token (and that the client holds the key the token is bound
+//! to), activates the session at the controller, and relays each proxied connection to the
+//! target. It keeps one control connection to the controller, which pushes cancellations,
+//! and it fails closed: sessions end when the controller has been unreachable for longer
+//! than a grace period.
+//!
+//! # Layout
+//! - `config`: the TOML config and its `POSTERN_*` environment overrides.
+//! - `register`: first-start registration (CSR + activation token) and the saved identity.
+//! - `tls`: rustls / quinn configurations, including the client-key verifier.
+//! - `frames`: reading and writing `proto` frames on QUIC streams.
+//! - `state`: what the tasks share: trusted keys, sessions, pending activations, the outbox.
+//! - `control`: the control connection to the controller and the fail-closed watchdog.
+//! - `listener`: the session listener and the session hello.
+//! - `relay`: one proxied TCP connection per QUIC stream.
+#![forbid(unsafe_code)]
+
+mod config;
+mod control;
+mod frames;
+mod listener;
+mod register;
+mod relay;
+mod state;
+mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use postern_proto::session::close;
+use quinn::VarInt;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+pub use config::{ConfigError, WorkerConfig};
+pub use register::RegisterError;
+pub use tls::TlsError;
+
+/// How long the listener may take to end its sessions at shutdown.
+const LISTENER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the control task may take to flush its reports at shutdown.
+const CONTROL_STOP_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why the worker could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// Registration failed, or the saved identity is unusable.
+    #[error(transparent)]
+    Register(#[from] RegisterError),
+    /// The identity cannot be turned into TLS configurations.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The session listener could not bind.
+    #[error("cannot listen for sessions on {addr}: {error}")]
+    Bind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// The I/O error.
+        error: std::io::Error,
+    },
+}
+
+/// A running worker. Dropping it stops the worker in the background; [`Self::shutdown`]
+/// stops it and waits.
+pub struct WorkerHandle {
+    name: String,
+    session_addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    listener_stop: watch::Sender<bool>,
+    control_stop: watch::Sender<bool>,
+    listener: Option<JoinHandle<()>>,
+    control: Option<JoinHandle<()>>,
+    watchdog: Option<JoinHandle<()>>,
+}
+
+/// Registers if needed, binds the session listener and starts the control connection;
+/// returns once the listener accepts connections (the controller may not be reached yet).
+pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
+    let identity = register::load_or_register(&config).await?;
+    let server_config = tls::session_server_config(&identity)?;
+    let client_config = tls::control_client_config(&identity)?;
+    let endpoint =
+        quinn::Endpoint::server(server_config, config.session_listen).map_err(|error| {
+            WorkerError::Bind {
+                addr: config.session_listen,
+                error,
+            }
+        })?;
+    let session_addr = endpoint.local_addr().map_err(|error| WorkerError::Bind {
+        addr: config.session_listen,
+        error,
+    })?;
+    let advertised = config
+        .public_addr
+        .clone()
+        .unwrap_or_else(|| session_addr.to_string());
+    if config.public_addr.is_none() && session_addr.ip().is_unspecified() {
+        tracing::warn!(
+            "listening on {session_addr} without public_addr: clients will be told to dial \
+             {advertised}; set public_addr to an address they can reach"
+        );
+    }
+
+    let (outbox_tx, outbox_rx) = mpsc::channel(state::OUTBOX_CAPACITY);
+    let shared = Arc::new(state::Shared::new(identity.name.clone(), outbox_tx));
+    let (listener_stop, listener_stop_rx) = watch::channel(false);
+    let (control_stop, control_stop_rx) = watch::channel(false);
+
+    let listener = tokio::spawn(listener::accept_loop(
+        endpoint.clone(),
+        shared.clone(),
+        listener_stop_rx.clone(),
+    ));
+    let control = tokio::spawn(
+        control::ControlTask {
+            shared: shared.clone(),
+            cluster_addrs: identity.cluster_addrs.clone(),
+            client_config,
+            session_addr: advertised.clone(),
+            outbox: outbox_rx,
+            stop: control_stop_rx,
+        }
+        .run(),
+    );
+    let watchdog = tokio::spawn(control::fail_closed(
+        shared,
+        config.grace_period,
+        listener_stop_rx,
+    ));
+    tracing::info!(
+        worker = %identity.name,
+        %session_addr,
+        %advertised,
+        "worker listening for sessions"
+    );
+    Ok(WorkerHandle {
+        name: identity.name,
+        session_addr,
+        endpoint,
+        listener_stop,
+        control_stop,
+        listener: Some(listener),
+        control: Some(control),
+        watchdog: Some(watchdog),
+    })
+}
+
+/// Runs the worker until `shutdown` completes, then stops it.
+pub async fn run(
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    let handle = start(config).await?;
+    shutdown.await;
+    handle.shutdown().await;
+    Ok(())
+}
+
+impl WorkerHandle {
+    /// The address the session listener is bound to.
+    pub fn session_addr(&self) -> SocketAddr {
+        self.session_addr
+    }
+
+    /// The worker's registered name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Ends every session (close code `SHUTDOWN`), closes the listener, flushes reports to
+    /// the controller and stops every task.
+    pub async fn shutdown(mut self) {
+        self.listener_stop.send_replace(true);
+        if let Some(task) = self.listener.take() {
+            if tokio::time::timeout(LISTENER_STOP_TIMEOUT, task)
+                .await
+                .is_err()
+            {
+                tracing::warn!("session listener did not stop in time");
+            }
+        }
+        self.control_stop.send_replace(true);
+        if let Some(task) = self.control.take() {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(CONTROL_STOP_TIMEOUT, task)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+        if let Some(task) = self.watchdog.take() {
+            task.abort();
+        }
+        tracing::info!(worker = %self.name, "worker stopped");
+    }
+}
+
+impl std::fmt::Debug for WorkerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerHandle")
+            .field("name", &self.name)
+            .field("session_addr", &self.session_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        // Idempotent: after `shutdown` this changes nothing.
+        self.listener_stop.send_replace(true);
+        self.control_stop.send_replace(true);
+        self.endpoint
+            .close(VarInt::from_u32(close::SHUTDOWN), b"worker shutting down");
+    }
+}

@@ -1,0 +1,346 @@
+//! The worker's identity: registered once at the controller with a one-time activation token
+//! (a CSR for a key generated here, answered with a certificate from the cluster CA), then
+//! kept in the data directory and loaded on every later start.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use postern_proto::cluster::{RegisterRequest, RegisterResponse};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{Deserialize, Serialize};
+
+use crate::config::WorkerConfig;
+
+const KEY_FILE: &str = "key.pem";
+const CERT_FILE: &str = "cert.pem";
+const CA_FILE: &str = "ca.pem";
+const WORKER_FILE: &str = "worker.json";
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a registered worker waits for the controller's cluster addresses at start.
+const REFRESH_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Who this worker is: its name, its certificate and key, the cluster CA and where the
+/// controllers listen.
+pub(crate) struct Identity {
+    /// The worker's name, as the controller registered it.
+    pub name: String,
+    /// Controller cluster addresses (`host:port`).
+    pub cluster_addrs: Vec<String>,
+    /// The worker's certificate (leaf first).
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    /// The worker's private key.
+    pub key: PrivateKeyDer<'static>,
+    /// The cluster CA: the only root trusted for controllers.
+    pub ca: Vec<CertificateDer<'static>>,
+}
+
+/// Why the worker could not register or load its identity.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegisterError {
+    /// No certificate yet and no activation token to get one.
+    #[error("worker is not registered: set activation_token (from `postern workers create NAME`)")]
+    NotRegistered,
+    /// A file in the data directory could not be read or written.
+    #[error("{path}: {error}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        error: std::io::Error,
+    },
+    /// A file in the data directory has unusable contents.
+    #[error("{path} is invalid: {reason}; remove the data directory and register again")]
+    BadFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Generating the key or the certificate signing request failed.
+    #[error("cannot generate the worker key: {0}")]
+    Key(rcgen::Error),
+    /// The controller could not be reached (controller side).
+    #[error("cannot reach the controller at {url}: {reason}")]
+    Unreachable {
+        /// The registration URL.
+        url: String,
+        /// The HTTP client's error, with its causes.
+        reason: String,
+    },
+    /// The controller answered with an error (controller side).
+    #[error("the controller refused registration ({status}): {message}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// The controller's message.
+        message: String,
+    },
+    /// The controller's answer is not a usable registration (controller side).
+    #[error("the controller's registration answer is invalid: {0}")]
+    BadAnswer(String),
+}
+
+// Not `#[from]`: the message already carries the cause, which must not print twice.
+impl From<rcgen::Error> for RegisterError {
+    fn from(e: rcgen::Error) -> Self {
+        Self::Key(e)
+    }
+}
+
+/// `worker.json`: what the data directory keeps beside the PEM files.
+#[derive(Serialize, Deserialize)]
+struct WorkerFile {
+    name: String,
+    cluster_addrs: Vec<String>,
+}
+
+/// The controller's error body (`{"error": code, "message": text}`).
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    error: String,
+    #[serde(default)]
+    message: String,
+}
+
+/// Loads the identity from `config.data_dir`, registering first if there is none.
+pub(crate) async fn load_or_register(config: &WorkerConfig) -> Result<Identity, RegisterError> {
+    let dir = &config.data_dir;
+    if !dir.join(CERT_FILE).exists() {
+        let Some(token) = config.activation_token.as_deref().filter(|t| !t.is_empty()) else {
+            return Err(RegisterError::NotRegistered);
+        };
+        register(&config.controller_url, token, dir).await?;
+        return load(dir);
+    }
+    let mut identity = load(dir)?;
+    refresh_cluster_addrs(&config.controller_url, dir, &mut identity).await;
+    Ok(identity)
+}
+
+/// Asks the controller where its cluster listeners are now (they may have moved since
+/// registration) and saves the answer. Best effort: on any failure the saved ones are used.
+async fn refresh_cluster_addrs(controller_url: &str, dir: &Path, identity: &mut Identity) {
+    let url = format!("{}/v1/cluster", controller_url.trim_end_matches('/'));
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let fetch = async {
+        let client = reqwest::Client::builder()
+            .timeout(REFRESH_TIMEOUT)
+            .build()
+            .ok()?;
+        let resp = client.get(&url).send().await.ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        resp.json::<postern_proto::cluster::ClusterInfo>()
+            .await
+            .ok()
+    };
+    let Some(info) = fetch.await.filter(|i| !i.cluster_addrs.is_empty()) else {
+        tracing::debug!(%url, "could not refresh cluster addresses; using the saved ones");
+        return;
+    };
+    if info.cluster_addrs == identity.cluster_addrs {
+        return;
+    }
+    tracing::info!(addrs = ?info.cluster_addrs, "controller cluster addresses changed");
+    let file = WorkerFile {
+        name: identity.name.clone(),
+        cluster_addrs: info.cluster_addrs.clone(),
+    };
+    match serde_json::to_vec_pretty(&file) {
+        Ok(json) => {
+            if let Err(e) = write_file(&dir.join(WORKER_FILE), &json, false) {
+                tracing::warn!(error = %e, "cannot save the new cluster addresses");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot encode the new cluster addresses"),
+    }
+    identity.cluster_addrs = info.cluster_addrs;
+}
+
+/// Generates a key, sends a CSR with the activation token and saves the answer.
+async fn register(controller_url: &str, token: &str, dir: &Path) -> Result<(), RegisterError> {
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::default();
+    // The controller decides the name and SANs; the subject only helps a person reading it.
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "postern-worker");
+    let csr_pem = params.serialize_request(&key)?.pem()?;
+
+    let url = format!(
+        "{}/v1/workers/register",
+        controller_url.trim_end_matches('/')
+    );
+    tracing::info!(%url, "registering worker");
+    let answer = post_register(&url, token, csr_pem).await?;
+
+    let name = answer.worker.as_str().to_owned();
+    if name.is_empty() {
+        return Err(RegisterError::BadAnswer("no worker name".into()));
+    }
+    if answer.cluster_addrs.is_empty() {
+        return Err(RegisterError::BadAnswer("no cluster addresses".into()));
+    }
+    parse_certs(&answer.cert_pem)
+        .map_err(|r| RegisterError::BadAnswer(format!("cert_pem: {r}")))?;
+    parse_certs(&answer.ca_pem).map_err(|r| RegisterError::BadAnswer(format!("ca_pem: {r}")))?;
+
+    create_private_dir(dir)?;
+    write_file(&dir.join(KEY_FILE), key.serialize_pem().as_bytes(), true)?;
+    write_file(&dir.join(CA_FILE), answer.ca_pem.as_bytes(), false)?;
+    let worker_file = WorkerFile {
+        name: name.clone(),
+        cluster_addrs: answer.cluster_addrs,
+    };
+    let json = serde_json::to_vec_pretty(&worker_file)
+        .map_err(|e| RegisterError::BadAnswer(e.to_string()))?;
+    write_file(&dir.join(WORKER_FILE), &json, false)?;
+    // cert.pem marks the worker as registered, so it is written last.
+    write_file(&dir.join(CERT_FILE), answer.cert_pem.as_bytes(), false)?;
+    tracing::info!(worker = %name, "worker registered");
+    Ok(())
+}
+
+async fn post_register(
+    url: &str,
+    token: &str,
+    csr_pem: String,
+) -> Result<RegisterResponse, RegisterError> {
+    let unreachable = |e: reqwest::Error| RegisterError::Unreachable {
+        url: url.to_owned(),
+        reason: error_chain(&e),
+    };
+    // reqwest is built without a provider of its own; ring is the one provider in this
+    // tree. Another part of the process may have installed it already, which is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .timeout(REGISTER_TIMEOUT)
+        .build()
+        .map_err(unreachable)?;
+    let request = RegisterRequest {
+        activation_token: token.to_owned(),
+        csr_pem,
+    };
+    let response = client
+        .post(url)
+        .json(&request)
+        .send()
+        .await
+        .map_err(unreachable)?;
+    let status = response.status();
+    if !status.is_success() {
+        let body = response.bytes().await.unwrap_or_default();
+        let message = match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(b) if !b.message.is_empty() => b.message,
+            Ok(b) if !b.error.is_empty() => b.error,
+            _ => String::from_utf8_lossy(&body).chars().take(500).collect(),
+        };
+        return Err(RegisterError::Refused {
+            status: status.as_u16(),
+            message,
+        });
+    }
+    response
+        .json::<RegisterResponse>()
+        .await
+        .map_err(|e| RegisterError::BadAnswer(error_chain(&e)))
+}
+
+/// Reads the identity saved by [`register`].
+fn load(dir: &Path) -> Result<Identity, RegisterError> {
+    let read = |file: &str| {
+        let path = dir.join(file);
+        std::fs::read(&path).map_err(|error| RegisterError::Io { path, error })
+    };
+    let bad = |file: &str, reason: String| RegisterError::BadFile {
+        path: dir.join(file),
+        reason,
+    };
+    let key = PrivateKeyDer::from_pem_slice(&read(KEY_FILE)?)
+        .map_err(|e| bad(KEY_FILE, format!("no private key: {e}")))?;
+    let cert_chain = parse_certs_bytes(&read(CERT_FILE)?).map_err(|r| bad(CERT_FILE, r))?;
+    let ca = parse_certs_bytes(&read(CA_FILE)?).map_err(|r| bad(CA_FILE, r))?;
+    let worker: WorkerFile =
+        serde_json::from_slice(&read(WORKER_FILE)?).map_err(|e| bad(WORKER_FILE, e.to_string()))?;
+    if worker.cluster_addrs.is_empty() {
+        return Err(bad(WORKER_FILE, "no cluster_addrs".into()));
+    }
+    Ok(Identity {
+        name: worker.name,
+        cluster_addrs: worker.cluster_addrs,
+        cert_chain,
+        key,
+        ca,
+    })
+}
+
+fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    parse_certs_bytes(pem.as_bytes())
+}
+
+fn parse_certs_bytes(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("bad PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("no certificate in PEM".into());
+    }
+    Ok(certs)
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), RegisterError> {
+    let io = |error| RegisterError::Io {
+        path: dir.to_owned(),
+        error,
+    };
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(io)
+}
+
+/// Writes through a temporary file and a rename, so a crash never leaves half a file;
+/// `secret` files are created with mode 0600.
+fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), RegisterError> {
+    use std::io::Write as _;
+    let io = |error| RegisterError::Io {
+        path: path.to_owned(),
+        error,
+    };
+    let tmp = path.with_extension("tmp");
+    // A leftover from a crash could carry a wider mode than wanted.
+    let _ = std::fs::remove_file(&tmp);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if secret {
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = secret;
+    let mut file = options.open(&tmp).map_err(io)?;
+    file.write_all(contents).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// An error and its causes on one line (reqwest's own message is terse).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let message = cause.to_string();
+        if !text.contains(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,231 @@
+//! One proxied TCP connection: a QUIC bidirectional stream headed by `ConnOpen`, answered by
+//! `ConnReply`, then bytes both ways until both sides have finished. Half-close travels as
+//! stream finish one way and TCP shutdown the other. A failure ends this stream only (it is
+//! reset), never the session.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use postern_proto::cluster::WorkerMessage;
+use postern_proto::session::{ConnOpen, ConnReply, RefusalCode};
+use postern_proto::PROTOCOL_VERSION;
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use crate::frames::{read_frame, write_frame, ReadFrameError};
+use crate::state::{OpenRefusal, Session, Shared, StreamGuard};
+
+/// How long a client may take to send `ConnOpen`.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long dialing the target may take.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest chunk moved at once in either direction.
+const CHUNK: usize = 64 * 1024;
+/// Stream error code (reset / stop) when a relay fails on either side.
+const STREAM_ABORTED: VarInt = VarInt::from_u32(1);
+
+/// Why a relay ended early, tagged with the side that failed.
+#[derive(Debug, thiserror::Error)]
+enum RelayError {
+    /// Reading from or writing to the client's stream failed.
+    #[error("client error: {0}")]
+    Client(std::io::Error),
+    /// Reading from or writing to the target failed.
+    #[error("target error: {0}")]
+    Target(std::io::Error),
+}
+
+/// Bytes moved so far: up is client → target.
+#[derive(Default)]
+struct Counts {
+    up: u64,
+    down: u64,
+}
+
+/// Serves one stream of a session connection.
+pub(crate) async fn serve_stream(
+    conn: Connection,
+    session: Arc<Session>,
+    shared: Arc<Shared>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let opened = tokio::select! {
+        opened = open(&session, &mut send, &mut recv) => opened,
+        _ = conn.closed() => None,
+    };
+    let Some((mut tcp, guard)) = opened else {
+        return;
+    };
+    let mut counts = Counts::default();
+    let outcome = tokio::select! {
+        r = relay(&mut tcp, &mut send, &mut recv, &mut counts) => r.map_err(|e| e.to_string()),
+        e = conn.closed() => Err(crate::listener::describe_close(&e)),
+    };
+    let reason = match outcome {
+        Ok(()) => "closed".to_owned(),
+        Err(error) => {
+            // When the session or its connection ended, that is the reason, whichever of the
+            // relay or the connection noticed first.
+            let reason = match (session.ended(), conn.close_reason()) {
+                (Some(ended), _) => format!("session ended: {ended}"),
+                (None, Some(closed)) => crate::listener::describe_close(&closed),
+                (None, None) => error,
+            };
+            // Dropping a send stream finishes it cleanly; a failed relay must not look
+            // like a clean end to the client.
+            let _ = send.reset(STREAM_ABORTED);
+            let _ = recv.stop(STREAM_ABORTED);
+            reason
+        }
+    };
+    drop(tcp);
+    tracing::debug!(session = %session.id, up = counts.up, down = counts.down, %reason, "connection closed");
+    shared.report(WorkerMessage::ConnectionClosed {
+        session_id: session.id.clone(),
+        bytes_up: counts.up,
+        bytes_down: counts.down,
+        reason,
+    });
+    drop(guard);
+}
+
+/// Reads `ConnOpen`, checks the session's limit, dials the target and answers. Refusals
+/// are written to the client here; `None` means there is nothing to relay.
+async fn open(
+    session: &Arc<Session>,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+) -> Option<(TcpStream, StreamGuard)> {
+    let header = match timeout(OPEN_TIMEOUT, read_frame::<ConnOpen>(recv)).await {
+        Ok(Ok(header)) => header,
+        Ok(Err(ReadFrameError::Invalid(e))) => {
+            refuse(
+                send,
+                RefusalCode::Malformed,
+                format!("malformed connection header: {e}"),
+            )
+            .await;
+            return None;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!("client left before opening a connection: {e}");
+            return None;
+        }
+        Err(_) => {
+            refuse(
+                send,
+                RefusalCode::Malformed,
+                "no connection header within 10 s",
+            )
+            .await;
+            return None;
+        }
+    };
+    if header.version != PROTOCOL_VERSION {
+        let message = format!(
+            "protocol version {} is not supported; this worker speaks version {PROTOCOL_VERSION}",
+            header.version
+        );
+        refuse(send, RefusalCode::Version, message).await;
+        return None;
+    }
+    let guard = match session.open_stream() {
+        Ok(guard) => guard,
+        Err(e @ OpenRefusal::Limit(_)) => {
+            refuse(send, RefusalCode::ConnectionLimit, e.to_string()).await;
+            return None;
+        }
+        Err(e @ OpenRefusal::Ended(_)) => {
+            refuse(send, RefusalCode::Revoked, e.to_string()).await;
+            return None;
+        }
+    };
+    let endpoint = &session.endpoint;
+    let tcp = match timeout(DIAL_TIMEOUT, TcpStream::connect(endpoint.as_str())).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => {
+            guard.release_attempt();
+            let message = format!("cannot reach target {endpoint}: {e}");
+            refuse(send, RefusalCode::TargetUnreachable, message).await;
+            return None;
+        }
+        Err(_) => {
+            guard.release_attempt();
+            let message = format!("cannot reach target {endpoint}: no answer within 10 s");
+            refuse(send, RefusalCode::TargetUnreachable, message).await;
+            return None;
+        }
+    };
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!("cannot set TCP_NODELAY towards the target: {e}");
+    }
+    if let Err(e) = write_frame(send, &ConnReply::Ok).await {
+        tracing::debug!("client left before the connection opened: {e}");
+        return None;
+    }
+    Some((tcp, guard))
+}
+
+/// Tells the client why its connection was refused and finishes the stream.
+async fn refuse(send: &mut SendStream, code: RefusalCode, message: impl Into<String>) {
+    let message = message.into();
+    tracing::info!(?code, "connection refused: {message}");
+    if write_frame(send, &ConnReply::Refused { code, message })
+        .await
+        .is_ok()
+    {
+        let _ = send.finish();
+    }
+}
+
+/// Moves bytes both ways until both directions have finished, or one fails.
+async fn relay(
+    tcp: &mut TcpStream,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    counts: &mut Counts,
+) -> Result<(), RelayError> {
+    let (mut target_read, mut target_write) = tcp.split();
+    let Counts { up, down } = counts;
+    let upstream = async {
+        loop {
+            match recv.read_chunk(CHUNK, true).await {
+                Ok(Some(chunk)) => {
+                    target_write
+                        .write_all(&chunk.bytes)
+                        .await
+                        .map_err(RelayError::Target)?;
+                    *up += chunk.bytes.len() as u64;
+                }
+                Ok(None) => {
+                    // The client finished its side: half-close towards the target.
+                    return target_write.shutdown().await.map_err(RelayError::Target);
+                }
+                Err(e) => return Err(RelayError::Client(e.into())),
+            }
+        }
+    };
+    let downstream = async {
+        let mut buf = BytesMut::new();
+        loop {
+            buf.reserve(CHUNK);
+            let n = target_read
+                .read_buf(&mut buf)
+                .await
+                .map_err(RelayError::Target)?;
+            if n == 0 {
+                // The target finished its side: finish the stream towards the client.
+                return send.finish().map_err(|e| RelayError::Client(e.into()));
+            }
+            send.write_chunk(buf.split().freeze())
+                .await
+                .map_err(|e| RelayError::Client(e.into()))?;
+            *down += n as u64;
+        }
+    };
+    tokio::try_join!(upstream, downstream).map(|_| ())
+}

@@ -1,0 +1,440 @@
+//! State shared by the control loop and the session listener: the keys session tokens are
+//! checked against, the sessions this worker carries, activations awaiting the controller's
+//! answer, the outbox of messages to the controller, and whether the controller is reachable.
+//!
+//! Locks are `std` mutexes held for a few statements, never across an `.await`. When two are
+//! held, the sessions map is taken before a session's own lock.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ed25519_dalek::VerifyingKey;
+use postern_proto::cluster::WorkerMessage;
+use postern_proto::ids::SessionId;
+use postern_proto::session::close;
+use postern_proto::token::SessionClaims;
+use quinn::VarInt;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+/// Messages to the controller queued at most; beyond that, reports are dropped (and logged).
+pub(crate) const OUTBOX_CAPACITY: usize = 4096;
+/// How long a session's first connection waits for the controller's activation.
+const ACTIVATION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a cancelled session id is remembered, so a late connection cannot revive it.
+const CANCELLED_MEMORY: Duration = Duration::from_secs(3600);
+
+/// Keys whose session tokens this worker accepts, from the controller's hello.
+pub(crate) struct TrustedKeys {
+    pub(crate) keys: Vec<VerifyingKey>,
+    pub(crate) issuer: String,
+}
+
+/// Whether the control connection is up, and since when it is down.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum LinkState {
+    Up,
+    Down { since: Instant },
+}
+
+/// Why a session could not be activated.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ActivationError {
+    /// The controller refused the session (controller side).
+    #[error("{0}")]
+    Refused(String),
+    /// The controller could not be asked or did not answer (controller side).
+    #[error("{0}")]
+    Unavailable(&'static str),
+}
+
+/// Why a connection could not join a session.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AttachError {
+    /// The controller cancelled the session.
+    #[error("the session was cancelled")]
+    Cancelled,
+    /// The session is not active on this worker: activate it first.
+    #[error("the session is not active on this worker")]
+    NotActive,
+}
+
+/// Why a proxied connection may not open.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum OpenRefusal {
+    /// The session has ended.
+    #[error("the session has ended: {0}")]
+    Ended(String),
+    /// The session's connection limit is reached.
+    #[error("connection limit of {0} reached for this session")]
+    Limit(u32),
+}
+
+/// Everything the worker's tasks share.
+pub(crate) struct Shared {
+    name: String,
+    keys: RwLock<Option<Arc<TrustedKeys>>>,
+    sessions: Mutex<HashMap<SessionId, Arc<Session>>>,
+    cancelled: Mutex<HashMap<SessionId, Instant>>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Option<String>>>>,
+    next_request: AtomicU64,
+    outbox: mpsc::Sender<WorkerMessage>,
+    link: watch::Sender<LinkState>,
+}
+
+/// One session carried by this worker: its QUIC connections and its counters.
+pub(crate) struct Session {
+    pub(crate) id: SessionId,
+    /// The target, `host:port`.
+    pub(crate) endpoint: String,
+    limit: Option<u32>,
+    inner: Mutex<SessionInner>,
+}
+
+struct SessionInner {
+    conns: Vec<quinn::Connection>,
+    /// Proxied connections ever opened (what the limit counts).
+    opened: u32,
+    /// Proxied connections open now.
+    open_streams: u32,
+    /// Why the session ended, once it has.
+    ended: Option<String>,
+    expiry: Option<AbortHandle>,
+}
+
+/// A proxied connection counted in its session; dropping it uncounts it.
+pub(crate) struct StreamGuard {
+    session: Arc<Session>,
+}
+
+impl Shared {
+    pub(crate) fn new(name: String, outbox: mpsc::Sender<WorkerMessage>) -> Self {
+        Self {
+            name,
+            keys: RwLock::new(None),
+            sessions: Mutex::new(HashMap::new()),
+            cancelled: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            next_request: AtomicU64::new(1),
+            outbox,
+            link: watch::Sender::new(LinkState::Down {
+                since: Instant::now(),
+            }),
+        }
+    }
+
+    /// This worker's name.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn keys(&self) -> Option<Arc<TrustedKeys>> {
+        self.keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn set_keys(&self, keys: TrustedKeys) {
+        *self.keys.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(keys));
+    }
+
+    // --- the control link -------------------------------------------------------------
+
+    pub(crate) fn link(&self) -> watch::Receiver<LinkState> {
+        self.link.subscribe()
+    }
+
+    pub(crate) fn set_link_up(&self) {
+        self.link.send_replace(LinkState::Up);
+    }
+
+    /// Marks the link down (keeping the earlier time if it already was) and fails every
+    /// activation still waiting for an answer.
+    pub(crate) fn set_link_down(&self) {
+        self.link.send_if_modified(|state| match state {
+            LinkState::Up => {
+                *state = LinkState::Down {
+                    since: Instant::now(),
+                };
+                true
+            }
+            LinkState::Down { .. } => false,
+        });
+        lock(&self.pending).clear();
+    }
+
+    fn link_is_up(&self) -> bool {
+        matches!(*self.link.borrow(), LinkState::Up)
+    }
+
+    /// Queues a message for the controller; it is sent when the link is (back) up.
+    pub(crate) fn report(&self, msg: WorkerMessage) {
+        if let Err(e) = self.outbox.try_send(msg) {
+            let why = e.to_string();
+            tracing::warn!(
+                "dropping a report to the controller ({why}): {:?}",
+                e.into_inner()
+            );
+        }
+    }
+
+    // --- activation ---------------------------------------------------------------------
+
+    /// Asks the controller whether the session may start.
+    pub(crate) async fn activate(&self, session_id: &SessionId) -> Result<(), ActivationError> {
+        if !self.link_is_up() {
+            return Err(ActivationError::Unavailable(
+                "the worker is not connected to its controller",
+            ));
+        }
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, tx);
+        let msg = WorkerMessage::Activate {
+            id,
+            session_id: session_id.clone(),
+        };
+        if self.outbox.try_send(msg).is_err() {
+            lock(&self.pending).remove(&id);
+            return Err(ActivationError::Unavailable(
+                "the worker's queue to its controller is full",
+            ));
+        }
+        let answer = tokio::time::timeout(ACTIVATION_TIMEOUT, rx).await;
+        lock(&self.pending).remove(&id);
+        match answer {
+            Ok(Ok(None)) => Ok(()),
+            Ok(Ok(Some(reason))) => Err(ActivationError::Refused(reason)),
+            Ok(Err(_)) => Err(ActivationError::Unavailable(
+                "the worker lost its controller while activating the session",
+            )),
+            Err(_) => Err(ActivationError::Unavailable(
+                "the controller did not answer the activation within 5 s",
+            )),
+        }
+    }
+
+    /// Is activation request `id` still awaited? (A request queued while the link was down
+    /// and already given up on is not sent.)
+    pub(crate) fn activation_awaited(&self, id: u64) -> bool {
+        lock(&self.pending).contains_key(&id)
+    }
+
+    /// Completes activation request `id` with the controller's answer.
+    pub(crate) fn complete_activation(&self, id: u64, refused: Option<String>) {
+        match lock(&self.pending).remove(&id) {
+            Some(tx) => {
+                let _ = tx.send(refused);
+            }
+            None => tracing::debug!(id, "answer to an activation no longer awaited"),
+        }
+    }
+
+    // --- sessions -----------------------------------------------------------------------
+
+    /// Ids of the sessions carried now.
+    pub(crate) fn session_ids(&self) -> Vec<SessionId> {
+        lock(&self.sessions).keys().cloned().collect()
+    }
+
+    /// Sessions and proxied connections carried now.
+    pub(crate) fn load(&self) -> (u32, u32) {
+        let sessions = lock(&self.sessions);
+        let conns = sessions.values().map(|s| lock(&s.inner).open_streams).sum();
+        (count(sessions.len()), conns)
+    }
+
+    /// Adds `conn` to its session if this worker carries it; otherwise, if the controller
+    /// has just `activated` it, creates the session (and its expiry timer).
+    pub(crate) fn attach(
+        self: &Arc<Self>,
+        claims: &SessionClaims,
+        conn: &quinn::Connection,
+        activated: bool,
+    ) -> Result<Arc<Session>, AttachError> {
+        let mut sessions = lock(&self.sessions);
+        if lock(&self.cancelled).contains_key(&claims.sid) {
+            return Err(AttachError::Cancelled);
+        }
+        if let Some(session) = sessions.get(&claims.sid) {
+            let mut inner = lock(&session.inner);
+            if inner.ended.is_none() {
+                inner.conns.push(conn.clone());
+                return Ok(session.clone());
+            }
+        }
+        if !activated {
+            return Err(AttachError::NotActive);
+        }
+        let session = Arc::new(Session {
+            id: claims.sid.clone(),
+            endpoint: claims.endpoint.clone(),
+            limit: claims.connection_limit,
+            inner: Mutex::new(SessionInner {
+                conns: vec![conn.clone()],
+                opened: 0,
+                open_streams: 0,
+                ended: None,
+                expiry: None,
+            }),
+        });
+        let shared = self.clone();
+        let id = claims.sid.clone();
+        let delay = until_unix(claims.exp);
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            tracing::info!(session = %id, "session expired");
+            shared.end_session(&id, close::EXPIRED, "session expired", Some("expired"));
+        });
+        lock(&session.inner).expiry = Some(timer.abort_handle());
+        sessions.insert(claims.sid.clone(), session.clone());
+        Ok(session)
+    }
+
+    /// Removes `conn` from its session; the session ends when its last connection does.
+    pub(crate) fn detach(&self, session: &Arc<Session>, conn: &quinn::Connection, reason: &str) {
+        let ended_now = {
+            let mut sessions = lock(&self.sessions);
+            let mut inner = lock(&session.inner);
+            let stable_id = conn.stable_id();
+            inner.conns.retain(|c| c.stable_id() != stable_id);
+            if !inner.conns.is_empty() || inner.ended.is_some() {
+                false
+            } else {
+                inner.ended = Some(reason.to_owned());
+                if let Some(timer) = inner.expiry.take() {
+                    timer.abort();
+                }
+                if sessions
+                    .get(&session.id)
+                    .is_some_and(|s| Arc::ptr_eq(s, session))
+                {
+                    sessions.remove(&session.id);
+                }
+                true
+            }
+        };
+        if ended_now {
+            tracing::info!(session = %session.id, reason, "session closed");
+            self.report(WorkerMessage::SessionClosed {
+                session_id: session.id.clone(),
+                reason: reason.to_owned(),
+            });
+        }
+    }
+
+    /// Remembers that the controller cancelled `id`, so that it is not (re)started here.
+    pub(crate) fn forget_cancelled(&self, id: &SessionId) {
+        let mut cancelled = lock(&self.cancelled);
+        let now = Instant::now();
+        cancelled.retain(|_, at| now.duration_since(*at) < CANCELLED_MEMORY);
+        cancelled.insert(id.clone(), now);
+    }
+
+    /// Ends session `id`: closes its QUIC connections with `code` and `reason` (which also
+    /// ends its relays and target sockets) and, with `report`, tells the controller.
+    /// Returns how many proxied connections were cut, or `None` if there is no such session.
+    pub(crate) fn end_session(
+        &self,
+        id: &SessionId,
+        code: u32,
+        reason: &str,
+        report: Option<&str>,
+    ) -> Option<u32> {
+        let session = lock(&self.sessions).remove(id)?;
+        Some(self.end(&session, code, reason, report))
+    }
+
+    /// Ends every session; returns how many there were.
+    pub(crate) fn end_all(&self, code: u32, reason: &str, report: Option<&str>) -> usize {
+        let all: Vec<_> = lock(&self.sessions).drain().map(|(_, s)| s).collect();
+        for session in &all {
+            self.end(session, code, reason, report);
+        }
+        all.len()
+    }
+
+    fn end(&self, session: &Session, code: u32, reason: &str, report: Option<&str>) -> u32 {
+        let (conns, cut) = {
+            let mut inner = lock(&session.inner);
+            if inner.ended.is_none() {
+                inner.ended = Some(reason.to_owned());
+            }
+            if let Some(timer) = inner.expiry.take() {
+                timer.abort();
+            }
+            (std::mem::take(&mut inner.conns), inner.open_streams)
+        };
+        for conn in conns {
+            conn.close(VarInt::from_u32(code), reason.as_bytes());
+        }
+        if let Some(report) = report {
+            self.report(WorkerMessage::SessionClosed {
+                session_id: session.id.clone(),
+                reason: report.to_owned(),
+            });
+        }
+        cut
+    }
+}
+
+impl Session {
+    /// Counts a new proxied connection, if the session is live and under its limit.
+    pub(crate) fn open_stream(self: &Arc<Self>) -> Result<StreamGuard, OpenRefusal> {
+        let mut inner = lock(&self.inner);
+        if let Some(reason) = &inner.ended {
+            return Err(OpenRefusal::Ended(reason.clone()));
+        }
+        if let Some(limit) = self.limit {
+            if inner.opened >= limit {
+                return Err(OpenRefusal::Limit(limit));
+            }
+        }
+        inner.opened += 1;
+        inner.open_streams += 1;
+        Ok(StreamGuard {
+            session: self.clone(),
+        })
+    }
+
+    /// Why the session ended, if it has.
+    pub(crate) fn ended(&self) -> Option<String> {
+        lock(&self.inner).ended.clone()
+    }
+}
+
+impl StreamGuard {
+    /// The target could not be reached: this attempt does not count towards the limit.
+    pub(crate) fn release_attempt(&self) {
+        let mut inner = lock(&self.session.inner);
+        inner.opened = inner.opened.saturating_sub(1);
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let mut inner = lock(&self.session.inner);
+        inner.open_streams = inner.open_streams.saturating_sub(1);
+    }
+}
+
+/// Locks `m`, going on if a panicking thread poisoned it (the data stays consistent: every
+/// critical section is a few infallible statements).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Time from now until Unix second `secs` (zero if past).
+fn until_unix(secs: i64) -> Duration {
+    let at = UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0));
+    at.duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO)
+}
