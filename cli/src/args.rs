@@ -63,6 +63,9 @@ pub enum Command {
     /// Manage targets (databases, servers, services).
     #[command(subcommand)]
     Targets(TargetsCmd),
+    /// Set, show or remove the credential a target's sessions use (never shown to users).
+    #[command(subcommand)]
+    Credentials(CredentialsCmd),
     /// Manage users.
     #[command(subcommand)]
     Users(UsersCmd),
@@ -86,6 +89,36 @@ pub enum Command {
     Audit(AuditCmd),
     /// Run a controller and a worker in this process, on loopback, for trying Postern out.
     Dev(DevArgs),
+}
+
+/// `postern credentials …`.
+#[derive(Debug, Subcommand)]
+pub enum CredentialsCmd {
+    /// Store the credential the worker injects into TARGET's connections.
+    #[command(group(clap::ArgGroup::new("secret").required(true).args(["password_stdin", "ssh_key"])))]
+    Set {
+        /// Target name.
+        target: String,
+        /// User name on the target (database user, SSH login).
+        #[arg(long, short)]
+        username: String,
+        /// Read a password from the first line of stdin.
+        #[arg(long)]
+        password_stdin: bool,
+        /// An SSH private key file (OpenSSH format).
+        #[arg(long, value_name = "FILE")]
+        ssh_key: Option<std::path::PathBuf>,
+    },
+    /// Show a target's credential kind and user name (never the secret).
+    Show {
+        /// Target name.
+        target: String,
+    },
+    /// Remove a target's credential.
+    Delete {
+        /// Target name.
+        target: String,
+    },
 }
 
 /// `postern login`.
@@ -311,6 +344,10 @@ pub struct RuleArgs {
     /// Label KEY=VALUE a target must carry (repeatable; all must match).
     #[arg(long = "label", short = 'l', value_parser = parse_kv, value_name = "KEY=VALUE")]
     pub labels: Vec<(String, String)>,
+    /// For connect: a login on the target (SSH user, database user) the rule covers
+    /// (repeatable; `*` for any).
+    #[arg(long = "login", value_name = "LOGIN")]
+    pub logins: Vec<String>,
 }
 
 /// A parsed, non-empty list of actions.

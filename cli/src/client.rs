@@ -153,6 +153,16 @@ impl ApiClient {
         Ok(())
     }
 
+    /// `PUT` a JSON body.
+    pub async fn put<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &[&str],
+        body: &B,
+    ) -> Result<T, ApiError> {
+        let resp = self.send(Method::PUT, path, &[], Some(body)).await?;
+        json(resp, path).await
+    }
+
     /// `PATCH` a JSON body.
     pub async fn patch<B: Serialize, T: DeserializeOwned>(
         &self,

@@ -15,9 +15,11 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use postern_proto::cluster::{ControllerHello, ControllerMessage, WorkerHello, WorkerMessage};
+use postern_proto::cluster::{
+    ControllerHello, ControllerMessage, Credential, SessionGrant, WorkerHello, WorkerMessage,
+};
 use postern_proto::frame;
-use postern_proto::ids::SessionId;
+use postern_proto::ids::{Secret, SessionId};
 
 use crate::keys::{fingerprint, KeyError, RootKeys};
 use crate::policy::{self, SourcedRule, TargetRef};
@@ -286,13 +288,23 @@ async fn handle(
             let (state, worker, tx) = (state.clone(), worker.to_owned(), tx.clone());
             // Activations run concurrently: one slow store call must not hold up the others.
             tokio::spawn(async move {
-                let refused = match activation_refusal(&state, &worker, &session_id).await {
+                let mut refused = match activation_refusal(&state, &worker, &session_id).await {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::error!(error = %e, "activation failed");
                         Some("controller store failure".into())
                     }
                 };
+                let mut grant = None;
+                if refused.is_none() {
+                    match session_grant(&state, &session_id).await {
+                        Ok(g) => grant = Some(g),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot prepare the session grant");
+                            refused = Some(format!("controller cannot prepare the session: {e}"));
+                        }
+                    }
+                }
                 let outcome = if refused.is_some() {
                     "denied"
                 } else {
@@ -309,7 +321,7 @@ async fn handle(
                         json!({"worker": worker, "refused": refused, "target": target}),
                     )
                     .await;
-                let _ = tx.send(ControllerMessage::Activated { id, refused });
+                let _ = tx.send(ControllerMessage::Activated { id, refused, grant });
             });
         }
         WorkerMessage::ConnectionClosed {
@@ -356,6 +368,25 @@ async fn handle(
                     &format!("session:{session_id}"),
                     "success",
                     json!({"connections_cut": connections_cut}),
+                )
+                .await;
+        }
+        WorkerMessage::Audit {
+            session_id,
+            action,
+            details,
+        } => {
+            let actor = match state.store.session(session_id.as_str()).await {
+                Ok(s) => s.user,
+                Err(_) => format!("worker:{worker}"),
+            };
+            let _ = state
+                .audit(
+                    &actor,
+                    &action,
+                    &format!("session:{session_id}"),
+                    "success",
+                    details,
                 )
                 .await;
         }
@@ -429,6 +460,42 @@ async fn activation_refusal(
         return Ok(Some("session can no longer be activated".into()));
     }
     Ok(None)
+}
+
+/// What the worker needs for an activated session: the target's brokered credential, unsealed.
+async fn session_grant(state: &AppState, session_id: &SessionId) -> Result<SessionGrant, String> {
+    let s = state
+        .store
+        .session(session_id.as_str())
+        .await
+        .map_err(|e| e.to_string())?;
+    let Some((kind, username, sealed)) = state
+        .store
+        .credential(&s.target)
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok(SessionGrant::default());
+    };
+    let secret = state
+        .kek
+        .open(&crate::api::credential_purpose(&s.target), &sealed)
+        .map_err(|e| e.to_string())?;
+    let secret =
+        Secret(String::from_utf8(secret).map_err(|_| "stored credential is not text".to_string())?);
+    let credential = match kind.as_str() {
+        "ssh_key" => Credential::SshPrivateKey {
+            username,
+            private_key_pem: secret,
+        },
+        _ => Credential::Password {
+            username,
+            password: secret,
+        },
+    };
+    Ok(SessionGrant {
+        credential: Some(credential),
+    })
 }
 
 fn peer_fingerprint(conn: &quinn::Connection) -> Option<String> {

@@ -75,7 +75,8 @@ impl Kek {
         B64.encode(bytes)
     }
 
-    fn seal(&self, purpose: &str, plaintext: &[u8]) -> String {
+    /// Encrypts `plaintext`, bound to `purpose` (AAD), as base64(nonce ‖ ciphertext ‖ tag).
+    pub fn seal(&self, purpose: &str, plaintext: &[u8]) -> String {
         let mut nonce = [0u8; NONCE_LEN];
         fill_random(&mut nonce);
         let mut buf = plaintext.to_vec();
@@ -90,7 +91,8 @@ impl Kek {
         B64.encode(out)
     }
 
-    fn open(&self, purpose: &str, sealed: &str) -> Result<Vec<u8>, KeyError> {
+    /// Decrypts what [`Kek::seal`] produced for the same `purpose`.
+    pub fn open(&self, purpose: &str, sealed: &str) -> Result<Vec<u8>, KeyError> {
         let bad = || KeyError::Unseal(purpose.to_owned());
         let bytes = B64.decode(sealed).map_err(|_| bad())?;
         if bytes.len() < NONCE_LEN {

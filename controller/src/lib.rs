@@ -148,6 +148,7 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
     let state = AppState::new(Inner {
         store,
         keys,
+        kek,
         issuer,
         token_ttl: config.token_ttl,
         instance: format!("controller-{}", postern_proto::ids::random_base32(8)),
@@ -252,6 +253,7 @@ async fn bootstrap_admin(store: &Store) -> Result<Option<Bootstrap>, StartError>
                     actions: vec!["*".into()],
                     targets: None,
                     labels: Default::default(),
+                    logins: Vec::new(),
                 },
             )
             .await?;

@@ -67,11 +67,9 @@ pub fn check(
     target: Option<TargetRef<'_>>,
 ) -> Result<Granted, Denied> {
     let applies = |r: &&SourcedRule| rule_applies(&r.rule, action, target);
-    if let Some(deny) = rules
-        .iter()
-        .filter(|r| r.rule.effect == Effect::Deny)
-        .find(applies)
-    {
+    // A deny rule that names logins refuses only those logins (see `check_login`).
+    let denies = |r: &&SourcedRule| r.rule.effect == Effect::Deny && r.rule.logins.is_empty();
+    if let Some(deny) = rules.iter().filter(denies).find(applies) {
         let rule = describe(deny);
         return Err(Denied {
             action: action.to_owned(),
@@ -96,6 +94,51 @@ pub fn check(
             "missing permission '{action}'{}: no role bound to the user allows it",
             on(target)
         ),
+    })
+}
+
+/// May the user connect to `target` as `login` (an SSH user, a database user)? An allow rule
+/// for `connect` on the target must list the login (or `*`); a deny rule for `connect` on the
+/// target that lists it (or `*`) refuses it. Call after `check(…, "connect", …)` allowed.
+pub fn check_login(
+    rules: &[SourcedRule],
+    target: TargetRef<'_>,
+    login: &str,
+) -> Result<Granted, Denied> {
+    let applies = |r: &&SourcedRule| {
+        rule_applies(&r.rule, "connect", Some(target))
+            && r.rule.logins.iter().any(|l| l == "*" || l == login)
+    };
+    let action = format!("connect as '{login}'");
+    if let Some(deny) = rules
+        .iter()
+        .filter(|r| r.rule.effect == Effect::Deny)
+        .find(applies)
+    {
+        let rule = describe(deny);
+        return Err(Denied {
+            reason: format!("{action} on target '{}' is denied by {rule}", target.name),
+            action,
+            rule: Some(rule),
+        });
+    }
+    if let Some(allow) = rules
+        .iter()
+        .filter(|r| r.rule.effect == Effect::Allow)
+        .find(applies)
+    {
+        return Ok(Granted {
+            action,
+            rule: describe(allow),
+        });
+    }
+    Err(Denied {
+        reason: format!(
+            "login '{login}' on target '{}' is not permitted: no role's connect rule lists it in its logins",
+            target.name
+        ),
+        action,
+        rule: None,
     })
 }
 
@@ -132,6 +175,9 @@ pub fn summarize(rule: &Rule) -> String {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         s.push_str(&format!(" [{}]", labels.join(",")));
+    }
+    if !rule.logins.is_empty() {
+        s.push_str(&format!(" as {}", rule.logins.join(",")));
     }
     s
 }

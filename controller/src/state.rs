@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cluster::Registry;
-use crate::keys::RootKeys;
+use crate::keys::{Kek, RootKeys};
 use crate::store::{Store, StoreError};
 
 /// Cheap-to-clone handle on the controller's shared state.
@@ -19,6 +19,8 @@ pub struct Inner {
     pub store: Store,
     /// Root keys.
     pub keys: RootKeys,
+    /// Key-encryption key: seals brokered credentials.
+    pub kek: Kek,
     /// Token issuer: the cluster id.
     pub issuer: String,
     /// Lifetime of login tokens.

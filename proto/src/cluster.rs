@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{SessionId, WorkerName};
+use crate::ids::{Secret, SessionId, WorkerName};
 
 /// First frame on the control stream, from the worker.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,6 +73,16 @@ pub enum WorkerMessage {
         /// How many open connections were cut.
         connections_cut: u32,
     },
+    /// Something that happened inside a session and belongs in the audit log (an SQL
+    /// statement, an SSH exec).
+    Audit {
+        /// The session.
+        session_id: SessionId,
+        /// Action name, e.g. `postgres.query`, `ssh.exec`.
+        action: String,
+        /// Details (statement text, database, …).
+        details: serde_json::Value,
+    },
     /// Keep-alive with load figures.
     Heartbeat {
         /// Sessions carried now.
@@ -93,6 +103,9 @@ pub enum ControllerMessage {
         id: u64,
         /// `None` when the session may start; otherwise why not.
         refused: Option<String>,
+        /// What the worker needs to carry the session (present when not refused).
+        #[serde(default)]
+        grant: Option<SessionGrant>,
     },
     /// End a session now, cutting its connections.
     CancelSession {
@@ -134,4 +147,45 @@ pub struct RegisterResponse {
 pub struct ClusterInfo {
     /// Controller cluster addresses (`host:port`).
     pub cluster_addrs: Vec<String>,
+}
+
+/// What the controller hands a worker when it activates a session: what the protocol
+/// proxies need and the client must never see. Kept in memory for the session only.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SessionGrant {
+    /// The brokered credential for the target, if one is configured.
+    #[serde(default)]
+    pub credential: Option<Credential>,
+}
+
+/// A brokered target credential. `Debug` hides the secrets ([`Secret`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Credential {
+    /// A user name and password (PostgreSQL SCRAM-SHA-256 / MD5, SSH password).
+    Password {
+        /// User name on the target.
+        username: String,
+        /// The password.
+        password: Secret,
+    },
+    /// An SSH private key (OpenSSH PEM) and the login it opens.
+    SshPrivateKey {
+        /// Login on the target.
+        username: String,
+        /// OpenSSH private key, PEM.
+        private_key_pem: Secret,
+    },
+}
+
+impl Credential {
+    /// The user name the credential authenticates as.
+    pub fn username(&self) -> &str {
+        match self {
+            Credential::Password { username, .. } | Credential::SshPrivateKey { username, .. } => {
+                username
+            }
+        }
+    }
 }

@@ -44,6 +44,10 @@ pub struct SessionClaims {
     pub exp: i64,
     /// Maximum number of TCP connections in the session; `None` is unlimited.
     pub connection_limit: Option<u32>,
+    /// The login on the target (SSH user, database user) the session was authorized for;
+    /// `None` means the brokered credential's own user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<String>,
     /// Confirmation: the client key the token is bound to.
     pub cnf: Confirmation,
 }
@@ -171,6 +175,7 @@ mod tests {
             iat: 1000,
             exp,
             connection_limit: None,
+            login: None,
             cnf: Confirmation {
                 spki_s256: spki_thumbprint(spki),
             },

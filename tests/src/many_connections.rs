@@ -29,6 +29,7 @@ async fn fifty_parallel_connections_keep_their_bytes() {
             Some(&AuthorizeRequest {
                 client_spki: key.spki_b64().into(),
                 duration_secs: None,
+                login: None,
             }),
         )
         .await;

@@ -17,6 +17,7 @@ async fn authorize(api: &Api, target: &str) -> Result<Authorization, ApiFailure>
         Some(&AuthorizeRequest {
             client_spki: key.spki_b64().into(),
             duration_secs: None,
+            login: None,
         }),
     )
     .await

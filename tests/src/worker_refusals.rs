@@ -25,6 +25,7 @@ async fn authorize(c: &Cluster, key: &ClientKey) -> Authorization {
             Some(&AuthorizeRequest {
                 client_spki: key.spki_b64().into(),
                 duration_secs: None,
+                login: None,
             }),
         )
         .await

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep, timeout, Instant};
 
 use crate::frames::{read_frame, write_frame, ReadFrameError, WriteFrameError};
-use crate::state::{LinkState, Shared, TrustedKeys};
+use crate::state::{Activation, LinkState, Shared, TrustedKeys};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
@@ -275,8 +275,12 @@ async fn read_loop(shared: &Shared, recv: &mut RecvStream) -> ControlError {
             Err(e) => return e.into(),
         };
         match msg {
-            ControllerMessage::Activated { id, refused } => {
-                shared.complete_activation(id, refused);
+            ControllerMessage::Activated { id, refused, grant } => {
+                let answer = match refused {
+                    Some(reason) => Activation::Refused(reason),
+                    None => Activation::Granted(grant.unwrap_or_default()),
+                };
+                shared.complete_activation(id, answer);
             }
             ControllerMessage::CancelSession { session_id, reason } => {
                 shared.forget_cancelled(&session_id);

@@ -206,19 +206,21 @@ async fn check_hello(
     let claims = verify_token(shared, &hello.token, spki)?;
     // A further connection of a session this worker carries (a client reconnecting) joins
     // it without asking the controller again.
-    let mut activated = false;
+    let mut activated = None;
+    let mut asked = false;
     let session = loop {
-        match shared.attach(&claims, conn, activated) {
+        match shared.attach(&claims, conn, activated.take()) {
             Ok(session) => break session,
-            Err(AttachError::NotActive) if !activated => {
-                shared.activate(&claims.sid).await.map_err(|e| match e {
+            Err(AttachError::NotActive) if !asked => {
+                asked = true;
+                let grant = shared.activate(&claims.sid).await.map_err(|e| match e {
                     ActivationError::Refused(reason) => Refusal::new(RefusalCode::Revoked, reason),
                     ActivationError::Unavailable(why) => Refusal::new(
                         RefusalCode::ControllerUnavailable,
                         format!("cannot activate the session: {why}"),
                     ),
                 })?;
-                activated = true;
+                activated = Some(grant);
             }
             Err(e) => return Err(Refusal::new(RefusalCode::Revoked, e.to_string()).into()),
         }

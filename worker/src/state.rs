@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::VerifyingKey;
-use postern_proto::cluster::WorkerMessage;
+use postern_proto::cluster::{SessionGrant, WorkerMessage};
 use postern_proto::ids::SessionId;
 use postern_proto::session::close;
 use postern_proto::token::SessionClaims;
@@ -73,13 +73,21 @@ pub(crate) enum OpenRefusal {
     Limit(u32),
 }
 
+/// The controller's answer to an activation.
+pub(crate) enum Activation {
+    /// The session may start; with what the proxies need.
+    Granted(SessionGrant),
+    /// Refused, with the reason.
+    Refused(String),
+}
+
 /// Everything the worker's tasks share.
 pub(crate) struct Shared {
     name: String,
     keys: RwLock<Option<Arc<TrustedKeys>>>,
     sessions: Mutex<HashMap<SessionId, Arc<Session>>>,
     cancelled: Mutex<HashMap<SessionId, Instant>>,
-    pending: Mutex<HashMap<u64, oneshot::Sender<Option<String>>>>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Activation>>>,
     next_request: AtomicU64,
     outbox: mpsc::Sender<WorkerMessage>,
     link: watch::Sender<LinkState>,
@@ -90,6 +98,18 @@ pub(crate) struct Session {
     pub(crate) id: SessionId,
     /// The target, `host:port`.
     pub(crate) endpoint: String,
+    /// The verified claims of the session's token (user, target, protocol, login).
+    #[expect(
+        dead_code,
+        reason = "read by the ssh and postgres proxies, landing next"
+    )]
+    pub(crate) claims: SessionClaims,
+    /// What the controller granted at activation (brokered credential); memory only.
+    #[expect(
+        dead_code,
+        reason = "read by the ssh and postgres proxies, landing next"
+    )]
+    pub(crate) grant: SessionGrant,
     limit: Option<u32>,
     inner: Mutex<SessionInner>,
 }
@@ -185,7 +205,10 @@ impl Shared {
     // --- activation ---------------------------------------------------------------------
 
     /// Asks the controller whether the session may start.
-    pub(crate) async fn activate(&self, session_id: &SessionId) -> Result<(), ActivationError> {
+    pub(crate) async fn activate(
+        &self,
+        session_id: &SessionId,
+    ) -> Result<SessionGrant, ActivationError> {
         if !self.link_is_up() {
             return Err(ActivationError::Unavailable(
                 "the worker is not connected to its controller",
@@ -207,8 +230,8 @@ impl Shared {
         let answer = tokio::time::timeout(ACTIVATION_TIMEOUT, rx).await;
         lock(&self.pending).remove(&id);
         match answer {
-            Ok(Ok(None)) => Ok(()),
-            Ok(Ok(Some(reason))) => Err(ActivationError::Refused(reason)),
+            Ok(Ok(Activation::Granted(grant))) => Ok(grant),
+            Ok(Ok(Activation::Refused(reason))) => Err(ActivationError::Refused(reason)),
             Ok(Err(_)) => Err(ActivationError::Unavailable(
                 "the worker lost its controller while activating the session",
             )),
@@ -225,10 +248,10 @@ impl Shared {
     }
 
     /// Completes activation request `id` with the controller's answer.
-    pub(crate) fn complete_activation(&self, id: u64, refused: Option<String>) {
+    pub(crate) fn complete_activation(&self, id: u64, answer: Activation) {
         match lock(&self.pending).remove(&id) {
             Some(tx) => {
-                let _ = tx.send(refused);
+                let _ = tx.send(answer);
             }
             None => tracing::debug!(id, "answer to an activation no longer awaited"),
         }
@@ -254,7 +277,7 @@ impl Shared {
         self: &Arc<Self>,
         claims: &SessionClaims,
         conn: &quinn::Connection,
-        activated: bool,
+        activated: Option<SessionGrant>,
     ) -> Result<Arc<Session>, AttachError> {
         let mut sessions = lock(&self.sessions);
         if lock(&self.cancelled).contains_key(&claims.sid) {
@@ -267,12 +290,14 @@ impl Shared {
                 return Ok(session.clone());
             }
         }
-        if !activated {
+        let Some(grant) = activated else {
             return Err(AttachError::NotActive);
-        }
+        };
         let session = Arc::new(Session {
             id: claims.sid.clone(),
             endpoint: claims.endpoint.clone(),
+            claims: claims.clone(),
+            grant,
             limit: claims.connection_limit,
             inner: Mutex::new(SessionInner {
                 conns: vec![conn.clone()],

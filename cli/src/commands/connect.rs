@@ -36,6 +36,7 @@ pub async fn run(ctx: &Ctx, args: ConnectArgs) -> Result<ExitCode> {
                 &AuthorizeRequest {
                     client_spki: key.spki_b64().to_owned(),
                     duration_secs: args.duration,
+                    login: None,
                 },
             )
             .await?;

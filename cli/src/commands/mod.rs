@@ -4,6 +4,7 @@
 mod audit;
 mod auth;
 mod connect;
+mod credentials;
 mod groups;
 mod policy;
 mod roles;
@@ -86,6 +87,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Whoami => auth::whoami(&ctx).await,
         Command::Connect(args) => connect::run(&ctx, args).await,
         Command::Targets(cmd) => targets::run(&ctx, cmd).await,
+        Command::Credentials(cmd) => credentials::run(&ctx, cmd).await,
         Command::Users(cmd) => users::run(&ctx, cmd).await,
         Command::Groups(cmd) => groups::run(&ctx, cmd).await,
         Command::Roles(cmd) => roles::run(&ctx, cmd).await,

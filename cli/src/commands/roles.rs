@@ -74,6 +74,7 @@ async fn add_rule(
         actions: a.actions.0,
         targets: a.targets,
         labels: kv_map(&a.labels),
+        logins: a.logins,
     };
     let done = format!("Added to role {}: {}.", a.role, describe_rule(&rule));
     let role: Role = api.post(&["v1", "roles", &a.role, "rules"], &rule).await?;
@@ -128,6 +129,10 @@ fn describe_rule(r: &Rule) -> String {
     if !r.labels.is_empty() {
         s.push_str(" with ");
         s.push_str(&kv_list(&r.labels));
+    }
+    if !r.logins.is_empty() {
+        s.push_str(" as ");
+        s.push_str(&r.logins.join(","));
     }
     s
 }

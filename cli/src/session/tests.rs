@@ -195,6 +195,7 @@ async fn fake_worker(script: Script) -> (Authorization, mpsc::UnboundedReceiver<
         target: "echo".into(),
         protocol: TargetType::Tcp,
         connection_limit: None,
+        login: None,
     };
     (auth, seen_rx)
 }

@@ -14,6 +14,7 @@ use axum::Router;
 
 pub use caller::Caller;
 pub use error::{check_name, ApiError};
+pub(crate) use targets::credential_purpose;
 
 use crate::state::AppState;
 
@@ -71,6 +72,12 @@ pub fn router(state: AppState) -> Router {
                 .delete(targets::delete),
         )
         .route("/v1/targets/{name}/authorize", post(targets::authorize))
+        .route(
+            "/v1/targets/{name}/credential",
+            get(targets::show_credential)
+                .put(targets::set_credential)
+                .delete(targets::delete_credential),
+        )
         .route("/v1/workers", get(workers::list).post(workers::create))
         .route("/v1/workers/register", post(workers::register))
         .route("/v1/workers/{name}", axum::routing::delete(workers::delete))

@@ -11,7 +11,8 @@ use postern_proto::ids::SessionId;
 use postern_proto::token::{self, Confirmation, SessionClaims};
 
 use super::types::{
-    Authorization, AuthorizeRequest, CreateTarget, Target, TargetType, UpdateTarget, WorkerEndpoint,
+    Authorization, AuthorizeRequest, CreateTarget, CredentialInfo, CredentialKind, SetCredential,
+    Target, TargetType, UpdateTarget, WorkerEndpoint,
 };
 use super::{check_name, ApiError, Caller};
 use crate::policy::TargetRef;
@@ -207,6 +208,34 @@ pub async fn authorize(
         .duration_secs
         .unwrap_or(target.default_duration_secs)
         .clamp(1, target.max_duration_secs);
+    // A login other than the brokered credential's own user must be permitted by name.
+    if let Some(login) = &req.login {
+        let own = state
+            .store
+            .credential(&target.name)
+            .await?
+            .map(|(_, user, _)| user);
+        if own.as_deref() != Some(login.as_str()) {
+            if let Err(denied) =
+                crate::policy::check_login(&caller.rules, target_ref(&target), login)
+            {
+                state
+                    .audit(
+                        caller.name(),
+                        "session.denied",
+                        &resource,
+                        "denied",
+                        json!({"reason": denied.reason, "rule": denied.rule, "login": login}),
+                    )
+                    .await?;
+                return Err(ApiError::Forbidden(format!(
+                    "permission denied for user '{}': {}",
+                    caller.name(),
+                    denied.reason
+                )));
+            }
+        }
+    }
 
     let worker = pick_worker(&state, &target).await?;
     let worker_addr = worker.session_addr.clone().ok_or_else(|| {
@@ -228,6 +257,7 @@ pub async fn authorize(
         iat,
         exp: iat + duration as i64,
         connection_limit: target.connection_limit,
+        login: req.login.clone(),
         cnf: Confirmation {
             spki_s256: token::spki_thumbprint(&spki),
         },
@@ -249,7 +279,7 @@ pub async fn authorize(
             "session.authorize",
             &resource,
             "success",
-            json!({"session": session_id, "worker": worker.name, "expires_at": claims.exp}),
+            json!({"session": session_id, "worker": worker.name, "expires_at": claims.exp, "login": req.login}),
         )
         .await?;
     Ok(Json(Authorization {
@@ -265,6 +295,7 @@ pub async fn authorize(
         target: target.name,
         protocol: target.kind,
         connection_limit: target.connection_limit,
+        login: req.login,
     }))
 }
 
@@ -311,4 +342,112 @@ async fn pick_worker(state: &AppState, target: &Target) -> Result<WorkerRow, Api
         .into_iter()
         .nth(i)
         .ok_or_else(|| ApiError::Internal("worker choice".into()))
+}
+
+/// Sealing purpose of a target's credential: a sealed secret opens only for its target.
+pub(crate) fn credential_purpose(target: &str) -> String {
+    format!("credential:{target}")
+}
+
+/// `PUT /v1/targets/{name}/credential`: stores the brokered credential, sealed.
+pub async fn set_credential(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Json(req): Json<SetCredential>,
+) -> ApiResult<CredentialInfo> {
+    caller.require(&state, "targets:write", None).await?;
+    if req.username.is_empty()
+        || req.username.len() > 128
+        || req.username.contains(char::is_control)
+    {
+        return Err(ApiError::BadRequest(
+            "credential username must be 1-128 printable characters".into(),
+        ));
+    }
+    if req.secret.is_empty() || req.secret.len() > 16 * 1024 {
+        return Err(ApiError::BadRequest(
+            "credential secret must be 1 byte to 16 KiB".into(),
+        ));
+    }
+    if req.kind == CredentialKind::SshKey && !req.secret.contains("PRIVATE KEY") {
+        return Err(ApiError::BadRequest(
+            "ssh_key secret must be a PEM/OpenSSH private key".into(),
+        ));
+    }
+    let kind = match req.kind {
+        CredentialKind::Password => "password",
+        CredentialKind::SshKey => "ssh_key",
+    };
+    let sealed = state
+        .kek
+        .seal(&credential_purpose(&name), req.secret.as_bytes());
+    state
+        .store
+        .set_credential(&name, kind, &req.username, &sealed)
+        .await?;
+    state
+        .audit(
+            caller.name(),
+            "credential.set",
+            &format!("target:{name}"),
+            "success",
+            json!({"kind": kind, "username": req.username}),
+        )
+        .await?;
+    Ok(Json(CredentialInfo {
+        target: name,
+        kind: req.kind,
+        username: req.username,
+    }))
+}
+
+/// `GET /v1/targets/{name}/credential`: kind and user name, never the secret.
+pub async fn show_credential(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<CredentialInfo> {
+    let t = state.store.target(&name).await?;
+    caller.require(&state, "read", Some(target_ref(&t))).await?;
+    let (kind, username, _) = state.store.credential(&name).await?.ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "target '{name}' has no credential: set one with `postern credentials set {name}`"
+        ))
+    })?;
+    let kind = if kind == "ssh_key" {
+        CredentialKind::SshKey
+    } else {
+        CredentialKind::Password
+    };
+    Ok(Json(CredentialInfo {
+        target: name,
+        kind,
+        username,
+    }))
+}
+
+/// `DELETE /v1/targets/{name}/credential`.
+pub async fn delete_credential(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require(&state, "targets:write", None).await?;
+    state.store.target(&name).await?;
+    if !state.store.delete_credential(&name).await? {
+        return Err(ApiError::NotFound(format!(
+            "target '{name}' has no credential"
+        )));
+    }
+    state
+        .audit(
+            caller.name(),
+            "credential.delete",
+            &format!("target:{name}"),
+            "success",
+            json!({}),
+        )
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -125,6 +125,10 @@ pub struct Rule {
     /// Labels a target must all carry.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// For `connect`: the logins on the target (SSH users, database users) the rule covers,
+    /// `*` for any. A session as the brokered credential's own user needs none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logins: Vec<String>,
 }
 
 /// Who a role is bound to.
@@ -308,6 +312,10 @@ pub struct AuthorizeRequest {
     /// Requested session length; the target's default if absent, capped at its maximum.
     #[serde(default)]
     pub duration_secs: Option<u64>,
+    /// Login on the target (SSH user, database user); the brokered credential's user if
+    /// absent. Must be permitted by a rule's `logins`.
+    #[serde(default)]
+    pub login: Option<String>,
 }
 
 /// Where and how to reach the worker that carries the session.
@@ -340,6 +348,52 @@ pub struct Authorization {
     pub protocol: TargetType,
     /// Connections allowed in the session.
     pub connection_limit: Option<u32>,
+    /// The login the session was authorized for, if one was asked for.
+    #[serde(default)]
+    pub login: Option<String>,
+}
+
+/// Kind of a brokered credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialKind {
+    /// User name and password.
+    Password,
+    /// SSH private key (OpenSSH PEM).
+    SshKey,
+}
+
+/// `PUT /v1/targets/{name}/credential`. The secret is stored sealed and never shown again.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetCredential {
+    /// Kind.
+    pub kind: CredentialKind,
+    /// User name on the target.
+    pub username: String,
+    /// The password or private key.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for SetCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SetCredential")
+            .field("kind", &self.kind)
+            .field("username", &self.username)
+            .field("secret", &"***")
+            .finish()
+    }
+}
+
+/// A target's credential, without its secret.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CredentialInfo {
+    /// Target.
+    pub target: String,
+    /// Kind.
+    pub kind: CredentialKind,
+    /// User name on the target.
+    pub username: String,
 }
 
 /// A session as the API shows it.

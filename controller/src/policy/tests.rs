@@ -9,6 +9,7 @@ fn rule(effect: Effect, actions: &[&str], targets: Option<&str>, labels: &[(&str
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        logins: Vec::new(),
     }
 }
 
@@ -133,4 +134,35 @@ fn action_validation() {
     }
     assert!(validate_glob("pg-[").is_err());
     assert!(validate_glob("pg-*").is_ok());
+}
+
+#[test]
+fn logins_must_be_listed_and_deny_by_login_is_narrow() {
+    let mut allow = rule(Effect::Allow, &["connect"], Some("db-*"), &[]);
+    allow.logins = vec!["readonly".into(), "app".into()];
+    let mut deny = rule(Effect::Deny, &["connect"], None, &[]);
+    deny.logins = vec!["app".into()];
+    let rules = sourced("r", vec![allow, deny]);
+    let labels = BTreeMap::new();
+    let t = TargetRef {
+        name: "db-1",
+        labels: &labels,
+    };
+    // The login-specific deny does not refuse connecting as such...
+    assert!(check(&rules, "connect", Some(t)).is_ok());
+    // ...only that login.
+    assert!(check_login(&rules, t, "readonly").is_ok());
+    let d = check_login(&rules, t, "app").expect_err("denied");
+    assert!(
+        d.reason.contains("denied by role 'r' rule #2"),
+        "{}",
+        d.reason
+    );
+    let d = check_login(&rules, t, "postgres").expect_err("not listed");
+    assert!(
+        d.reason
+            .contains("login 'postgres' on target 'db-1' is not permitted"),
+        "{}",
+        d.reason
+    );
 }

@@ -128,16 +128,30 @@ impl Store {
 
     fn migrator(&self) -> Migrator {
         let files: &[(i64, &str, &'static str)] = match self.backend {
-            Backend::Sqlite => &[(
-                1,
-                "initial",
-                include_str!("../../../migrations/sqlite/0001_initial.sql"),
-            )],
-            Backend::Postgres => &[(
-                1,
-                "initial",
-                include_str!("../../../migrations/postgres/0001_initial.sql"),
-            )],
+            Backend::Sqlite => &[
+                (
+                    1,
+                    "initial",
+                    include_str!("../../../migrations/sqlite/0001_initial.sql"),
+                ),
+                (
+                    2,
+                    "credentials",
+                    include_str!("../../../migrations/sqlite/0002_credentials.sql"),
+                ),
+            ],
+            Backend::Postgres => &[
+                (
+                    1,
+                    "initial",
+                    include_str!("../../../migrations/postgres/0001_initial.sql"),
+                ),
+                (
+                    2,
+                    "credentials",
+                    include_str!("../../../migrations/postgres/0002_credentials.sql"),
+                ),
+            ],
         };
         Migrator::with_migrations(
             files

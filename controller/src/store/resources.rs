@@ -167,14 +167,75 @@ impl Store {
         Ok(t)
     }
 
-    /// Deletes a target.
+    /// Deletes a target and its credential.
     pub async fn delete_target(&self, name: &str) -> Result<(), StoreError> {
         self.target(name).await?;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM credentials WHERE target_name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("DELETE FROM targets WHERE name = $1")
             .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Stores (or replaces) a target's sealed credential.
+    pub async fn set_credential(
+        &self,
+        target: &str,
+        kind: &str,
+        username: &str,
+        sealed: &str,
+    ) -> Result<(), StoreError> {
+        self.target(target).await?;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM credentials WHERE target_name = $1")
+            .bind(target)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO credentials (target_name, kind, username, sealed, created_at) VALUES ($1, $2, $3, $4, $5)")
+            .bind(target)
+            .bind(kind)
+            .bind(username)
+            .bind(sealed)
+            .bind(now())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A target's credential: `(kind, username, sealed secret)`.
+    pub async fn credential(
+        &self,
+        target: &str,
+    ) -> Result<Option<(String, String, String)>, StoreError> {
+        let row =
+            sqlx::query("SELECT kind, username, sealed FROM credentials WHERE target_name = $1")
+                .bind(target)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|r| {
+            Ok((
+                r.try_get("kind")?,
+                r.try_get("username")?,
+                r.try_get("sealed")?,
+            ))
+        })
+        .transpose()
+    }
+
+    /// Removes a target's credential; false if it had none.
+    pub async fn delete_credential(&self, target: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM credentials WHERE target_name = $1")
+            .bind(target)
             .execute(&self.pool)
             .await?;
-        Ok(())
+        Ok(done.rows_affected() > 0)
     }
 
     /// Creates a pending worker with the hash of its activation token.

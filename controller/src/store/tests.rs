@@ -156,12 +156,14 @@ async fn groups_roles_and_effective_rules() {
             actions: vec!["connect".into()],
             targets: Some("pg-*".into()),
             labels: BTreeMap::new(),
+            logins: Vec::new(),
         };
         let deny = Rule {
             effect: Effect::Deny,
             actions: vec!["connect".into()],
             targets: None,
             labels: [("env".to_string(), "prod".to_string())].into(),
+            logins: Vec::new(),
         };
         s.add_rule("db", &allow).await.expect("rule");
         s.add_rule("db", &deny).await.expect("rule");

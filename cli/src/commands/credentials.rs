@@ -1,0 +1,80 @@
+//! `postern credentials set|show|delete`: the brokered credential a target's sessions use.
+//! The secret goes to the controller once and is never printed or read back.
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _, Result};
+
+use postern_controller::api::types::{CredentialInfo, CredentialKind, SetCredential};
+
+use super::{ok, Ctx};
+use crate::args::CredentialsCmd;
+use crate::output::print_json;
+use crate::prompt;
+
+/// Runs a `credentials` subcommand.
+pub async fn run(ctx: &Ctx, cmd: CredentialsCmd) -> Result<ExitCode> {
+    let api = ctx.api()?;
+    match cmd {
+        CredentialsCmd::Set {
+            target,
+            username,
+            password_stdin,
+            ssh_key,
+        } => {
+            let (kind, secret) = match ssh_key {
+                Some(path) => {
+                    let pem = std::fs::read_to_string(&path)
+                        .with_context(|| format!("cannot read SSH key {}", path.display()))?;
+                    (CredentialKind::SshKey, pem)
+                }
+                None if password_stdin => (CredentialKind::Password, prompt::read_line().await?),
+                None => bail!("give --password-stdin or --ssh-key FILE"),
+            };
+            if secret.is_empty() {
+                bail!("the secret is empty");
+            }
+            let info: CredentialInfo = api
+                .put(
+                    &["v1", "targets", &target, "credential"],
+                    &SetCredential {
+                        kind,
+                        username,
+                        secret,
+                    },
+                )
+                .await?;
+            show(ctx, &info, "Stored")
+        }
+        CredentialsCmd::Show { target } => {
+            let info: CredentialInfo = api
+                .get(&["v1", "targets", &target, "credential"], &[])
+                .await?;
+            show(ctx, &info, "Credential")
+        }
+        CredentialsCmd::Delete { target } => {
+            api.delete(&["v1", "targets", &target, "credential"])
+                .await?;
+            if !ctx.json {
+                println!("Removed the credential of target {target}.");
+            }
+            ok()
+        }
+    }
+}
+
+fn show(ctx: &Ctx, info: &CredentialInfo, verb: &str) -> Result<ExitCode> {
+    if ctx.json {
+        print_json(info)?;
+    } else {
+        let kind = match info.kind {
+            CredentialKind::Password => "password",
+            CredentialKind::SshKey => "SSH key",
+        };
+        println!(
+            "{verb}: {kind} for user '{}' on target {}.",
+            info.username, info.target
+        );
+    }
+    ok()
+}
