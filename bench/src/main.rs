@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use postern_cli::session::{client_config, new_client_key, open_session, Session};
-use postern_controller::api::types::{AuthorizeRequest, Authorization};
+use postern_controller::api::types::{Authorization, AuthorizeRequest};
 use postern_proto::session::{ConnOpen, ConnReply, SessionHello, SessionReply};
 use postern_proto::{frame, PROTOCOL_VERSION};
 
@@ -249,7 +249,10 @@ async fn connlat(addr: SocketAddr, count: usize, warmup: usize) -> Result<Value>
 
 fn summary(mut v: Vec<f64>) -> Value {
     v.sort_by(f64::total_cmp);
-    let q = |p: f64| v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied();
+    let q = |p: f64| {
+        v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+    };
     json!({"n": v.len(), "median": q(0.5), "p10": q(0.1), "p90": q(0.9), "p99": q(0.99),
            "min": v.first(), "max": v.last()})
 }
@@ -452,10 +455,7 @@ async fn idle(
 }
 
 /// Opens `n` proxied connections spread over `sessions`, 64 at a time.
-async fn open_many(
-    sessions: &[Arc<Session>],
-    n: usize,
-) -> Result<Vec<(SendStream, RecvStream)>> {
+async fn open_many(sessions: &[Arc<Session>], n: usize) -> Result<Vec<(SendStream, RecvStream)>> {
     let sem = Arc::new(Semaphore::new(64));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {

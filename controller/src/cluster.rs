@@ -56,6 +56,8 @@ pub enum ClusterError {
 #[derive(Debug, Default)]
 pub struct Registry {
     links: Mutex<HashMap<String, Link>>,
+    /// Cancellations pushed and not yet acknowledged: session id → (who, why).
+    cancels: Mutex<HashMap<String, (String, String)>>,
     generation: AtomicU64,
 }
 
@@ -100,15 +102,30 @@ impl Registry {
         self.links.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Pushes a cancellation to the worker if this controller holds its connection.
-    pub fn cancel(&self, worker: &str, session_id: &str, reason: &str) -> bool {
-        self.lock().get(worker).is_some_and(|l| {
+    /// Pushes a cancellation to the worker if this controller holds its connection, and
+    /// remembers who revoked it (`actor`) until the worker acknowledges.
+    pub fn cancel(&self, worker: &str, session_id: &str, reason: &str, actor: &str) -> bool {
+        let sent = self.lock().get(worker).is_some_and(|l| {
             l.tx.send(ControllerMessage::CancelSession {
                 session_id: session_id.into(),
                 reason: reason.to_owned(),
             })
             .is_ok()
-        })
+        });
+        if sent {
+            self.pending_cancels()
+                .insert(session_id.to_owned(), (actor.to_owned(), reason.to_owned()));
+        }
+        sent
+    }
+
+    /// Who revoked `session_id` and why, if this controller pushed its cancellation.
+    fn take_cancel(&self, session_id: &str) -> Option<(String, String)> {
+        self.pending_cancels().remove(session_id)
+    }
+
+    fn pending_cancels(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, String)>> {
+        self.cancels.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Closes the worker's control connection (worker deleted).
@@ -361,13 +378,18 @@ async fn handle(
             session_id,
             connections_cut,
         } => {
+            // The revocation's outcome, in the name of whoever revoked it.
+            let (actor, reason) = state
+                .workers
+                .take_cancel(session_id.as_str())
+                .unwrap_or_else(|| (format!("worker:{worker}"), String::new()));
             let _ = state
                 .audit(
-                    &format!("worker:{worker}"),
-                    "session.cancel_ack",
+                    &actor,
+                    "session.connections_cut",
                     &format!("session:{session_id}"),
                     "success",
-                    json!({"connections_cut": connections_cut}),
+                    json!({"connections_cut": connections_cut, "worker": worker, "reason": reason}),
                 )
                 .await;
         }

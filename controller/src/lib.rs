@@ -20,6 +20,7 @@ pub mod cluster;
 pub mod config;
 pub mod keys;
 pub mod policy;
+pub mod revoke;
 pub mod state;
 pub mod store;
 
@@ -77,6 +78,7 @@ pub struct ControllerHandle {
     endpoint: quinn::Endpoint,
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
 }
 
 impl ControllerHandle {
@@ -98,6 +100,9 @@ impl ControllerHandle {
     }
     /// Stops the listeners and waits for the tasks.
     pub async fn shutdown(self) {
+        for b in &self.background {
+            b.abort();
+        }
         let _ = self.shutdown.send(true);
         self.endpoint
             .close(0u32.into(), b"controller shutting down");
@@ -171,6 +176,14 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
         }
     });
     let cluster = tokio::spawn(cluster::serve(state.clone(), endpoint.clone()));
+    // Loops that run for the controller's life; aborted at shutdown.
+    let mut background = vec![tokio::spawn(revoke::sweep_expired(state.clone()))];
+    if state.store.backend() == store::Backend::Postgres {
+        background.push(tokio::spawn(revoke::listen_for_cancels(
+            state.clone(),
+            config.database_url.clone(),
+        )));
+    }
     tracing::info!(%api_addr, %cluster_addr, "controller started");
     Ok(ControllerHandle {
         api_addr,
@@ -180,6 +193,7 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
         endpoint,
         shutdown,
         tasks: vec![api, cluster],
+        background,
     })
 }
 

@@ -138,6 +138,52 @@ impl Api {
     }
 }
 
+/// How to start a [`Cluster`].
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// The worker's fail-closed grace period.
+    pub grace: Duration,
+    /// Store URL; SQLite in the data directory if `None`.
+    pub database_url: Option<String>,
+    /// API and cluster addresses; free ports if `None` (fixed ones survive a restart).
+    pub addrs: Option<(SocketAddr, SocketAddr)>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            grace: Duration::from_secs(15),
+            database_url: None,
+            addrs: None,
+        }
+    }
+}
+
+/// The controller configuration a [`Cluster`] uses.
+pub fn controller_config(dir: &Path, opts: &ClusterOptions) -> ControllerConfig {
+    let (api, cluster) = opts.addrs.unwrap_or((
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+    ));
+    let mut config = ControllerConfig::dev(dir, api);
+    config.cluster_listen = cluster;
+    if let Some(url) = &opts.database_url {
+        config.database_url = url.clone();
+    }
+    config
+}
+
+/// Two free loopback ports (TCP for the API, UDP for the cluster), for a controller that
+/// must come back on the same addresses.
+pub fn free_addrs() -> (SocketAddr, SocketAddr) {
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("tcp port");
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp port");
+    (
+        tcp.local_addr().expect("addr"),
+        udp.local_addr().expect("addr"),
+    )
+}
+
 /// A controller (SQLite in a temp dir) and one registered worker, both in-process.
 pub struct Cluster {
     /// The controller.
@@ -146,6 +192,8 @@ pub struct Cluster {
     pub worker: Option<WorkerHandle>,
     /// Logged-in admin client.
     pub admin: Api,
+    /// The bootstrap admin's password.
+    pub admin_password: String,
     /// Data directory.
     pub dir: TempDir,
 }
@@ -153,8 +201,13 @@ pub struct Cluster {
 impl Cluster {
     /// Starts a controller and a worker named `w1` and waits until the worker is connected.
     pub async fn start() -> anyhow::Result<Cluster> {
+        Self::start_with(ClusterOptions::default()).await
+    }
+
+    /// Starts a controller and a worker named `w1` with these options.
+    pub async fn start_with(opts: ClusterOptions) -> anyhow::Result<Cluster> {
         let dir = TempDir::new("postern-e2e");
-        let config = ControllerConfig::dev(dir.path(), SocketAddr::from(([127, 0, 0, 1], 0)));
+        let config = controller_config(dir.path(), &opts);
         let controller = postern_controller::start(config).await?;
         let boot = controller.bootstrap().cloned().context("bootstrap admin")?;
         let api = Api::new(&format!("http://{}", controller.api_addr()));
@@ -175,13 +228,14 @@ impl Cluster {
             data_dir: dir.path().join("worker"),
             session_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             public_addr: None,
-            grace_period: Duration::from_secs(15),
+            grace_period: opts.grace,
         })
         .await?;
         let cluster = Cluster {
             controller: Some(controller),
             worker: Some(worker),
             admin,
+            admin_password: boot.password,
             dir,
         };
         cluster.wait_worker_connected().await?;
@@ -267,4 +321,113 @@ pub async fn echo_server() -> SocketAddr {
         }
     });
     addr
+}
+
+/// A throwaway PostgreSQL database on the local server, dropped by [`PgDb::drop_db`].
+pub struct PgDb {
+    name: String,
+    /// Its URL.
+    pub url: String,
+}
+
+fn pg_admin_url() -> String {
+    std::env::var("POSTERN_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+impl PgDb {
+    /// Creates a fresh database.
+    pub async fn create() -> PgDb {
+        sqlx::any::install_default_drivers();
+        let admin = pg_admin_url();
+        let name = format!("postern_e2e_{}", postern_proto::ids::random_base32(8));
+        let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&admin)
+            .await
+            .expect("the local PostgreSQL must be running (POSTERN_TEST_PG)");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("create test database");
+        let base = admin
+            .rsplit_once('/')
+            .map(|(b, _)| b.to_owned())
+            .unwrap_or(admin);
+        PgDb {
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+
+    /// Drops the database (and any connections still open to it).
+    pub async fn drop_db(self) {
+        let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&pg_admin_url())
+            .await
+            .expect("connect to drop");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        )))
+        .execute(&mut conn)
+        .await
+        .expect("drop test database");
+    }
+}
+
+/// A TCP connection through a session's local port that keeps echo traffic flowing; its
+/// `cut` resolves when the connection dies, with how long after `armed` that was.
+pub struct Traffic {
+    cut: tokio::sync::oneshot::Receiver<std::time::Instant>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Traffic {
+    /// Dropping it closes the connection.
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Traffic {
+    /// Connects to `local` (a session's listener, in front of an echo target) and pings
+    /// every 10 ms, checking each echo, until the connection fails or ends.
+    pub async fn start(local: SocketAddr) -> Traffic {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut sock = tokio::net::TcpStream::connect(local)
+            .await
+            .expect("connect to the session's port");
+        // One echo first: the connection is through before anything is revoked.
+        sock.write_all(b"ping").await.expect("first ping");
+        let mut buf = [0u8; 4];
+        sock.read_exact(&mut buf).await.expect("first echo");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            loop {
+                let ok = sock.write_all(b"ping").await.is_ok()
+                    && sock.read_exact(&mut buf).await.is_ok()
+                    && &buf == b"ping";
+                if !ok {
+                    let _ = tx.send(std::time::Instant::now());
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        Traffic { cut: rx, task }
+    }
+
+    /// Whether the connection is still carrying traffic.
+    pub fn alive(&mut self) -> bool {
+        matches!(
+            self.cut.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+        )
+    }
+
+    /// Waits up to `bound` for the connection to be cut; returns when it was.
+    pub async fn wait_cut(mut self, bound: Duration) -> Option<std::time::Instant> {
+        tokio::time::timeout(bound, &mut self.cut)
+            .await
+            .ok()
+            .and_then(Result::ok)
+    }
 }

@@ -21,4 +21,6 @@ mod many_connections;
 #[cfg(test)]
 mod policy;
 #[cfg(test)]
+mod revocation;
+#[cfg(test)]
 mod worker_refusals;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use postern_proto::cluster::WorkerMessage;
-use postern_proto::session::{ConnOpen, ConnReply, RefusalCode};
+use postern_proto::session::{close, ConnOpen, ConnReply, RefusalCode};
 use postern_proto::PROTOCOL_VERSION;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -91,6 +91,16 @@ pub(crate) async fn serve_stream(
         reason,
     });
     drop(guard);
+    // A session whose connection limit is used up ends with its last connection (DESIGN
+    // §3.5): nothing more can happen in it.
+    if session.exhausted() {
+        shared.end_session(
+            &session.id,
+            close::CANCELLED,
+            "connection limit reached",
+            Some("connection limit"),
+        );
+    }
 }
 
 /// Reads `ConnOpen`, checks the session's limit, dials the target and answers. Refusals

@@ -426,6 +426,12 @@ impl Session {
         })
     }
 
+    /// Whether the connection limit is used up and no connection is open any more.
+    pub(crate) fn exhausted(&self) -> bool {
+        let inner = lock(&self.inner);
+        self.limit.is_some_and(|l| inner.opened >= l) && inner.open_streams == 0
+    }
+
     /// Why the session ended, if it has.
     pub(crate) fn ended(&self) -> Option<String> {
         lock(&self.inner).ended.clone()

@@ -184,6 +184,7 @@ pub async fn delete_user(
     if name == caller.name() {
         return Err(ApiError::Conflict("you cannot delete yourself".into()));
     }
+    crate::revoke::end_user_sessions(&state, &name, "user deleted", caller.name()).await?;
     state.store.delete_user(&name).await?;
     state
         .audit(
@@ -209,6 +210,9 @@ async fn set_locked(
     }
     let u = state.store.set_user_locked(&name, locked).await?;
     let action = if locked { "user.lock" } else { "user.unlock" };
+    if locked {
+        crate::revoke::end_user_sessions(&state, &name, "user locked", caller.name()).await?;
+    }
     state
         .audit(
             caller.name(),
@@ -289,6 +293,8 @@ pub async fn delete_group(
 ) -> Result<StatusCode, ApiError> {
     caller.require(&state, "groups:write", None).await?;
     state.store.delete_group(&name).await?;
+    // Open sessions the change no longer allows end now, not at their expiry.
+    crate::revoke::reevaluate(&state, caller.name()).await?;
     state
         .audit(
             caller.name(),
@@ -330,6 +336,8 @@ pub async fn remove_member(
 ) -> ApiResult<Group> {
     caller.require(&state, "groups:write", None).await?;
     state.store.remove_member(&name, &user).await?;
+    // Open sessions the change no longer allows end now, not at their expiry.
+    crate::revoke::reevaluate(&state, caller.name()).await?;
     state
         .audit(
             caller.name(),
@@ -400,6 +408,8 @@ pub async fn delete_role(
 ) -> Result<StatusCode, ApiError> {
     caller.require(&state, "roles:write", None).await?;
     state.store.delete_role(&name).await?;
+    // Open sessions the change no longer allows end now, not at their expiry.
+    crate::revoke::reevaluate(&state, caller.name()).await?;
     state
         .audit(
             caller.name(),
@@ -433,6 +443,8 @@ pub async fn add_rule(
             .map_err(|e| ApiError::BadRequest(format!("invalid target glob '{g}': {e}")))?;
     }
     state.store.add_rule(&name, &rule).await?;
+    // Open sessions the change no longer allows end now, not at their expiry.
+    crate::revoke::reevaluate(&state, caller.name()).await?;
     state
         .audit(
             caller.name(),
@@ -475,6 +487,8 @@ pub async fn unbind(
 ) -> ApiResult<Role> {
     caller.require(&state, "roles:write", None).await?;
     state.store.unbind_role(&name, &who).await?;
+    // Open sessions the change no longer allows end now, not at their expiry.
+    crate::revoke::reevaluate(&state, caller.name()).await?;
     state
         .audit(
             caller.name(),

@@ -71,7 +71,7 @@ pub async fn cancel(
         format!("cancelled by admin {}", caller.name())
     };
     state.store.end_session(&id, &reason).await?;
-    let pushed = state.workers.cancel(&s.worker, &id, &reason);
+    let pushed = crate::revoke::push_cancel(&state, &s.worker, &id, &reason, caller.name()).await;
     state
         .audit(
             caller.name(),

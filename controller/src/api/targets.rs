@@ -132,6 +132,12 @@ pub async fn update(
         ));
     }
     let t = state.store.update_target(&name, &req).await?;
+    if !t.enabled {
+        crate::revoke::end_target_sessions(&state, &name, "target disabled", caller.name()).await?;
+    } else if req.labels.is_some() {
+        // Label changes can take a target out of a role's reach.
+        crate::revoke::reevaluate(&state, caller.name()).await?;
+    }
     state
         .audit(
             caller.name(),
@@ -151,6 +157,8 @@ pub async fn delete(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     caller.require(&state, "targets:write", None).await?;
+    state.store.target(&name).await?;
+    crate::revoke::end_target_sessions(&state, &name, "target deleted", caller.name()).await?;
     state.store.delete_target(&name).await?;
     state
         .audit(

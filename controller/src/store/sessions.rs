@@ -142,6 +142,30 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Ends every live session whose expiry has passed; returns how many.
+    pub async fn expire_sessions(&self, now: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE sessions SET status = 'terminated', ended_at = $1, end_reason = 'expired' \
+             WHERE status <> 'terminated' AND expires_at <= $1",
+        )
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Sends a PostgreSQL notification (no-op on SQLite, which has a single controller).
+    pub async fn notify(&self, channel: &str, payload: &str) -> Result<(), StoreError> {
+        if self.backend == super::Backend::Postgres {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(channel)
+                .bind(payload)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Appends an audit event.
     pub async fn audit(
         &self,

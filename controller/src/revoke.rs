@@ -1,0 +1,230 @@
+//! Live revocation (DESIGN §5): ending sessions and cutting their open connections.
+//!
+//! Whatever ends a session — an admin's cancel, a user lock, a target deleted or disabled, a
+//! policy change — goes through [`end_sessions`]: the store row ends first (so no worker can
+//! activate it again), then a `CancelSession` is pushed to the worker carrying it. When this
+//! controller does not hold that worker's control connection, the push travels through
+//! PostgreSQL `NOTIFY` to the controller that does.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::api::types::{Session, SessionQuery};
+use crate::policy::{self, SourcedRule, TargetRef};
+use crate::state::AppState;
+use crate::store::{now, Backend, StoreError};
+
+/// The PostgreSQL channel cancellations travel on between controllers.
+pub const CANCEL_CHANNEL: &str = "postern_cancel";
+
+/// How often expired sessions are swept into `terminated`.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// A cancellation for another controller to deliver.
+#[derive(Debug, Serialize, Deserialize)]
+struct CancelNote {
+    worker: String,
+    session_id: String,
+    reason: String,
+    actor: String,
+}
+
+/// Ends each session (unless already ended) with `reason`, pushes the cancellation to its
+/// worker and audits it as done by `actor`. Returns how many sessions this call ended.
+pub async fn end_sessions(
+    state: &AppState,
+    sessions: &[Session],
+    reason: &str,
+    actor: &str,
+) -> Result<usize, StoreError> {
+    let mut ended = 0;
+    for s in sessions {
+        if !state.store.end_session(&s.id, reason).await? {
+            continue;
+        }
+        ended += 1;
+        let delivered = push_cancel(state, &s.worker, &s.id, reason, actor).await;
+        state
+            .audit(
+                actor,
+                "session.revoke",
+                &format!("session:{}", s.id),
+                "success",
+                json!({"reason": reason, "user": s.user, "target": s.target, "worker": s.worker, "delivered": delivered}),
+            )
+            .await?;
+    }
+    Ok(ended)
+}
+
+/// Delivers a cancellation to the worker: directly if this controller holds its control
+/// connection, otherwise through PostgreSQL NOTIFY. Returns how it went, for the audit log.
+pub async fn push_cancel(
+    state: &AppState,
+    worker: &str,
+    session_id: &str,
+    reason: &str,
+    actor: &str,
+) -> &'static str {
+    if state.workers.cancel(worker, session_id, reason, actor) {
+        return "pushed";
+    }
+    if state.store.backend() == Backend::Postgres {
+        let note = CancelNote {
+            worker: worker.to_owned(),
+            session_id: session_id.to_owned(),
+            reason: reason.to_owned(),
+            actor: actor.to_owned(),
+        };
+        match state
+            .store
+            .notify(
+                CANCEL_CHANNEL,
+                &serde_json::to_string(&note).unwrap_or_default(),
+            )
+            .await
+        {
+            Ok(()) => return "notified",
+            Err(e) => {
+                tracing::error!(error = %e, "cannot notify other controllers of a cancellation")
+            }
+        }
+    }
+    // The worker is not connected anywhere: it will learn at its next hello (its sessions
+    // are re-checked then) or fail closed.
+    "worker not connected"
+}
+
+/// Ends every pending or active session of `user`.
+pub async fn end_user_sessions(
+    state: &AppState,
+    user: &str,
+    reason: &str,
+    actor: &str,
+) -> Result<usize, StoreError> {
+    let sessions = state
+        .store
+        .sessions(&SessionQuery {
+            active: Some(true),
+            user: Some(user.to_owned()),
+            target: None,
+        })
+        .await?;
+    end_sessions(state, &sessions, reason, actor).await
+}
+
+/// Ends every pending or active session to `target`.
+pub async fn end_target_sessions(
+    state: &AppState,
+    target: &str,
+    reason: &str,
+    actor: &str,
+) -> Result<usize, StoreError> {
+    let sessions = state
+        .store
+        .sessions(&SessionQuery {
+            active: Some(true),
+            user: None,
+            target: Some(target.to_owned()),
+        })
+        .await?;
+    end_sessions(state, &sessions, reason, actor).await
+}
+
+/// Re-evaluates every live session against the current policy and ends those it no longer
+/// allows ("policy changed"). Called after any change to roles, rules, bindings, groups.
+pub async fn reevaluate(state: &AppState, actor: &str) -> Result<usize, StoreError> {
+    let live = state
+        .store
+        .sessions(&SessionQuery {
+            active: Some(true),
+            ..Default::default()
+        })
+        .await?;
+    let mut doomed = Vec::new();
+    for s in live {
+        if !still_allowed(state, &s).await? {
+            doomed.push(s);
+        }
+    }
+    end_sessions(state, &doomed, "policy changed", actor).await
+}
+
+async fn still_allowed(state: &AppState, s: &Session) -> Result<bool, StoreError> {
+    match state.store.find_user(&s.user).await? {
+        Some(u) if !u.locked => {}
+        _ => return Ok(false),
+    }
+    let target = match state.store.target(&s.target).await {
+        Ok(t) => t,
+        Err(StoreError::NotFound { .. }) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let rules: Vec<SourcedRule> = state
+        .store
+        .rules_for_user(&s.user)
+        .await?
+        .into_iter()
+        .map(|(role, position, rule)| SourcedRule {
+            role,
+            position,
+            rule,
+        })
+        .collect();
+    let tref = TargetRef {
+        name: &target.name,
+        labels: &target.labels,
+    };
+    Ok(target.enabled && policy::check(&rules, "connect", Some(tref)).is_ok())
+}
+
+/// Delivers cancellations that other controllers NOTIFY, to the workers this controller
+/// holds. Runs for the controller's life on PostgreSQL; `PgListener` reconnects by itself.
+pub async fn listen_for_cancels(state: AppState, database_url: String) {
+    let mut listener = loop {
+        match sqlx::postgres::PgListener::connect(&database_url).await {
+            Ok(mut l) => match l.listen(CANCEL_CHANNEL).await {
+                Ok(()) => break l,
+                Err(e) => tracing::error!(error = %e, "cannot LISTEN for cancellations"),
+            },
+            Err(e) => tracing::error!(error = %e, "cannot connect to LISTEN for cancellations"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    loop {
+        match listener.recv().await {
+            Ok(n) => match serde_json::from_str::<CancelNote>(n.payload()) {
+                Ok(note) => {
+                    if state.workers.cancel(
+                        &note.worker,
+                        &note.session_id,
+                        &note.reason,
+                        &note.actor,
+                    ) {
+                        tracing::info!(session = %note.session_id, worker = %note.worker, "delivered a cancellation from another controller");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "ignoring a malformed cancellation notice"),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cancellation listener interrupted; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// Marks sessions whose expiry has passed as `terminated` ("expired"), including pending
+/// ones no worker ever activated. Workers end them on their own timers; this keeps the
+/// record true when no worker reports.
+pub async fn sweep_expired(state: AppState) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tick.tick().await;
+        if let Err(e) = state.store.expire_sessions(now()).await {
+            tracing::warn!(error = %e, "cannot sweep expired sessions");
+        }
+    }
+}

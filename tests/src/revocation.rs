@@ -1,0 +1,438 @@
+//! Issue 3: live revocation. Traffic-carrying connections are cut (well within 1 s) after a
+//! cancel, a user lock, a target deletion, a role unbinding; expiry and connection limits;
+//! fail-closed and surviving a controller restart; a cancel through a second controller on
+//! the same PostgreSQL; the audit trail of each.
+
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::json;
+
+use postern_cli::session::{new_client_key, open_session, Session};
+use postern_controller::api::types::{
+    AuditEvent, Authorization, AuthorizeRequest, Session as SessionRow,
+};
+
+use crate::harness::{
+    controller_config, echo_server, free_addrs, Api, ApiFailure, Cluster, ClusterOptions, PgDb,
+    Traffic,
+};
+
+/// Generous sanity bound for a revocation to cut an open connection (the real figure is the
+/// benchmark's).
+const CUT_BOUND: Duration = Duration::from_secs(1);
+
+async fn authorize(
+    api: &Api,
+    target: &str,
+) -> Result<(Authorization, postern_cli::session::ClientKey), ApiFailure> {
+    let key = new_client_key().expect("key");
+    let auth = api
+        .call(
+            Method::POST,
+            &format!("/v1/targets/{target}/authorize"),
+            Some(&AuthorizeRequest {
+                client_spki: key.spki_b64().into(),
+                duration_secs: None,
+                login: None,
+            }),
+        )
+        .await?;
+    Ok((auth, key))
+}
+
+/// Opens a session as `api`'s user and starts traffic through it.
+async fn live_session(api: &Api, target: &str) -> (Session, Traffic, String) {
+    let (auth, key) = authorize(api, target).await.expect("authorized");
+    let session = open_session(&auth, &key).await.expect("session opens");
+    let (local, _) = session.listen(0).await.expect("listen");
+    let traffic = Traffic::start(local).await;
+    (session, traffic, auth.session_id)
+}
+
+/// A user `name` with a role `name-role` allowing connect to every target.
+async fn user_with_role(c: &Cluster, name: &str) -> Api {
+    let api = c.user(name).await;
+    let role = format!("{name}-role");
+    let _: serde_json::Value = c
+        .admin
+        .ok(Method::POST, "/v1/roles", Some(&json!({"name": role})))
+        .await;
+    let _: serde_json::Value = c
+        .admin
+        .ok(
+            Method::POST,
+            &format!("/v1/roles/{role}/rules"),
+            Some(&json!({"effect": "allow", "actions": ["connect"]})),
+        )
+        .await;
+    let _: serde_json::Value = c
+        .admin
+        .ok(
+            Method::POST,
+            &format!("/v1/roles/{role}/bind"),
+            Some(&json!({"user": name})),
+        )
+        .await;
+    api
+}
+
+async fn session_row(admin: &Api, id: &str) -> SessionRow {
+    admin
+        .ok(Method::GET, &format!("/v1/sessions/{id}"), None::<&()>)
+        .await
+}
+
+/// Waits until the audit log holds an event matching `pred` (≤ 5 s).
+async fn audited(admin: &Api, action: &str, pred: impl Fn(&AuditEvent) -> bool) -> AuditEvent {
+    for _ in 0..100 {
+        let events: Vec<AuditEvent> = admin
+            .ok(
+                Method::GET,
+                &format!("/v1/audit?action={action}&limit=1000"),
+                None::<&()>,
+            )
+            .await;
+        if let Some(e) = events.into_iter().find(|e| pred(e)) {
+            return e;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no {action} audit event as expected");
+}
+
+/// Runs `revoke`, then checks the traffic was cut within the bound, the client was told
+/// `reason`, and the session row says so.
+async fn assert_cut(
+    c: &Cluster,
+    session: Session,
+    traffic: Traffic,
+    id: &str,
+    reason: &str,
+    revoke: impl std::future::Future<Output = ()>,
+) {
+    let t0 = Instant::now();
+    revoke.await;
+    let cut = traffic
+        .wait_cut(CUT_BOUND * 5)
+        .await
+        .expect("the open connection was not cut");
+    let took = cut.saturating_duration_since(t0);
+    assert!(took < CUT_BOUND, "connection cut only after {took:?}");
+    let end = tokio::time::timeout(Duration::from_secs(2), session.closed())
+        .await
+        .expect("session closed");
+    assert!(
+        end.reason.contains(reason),
+        "client told '{}', expected '{reason}'",
+        end.reason
+    );
+    let row = session_row(&c.admin, id).await;
+    assert_eq!(row.status, "terminated");
+    assert!(
+        row.end_reason.as_deref().unwrap_or("").contains(reason),
+        "{row:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_cut_open_connections() {
+    let c = Cluster::start().await.expect("cluster");
+    let echo = echo_server().await;
+    c.create_target("echo", &echo.to_string(), &[]).await;
+    c.create_target("echo2", &echo.to_string(), &[]).await;
+
+    // 1. An admin cancels the session.
+    let alice = user_with_role(&c, "alice").await;
+    let (s, t, id) = live_session(&alice, "echo").await;
+    assert_cut(&c, s, t, &id, "cancelled by admin admin", async {
+        let _: SessionRow = c
+            .admin
+            .ok(
+                Method::POST,
+                &format!("/v1/sessions/{id}/cancel"),
+                None::<&()>,
+            )
+            .await;
+    })
+    .await;
+    let e = audited(&c.admin, "session.connections_cut", |e| {
+        e.resource == format!("session:{id}")
+    })
+    .await;
+    assert_eq!(e.actor, "admin", "the audit names who revoked");
+    assert_eq!(e.details["connections_cut"], 1);
+    audited(&c.admin, "session.cancel", |e| {
+        e.resource == format!("session:{id}") && e.actor == "admin"
+    })
+    .await;
+
+    // 2. Locking the user ends all their sessions and refuses new ones.
+    let bob = user_with_role(&c, "bob").await;
+    let (s, t, id) = live_session(&bob, "echo").await;
+    assert_cut(&c, s, t, &id, "user locked", async {
+        let _: serde_json::Value = c
+            .admin
+            .ok(Method::POST, "/v1/users/bob/lock", None::<&()>)
+            .await;
+    })
+    .await;
+    let e = audited(&c.admin, "session.revoke", |e| {
+        e.resource == format!("session:{id}")
+    })
+    .await;
+    assert_eq!(
+        (e.actor.as_str(), e.details["reason"].as_str()),
+        ("admin", Some("user locked"))
+    );
+    let cut = audited(&c.admin, "session.connections_cut", |e| {
+        e.resource == format!("session:{id}")
+    })
+    .await;
+    assert_eq!(cut.details["connections_cut"], 1);
+    let refused = authorize(&bob, "echo")
+        .await
+        .expect_err("locked user cannot authorize");
+    assert!(
+        refused.status == 401 || refused.status == 403,
+        "{refused:?}"
+    );
+
+    // 3. Deleting the target ends its sessions.
+    let carol = user_with_role(&c, "carol").await;
+    let (s, t, id) = live_session(&carol, "echo2").await;
+    assert_cut(&c, s, t, &id, "target deleted", async {
+        let _: serde_json::Value = c
+            .admin
+            .ok(Method::DELETE, "/v1/targets/echo2", None::<&()>)
+            .await;
+    })
+    .await;
+    assert_eq!(
+        authorize(&carol, "echo2")
+            .await
+            .expect_err("target is gone")
+            .status,
+        404
+    );
+
+    // 4. Unbinding the user's only role ends the sessions it allowed.
+    let dave = user_with_role(&c, "dave").await;
+    let (s, t, id) = live_session(&dave, "echo").await;
+    assert_cut(&c, s, t, &id, "policy changed", async {
+        let _: serde_json::Value = c
+            .admin
+            .ok(
+                Method::POST,
+                "/v1/roles/dave-role/unbind",
+                Some(&json!({"user": "dave"})),
+            )
+            .await;
+    })
+    .await;
+    assert_eq!(
+        authorize(&dave, "echo")
+            .await
+            .expect_err("no role any more")
+            .status,
+        403
+    );
+    // Alice's sessions were not touched by dave's policy change.
+    let (s, mut t, _) = live_session(&alice, "echo").await;
+    let _: serde_json::Value = c
+        .admin
+        .ok(
+            Method::POST,
+            "/v1/roles/dave-role/rules",
+            Some(&json!({"effect": "deny", "actions": ["connect"]})),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(t.alive(), "an unrelated session was cut");
+    s.close().await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_and_connection_limit() {
+    let c = Cluster::start().await.expect("cluster");
+    let echo = echo_server().await;
+    let _: serde_json::Value = c
+        .admin
+        .ok(
+            Method::POST,
+            "/v1/targets",
+            Some(&json!({"name": "short", "type": "tcp", "address": echo.to_string(), "max_duration_secs": 2})),
+        )
+        .await;
+    let _: serde_json::Value = c
+        .admin
+        .ok(
+            Method::POST,
+            "/v1/targets",
+            Some(&json!({"name": "single", "type": "tcp", "address": echo.to_string(), "connection_limit": 1})),
+        )
+        .await;
+
+    // A 2 s session ends by itself.
+    let t0 = Instant::now();
+    let (session, traffic, id) = live_session(&c.admin, "short").await;
+    let cut = traffic
+        .wait_cut(Duration::from_secs(6))
+        .await
+        .expect("expired session cut");
+    let lived = cut.duration_since(t0);
+    assert!(
+        lived >= Duration::from_millis(900) && lived < Duration::from_secs(4),
+        "lived {lived:?}"
+    );
+    let end = session.closed().await;
+    assert!(end.reason.contains("expired"), "{}", end.reason);
+    let mut row = session_row(&c.admin, &id).await;
+    for _ in 0..50 {
+        if row.status == "terminated" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        row = session_row(&c.admin, &id).await;
+    }
+    assert_eq!(
+        (row.status.as_str(), row.end_reason.as_deref()),
+        ("terminated", Some("expired"))
+    );
+
+    // A connection limit of 1 refuses the second connection, clearly.
+    let (session, mut first, id) = live_session(&c.admin, "single").await;
+    match session.open_stream().await {
+        Err(e) => assert!(
+            e.to_string().contains("connection limit of 1 reached"),
+            "{e}"
+        ),
+        Ok(_) => panic!("a second connection was admitted over the limit"),
+    }
+    assert!(first.alive(), "the first connection must go on");
+    drop(first);
+    // When the only allowed connection ends, so does the session.
+    let end = tokio::time::timeout(Duration::from_secs(5), session.closed())
+        .await
+        .expect("session ends with its last connection");
+    assert!(end.reason.contains("connection limit"), "{}", end.reason);
+    let _ = id;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_fails_closed_and_survives_a_quick_restart() {
+    // Long enough for QUIC's handshake retransmission to find the restarted controller.
+    let grace = Duration::from_secs(5);
+    let addrs = free_addrs();
+    let mut c = Cluster::start_with(ClusterOptions {
+        grace,
+        addrs: Some(addrs),
+        ..Default::default()
+    })
+    .await
+    .expect("cluster");
+    let echo = echo_server().await;
+    c.create_target("echo", &echo.to_string(), &[]).await;
+
+    // Restart within the grace period: the session survives.
+    let (session, mut traffic, _) = live_session(&c.admin, "echo").await;
+    c.controller.take().expect("controller").shutdown().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        traffic.alive(),
+        "sessions go on while the controller is briefly away"
+    );
+    let config = controller_config(
+        c.dir.path(),
+        &ClusterOptions {
+            grace,
+            addrs: Some(addrs),
+            ..Default::default()
+        },
+    );
+    c.controller = Some(
+        postern_controller::start(config)
+            .await
+            .expect("controller restarts"),
+    );
+    c.wait_worker_connected().await.expect("worker reconnects");
+    tokio::time::sleep(grace + Duration::from_secs(1)).await;
+    assert!(
+        traffic.alive(),
+        "a restart within the grace period must not end sessions"
+    );
+
+    // Gone for longer than the grace period: the worker ends every session.
+    c.controller.take().expect("controller").shutdown().await;
+    let t0 = Instant::now();
+    tokio::time::sleep(grace / 2).await;
+    assert!(traffic.alive(), "cut before the grace period was over");
+    let cut = traffic
+        .wait_cut(grace * 3)
+        .await
+        .expect("the worker fails closed");
+    assert!(
+        cut.duration_since(t0) >= grace - Duration::from_millis(100),
+        "cut too early"
+    );
+    let end = session.closed().await;
+    assert!(end.reason.contains("lost controller"), "{}", end.reason);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_through_a_second_controller_reaches_the_worker() {
+    let db = PgDb::create().await;
+    let c = Cluster::start_with(ClusterOptions {
+        database_url: Some(db.url.clone()),
+        ..Default::default()
+    })
+    .await
+    .expect("first controller + worker on PostgreSQL");
+    let echo = echo_server().await;
+    c.create_target("echo", &echo.to_string(), &[]).await;
+
+    // A second controller on the same database (same KEK file, no bootstrap).
+    let mut second_config = controller_config(
+        c.dir.path(),
+        &ClusterOptions {
+            database_url: Some(db.url.clone()),
+            ..Default::default()
+        },
+    );
+    second_config.bootstrap_admin = false;
+    let second = postern_controller::start(second_config)
+        .await
+        .expect("second controller");
+    let password = c.admin_password.clone();
+    let admin2 = Api::new(&format!("http://{}", second.api_addr()))
+        .login("admin", &password)
+        .await
+        .expect("login on the second");
+
+    let (session, traffic, id) = live_session(&c.admin, "echo").await;
+    let t0 = Instant::now();
+    let _: SessionRow = admin2
+        .ok(
+            Method::POST,
+            &format!("/v1/sessions/{id}/cancel"),
+            None::<&()>,
+        )
+        .await;
+    let cut = traffic
+        .wait_cut(CUT_BOUND * 5)
+        .await
+        .expect("cancel through the second controller cut the connection");
+    assert!(
+        cut.duration_since(t0) < CUT_BOUND,
+        "took {:?}",
+        cut.duration_since(t0)
+    );
+    let end = session.closed().await;
+    assert!(end.reason.contains("cancelled by admin"), "{}", end.reason);
+    second.shutdown().await;
+    c.stop().await;
+    db.drop_db().await;
+}
