@@ -156,3 +156,54 @@ fn dev_then_connect_runs_real_psql_through_the_worker() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("did you mean 'demo-postgres'"), "{stderr}");
 }
+
+#[test]
+fn an_interrupted_connect_closes_its_session() {
+    let dir = TempDir::new("postern-dev-kill");
+    let (_dev, _) = start_dev(&dir);
+    let mut connect = Command::new(postern_bin())
+        .args(["--json", "connect", "demo-postgres"])
+        .env("POSTERN_CONFIG_DIR", dir.path().join("config"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn postern connect");
+    let mut line = String::new();
+    let read = connect
+        .stdout
+        .take()
+        .map(|out| BufReader::new(out).read_line(&mut line));
+    if !matches!(read, Some(Ok(n)) if n > 0) {
+        let _ = connect.kill();
+        let _ = connect.wait();
+        panic!("postern connect printed nothing");
+    }
+    let info: serde_json::Value = serde_json::from_str(&line).expect("one JSON line");
+    let id = info["session_id"].as_str().expect("session id").to_owned();
+
+    // SIGTERM, as a service manager or `kill` would send.
+    let status = Command::new("kill")
+        .args(["-TERM", &connect.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exited = connect.wait().expect("connect exits");
+    assert!(
+        exited.code().is_some(),
+        "connect died of the signal instead of closing cleanly"
+    );
+
+    let mut last = serde_json::Value::Null;
+    for _ in 0..50 {
+        let out = postern(&dir, &["sessions", "show", &id, "--json"]);
+        last = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if last["status"] == "terminated" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        last["status"], "terminated",
+        "session left open after SIGTERM: {last}"
+    );
+}
