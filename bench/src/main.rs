@@ -28,6 +28,9 @@ const STEP: Duration = Duration::from_secs(10);
 #[derive(Parser)]
 #[command(about = "Benchmark helper for bench/run")]
 struct Cli {
+    /// Tokio worker threads (1: a current-thread runtime).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -53,7 +56,8 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
     },
-    /// Sequential new connections to ADDR: connect() to the first echoed byte back.
+    /// Sequential new connections to ADDR: connect() to the first echoed byte back; then
+    /// PINGS one-byte round trips on one established connection.
     Connlat {
         #[arg(long)]
         addr: SocketAddr,
@@ -61,6 +65,8 @@ enum Cmd {
         count: usize,
         #[arg(long, default_value_t = 20)]
         warmup: usize,
+        #[arg(long, default_value_t = 0)]
+        pings: usize,
     },
     /// Whole new sessions: key + authorize + QUIC handshake/hello/activation + a local TCP
     /// connection's first echoed byte.
@@ -78,6 +84,14 @@ enum Cmd {
         count: usize,
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
+    },
+    /// Revocation: `POST /v1/sessions/ID/cancel` on a session with an open connection, until
+    /// the client sees that connection cut; COUNT times.
+    Revoke {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[arg(long, default_value_t = 20)]
+        count: usize,
     },
     /// CONNS idle connections through one worker (process PID): RSS per connection, and
     /// whether all are still up after HOLD seconds.
@@ -126,9 +140,16 @@ enum Cmd {
 fn main() -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = if cli.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cli.threads)
+            .enable_all()
+            .build()?
+    };
     let out = rt.block_on(async {
         match cli.cmd {
             Cmd::Echo { listen } => echo(listen).await,
@@ -136,13 +157,15 @@ fn main() -> Result<()> {
                 addr,
                 count,
                 warmup,
-            } => connlat(addr, count, warmup).await,
+                pings,
+            } => connlat(addr, count, warmup, pings).await,
             Cmd::Session { api, count } => sessions(&api, count).await,
             Cmd::Authz {
                 api,
                 count,
                 concurrency,
             } => authz(&api, count, concurrency).await,
+            Cmd::Revoke { api, count } => revoke(&api, count).await,
             Cmd::Idle {
                 api,
                 conns,
@@ -236,7 +259,7 @@ async fn first_byte(addr: SocketAddr) -> Result<Duration> {
     Ok(t.elapsed())
 }
 
-async fn connlat(addr: SocketAddr, count: usize, warmup: usize) -> Result<Value> {
+async fn connlat(addr: SocketAddr, count: usize, warmup: usize, pings: usize) -> Result<Value> {
     for _ in 0..warmup {
         first_byte(addr).await?;
     }
@@ -244,7 +267,21 @@ async fn connlat(addr: SocketAddr, count: usize, warmup: usize) -> Result<Value>
     for _ in 0..count {
         ms.push(first_byte(addr).await?.as_secs_f64() * 1e3);
     }
-    Ok(summary(ms))
+    let mut out = summary(ms);
+    if pings > 0 {
+        let mut s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        let (mut r, mut w) = s.split();
+        ping(&mut r, &mut w).await?;
+        let mut rtt = Vec::with_capacity(pings);
+        for _ in 0..pings {
+            let t = Instant::now();
+            ping(&mut r, &mut w).await?;
+            rtt.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        out["ping"] = summary(rtt);
+    }
+    Ok(out)
 }
 
 fn summary(mut v: Vec<f64>) -> Value {
@@ -299,6 +336,7 @@ async fn sessions(api: &ApiArgs, count: usize) -> Result<Value> {
     let http = reqwest::Client::new();
     let (mut key_ms, mut auth_ms, mut hs_ms, mut fb_ms, mut total_ms) =
         (vec![], vec![], vec![], vec![], vec![]);
+    let (mut open_ms, mut echo_ms) = (vec![], vec![]);
     // One warm-up session (connection pool, lazy statics) not counted.
     for i in 0..=count {
         let t0 = Instant::now();
@@ -312,6 +350,18 @@ async fn sessions(api: &ApiArgs, count: usize) -> Result<Value> {
         let fb = first_byte(addr).await?;
         let t4 = Instant::now();
         serve.abort();
+        if i == count {
+            // The last session also times new connections inside it, without the local TCP
+            // hop: open_stream (ConnOpen → worker dials the target → ConnOk), then one echo.
+            for _ in 0..200 {
+                let t = Instant::now();
+                let (mut send, mut recv) = session.open_stream().await?;
+                let opened = t.elapsed();
+                ping(&mut recv, &mut send).await?;
+                open_ms.push(opened.as_secs_f64() * 1e3);
+                echo_ms.push((t.elapsed() - opened).as_secs_f64() * 1e3);
+            }
+        }
         session.close().await;
         if i > 0 {
             let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
@@ -325,6 +375,7 @@ async fn sessions(api: &ApiArgs, count: usize) -> Result<Value> {
     Ok(json!({
         "total": summary(total_ms), "keygen": summary(key_ms), "authorize": summary(auth_ms),
         "handshake": summary(hs_ms), "first_byte": summary(fb_ms),
+        "stream_open": summary(open_ms), "stream_first_echo": summary(echo_ms),
     }))
 }
 
@@ -368,6 +419,43 @@ async fn authz(api: &ApiArgs, count: usize, concurrency: usize) -> Result<Value>
         "ok": ok, "errors": errors.load(Ordering::Relaxed), "secs": secs,
         "per_sec": ok as f64 / secs, "concurrency": concurrency, "latency": summary(lat),
     }))
+}
+
+async fn revoke(api: &ApiArgs, count: usize) -> Result<Value> {
+    let http = reqwest::Client::new();
+    let (mut cut_ms, mut api_ms) = (vec![], vec![]);
+    for _ in 0..count {
+        let key = new_client_key()?;
+        let auth = authorize(&http, api, key.spki_b64()).await?;
+        let session = open_session(&auth, &key).await?;
+        let (mut send, mut recv) = session.open_stream().await?;
+        ping(&mut recv, &mut send).await?;
+        let t = Instant::now();
+        let cancel = {
+            let (http, api, id) = (http.clone(), api.clone(), auth.session_id.clone());
+            tokio::spawn(async move {
+                let r: Result<Value> = post(
+                    &http,
+                    &api,
+                    &format!("/v1/sessions/{id}/cancel"),
+                    &json!({}),
+                )
+                .await;
+                r.map(|_| t.elapsed())
+            })
+        };
+        let mut b = [0u8; 1];
+        let seen = tokio::time::timeout(STEP, recv.read(&mut b)).await;
+        let cut = t.elapsed();
+        if !matches!(seen, Ok(Err(_)) | Ok(Ok(None))) {
+            bail!("the connection was not cut within 10 s of the cancel: {seen:?}");
+        }
+        api_ms.push(cancel.await??.as_secs_f64() * 1e3);
+        cut_ms.push(cut.as_secs_f64() * 1e3);
+        drop((send, recv));
+        session.close().await;
+    }
+    Ok(json!({"cut": summary(cut_ms), "api": summary(api_ms)}))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -522,9 +610,11 @@ async fn tunnel(api: &ApiArgs, port: u16, t: Tuning) -> Result<Value> {
         .next()
         .context("worker address")?;
     let endpoint = quinn::Endpoint::client((Ipv4Addr::UNSPECIFIED, 0).into())?;
+    let t0 = Instant::now();
     let conn = endpoint
         .connect_with(config, addr, &auth.worker.server_name)?
         .await?;
+    let quic_ms = t0.elapsed().as_secs_f64() * 1e3;
     let (mut hs, mut hr) = conn.open_bi().await?;
     hs.write_all(&frame::encode(&SessionHello {
         version: PROTOCOL_VERSION,
@@ -535,6 +625,7 @@ async fn tunnel(api: &ApiArgs, port: u16, t: Tuning) -> Result<Value> {
         SessionReply::Accepted { .. } => {}
         other => bail!("session refused: {other:?}"),
     }
+    let hello_ms = t0.elapsed().as_secs_f64() * 1e3 - quic_ms;
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?;
     println!("ready {}", listener.local_addr()?);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -552,6 +643,7 @@ async fn tunnel(api: &ApiArgs, port: u16, t: Tuning) -> Result<Value> {
     conn.close(VarInt::from_u32(0), b"done");
     let _ = hs.finish();
     Ok(json!({
+        "quic_handshake_ms": quic_ms, "hello_activation_ms": hello_ms,
         "current_mtu": s.path.current_mtu, "rtt_us": s.path.rtt.as_micros() as u64,
         "cwnd": s.path.cwnd, "congestion_events": s.path.congestion_events,
         "lost_packets": s.path.lost_packets, "sent_packets": s.path.sent_packets,

@@ -60,6 +60,13 @@ pub enum Command {
     Whoami,
     /// Open a session to a target and serve it on a local port.
     Connect(ConnectArgs),
+    /// Run psql against a PostgreSQL target through a session (no database password needed).
+    Psql(PsqlArgs),
+    /// Log in to an SSH target with the system `ssh` (or `scp`, `sftp`) through a session.
+    Ssh(SshArgs),
+    /// List, play and export recorded shell sessions.
+    #[command(subcommand)]
+    Recordings(RecordingsCmd),
     /// Manage targets (databases, servers, services).
     #[command(subcommand)]
     Targets(TargetsCmd),
@@ -95,7 +102,7 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum CredentialsCmd {
     /// Store the credential the worker injects into TARGET's connections.
-    #[command(group(clap::ArgGroup::new("secret").required(true).args(["password_stdin", "ssh_key"])))]
+    #[command(group(clap::ArgGroup::new("secret").required(true).args(["password_stdin", "ssh_key", "ssh_ca"])))]
     Set {
         /// Target name.
         target: String,
@@ -108,6 +115,15 @@ pub enum CredentialsCmd {
         /// An SSH private key file (OpenSSH format).
         #[arg(long, value_name = "FILE")]
         ssh_key: Option<std::path::PathBuf>,
+        /// SSH certificate mode: the controller's SSH user CA signs a certificate per session;
+        /// prints the CA public key to put in the target's `TrustedUserCAKeys`.
+        #[arg(long)]
+        ssh_ca: bool,
+        /// PostgreSQL zero standing credentials: USERNAME is an admin (CREATEROLE) role; each
+        /// session gets its own role, a member of the group role named by `--db-user`, dropped
+        /// when the session ends. Needs --password-stdin.
+        #[arg(long, requires = "password_stdin")]
+        per_session_roles: bool,
     },
     /// Show a target's credential kind and user name (never the secret).
     Show {
@@ -130,6 +146,46 @@ pub struct LoginArgs {
     /// Read the password from the first line of stdin.
     #[arg(long)]
     pub password_stdin: bool,
+    /// Log in with single sign-on (OpenID Connect) in a browser.
+    #[arg(long, conflicts_with_all = ["user", "password_stdin", "device"])]
+    pub oidc: bool,
+    /// Log in with single sign-on from another device: prints a URL and a code to enter
+    /// there (for machines without a browser).
+    #[arg(long, conflicts_with_all = ["user", "password_stdin"])]
+    pub device: bool,
+    /// The single sign-on method to use (implies --oidc unless --device); default: the
+    /// controller's first. `--list-methods` shows them.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["user", "password_stdin"])]
+    pub method: Option<String>,
+    /// Print the login URL instead of opening a browser ($BROWSER, else xdg-open).
+    #[arg(long)]
+    pub no_browser: bool,
+    /// List the controller's login methods and exit.
+    #[arg(long, conflicts_with_all = ["user", "password_stdin", "oidc", "device"])]
+    pub list_methods: bool,
+}
+
+/// `postern psql`.
+#[derive(Debug, Args)]
+pub struct PsqlArgs {
+    /// Target name (a `postgres` target).
+    pub target: String,
+    /// Database to connect to (default: the database user's own).
+    #[arg(long, value_name = "NAME")]
+    pub db: Option<String>,
+    /// Database user to act as; your roles must permit it (default: the target
+    /// credential's user).
+    #[arg(long, value_name = "USER")]
+    pub db_user: Option<String>,
+    /// Local port to listen on (127.0.0.1); a free one if absent.
+    #[arg(long, short)]
+    pub port: Option<u16>,
+    /// Session length, e.g. 30m or 2h (default: the target's).
+    #[arg(long, short, value_parser = parse_duration_secs, value_name = "DURATION")]
+    pub duration: Option<u64>,
+    /// Arguments passed on to psql, e.g. `-- -c 'select 1'`.
+    #[arg(last = true, value_name = "PSQL ARGS")]
+    pub psql_args: Vec<String>,
 }
 
 /// `postern connect`.
@@ -147,6 +203,57 @@ pub struct ConnectArgs {
     /// replaced by the local port and address. The session ends when it exits.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+/// `postern ssh`.
+#[derive(Debug, Args)]
+pub struct SshArgs {
+    /// Target name.
+    pub target: String,
+    /// Login on the target (default: the brokered credential's user); must be permitted by
+    /// your roles.
+    #[arg(long, short)]
+    pub login: Option<String>,
+    /// Session length, e.g. 30m or 2h (default: the target's).
+    #[arg(long, short, value_parser = parse_duration_secs, value_name = "DURATION")]
+    pub duration: Option<u64>,
+    /// Run `scp` instead of `ssh`; name the target as the host in its arguments
+    /// (`postern ssh web --scp -- file.txt web:/tmp/`).
+    #[arg(long, conflicts_with = "sftp")]
+    pub scp: bool,
+    /// Run `sftp` instead of `ssh` (the host argument is added).
+    #[arg(long)]
+    pub sftp: bool,
+    /// Arguments for ssh (options, then the remote command), scp or sftp.
+    #[arg(last = true, value_name = "ARGS")]
+    pub args: Vec<String>,
+}
+
+/// `postern recordings …`.
+#[derive(Debug, Subcommand)]
+pub enum RecordingsCmd {
+    /// List recordings (needs `recordings:read`).
+    List {
+        /// Only this session's.
+        #[arg(long, value_name = "ID")]
+        session: Option<String>,
+    },
+    /// Replay a recording in this terminal.
+    Play {
+        /// Recording id (`r_…`).
+        id: String,
+        /// Playback speed factor.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+    },
+    /// Write a recording as an asciicast v2 file (`ID.cast` unless --output is given).
+    Export {
+        /// Recording id (`r_…`).
+        id: String,
+        /// File to write; `-` for standard output.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<std::path::PathBuf>,
+    },
 }
 
 /// `postern targets ...`.
@@ -434,23 +541,59 @@ pub enum PolicyCmd {
 #[derive(Debug, Subcommand)]
 pub enum AuditCmd {
     /// List audit events, oldest first.
-    List {
-        /// Only events by this actor (user name, worker:NAME, system).
-        #[arg(long)]
-        user: Option<String>,
-        /// Only this action, or a prefix ending in `.` (session.).
-        #[arg(long)]
-        action: Option<String>,
-        /// Only events whose resource contains this text (target:pg-prod).
-        #[arg(long)]
-        resource: Option<String>,
-        /// Only events in the last DURATION (1h, 2d) or since an RFC 3339 time.
-        #[arg(long, value_parser = parse_since, value_name = "WHEN")]
-        since: Option<i64>,
-        /// At most N events (the newest N).
-        #[arg(long, value_name = "N")]
-        limit: Option<i64>,
+    List(AuditFilter),
+    /// Show the newest events; with -f, keep following new ones as they are stored.
+    Tail {
+        /// Keep following (the controller pushes new events; Ctrl-C stops).
+        #[arg(long, short)]
+        follow: bool,
+        /// Filters.
+        #[command(flatten)]
+        filter: AuditFilter,
     },
+    /// Walk the hash chain and name the first event that breaks it.
+    Verify,
+    /// Write matching events as JSON lines (for a SIEM), oldest first.
+    Export {
+        /// Output format.
+        #[arg(long, default_value = "jsonl", value_parser = ["jsonl"])]
+        format: String,
+        /// Write to this file instead of stdout.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Filters.
+        #[command(flatten)]
+        filter: AuditFilter,
+    },
+}
+
+/// Filters shared by the `audit` commands.
+#[derive(Debug, Clone, Args)]
+pub struct AuditFilter {
+    /// Only events by this actor (user name, worker:NAME, system).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Only events about this target (on it, or inside its sessions).
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Only events of this session.
+    #[arg(long)]
+    pub session: Option<String>,
+    /// Only this action, or a prefix ending in `.` (session.).
+    #[arg(long)]
+    pub action: Option<String>,
+    /// Only events whose resource contains this text (target:pg-prod).
+    #[arg(long)]
+    pub resource: Option<String>,
+    /// Only events in the last DURATION (1h, 2d) or since an RFC 3339 time.
+    #[arg(long, value_parser = parse_since, value_name = "WHEN")]
+    pub since: Option<i64>,
+    /// Only events up to DURATION ago or an RFC 3339 time.
+    #[arg(long, value_parser = parse_since, value_name = "WHEN")]
+    pub until: Option<i64>,
+    /// At most N events (the newest N).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<i64>,
 }
 
 /// `postern dev`.

@@ -131,6 +131,15 @@ impl ApiClient {
         json(resp, path).await
     }
 
+    /// `GET` a path whose answer is text, not JSON (an asciicast recording).
+    pub async fn get_text(&self, path: &[&str]) -> Result<String, ApiError> {
+        let resp = self.send(Method::GET, path, &[], None::<&()>).await?;
+        resp.text().await.map_err(|e| ApiError::BadResponse {
+            context: format!("/{}", path.join("/")),
+            detail: error_chain(&e),
+        })
+    }
+
     /// `POST` a JSON body.
     pub async fn post<B: Serialize, T: DeserializeOwned>(
         &self,
@@ -195,8 +204,10 @@ impl ApiClient {
     ) -> Result<reqwest::Response, ApiError> {
         let url = self.url(path, query)?;
         let mut req = self.http.request(method, url);
-        // Only the login call goes without a token; every other route needs one.
-        let anonymous = path == ["v1", "auth", "login"];
+        // Only the login calls go without a token; every other route needs one.
+        let anonymous = path == ["v1", "auth", "login"]
+            || path == ["v1", "auth", "methods"]
+            || path.starts_with(&["v1", "auth", "oidc"]);
         if !anonymous {
             let token = self.token.as_deref().ok_or(ApiError::NotLoggedIn)?;
             req = req.bearer_auth(token);

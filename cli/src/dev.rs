@@ -227,6 +227,7 @@ fn worker_config(
         session_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         public_addr: None,
         grace_period: Duration::from_secs(15),
+        postgres: Default::default(),
     }
 }
 

@@ -111,6 +111,12 @@ impl ClientKey {
         postern_proto::token::spki_thumbprint(&self.spki_der)
     }
 
+    /// The private key in PKCS#8 PEM, as OpenSSH reads it (`ssh -i`): `postern ssh`
+    /// authenticates its SSH hop to the worker with the session's own key.
+    pub fn private_key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+
     fn private_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.serialize_der()))
     }

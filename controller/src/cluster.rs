@@ -16,7 +16,8 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use postern_proto::cluster::{
-    ControllerHello, ControllerMessage, Credential, SessionGrant, WorkerHello, WorkerMessage,
+    ControllerHello, ControllerMessage, Credential, SessionGrant, SpooledEvent, WorkerHello,
+    WorkerMessage,
 };
 use postern_proto::frame;
 use postern_proto::ids::{Secret, SessionId};
@@ -24,7 +25,7 @@ use postern_proto::ids::{Secret, SessionId};
 use crate::keys::{fingerprint, KeyError, RootKeys};
 use crate::policy::{self, SourcedRule, TargetRef};
 use crate::state::AppState;
-use crate::store::now;
+use crate::store::{now, NewEvent, StoreError};
 
 /// The cluster listener failed or a worker misbehaved.
 #[derive(Debug, thiserror::Error)]
@@ -242,6 +243,13 @@ async fn control_loop(
         .worker_connected(name, &state.instance, &hello.session_addr)
         .await
         .map_err(store_err)?;
+    if let Some(key) = &hello.ssh_host_key {
+        state
+            .store
+            .set_worker_ssh_host_key(name, key)
+            .await
+            .map_err(store_err)?;
+    }
     let reply = ControllerHello {
         version: postern_proto::PROTOCOL_VERSION,
         worker: name.into(),
@@ -412,8 +420,68 @@ async fn handle(
                 )
                 .await;
         }
+        WorkerMessage::Events { events } => {
+            let ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
+            match store_events(state, worker, events).await {
+                // Acknowledged only once stored: until then the worker keeps them.
+                Ok(()) => {
+                    let _ = tx.send(ControllerMessage::EventsAck { event_ids: ids });
+                }
+                Err(e) => {
+                    tracing::error!(worker, error = %e, "cannot store the worker's events; it will send them again")
+                }
+            }
+        }
         WorkerMessage::Heartbeat { .. } => {
             let _ = state.store.worker_seen(worker).await;
+        }
+        WorkerMessage::RecordingStart {
+            id,
+            session_id,
+            recording_id,
+            header,
+        } => {
+            // Awaited in order: the recording exists before its data is handled.
+            let refused =
+                crate::recordings::start(state, worker, &session_id, &recording_id, &header).await;
+            let _ = tx.send(ControllerMessage::RecordingStarted { id, refused });
+        }
+        WorkerMessage::RecordingData {
+            recording_id,
+            events,
+        } => crate::recordings::data(state, worker, &recording_id, &events).await,
+        WorkerMessage::RecordingEnd { recording_id } => {
+            crate::recordings::end(state, worker, &recording_id).await
+        }
+        WorkerMessage::SignSshCertificate {
+            id,
+            session_id,
+            principal,
+            public_key,
+        } => {
+            let (state, worker, tx) = (state.clone(), worker.to_owned(), tx.clone());
+            tokio::spawn(async move {
+                let signed = crate::recordings::sign_certificate(
+                    &state,
+                    &worker,
+                    &session_id,
+                    &principal,
+                    &public_key,
+                )
+                .await;
+                if let Err(why) = &signed {
+                    tracing::info!(worker, session = %session_id, "certificate refused: {why}");
+                }
+                let (certificate, refused) = match signed {
+                    Ok(c) => (Some(c), None),
+                    Err(why) => (None, Some(why)),
+                };
+                let _ = tx.send(ControllerMessage::SshCertificate {
+                    id,
+                    certificate,
+                    refused,
+                });
+            });
         }
         _ => tracing::debug!(worker, "ignoring unknown worker message"),
     }
@@ -484,6 +552,79 @@ async fn activation_refusal(
     Ok(None)
 }
 
+/// Stores a batch of spooled worker events, each once (by event id), in one append.
+async fn store_events(
+    state: &AppState,
+    worker: &str,
+    events: Vec<SpooledEvent>,
+) -> Result<(), StoreError> {
+    let mut batch = Vec::with_capacity(events.len());
+    let mut users: HashMap<String, String> = HashMap::new();
+    for e in events {
+        if state.store.audit_event_exists(&e.event_id).await? {
+            continue;
+        }
+        let (actor, action, session_id, details) = match *e.message {
+            WorkerMessage::ConnectionClosed {
+                session_id,
+                bytes_up,
+                bytes_down,
+                reason,
+            } => {
+                state
+                    .store
+                    .record_connection(session_id.as_str(), bytes_up, bytes_down)
+                    .await?;
+                (
+                    format!("worker:{worker}"),
+                    "connection.close".to_owned(),
+                    session_id,
+                    json!({"bytes_up": bytes_up, "bytes_down": bytes_down, "reason": reason, "worker": worker}),
+                )
+            }
+            WorkerMessage::Audit {
+                session_id,
+                action,
+                details,
+            } => {
+                let user = match users.get(session_id.as_str()) {
+                    Some(u) => u.clone(),
+                    None => {
+                        let u = match state.store.session(session_id.as_str()).await {
+                            Ok(s) => s.user,
+                            Err(_) => format!("worker:{worker}"),
+                        };
+                        users.insert(session_id.as_str().to_owned(), u.clone());
+                        u
+                    }
+                };
+                (user, action, session_id, details)
+            }
+            other => {
+                tracing::warn!(
+                    worker,
+                    "ignoring a spooled message that is not an event: {other:?}"
+                );
+                continue;
+            }
+        };
+        batch.push(NewEvent {
+            event_id: Some(e.event_id),
+            time: e.time,
+            actor,
+            action,
+            resource: format!("session:{session_id}"),
+            outcome: "success".into(),
+            session_id: Some(session_id.0),
+            details,
+        });
+    }
+    if batch.is_empty() {
+        return Ok(());
+    }
+    state.audit_log.append(batch).await
+}
+
 /// What the worker needs for an activated session: the target's brokered credential, unsealed.
 async fn session_grant(state: &AppState, session_id: &SessionId) -> Result<SessionGrant, String> {
     let s = state
@@ -509,6 +650,11 @@ async fn session_grant(state: &AppState, session_id: &SessionId) -> Result<Sessi
         "ssh_key" => Credential::SshPrivateKey {
             username,
             private_key_pem: secret,
+        },
+        "ssh_ca" => Credential::SshCertificate { username },
+        "postgres_admin" => Credential::PostgresAdmin {
+            username,
+            password: secret,
         },
         _ => Credential::Password {
             username,

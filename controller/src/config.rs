@@ -64,6 +64,12 @@ pub struct ControllerConfig {
     /// Serve the API over plain HTTP. Allowed only on a loopback address.
     #[serde(default)]
     pub insecure_http: bool,
+    /// OpenID Connect login methods (`[[oidc]]` sections).
+    #[serde(default)]
+    pub oidc: Vec<crate::oidc::OidcConfig>,
+    /// Mirror every audit event as a JSON line to this file (for a SIEM shipper).
+    #[serde(default)]
+    pub audit_file: Option<PathBuf>,
 }
 
 fn default_api_listen() -> SocketAddr {
@@ -99,6 +105,8 @@ impl ControllerConfig {
             token_ttl: default_token_ttl(),
             bootstrap_admin: true,
             insecure_http: true,
+            oidc: Vec::new(),
+            audit_file: None,
         }
     }
 
@@ -142,6 +150,7 @@ impl ControllerConfig {
         if let Some(v) = get("POSTERN_KEK_FILE") {
             self.kek_file = Some(v.into());
         }
+        crate::oidc::config::apply_env(&mut self.oidc, &get);
         if let Some(v) = get("POSTERN_TOKEN_TTL") {
             self.token_ttl = humantime::parse_duration(&v).map_err(|e| ConfigError::Invalid {
                 key: "POSTERN_TOKEN_TTL".into(),
@@ -168,6 +177,7 @@ impl ControllerConfig {
                 message: "serving the API over TLS is not implemented yet: set insecure_http = true and listen on loopback behind a TLS-terminating proxy".into(),
             });
         }
+        crate::oidc::config::validate(&self.oidc)?;
         if self.token_ttl.as_secs() < 60 {
             return Err(ConfigError::Invalid {
                 key: "token_ttl".into(),

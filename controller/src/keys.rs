@@ -122,6 +122,8 @@ pub struct RootKeys {
     pub ca_pem: String,
     ca_der: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
+    /// The SSH user CA of certificate mode.
+    pub ssh_user_ca: crate::ssh_ca::SshUserCa,
 }
 
 impl std::fmt::Debug for RootKeys {
@@ -184,11 +186,13 @@ impl RootKeys {
         let key = KeyPair::from_pem(&key_pem)?;
         let issuer = Issuer::from_ca_cert_pem(&ca_pem, key)?;
         let ca_der = pem_to_der(&ca_pem).ok_or_else(|| KeyError::Unseal(CLUSTER_CA.into()))?;
+        let ssh_user_ca = crate::ssh_ca::SshUserCa::load_or_create(store, kek).await?;
         Ok(RootKeys {
             session_key,
             ca_pem,
             ca_der,
             issuer,
+            ssh_user_ca,
         })
     }
 

@@ -12,15 +12,22 @@
 //! - [`api`]: the `/v1` HTTP API (axum); [`api::types`] are its JSON bodies.
 //! - [`cluster`]: the QUIC listener for workers (activation, reports, cancellation pushes).
 //! - [`state`]: what handlers share.
+//! - [`ssh_ca`]: the SSH user CA of certificate mode.
+//! - [`recordings`]: worker requests of the SSH proxy: shell recordings, certificates.
+//! - [`oidc`]: OpenID Connect single sign-on (code flow with PKCE, device flow, JIT users).
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod keys;
+pub mod oidc;
 pub mod policy;
+pub mod recordings;
 pub mod revoke;
+pub mod ssh_ca;
 pub mod state;
 pub mod store;
 
@@ -79,6 +86,7 @@ pub struct ControllerHandle {
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
+    audit_task: JoinHandle<()>,
 }
 
 impl ControllerHandle {
@@ -109,7 +117,12 @@ impl ControllerHandle {
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
-        self.state.store.close().await;
+        // The audit writer stops once every holder of the state is gone; give events in
+        // flight a moment to land before the store closes.
+        let store = self.state.store.clone();
+        drop(self.state);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.audit_task).await;
+        store.close().await;
     }
 }
 
@@ -150,7 +163,10 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
         None
     };
 
+    let (audit_log, audit_task) =
+        audit::AuditLog::start(store.clone(), config.audit_file.clone()).await?;
     let state = AppState::new(Inner {
+        audit_log,
         store,
         keys,
         kek,
@@ -159,6 +175,12 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
         instance: format!("controller-{}", postern_proto::ids::random_base32(8)),
         cluster_addrs,
         workers: Default::default(),
+        oidc: oidc::Oidc::new(&config.oidc, api_addr).map_err(|e| {
+            StartError::Config(config::ConfigError::Invalid {
+                key: "oidc".into(),
+                message: e.to_string(),
+            })
+        })?,
     });
     let (shutdown, mut shutdown_rx) = tokio::sync::watch::channel(false);
     let api = tokio::spawn({
@@ -193,6 +215,7 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
         endpoint,
         shutdown,
         tasks: vec![api, cluster],
+        audit_task,
         background,
     })
 }

@@ -12,7 +12,18 @@ async fn main() -> anyhow::Result<()> {
     };
     init_tracing();
     let config = postern_controller::ControllerConfig::load(std::path::Path::new(&path))?;
-    postern_controller::run(config, shutdown_signal()).await?;
+    let handle = postern_controller::start(config).await?;
+    if let Some(boot) = handle.bootstrap() {
+        // Shown once: the store keeps only its hash.
+        println!("Bootstrap admin created: {} / {}", boot.user, boot.password);
+    }
+    println!(
+        "postern-controller listening: API http://{}, cluster {}",
+        handle.api_addr(),
+        handle.cluster_addr()
+    );
+    shutdown_signal().await;
+    handle.shutdown().await;
     Ok(())
 }
 

@@ -180,12 +180,16 @@ async fn still_allowed(state: &AppState, s: &Session) -> Result<bool, StoreError
     Ok(target.enabled && policy::check(&rules, "connect", Some(tref)).is_ok())
 }
 
-/// Delivers cancellations that other controllers NOTIFY, to the workers this controller
-/// holds. Runs for the controller's life on PostgreSQL; `PgListener` reconnects by itself.
+/// Delivers cancellations that other controllers NOTIFY to the workers this controller
+/// holds, and relays their audit-head announcements to local followers. Runs for the
+/// controller's life on PostgreSQL; `PgListener` reconnects by itself.
 pub async fn listen_for_cancels(state: AppState, database_url: String) {
     let mut listener = loop {
         match sqlx::postgres::PgListener::connect(&database_url).await {
-            Ok(mut l) => match l.listen(CANCEL_CHANNEL).await {
+            Ok(mut l) => match l
+                .listen_all([CANCEL_CHANNEL, crate::audit::AUDIT_CHANNEL])
+                .await
+            {
                 Ok(()) => break l,
                 Err(e) => tracing::error!(error = %e, "cannot LISTEN for cancellations"),
             },
@@ -195,6 +199,11 @@ pub async fn listen_for_cancels(state: AppState, database_url: String) {
     };
     loop {
         match listener.recv().await {
+            Ok(n) if n.channel() == crate::audit::AUDIT_CHANNEL => {
+                if let Ok(seq) = n.payload().parse::<i64>() {
+                    state.audit_log.announce(seq);
+                }
+            }
             Ok(n) => match serde_json::from_str::<CancelNote>(n.payload()) {
                 Ok(note) => {
                     if state.workers.cancel(

@@ -4,9 +4,10 @@ use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::audit::AuditLog;
 use crate::cluster::Registry;
 use crate::keys::{Kek, RootKeys};
-use crate::store::{Store, StoreError};
+use crate::store::{NewEvent, Store, StoreError};
 
 /// Cheap-to-clone handle on the controller's shared state.
 #[derive(Clone, Debug)]
@@ -31,6 +32,10 @@ pub struct Inner {
     pub cluster_addrs: Vec<String>,
     /// Workers whose control connection this controller holds.
     pub workers: Registry,
+    /// The OpenID Connect login methods.
+    pub oidc: crate::oidc::Oidc,
+    /// The audit writer.
+    pub audit_log: AuditLog,
 }
 
 impl Deref for AppState {
@@ -56,8 +61,10 @@ impl AppState {
         details: serde_json::Value,
     ) -> Result<(), StoreError> {
         tracing::info!(target: "postern::audit", actor, action, resource, outcome, %details);
-        self.store
-            .audit(actor, action, resource, outcome, &details)
+        self.audit_log
+            .append(vec![NewEvent::now(
+                actor, action, resource, outcome, details,
+            )])
             .await
     }
 }

@@ -18,6 +18,9 @@ pub struct WorkerHello {
     pub session_addr: String,
     /// Sessions the worker carries now (after a reconnect), so the controller can re-sync.
     pub active_sessions: Vec<SessionId>,
+    /// The worker's SSH host public key (OpenSSH one-line form), which `postern ssh` pins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_host_key: Option<String>,
 }
 
 /// The controller's answer to [`WorkerHello`].
@@ -83,6 +86,50 @@ pub enum WorkerMessage {
         /// Details (statement text, database, …).
         details: serde_json::Value,
     },
+    /// Start recording an SSH shell channel; answered by [`ControllerMessage::RecordingStarted`]
+    /// with the same `id`. Until then the shell does not start: an unrecorded shell is refused.
+    RecordingStart {
+        /// Request id.
+        id: u64,
+        /// The session.
+        session_id: SessionId,
+        /// Recording id chosen by the worker (`r_…`).
+        recording_id: String,
+        /// The asciicast v2 header line (JSON object, no newline).
+        header: String,
+    },
+    /// More of a recording: asciicast v2 event lines, each ending in a newline.
+    RecordingData {
+        /// The recording.
+        recording_id: String,
+        /// The event lines.
+        events: String,
+    },
+    /// The recorded channel closed.
+    RecordingEnd {
+        /// The recording.
+        recording_id: String,
+    },
+    /// Certificate mode: sign an SSH user certificate for a key the worker generated for
+    /// this session; answered by [`ControllerMessage::SshCertificate`] with the same `id`.
+    SignSshCertificate {
+        /// Request id.
+        id: u64,
+        /// The session.
+        session_id: SessionId,
+        /// The principal (login) the certificate is for.
+        principal: String,
+        /// The worker's ephemeral public key (OpenSSH one-line form).
+        public_key: String,
+    },
+    /// Auditable events from the worker's spool (connection closes, `Audit` records), each
+    /// with its own id: the controller stores each once and acknowledges with
+    /// [`ControllerMessage::EventsAck`]; until then the worker keeps them on disk and sends
+    /// them again after a reconnect.
+    Events {
+        /// The events, oldest first.
+        events: Vec<SpooledEvent>,
+    },
     /// Keep-alive with load figures.
     Heartbeat {
         /// Sessions carried now.
@@ -106,6 +153,27 @@ pub enum ControllerMessage {
         /// What the worker needs to carry the session (present when not refused).
         #[serde(default)]
         grant: Option<SessionGrant>,
+    },
+    /// Answer to [`WorkerMessage::RecordingStart`].
+    RecordingStarted {
+        /// Request id.
+        id: u64,
+        /// `None` when the recording is being stored; otherwise why not.
+        refused: Option<String>,
+    },
+    /// Answer to [`WorkerMessage::SignSshCertificate`].
+    SshCertificate {
+        /// Request id.
+        id: u64,
+        /// The certificate (OpenSSH one-line form) when signed.
+        certificate: Option<String>,
+        /// Why not, when refused.
+        refused: Option<String>,
+    },
+    /// These spooled events are stored: the worker may forget them.
+    EventsAck {
+        /// Their ids.
+        event_ids: Vec<String>,
     },
     /// End a session now, cutting its connections.
     CancelSession {
@@ -177,15 +245,46 @@ pub enum Credential {
         /// OpenSSH private key, PEM.
         private_key_pem: Secret,
     },
+    /// SSH certificate mode: the worker generates a key per session and has the controller's
+    /// SSH user CA sign a certificate for it ([`WorkerMessage::SignSshCertificate`]), valid
+    /// for the session only; the target trusts the CA (`TrustedUserCAKeys`).
+    SshCertificate {
+        /// Default login on the target (the certificate's principal unless the session
+        /// names another permitted login).
+        username: String,
+    },
+    /// PostgreSQL zero standing credentials: an admin login (`CREATEROLE`, admin option on
+    /// the group roles) with which the worker creates a role for each session, a member of
+    /// the group role the session's login names, and drops it when the session ends.
+    PostgresAdmin {
+        /// The admin role.
+        username: String,
+        /// Its password.
+        password: Secret,
+    },
 }
 
 impl Credential {
     /// The user name the credential authenticates as.
     pub fn username(&self) -> &str {
         match self {
-            Credential::Password { username, .. } | Credential::SshPrivateKey { username, .. } => {
-                username
-            }
+            Credential::Password { username, .. }
+            | Credential::SshPrivateKey { username, .. }
+            | Credential::SshCertificate { username }
+            | Credential::PostgresAdmin { username, .. } => username,
         }
     }
+}
+
+/// One auditable event as the worker spools it: a [`WorkerMessage::ConnectionClosed`] or
+/// [`WorkerMessage::Audit`], with the id that makes resending it harmless and the time it
+/// happened.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpooledEvent {
+    /// Unique id, chosen by the worker.
+    pub event_id: String,
+    /// When it happened (Unix seconds).
+    pub time: i64,
+    /// The event.
+    pub message: Box<WorkerMessage>,
 }

@@ -147,6 +147,8 @@ pub struct ClusterOptions {
     pub database_url: Option<String>,
     /// API and cluster addresses; free ports if `None` (fixed ones survive a restart).
     pub addrs: Option<(SocketAddr, SocketAddr)>,
+    /// OpenID Connect login methods.
+    pub oidc: Vec<postern_controller::oidc::OidcConfig>,
 }
 
 impl Default for ClusterOptions {
@@ -155,6 +157,7 @@ impl Default for ClusterOptions {
             grace: Duration::from_secs(15),
             database_url: None,
             addrs: None,
+            oidc: Vec::new(),
         }
     }
 }
@@ -170,6 +173,7 @@ pub fn controller_config(dir: &Path, opts: &ClusterOptions) -> ControllerConfig 
     if let Some(url) = &opts.database_url {
         config.database_url = url.clone();
     }
+    config.oidc = opts.oidc.clone();
     config
 }
 
@@ -229,6 +233,7 @@ impl Cluster {
             session_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             public_addr: None,
             grace_period: opts.grace,
+            postgres: Default::default(),
         })
         .await?;
         let cluster = Cluster {

@@ -36,6 +36,9 @@ pub struct WorkerConfig {
         deserialize_with = "deserialize_duration"
     )]
     pub grace_period: Duration,
+    /// `[postgres]`: the PostgreSQL proxy's settings.
+    #[serde(default)]
+    pub postgres: crate::postgres::PostgresConfig,
 }
 
 /// Why the configuration could not be loaded.
@@ -82,6 +85,7 @@ impl std::fmt::Debug for WorkerConfig {
             .field("session_listen", &self.session_listen)
             .field("public_addr", &self.public_addr)
             .field("grace_period", &self.grace_period)
+            .field("postgres", &self.postgres)
             .finish()
     }
 }
@@ -93,7 +97,8 @@ impl WorkerConfig {
     }
 
     /// Applies `POSTERN_CONTROLLER_URL`, `POSTERN_ACTIVATION_TOKEN`, `POSTERN_DATA_DIR`,
-    /// `POSTERN_SESSION_LISTEN`, `POSTERN_PUBLIC_ADDR` and `POSTERN_GRACE_PERIOD`. A variable
+    /// `POSTERN_SESSION_LISTEN`, `POSTERN_PUBLIC_ADDR`, `POSTERN_GRACE_PERIOD` and
+    /// `POSTERN_POSTGRES_AUDIT_STATEMENT_LIMIT`. A variable
     /// with an invalid value is logged and ignored; use [`Self::try_apply_env`] to refuse it.
     pub fn apply_env(&mut self) {
         if let Err(e) = self.try_apply_env() {
@@ -143,6 +148,13 @@ impl WorkerConfig {
             self.grace_period = humantime::parse_duration(&v).map_err(|e| ConfigError::Env {
                 var: "POSTERN_GRACE_PERIOD",
                 reason: format!("{e} (expected a duration such as 15s)"),
+                value: v,
+            })?;
+        }
+        if let Some(v) = get("POSTERN_POSTGRES_AUDIT_STATEMENT_LIMIT") {
+            self.postgres.audit_statement_limit = v.parse().map_err(|e| ConfigError::Env {
+                var: "POSTERN_POSTGRES_AUDIT_STATEMENT_LIMIT",
+                reason: format!("{e} (expected a number of bytes)"),
                 value: v,
             })?;
         }

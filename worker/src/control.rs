@@ -179,6 +179,7 @@ impl ControlTask {
             version: PROTOCOL_VERSION,
             session_addr: self.session_addr.clone(),
             active_sessions: self.shared.session_ids(),
+            ssh_host_key: Some(self.shared.ssh.host_key_line().to_owned()),
         };
         write_frame(&mut send, &hello).await?;
         let answer: ControllerHello = timeout(CONNECT_TIMEOUT, read_frame(&mut recv))
@@ -282,6 +283,11 @@ async fn read_loop(shared: &Shared, recv: &mut RecvStream) -> ControlError {
                 };
                 shared.complete_activation(id, answer);
             }
+            ControllerMessage::EventsAck { event_ids } => {
+                if let Some(spool) = shared.spool() {
+                    spool.ack(&event_ids);
+                }
+            }
             ControllerMessage::CancelSession { session_id, reason } => {
                 shared.forget_cancelled(&session_id);
                 let cut = shared
@@ -292,6 +298,23 @@ async fn read_loop(shared: &Shared, recv: &mut RecvStream) -> ControlError {
                     session_id,
                     connections_cut: cut,
                 });
+            }
+            ControllerMessage::RecordingStarted { id, refused } => {
+                shared
+                    .ssh
+                    .complete(id, crate::ssh::Answer::RecordingStarted(refused));
+            }
+            ControllerMessage::SshCertificate {
+                id,
+                certificate,
+                refused,
+            } => {
+                let answer = certificate.ok_or_else(|| {
+                    refused.unwrap_or_else(|| "the controller sent no certificate".into())
+                });
+                shared
+                    .ssh
+                    .complete(id, crate::ssh::Answer::Certificate(answer));
             }
             other => tracing::warn!("ignoring an unexpected controller message: {other:?}"),
         }
@@ -307,8 +330,28 @@ async fn write_loop(
 ) -> Result<(), ControlError> {
     let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A new connection: every event not yet acknowledged goes (again).
+    if let Some(spool) = shared.spool() {
+        spool.restart();
+    }
     loop {
+        if let Some(spool) = shared.spool() {
+            loop {
+                let events = spool.next_batch();
+                if events.is_empty() {
+                    break;
+                }
+                write_frame(send, &WorkerMessage::Events { events }).await?;
+            }
+        }
+        let spooled = async {
+            match shared.spool() {
+                Some(spool) => spool.changed().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            () = spooled => {}
             msg = outbox.recv() => match msg {
                 Some(msg) => send_message(shared, send, &msg).await?,
                 None => return Ok(()),

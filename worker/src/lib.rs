@@ -16,14 +16,21 @@
 //! - `control`: the control connection to the controller and the fail-closed watchdog.
 //! - `listener`: the session listener and the session hello.
 //! - `relay`: one proxied TCP connection per QUIC stream.
+//! - [`postgres`]: the PostgreSQL proxy (wire protocol, brokered login, statement audit,
+//!   per-session roles); its sans-IO codec is public for the fuzz target.
+//! - `ssh`: the SSH proxy (russh server towards the engineer, client towards the target),
+//!   shell recording and exec audit.
 #![forbid(unsafe_code)]
 
 mod config;
 mod control;
 mod frames;
 mod listener;
+pub mod postgres;
 mod register;
 mod relay;
+mod spool;
+mod ssh;
 mod state;
 mod tls;
 
@@ -38,6 +45,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub use config::{ConfigError, WorkerConfig};
+pub use postgres::PostgresConfig;
 pub use register::RegisterError;
 pub use tls::TlsError;
 
@@ -56,11 +64,22 @@ pub enum WorkerError {
     /// The identity cannot be turned into TLS configurations.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The SSH host key cannot be loaded or created.
+    #[error(transparent)]
+    SshHostKey(#[from] ssh::HostKeyError),
     /// The session listener could not bind.
     #[error("cannot listen for sessions on {addr}: {error}")]
     Bind {
         /// The configured address.
         addr: SocketAddr,
+        /// The I/O error.
+        error: std::io::Error,
+    },
+    /// The audit spool could not be opened.
+    #[error("cannot open the audit spool in {path}: {error}")]
+    Spool {
+        /// The data directory.
+        path: std::path::PathBuf,
         /// The I/O error.
         error: std::io::Error,
     },
@@ -108,7 +127,17 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
     }
 
     let (outbox_tx, outbox_rx) = mpsc::channel(state::OUTBOX_CAPACITY);
-    let shared = Arc::new(state::Shared::new(identity.name.clone(), outbox_tx));
+    let ssh = ssh::SshShared::load_or_create(&config.data_dir)?;
+    let shared = Arc::new(
+        state::Shared::new(identity.name.clone(), outbox_tx, ssh)
+            .with_postgres(config.postgres.clone())
+            .with_spool(spool::Spool::open(&config.data_dir).map_err(|error| {
+                WorkerError::Spool {
+                    path: config.data_dir.clone(),
+                    error,
+                }
+            })?),
+    );
     let (listener_stop, listener_stop_rx) = watch::channel(false);
     let (control_stop, control_stop_rx) = watch::channel(false);
 

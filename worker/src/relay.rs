@@ -40,9 +40,9 @@ enum RelayError {
 
 /// Bytes moved so far: up is client → target.
 #[derive(Default)]
-struct Counts {
-    up: u64,
-    down: u64,
+pub(crate) struct Counts {
+    pub(crate) up: u64,
+    pub(crate) down: u64,
 }
 
 /// Serves one stream of a session connection.
@@ -57,16 +57,20 @@ pub(crate) async fn serve_stream(
         opened = open(&session, &mut send, &mut recv) => opened,
         _ = conn.closed() => None,
     };
-    let Some((mut tcp, guard)) = opened else {
+    let Some((upstream, guard)) = opened else {
         return;
+    };
+    let mut tcp = match upstream {
+        Upstream::Tcp(tcp) => tcp,
+        Upstream::Ssh => return crate::ssh::serve(conn, session, shared, send, recv, guard).await,
     };
     let mut counts = Counts::default();
     let outcome = tokio::select! {
-        r = relay(&mut tcp, &mut send, &mut recv, &mut counts) => r.map_err(|e| e.to_string()),
+        r = proxy(&session, &shared, &mut tcp, &mut send, &mut recv, &mut counts) => r,
         e = conn.closed() => Err(crate::listener::describe_close(&e)),
     };
     let reason = match outcome {
-        Ok(()) => "closed".to_owned(),
+        Ok(reason) => reason,
         Err(error) => {
             // When the session or its connection ended, that is the reason, whichever of the
             // relay or the connection noticed first.
@@ -103,13 +107,21 @@ pub(crate) async fn serve_stream(
     }
 }
 
+/// Where an opened stream's bytes go.
+enum Upstream {
+    /// Raw bytes to and from the target.
+    Tcp(TcpStream),
+    /// The stream carries SSH, which the worker itself terminates ([`crate::ssh`]).
+    Ssh,
+}
+
 /// Reads `ConnOpen`, checks the session's limit, dials the target and answers. Refusals
 /// are written to the client here; `None` means there is nothing to relay.
 async fn open(
     session: &Arc<Session>,
     send: &mut SendStream,
     recv: &mut RecvStream,
-) -> Option<(TcpStream, StreamGuard)> {
+) -> Option<(Upstream, StreamGuard)> {
     let header = match timeout(OPEN_TIMEOUT, read_frame::<ConnOpen>(recv)).await {
         Ok(Ok(header)) => header,
         Ok(Err(ReadFrameError::Invalid(e))) => {
@@ -154,6 +166,14 @@ async fn open(
             return None;
         }
     };
+    if session.claims.protocol == "ssh" {
+        // The worker logs in to the target once the engineer's SSH client has authenticated.
+        if let Err(e) = write_frame(send, &ConnReply::Ok).await {
+            tracing::debug!("client left before the connection opened: {e}");
+            return None;
+        }
+        return Some((Upstream::Ssh, guard));
+    }
     let endpoint = &session.endpoint;
     let tcp = match timeout(DIAL_TIMEOUT, TcpStream::connect(endpoint.as_str())).await {
         Ok(Ok(tcp)) => tcp,
@@ -177,7 +197,7 @@ async fn open(
         tracing::debug!("client left before the connection opened: {e}");
         return None;
     }
-    Some((tcp, guard))
+    Some((Upstream::Tcp(tcp), guard))
 }
 
 /// Tells the client why its connection was refused and finishes the stream.
@@ -189,6 +209,25 @@ async fn refuse(send: &mut SendStream, code: RefusalCode, message: impl Into<Str
         .is_ok()
     {
         let _ = send.finish();
+    }
+}
+
+/// Runs the session's protocol on an opened TCP connection: `Ok` with why it ended (the
+/// client was told all it needs), `Err` when the stream must be reset.
+async fn proxy(
+    session: &Arc<Session>,
+    shared: &Arc<Shared>,
+    tcp: &mut TcpStream,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    counts: &mut Counts,
+) -> Result<String, String> {
+    match session.claims.protocol.as_str() {
+        "postgres" => crate::postgres::serve(session, shared, tcp, send, recv, counts).await,
+        _ => relay(tcp, send, recv, counts)
+            .await
+            .map(|()| "closed".to_owned())
+            .map_err(|e| e.to_string()),
     }
 }
 

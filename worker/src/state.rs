@@ -91,6 +91,12 @@ pub(crate) struct Shared {
     next_request: AtomicU64,
     outbox: mpsc::Sender<WorkerMessage>,
     link: watch::Sender<LinkState>,
+    /// The SSH proxy's host key and its requests to the controller.
+    pub(crate) ssh: crate::ssh::SshShared,
+    /// Where auditable reports wait for the controller's acknowledgement.
+    spool: Option<crate::spool::Spool>,
+    /// The postgres proxy's settings, cancel keys and per-session roles.
+    pub(crate) postgres: crate::postgres::PostgresState,
 }
 
 /// One session carried by this worker: its QUIC connections and its counters.
@@ -99,16 +105,8 @@ pub(crate) struct Session {
     /// The target, `host:port`.
     pub(crate) endpoint: String,
     /// The verified claims of the session's token (user, target, protocol, login).
-    #[expect(
-        dead_code,
-        reason = "read by the ssh and postgres proxies, landing next"
-    )]
     pub(crate) claims: SessionClaims,
     /// What the controller granted at activation (brokered credential); memory only.
-    #[expect(
-        dead_code,
-        reason = "read by the ssh and postgres proxies, landing next"
-    )]
     pub(crate) grant: SessionGrant,
     limit: Option<u32>,
     inner: Mutex<SessionInner>,
@@ -131,7 +129,11 @@ pub(crate) struct StreamGuard {
 }
 
 impl Shared {
-    pub(crate) fn new(name: String, outbox: mpsc::Sender<WorkerMessage>) -> Self {
+    pub(crate) fn new(
+        name: String,
+        outbox: mpsc::Sender<WorkerMessage>,
+        ssh: crate::ssh::SshShared,
+    ) -> Self {
         Self {
             name,
             keys: RwLock::new(None),
@@ -143,7 +145,27 @@ impl Shared {
             link: watch::Sender::new(LinkState::Down {
                 since: Instant::now(),
             }),
+            ssh,
+            postgres: crate::postgres::PostgresState::default(),
+            spool: None,
         }
+    }
+
+    /// Spools auditable reports to disk until the controller acknowledges them.
+    pub(crate) fn with_spool(mut self, spool: crate::spool::Spool) -> Self {
+        self.spool = Some(spool);
+        self
+    }
+
+    /// The audit spool, if any.
+    pub(crate) fn spool(&self) -> Option<&crate::spool::Spool> {
+        self.spool.as_ref()
+    }
+
+    /// Sets the postgres proxy's settings.
+    pub(crate) fn with_postgres(mut self, config: crate::postgres::PostgresConfig) -> Self {
+        self.postgres = crate::postgres::PostgresState::new(config);
+        self
     }
 
     /// This worker's name.
@@ -193,12 +215,34 @@ impl Shared {
 
     /// Queues a message for the controller; it is sent when the link is (back) up.
     pub(crate) fn report(&self, msg: WorkerMessage) {
+        // Auditable reports go through the spool: kept on disk until acknowledged.
+        let msg = match (msg, &self.spool) {
+            (
+                msg @ (WorkerMessage::ConnectionClosed { .. } | WorkerMessage::Audit { .. }),
+                Some(spool),
+            ) => {
+                spool.push(msg);
+                return;
+            }
+            (msg, _) => msg,
+        };
         if let Err(e) = self.outbox.try_send(msg) {
             let why = e.to_string();
             tracing::warn!(
                 "dropping a report to the controller ({why}): {:?}",
                 e.into_inner()
             );
+        }
+    }
+
+    /// Like [`Self::report`], but says whether the message could be queued.
+    pub(crate) fn try_report(&self, msg: WorkerMessage) -> bool {
+        match self.outbox.try_send(msg) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("cannot queue a message to the controller: {e}");
+                false
+            }
         }
     }
 

@@ -13,8 +13,15 @@ use crate::client::{ApiClient, ApiError};
 use crate::output::{list, print_fields, print_json, relative, when};
 use crate::prompt;
 
-/// Logs in with a password and saves the token in the profile.
+/// Logs in (password, or single sign-on with `--oidc`/`--device`) and saves the token in
+/// the profile.
 pub async fn login(ctx: &Ctx, args: LoginArgs) -> Result<ExitCode> {
+    if args.list_methods {
+        return super::oidc_login::list_methods(ctx).await;
+    }
+    if args.oidc || args.device || args.method.is_some() {
+        return super::oidc_login::login(ctx, &args).await;
+    }
     let tty = prompt::stdin_is_tty();
     let user = match args.user.or_else(|| ctx.profile.user.clone()) {
         Some(u) => u,
@@ -33,6 +40,11 @@ pub async fn login(ctx: &Ctx, args: LoginArgs) -> Result<ExitCode> {
         bail!("no password given");
     }
     let resp = password_login(&ctx.addr, &user, password).await?;
+    save_login(ctx, resp)
+}
+
+/// Saves a login's token in the profile and says so.
+pub(super) fn save_login(ctx: &Ctx, resp: LoginResponse) -> Result<ExitCode> {
     let mut profile = ctx.profile.clone();
     profile.addr = Some(ctx.addr.clone());
     profile.token = Some(resp.token);

@@ -16,8 +16,40 @@ use crate::args::ConnectArgs;
 use crate::output::relative;
 use crate::session::{new_client_key, open_session, Session};
 
+/// What a session command asks for: `postern connect`, and the wrappers that run a client
+/// through a session (`postern psql`).
+pub(super) struct SessionRequest {
+    /// Target name.
+    pub(super) target: String,
+    /// Local port; any free one if absent.
+    pub(super) port: Option<u16>,
+    /// Session length in seconds; the target's default if absent.
+    pub(super) duration: Option<u64>,
+    /// Login on the target (database user, SSH user) to authorize.
+    pub(super) login: Option<String>,
+    /// Command to run against the local port (`{port}`, `{host}` substituted); none serves
+    /// until Ctrl-C.
+    pub(super) command: Vec<String>,
+}
+
 /// Runs `postern connect`.
 pub async fn run(ctx: &Ctx, args: ConnectArgs) -> Result<ExitCode> {
+    run_session(
+        ctx,
+        SessionRequest {
+            target: args.target,
+            port: args.port,
+            duration: args.duration,
+            login: None,
+            command: args.command,
+        },
+    )
+    .await
+}
+
+/// Authorizes and opens a session, serves it on a local port, and waits for Ctrl-C or runs
+/// the request's command.
+pub(super) async fn run_session(ctx: &Ctx, args: SessionRequest) -> Result<ExitCode> {
     // Take over SIGINT/SIGTERM before anything else: with a command running, Ctrl-C belongs
     // to it (psql cancels its query), not to us.
     let mut signals = Signals::new()?;
@@ -36,7 +68,7 @@ pub async fn run(ctx: &Ctx, args: ConnectArgs) -> Result<ExitCode> {
                 &AuthorizeRequest {
                     client_spki: key.spki_b64().to_owned(),
                     duration_secs: args.duration,
-                    login: None,
+                    login: args.login.clone(),
                 },
             )
             .await?;
@@ -139,8 +171,19 @@ async fn run_command(
         session.close().await;
         return Ok(ExitCode::SUCCESS);
     };
+    supervise(session, program, rest, signals).await
+}
+
+/// Runs `program` while the session lasts: its exit ends the session, and the session's end
+/// (cancel, expiry) ends it. SIGINT belongs to the program; SIGTERM ends both.
+pub(super) async fn supervise(
+    session: Session,
+    program: &str,
+    args: &[String],
+    signals: &mut Signals,
+) -> Result<ExitCode> {
     let mut child = match tokio::process::Command::new(program)
-        .args(rest)
+        .args(args)
         .kill_on_drop(true)
         .spawn()
     {
@@ -189,13 +232,13 @@ fn exit_code(status: ExitStatus) -> ExitCode {
 }
 
 /// SIGINT and SIGTERM, taken over for the life of the command.
-struct Signals {
-    int: SignalStream,
-    term: SignalStream,
+pub(super) struct Signals {
+    pub(super) int: SignalStream,
+    pub(super) term: SignalStream,
 }
 
 impl Signals {
-    fn new() -> Result<Signals> {
+    pub(super) fn new() -> Result<Signals> {
         Ok(Signals {
             int: SignalStream::interrupt()?,
             term: SignalStream::terminate()?,
@@ -204,7 +247,7 @@ impl Signals {
 }
 
 #[cfg(unix)]
-struct SignalStream(tokio::signal::unix::Signal);
+pub(super) struct SignalStream(tokio::signal::unix::Signal);
 
 #[cfg(unix)]
 impl SignalStream {
@@ -220,7 +263,7 @@ impl SignalStream {
             signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
         ))
     }
-    async fn recv(&mut self) {
+    pub(super) async fn recv(&mut self) {
         if self.0.recv().await.is_none() {
             std::future::pending::<()>().await;
         }
@@ -228,7 +271,7 @@ impl SignalStream {
 }
 
 #[cfg(not(unix))]
-struct SignalStream(bool);
+pub(super) struct SignalStream(bool);
 
 #[cfg(not(unix))]
 impl SignalStream {
@@ -238,7 +281,7 @@ impl SignalStream {
     fn terminate() -> Result<Self> {
         Ok(Self(false))
     }
-    async fn recv(&mut self) {
+    pub(super) async fn recv(&mut self) {
         if self.0 {
             let _ = tokio::signal::ctrl_c().await;
         } else {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context as _, Result};
 
-use postern_controller::api::types::{CredentialInfo, CredentialKind, SetCredential};
+use postern_controller::api::types::{CredentialInfo, CredentialKind, SetCredential, SshCa};
 
 use super::{ok, Ctx};
 use crate::args::CredentialsCmd;
@@ -21,12 +21,20 @@ pub async fn run(ctx: &Ctx, cmd: CredentialsCmd) -> Result<ExitCode> {
             username,
             password_stdin,
             ssh_key,
+            ssh_ca,
+            per_session_roles,
         } => {
+            if ssh_ca {
+                return set_ssh_ca(ctx, &target, username).await;
+            }
             let (kind, secret) = match ssh_key {
                 Some(path) => {
                     let pem = std::fs::read_to_string(&path)
                         .with_context(|| format!("cannot read SSH key {}", path.display()))?;
                     (CredentialKind::SshKey, pem)
+                }
+                None if password_stdin && per_session_roles => {
+                    (CredentialKind::PostgresAdmin, prompt::read_line().await?)
                 }
                 None if password_stdin => (CredentialKind::Password, prompt::read_line().await?),
                 None => bail!("give --password-stdin or --ssh-key FILE"),
@@ -70,10 +78,39 @@ fn show(ctx: &Ctx, info: &CredentialInfo, verb: &str) -> Result<ExitCode> {
         let kind = match info.kind {
             CredentialKind::Password => "password",
             CredentialKind::SshKey => "SSH key",
+            CredentialKind::SshCa => "SSH certificate (controller CA)",
+            CredentialKind::PostgresAdmin => "PostgreSQL admin (per-session roles)",
         };
         println!(
             "{verb}: {kind} for user '{}' on target {}.",
             info.username, info.target
+        );
+    }
+    ok()
+}
+
+/// Certificate mode: no secret is stored; prints the CA key the target must trust.
+async fn set_ssh_ca(ctx: &Ctx, target: &str, username: String) -> Result<ExitCode> {
+    let api = ctx.api()?;
+    let info: CredentialInfo = api
+        .put(
+            &["v1", "targets", target, "credential"],
+            &SetCredential {
+                kind: CredentialKind::SshCa,
+                username,
+                secret: String::new(),
+            },
+        )
+        .await?;
+    let ca: SshCa = api.get(&["v1", "ssh", "ca"], &[]).await?;
+    if ctx.json {
+        print_json(&serde_json::json!({"credential": info, "ssh_ca": ca.public_key}))?;
+    } else {
+        println!(
+            "Stored: SSH certificate mode for user '{}' on target {}.\n\
+             Trust the Postern SSH user CA on the target (sshd_config `TrustedUserCAKeys FILE`,\n\
+             FILE holding this line):\n{}",
+            info.username, info.target, ca.public_key
         );
     }
     ok()

@@ -6,9 +6,13 @@ mod auth;
 mod connect;
 mod credentials;
 mod groups;
+mod oidc_login;
 mod policy;
+mod psql;
+mod recordings;
 mod roles;
 mod sessions;
+mod ssh;
 mod targets;
 mod users;
 mod workers;
@@ -86,6 +90,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Logout => auth::logout(&ctx).await,
         Command::Whoami => auth::whoami(&ctx).await,
         Command::Connect(args) => connect::run(&ctx, args).await,
+        Command::Psql(args) => psql::run(&ctx, args).await,
+        Command::Ssh(args) => ssh::run(&ctx, args).await,
+        Command::Recordings(cmd) => recordings::run(&ctx, cmd).await,
         Command::Targets(cmd) => targets::run(&ctx, cmd).await,
         Command::Credentials(cmd) => credentials::run(&ctx, cmd).await,
         Command::Users(cmd) => users::run(&ctx, cmd).await,

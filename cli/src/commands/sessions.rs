@@ -62,6 +62,9 @@ pub async fn run(ctx: &Ctx, cmd: SessionsCmd) -> Result<ExitCode> {
         SessionsCmd::Show { id } => {
             let s: Session = api.get(&["v1", "sessions", &id], &[]).await?;
             show(ctx, &s)?;
+            if !ctx.json {
+                timeline(&api, &id).await;
+            }
         }
         SessionsCmd::Cancel { id } => {
             let s: Session = api.post_empty(&["v1", "sessions", &id, "cancel"]).await?;
@@ -97,4 +100,27 @@ fn show(ctx: &Ctx, s: &Session) -> Result<()> {
         ("Bytes down", bytes(s.bytes_down)),
     ]);
     Ok(())
+}
+
+/// The session's audit timeline (authorization, activation, each connection with bytes,
+/// statements, exec commands, how it ended), for those allowed to read the audit log.
+async fn timeline(api: &crate::client::ApiClient, id: &str) {
+    let query = [("session", id.to_owned()), ("limit", "10000".to_owned())];
+    let events: Vec<postern_controller::api::types::AuditEvent> =
+        match api.get(&["v1", "audit"], &query).await {
+            Ok(events) => events,
+            Err(_) => return, // no audit:read: the summary above is all this user may see
+        };
+    println!();
+    println!("Timeline:");
+    let mut t = crate::output::Table::new(&["TIME", "ACTOR", "EVENT", "DETAILS"]);
+    for e in events {
+        t.row(vec![
+            crate::output::rfc3339(e.time),
+            e.actor,
+            e.action,
+            super::audit::details(&e.details),
+        ]);
+    }
+    t.print("(no events)");
 }

@@ -196,6 +196,7 @@ async fn fake_worker(script: Script) -> (Authorization, mpsc::UnboundedReceiver<
         protocol: TargetType::Tcp,
         connection_limit: None,
         login: None,
+        ssh: None,
     };
     (auth, seen_rx)
 }

@@ -3,6 +3,8 @@
 mod caller;
 mod error;
 mod identity;
+mod oidc;
+mod recordings;
 mod sessions;
 mod targets;
 pub mod types;
@@ -29,6 +31,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/cluster", get(cluster_info))
         .route("/v1/auth/login", post(identity::login))
         .route("/v1/auth/logout", post(identity::logout))
+        .route("/v1/auth/methods", get(oidc::methods))
+        .route("/v1/auth/oidc/start", post(oidc::start))
+        .route("/v1/auth/oidc/device", post(oidc::device))
+        .route("/v1/auth/oidc/callback", get(oidc::callback))
+        .route("/v1/auth/oidc/attempts/{id}", get(oidc::attempt))
         .route("/v1/whoami", get(identity::whoami))
         .route(
             "/v1/users",
@@ -86,6 +93,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sessions/{id}/cancel", post(sessions::cancel))
         .route("/v1/policy/check", get(sessions::policy_check))
         .route("/v1/audit", get(sessions::audit))
+        .route("/v1/audit/verify", get(sessions::verify_audit))
+        .route("/v1/recordings", get(recordings::list))
+        .route("/v1/recordings/{id}", get(recordings::cast))
+        .route("/v1/ssh/ca", get(recordings::ssh_ca))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }

@@ -4,7 +4,9 @@ use axum::extract::{Path, Query, State};
 use axum::Json;
 use serde_json::json;
 
-use super::types::{AuditEvent, AuditQuery, Decision, PolicyCheckQuery, Session, SessionQuery};
+use super::types::{
+    AuditEvent, AuditQuery, AuditVerification, Decision, PolicyCheckQuery, Session, SessionQuery,
+};
 use super::{ApiError, Caller};
 use crate::policy::{self, SourcedRule, TargetRef};
 use crate::state::AppState;
@@ -131,12 +133,49 @@ pub async fn policy_check(
     }))
 }
 
-/// `GET /v1/audit`.
+/// `GET /v1/audit`. With `after_seq` and `wait`, a long poll: answers as soon as a matching
+/// event after that position is stored (pushed by the writer, not polled), or after `wait`
+/// seconds with nothing.
 pub async fn audit(
     State(state): State<AppState>,
     caller: Caller,
     Query(q): Query<AuditQuery>,
 ) -> ApiResult<Vec<AuditEvent>> {
     caller.require(&state, "audit:read", None).await?;
-    Ok(Json(state.store.audit_events(&q).await?))
+    let wait = q.wait.unwrap_or(0).min(60);
+    if q.after_seq.is_none() || wait == 0 {
+        return Ok(Json(state.store.audit_events(&q).await?));
+    }
+    let mut head = state.audit_log.subscribe();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait);
+    loop {
+        head.borrow_and_update();
+        let events = state.store.audit_events(&q).await?;
+        if !events.is_empty() {
+            return Ok(Json(events));
+        }
+        match tokio::time::timeout_at(deadline, head.changed()).await {
+            Ok(Ok(())) => continue,
+            _ => return Ok(Json(Vec::new())),
+        }
+    }
+}
+
+/// `GET /v1/audit/verify`: walks the hash chain.
+pub async fn verify_audit(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<AuditVerification> {
+    caller.require(&state, "audit:read", None).await?;
+    let report = state.store.verify_audit().await?;
+    state
+        .audit(
+            caller.name(),
+            "audit.verify",
+            "audit",
+            if report.ok { "success" } else { "failure" },
+            json!({"checked": report.checked, "first_bad_seq": report.first_bad_seq, "reason": report.reason}),
+        )
+        .await?;
+    Ok(Json(report))
 }

@@ -12,7 +12,7 @@ use postern_proto::token::{self, Confirmation, SessionClaims};
 
 use super::types::{
     Authorization, AuthorizeRequest, CreateTarget, CredentialInfo, CredentialKind, SetCredential,
-    Target, TargetType, UpdateTarget, WorkerEndpoint,
+    SshAccess, Target, TargetType, UpdateTarget, WorkerEndpoint,
 };
 use super::{check_name, ApiError, Caller};
 use crate::policy::TargetRef;
@@ -53,11 +53,7 @@ fn check_address(address: &str) -> Result<(), ApiError> {
 
 fn check_kind(kind: TargetType) -> Result<(), ApiError> {
     match kind {
-        TargetType::Tcp => Ok(()),
-        other => Err(ApiError::BadRequest(format!(
-            "target type '{}' is not supported by workers yet: use --type tcp",
-            other.as_str()
-        ))),
+        TargetType::Tcp | TargetType::Ssh | TargetType::Postgres => Ok(()),
     }
 }
 
@@ -252,6 +248,10 @@ pub async fn authorize(
             worker.name
         ))
     })?;
+    let ssh = match target.kind {
+        TargetType::Ssh => Some(ssh_access(&state, &target, &worker, req.login.as_deref()).await?),
+        _ => None,
+    };
     let session_id = SessionId::random();
     let iat = now();
     let claims = SessionClaims {
@@ -304,7 +304,42 @@ pub async fn authorize(
         protocol: target.kind,
         connection_limit: target.connection_limit,
         login: req.login,
+        ssh,
     }))
+}
+
+/// For an `ssh` target: the worker's SSH host key to pin, and the login the worker will use.
+async fn ssh_access(
+    state: &AppState,
+    target: &Target,
+    worker: &WorkerRow,
+    login: Option<&str>,
+) -> Result<SshAccess, ApiError> {
+    let host_key = state
+        .store
+        .worker_ssh_host_key(&worker.name)
+        .await?
+        .ok_or_else(|| {
+            ApiError::Unavailable(format!(
+                "worker '{}' has not reported an SSH host key: it cannot carry SSH sessions (upgrade it)",
+                worker.name
+            ))
+        })?;
+    let login = match login {
+        Some(l) => l.to_owned(),
+        None => state
+            .store
+            .credential(&target.name)
+            .await?
+            .map(|(_, user, _)| user)
+            .ok_or_else(|| {
+                ApiError::Conflict(format!(
+                    "target '{}' has no brokered credential: an admin sets one with `postern credentials set {}`",
+                    target.name, target.name
+                ))
+            })?,
+    };
+    Ok(SshAccess { host_key, login })
 }
 
 /// A connected worker whose tags satisfy the target's filter; among several, a random one.
@@ -373,7 +408,9 @@ pub async fn set_credential(
             "credential username must be 1-128 printable characters".into(),
         ));
     }
-    if req.secret.is_empty() || req.secret.len() > 16 * 1024 {
+    // Certificate mode stores no secret: the controller's SSH user CA signs per session.
+    if req.kind != CredentialKind::SshCa && (req.secret.is_empty() || req.secret.len() > 16 * 1024)
+    {
         return Err(ApiError::BadRequest(
             "credential secret must be 1 byte to 16 KiB".into(),
         ));
@@ -386,10 +423,16 @@ pub async fn set_credential(
     let kind = match req.kind {
         CredentialKind::Password => "password",
         CredentialKind::SshKey => "ssh_key",
+        CredentialKind::SshCa => "ssh_ca",
+        CredentialKind::PostgresAdmin => "postgres_admin",
+    };
+    let secret = match req.kind {
+        CredentialKind::SshCa => "",
+        _ => req.secret.as_str(),
     };
     let sealed = state
         .kek
-        .seal(&credential_purpose(&name), req.secret.as_bytes());
+        .seal(&credential_purpose(&name), secret.as_bytes());
     state
         .store
         .set_credential(&name, kind, &req.username, &sealed)
@@ -423,10 +466,11 @@ pub async fn show_credential(
             "target '{name}' has no credential: set one with `postern credentials set {name}`"
         ))
     })?;
-    let kind = if kind == "ssh_key" {
-        CredentialKind::SshKey
-    } else {
-        CredentialKind::Password
+    let kind = match kind.as_str() {
+        "ssh_key" => CredentialKind::SshKey,
+        "ssh_ca" => CredentialKind::SshCa,
+        "postgres_admin" => CredentialKind::PostgresAdmin,
+        _ => CredentialKind::Password,
     };
     Ok(Json(CredentialInfo {
         target: name,

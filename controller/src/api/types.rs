@@ -4,6 +4,11 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+mod oidc;
+pub use oidc::{
+    AuthMethod, AuthMethods, OidcAttempt, OidcDeviceStart, OidcStart, OidcStartRequest,
+};
+
 /// Every error answer: `{"error": "not_found", "message": "no target named 'x'; ..."}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -168,7 +173,7 @@ pub enum TargetType {
     Tcp,
     /// SSH (credential injection; not yet implemented on the worker).
     Ssh,
-    /// PostgreSQL (wire-protocol proxy; not yet implemented on the worker).
+    /// PostgreSQL (wire-protocol proxy: brokered login, statement audit).
     Postgres,
 }
 
@@ -351,6 +356,19 @@ pub struct Authorization {
     /// The login the session was authorized for, if one was asked for.
     #[serde(default)]
     pub login: Option<String>,
+    /// For `ssh` targets: what `postern ssh` needs to reach the worker's SSH endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<SshAccess>,
+}
+
+/// The SSH side of an [`Authorization`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SshAccess {
+    /// The worker's SSH host public key (OpenSSH one-line form), to pin in a one-off
+    /// known_hosts file.
+    pub host_key: String,
+    /// The login the worker will use on the target.
+    pub login: String,
 }
 
 /// Kind of a brokered credential.
@@ -361,6 +379,12 @@ pub enum CredentialKind {
     Password,
     /// SSH private key (OpenSSH PEM).
     SshKey,
+    /// SSH certificate mode: the controller's SSH user CA signs a certificate per session
+    /// (no secret is stored; the target trusts the CA through `TrustedUserCAKeys`).
+    SshCa,
+    /// PostgreSQL admin (`CREATEROLE`) login: the worker creates a database role per session
+    /// (zero standing credentials) and drops it when the session ends.
+    PostgresAdmin,
 }
 
 /// `PUT /v1/targets/{name}/credential`. The secret is stored sealed and never shown again.
@@ -441,6 +465,42 @@ pub struct SessionQuery {
     pub target: Option<String>,
 }
 
+/// A shell recording (asciicast v2), without its text.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Recording {
+    /// Id (`r_…`).
+    pub id: String,
+    /// The session it belongs to.
+    pub session_id: String,
+    /// The session's user.
+    pub user: String,
+    /// The session's target.
+    pub target: String,
+    /// The worker that recorded it.
+    pub worker: String,
+    /// When the shell started.
+    pub started_at: i64,
+    /// When the shell ended, if it has.
+    pub ended_at: Option<i64>,
+    /// Size of the asciicast text, bytes.
+    pub size: i64,
+}
+
+/// Query of `GET /v1/recordings`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RecordingQuery {
+    /// Only this session's recordings.
+    #[serde(default)]
+    pub session: Option<String>,
+}
+
+/// `GET /v1/ssh/ca`: the SSH user CA that signs certificate-mode logins.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SshCa {
+    /// The CA public key (OpenSSH one-line form), for the target's `TrustedUserCAKeys`.
+    pub public_key: String,
+}
+
 /// Query of `GET /v1/policy/check`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PolicyCheckQuery {
@@ -469,8 +529,10 @@ pub struct Decision {
 /// An audit event.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AuditEvent {
-    /// Sequence number.
+    /// Row id.
     pub id: i64,
+    /// Position in the hash chain (1, 2, …).
+    pub seq: i64,
     /// Time (Unix seconds).
     pub time: i64,
     /// Who acted (user name, `worker:NAME`, `system`, or `anonymous`).
@@ -481,8 +543,14 @@ pub struct AuditEvent {
     pub resource: String,
     /// `success`, `failure` or `denied`.
     pub outcome: String,
+    /// The session the event belongs to, if any.
+    #[serde(default)]
+    pub session_id: Option<String>,
     /// Free-form details.
     pub details: serde_json::Value,
+    /// The event's chain hash (hex SHA-256).
+    #[serde(default)]
+    pub hash: String,
 }
 
 /// Query of `GET /v1/audit`.
@@ -497,10 +565,40 @@ pub struct AuditQuery {
     /// Only events whose resource contains this text.
     #[serde(default)]
     pub resource: Option<String>,
+    /// Only events of this session.
+    #[serde(default)]
+    pub session: Option<String>,
+    /// Only events about this target (on it, or in its sessions).
+    #[serde(default)]
+    pub target: Option<String>,
     /// Only events at or after this time.
     #[serde(default)]
     pub since: Option<i64>,
+    /// Only events at or before this time.
+    #[serde(default)]
+    pub until: Option<i64>,
+    /// Only events after this chain position, oldest first (for following the log).
+    #[serde(default)]
+    pub after_seq: Option<i64>,
+    /// With `after_seq`: wait up to this many seconds (≤ 60) for a first new event.
+    #[serde(default)]
+    pub wait: Option<u64>,
     /// At most this many (default 100, newest last).
     #[serde(default)]
     pub limit: Option<i64>,
+}
+
+/// Answer of `GET /v1/audit/verify`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditVerification {
+    /// Whether the whole chain verifies.
+    pub ok: bool,
+    /// Events verified.
+    pub checked: i64,
+    /// The first position that breaks the chain.
+    pub first_bad_seq: Option<i64>,
+    /// The row id of that event, when it exists.
+    pub first_bad_id: Option<i64>,
+    /// What is wrong, for a person.
+    pub reason: Option<String>,
 }

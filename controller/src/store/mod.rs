@@ -4,9 +4,12 @@
 //! Only text and 64-bit integers cross the driver boundary (what `Any` maps on both
 //! backends); JSON columns are text, times are Unix seconds. Names are primary keys.
 
+mod audit;
 mod identity;
+mod oidc;
 mod resources;
 mod sessions;
+mod ssh;
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -15,9 +18,27 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AnyPool, Row};
 
+pub use audit::NewEvent;
 pub use identity::{TokenOwner, UserRow};
+pub use oidc::{AttemptRow, Claim, NewAttempt};
 pub use resources::{ActivationOutcome, WorkerRow};
 pub use sessions::{NewSession, SessionRow};
+pub use ssh::RecordingRow;
+
+/// The migrations, one line each, for the folder `migrations/$dir` (both folders hold the
+/// same numbered files).
+#[rustfmt::skip]
+macro_rules! migration_list {
+    ($dir:literal) => {
+        &[
+            (1, "initial", include_str!(concat!("../../../migrations/", $dir, "/0001_initial.sql"))),
+            (2, "credentials", include_str!(concat!("../../../migrations/", $dir, "/0002_credentials.sql"))),
+            (3, "ssh", include_str!(concat!("../../../migrations/", $dir, "/0003_ssh.sql"))),
+            (5, "oidc", include_str!(concat!("../../../migrations/", $dir, "/0005_oidc.sql"))),
+            (6, "audit chain", include_str!(concat!("../../../migrations/", $dir, "/0006_audit_chain.sql"))),
+        ]
+    };
+}
 
 /// Which database a store runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +72,9 @@ pub enum StoreError {
     /// Migrating the schema failed.
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A part of the store (the audit writer) is not available.
+    #[error("{0}")]
+    Unavailable(String),
     /// A stored value could not be read back.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
@@ -128,30 +152,8 @@ impl Store {
 
     fn migrator(&self) -> Migrator {
         let files: &[(i64, &str, &'static str)] = match self.backend {
-            Backend::Sqlite => &[
-                (
-                    1,
-                    "initial",
-                    include_str!("../../../migrations/sqlite/0001_initial.sql"),
-                ),
-                (
-                    2,
-                    "credentials",
-                    include_str!("../../../migrations/sqlite/0002_credentials.sql"),
-                ),
-            ],
-            Backend::Postgres => &[
-                (
-                    1,
-                    "initial",
-                    include_str!("../../../migrations/postgres/0001_initial.sql"),
-                ),
-                (
-                    2,
-                    "credentials",
-                    include_str!("../../../migrations/postgres/0002_credentials.sql"),
-                ),
-            ],
+            Backend::Sqlite => migration_list!("sqlite"),
+            Backend::Postgres => migration_list!("postgres"),
         };
         Migrator::with_migrations(
             files

@@ -1,9 +1,9 @@
-//! Sessions and audit events.
+//! Sessions.
 
 use sqlx::Row;
 
-use super::{json_col, now, Store, StoreError};
-use crate::api::types::{AuditEvent, AuditQuery, Session, SessionQuery};
+use super::{now, Store, StoreError};
+use crate::api::types::{Session, SessionQuery};
 
 /// A session about to be stored.
 #[derive(Debug, Clone)]
@@ -164,69 +164,5 @@ impl Store {
                 .await?;
         }
         Ok(())
-    }
-
-    /// Appends an audit event.
-    pub async fn audit(
-        &self,
-        actor: &str,
-        action: &str,
-        resource: &str,
-        outcome: &str,
-        details: &serde_json::Value,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO audit_events (time, actor, action, resource, outcome, details) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(now())
-        .bind(actor)
-        .bind(action)
-        .bind(resource)
-        .bind(outcome)
-        .bind(details.to_string())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// Audit events matching the query, oldest first among the newest `limit`.
-    pub async fn audit_events(&self, q: &AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
-        let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
-        let action = q.action.clone().unwrap_or_default();
-        let (action_exact, action_prefix) = if action.ends_with('.') {
-            (String::new(), format!("{action}%"))
-        } else {
-            (action, String::new())
-        };
-        let rows = sqlx::query(
-            "SELECT id, time, actor, action, resource, outcome, details FROM audit_events \
-             WHERE ($1 = '' OR actor = $1) AND ($2 = '' OR action = $2) AND ($3 = '' OR action LIKE $3) \
-               AND ($4 = '' OR resource LIKE $4) AND time >= $5 \
-             ORDER BY id DESC LIMIT $6",
-        )
-        .bind(q.actor.clone().unwrap_or_default())
-        .bind(action_exact)
-        .bind(action_prefix)
-        .bind(q.resource.as_ref().map(|r| format!("%{r}%")).unwrap_or_default())
-        .bind(q.since.unwrap_or(0))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut out = rows
-            .iter()
-            .map(|r| {
-                Ok(AuditEvent {
-                    id: r.try_get("id")?,
-                    time: r.try_get("time")?,
-                    actor: r.try_get("actor")?,
-                    action: r.try_get("action")?,
-                    resource: r.try_get("resource")?,
-                    outcome: r.try_get("outcome")?,
-                    details: json_col(r, "details")?,
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        out.reverse();
-        Ok(out)
     }
 }

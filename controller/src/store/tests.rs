@@ -56,7 +56,7 @@ impl PgDb {
 }
 
 /// Runs `body` once on a SQLite file store and once on a fresh PostgreSQL database.
-async fn on_both<F, Fut>(body: F)
+pub(super) async fn on_both<F, Fut>(body: F)
 where
     F: Fn(Store) -> Fut,
     Fut: std::future::Future<Output = ()>,
@@ -294,6 +294,94 @@ async fn audit_and_root_keys() {
             s.cluster_id().await.expect("id"),
             id,
             "cluster id is stable"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn audit_chain_verifies_and_names_tampering() {
+    on_both(|s| async move {
+        for i in 0..20 {
+            s.audit(
+                "alice",
+                "auth.login",
+                "user:alice",
+                "success",
+                &serde_json::json!({"n": i}),
+            )
+            .await
+            .expect("append");
+        }
+        // A worker's resent event is stored once.
+        let e = NewEvent {
+            event_id: Some("ev-1".into()),
+            ..NewEvent::now(
+                "worker:w1",
+                "connection.close",
+                "session:s_1",
+                "success",
+                serde_json::json!({}),
+            )
+        };
+        assert_eq!(
+            s.append_audit(std::slice::from_ref(&e))
+                .await
+                .expect("append")
+                .len(),
+            1
+        );
+        assert_eq!(
+            s.append_audit(&[e]).await.expect("append").len(),
+            0,
+            "duplicate stored"
+        );
+        let ok = s.verify_audit().await.expect("verify");
+        assert!(ok.ok, "{ok:?}");
+        assert_eq!(ok.checked, 21);
+
+        // Edit one row behind the store's back: verify names it.
+        sqlx::query("UPDATE audit_events SET details = '{\"n\":999}' WHERE seq = 7")
+            .execute(&s.pool)
+            .await
+            .expect("tamper");
+        let bad = s.verify_audit().await.expect("verify");
+        assert!(!bad.ok);
+        assert_eq!(bad.first_bad_seq, Some(7), "{bad:?}");
+        assert!(
+            bad.reason.as_deref().unwrap_or("").contains("#7"),
+            "{bad:?}"
+        );
+
+        // Put it back (the hash covers the exact text), then delete a row.
+        sqlx::query("UPDATE audit_events SET details = '{\"n\":6}' WHERE seq = 7")
+            .execute(&s.pool)
+            .await
+            .expect("restore");
+        assert!(
+            s.verify_audit().await.expect("verify").ok,
+            "restored row verifies again"
+        );
+        sqlx::query("DELETE FROM audit_events WHERE seq = 12")
+            .execute(&s.pool)
+            .await
+            .expect("delete");
+        let bad = s.verify_audit().await.expect("verify");
+        assert_eq!(bad.first_bad_seq, Some(12), "{bad:?}");
+
+        // Removing the newest events is caught by the head.
+        sqlx::query("DELETE FROM audit_events WHERE seq >= 12")
+            .execute(&s.pool)
+            .await
+            .expect("truncate");
+        let bad = s.verify_audit().await.expect("verify");
+        assert!(!bad.ok);
+        assert!(
+            bad.reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("removed from the end"),
+            "{bad:?}"
         );
     })
     .await;

@@ -1,0 +1,815 @@
+#!/usr/bin/env python3
+"""Postern vs its peers on loopback: the orchestrator behind bench/run (see bench/README.md).
+
+Starts the targets (echo, iperf3 server, PostgreSQL database `postern_bench`), the peers
+(sshd + `ssh -L`, socat, rathole tls/noise/plain) and Postern (`postern dev` + `postern
+connect`), runs every measurement ROUNDS times with the peers interleaved (the order rotates
+each round), prints one table and writes bench/results.json. Standard library only.
+"""
+
+import atexit
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORK = os.path.join(HERE, "work")
+RUN = os.path.join(WORK, "run")
+BIN = os.environ["BENCH_BIN_DIR"]
+POSTERN = os.path.join(BIN, "postern")
+PBENCH = os.path.join(BIN, "postern-bench")
+RATHOLE = os.environ.get("BENCH_RATHOLE", "")
+RATHOLE_NOTE = os.environ.get("BENCH_RATHOLE_NOTE", "")
+
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+IPERF_SECS = int(os.environ.get("BENCH_IPERF_SECS", "4"))
+PGBENCH_SECS = int(os.environ.get("BENCH_PGBENCH_SECS", "4"))
+CONNS = int(os.environ.get("BENCH_CONNS", "200"))
+LOGINS = int(os.environ.get("BENCH_LOGINS", "5"))
+SESSIONS = int(os.environ.get("BENCH_SESSIONS", "20"))
+REVOKES = int(os.environ.get("BENCH_REVOKES", "20"))
+AUTHZ = int(os.environ.get("BENCH_AUTHZ", "2000"))
+IDLE = int(os.environ.get("BENCH_IDLE_CONNS", "10000"))
+PG_SCALE = int(os.environ.get("BENCH_PG_SCALE", "10"))
+ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
+PG_DB = "postern_bench"
+
+PEERS = ["ssh", "ssh-aes128gcm", "socat", "rathole-tls", "rathole-noise", "rathole-plain"]
+ENCRYPTED = ["ssh", "ssh-aes128gcm", "rathole-tls", "rathole-noise"]
+LABELS = {
+    "direct": "direct (no tunnel)",
+    "ssh": "ssh -L (default: chacha20-poly1305)",
+    "ssh-aes128gcm": "ssh -L -c aes128-gcm@openssh.com",
+    "socat": "socat (plaintext, fork)",
+    "rathole-tls": "rathole tls",
+    "rathole-noise": "rathole noise",
+    "rathole-plain": "rathole plain tcp",
+    "postern": "Postern tcp (postern connect)",
+    "controller": "Postern controller (postern dev, SQLite)",
+}
+
+procs = []  # every process we started: stopped at exit
+notes = []
+failures = {}  # peer -> why it is missing
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def start(argv, name, env=None, stdout=None):
+    logf = open(os.path.join(RUN, f"{name}.log"), "ab")
+    p = subprocess.Popen(argv, stdout=stdout or logf, stderr=logf, stdin=subprocess.DEVNULL,
+                         env=env, start_new_session=True)
+    p.bench_name = name
+    procs.append(p)
+    return p
+
+
+def stop(p, sig=signal.SIGTERM):
+    if p.poll() is None:
+        try:
+            p.send_signal(sig)
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    if p in procs:
+        procs.remove(p)
+
+
+def cleanup():
+    for p in reversed(list(procs)):
+        stop(p)
+    try:
+        psql("DROP DATABASE IF EXISTS " + PG_DB, db="postgres", check=False)
+    except Exception:  # noqa: BLE001 - best effort at exit
+        pass
+
+
+def on_signal(signum, _frame):
+    log(f"signal {signum}: stopping everything")
+    cleanup()
+    sys.exit(128 + signum)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc=None, timeout=30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.bench_name} exited (code {proc.returncode}); see "
+                               f"{RUN}/{proc.bench_name}.log")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(roots):
+    """CPU seconds (user + system, reaped children included) of the process trees."""
+    stats = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                txt = f.read()
+        except OSError:
+            continue
+        rest = txt[txt.rfind(")") + 2:].split()
+        stats[int(d)] = (int(rest[1]), sum(int(x) for x in rest[11:15]))
+    children = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, stack, seen = 0, list(roots), set()
+    while stack:
+        pid = stack.pop()
+        if pid in seen or pid not in stats:
+            continue
+        seen.add(pid)
+        total += stats[pid][1]
+        stack += children.get(pid, [])
+    return total / CLK_TCK
+
+
+def run(argv, timeout, env=None, check=True):
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
+                       stdin=subprocess.DEVNULL)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{argv[0]} failed ({r.returncode}): {r.stderr.strip()[-600:]}")
+    return r
+
+
+def psql(sql, db="postgres", check=True):
+    return run(["psql", "-X", "-q", "-h", "127.0.0.1", "-p", "5432", "-U", "postgres", "-d", db,
+                "-v", "ON_ERROR_STOP=1", "-c", sql], timeout=120, check=check)
+
+
+def echo_ok(port):
+    """One round trip through port: is the tunnel up end to end?"""
+    try:
+        r = run([PBENCH, "connlat", "--addr", f"127.0.0.1:{port}", "--count", "1",
+                 "--warmup", "0"], timeout=15)
+        return r.returncode == 0
+    except (RuntimeError, subprocess.TimeoutExpired):
+        return False
+
+
+def wait_echo(port, proc, timeout=30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.bench_name} exited; see {RUN}/{proc.bench_name}.log")
+        if echo_ok(port):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"no echo through 127.0.0.1:{port} after {timeout}s")
+
+
+# ----------------------------------------------------------------------------------------
+# Targets, peers and Postern
+
+
+class Env:
+    def __init__(self):
+        self.tunnels = {}  # config -> {"iperf": port, "echo": port, "pg": port}
+        self.echo_port = free_port()
+        self.iperf_port = free_port()
+        self.iperf = None
+        self.postern_pid = None
+        self.api = None
+        self.token = None
+        self.postern_env = None
+        self.ssh_base = None
+        self.roots = {"direct": []}  # config -> pids whose process trees carry its traffic
+
+    # targets
+    def start_targets(self):
+        p = start([PBENCH, "echo", "--listen", f"127.0.0.1:{self.echo_port}"], "echo")
+        wait_port(self.echo_port, p)
+        self.start_iperf()
+        self.tunnels["direct"] = {"iperf": self.iperf_port, "echo": self.echo_port, "pg": 5432}
+        log(f"PostgreSQL: database {PG_DB}, pgbench -i -s {PG_SCALE}")
+        psql("DROP DATABASE IF EXISTS " + PG_DB)
+        psql("CREATE DATABASE " + PG_DB)
+        run(["pgbench", "-i", "-q", "-s", str(PG_SCALE), "-h", "127.0.0.1", "-p", "5432",
+             "-U", "postgres", PG_DB], timeout=300)
+
+    def start_iperf(self):
+        if self.iperf is not None:
+            stop(self.iperf)
+        self.iperf = start(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(self.iperf_port)],
+                           "iperf3-server")
+        wait_port(self.iperf_port, self.iperf)
+
+    def forward_ports(self):
+        return {"iperf": free_port(), "echo": free_port(), "pg": free_port()}
+
+    def target_addr(self, key):
+        return f"127.0.0.1:{self.tunnels['direct'][key]}"
+
+    # ssh
+    def start_ssh(self):
+        d = os.path.join(RUN, "ssh")
+        os.makedirs(d)
+        for k in ("host_key", "client_key"):
+            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(d, k)], 30)
+        shutil.copy(os.path.join(d, "client_key.pub"), os.path.join(d, "authorized_keys"))
+        port = free_port()
+        cfg = os.path.join(d, "sshd_config")
+        with open(cfg, "w") as f:
+            f.write(f"""Port {port}
+ListenAddress 127.0.0.1
+HostKey {d}/host_key
+PidFile {d}/sshd.pid
+AuthorizedKeysFile {d}/authorized_keys
+StrictModes no
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+UsePAM no
+AllowTcpForwarding yes
+MaxStartups 100:30:200
+LogLevel ERROR
+""")
+        os.makedirs("/run/sshd", exist_ok=True)
+        p = start(["/usr/sbin/sshd", "-D", "-e", "-f", cfg], "sshd")
+        wait_port(port, p)
+        sshd = p.pid
+        opts = ["-F", "/dev/null", "-i", f"{d}/client_key", "-p", str(port),
+                "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                "-o", f"UserKnownHostsFile={d}/known_hosts", "-o", "LogLevel=ERROR"]
+        self.ssh_opts = opts
+        self.ssh_base = ["ssh"] + opts + ["root@127.0.0.1"]
+        for name, extra in (("ssh", []), ("ssh-aes128gcm", ["-c", "aes128-gcm@openssh.com"])):
+            ports = self.forward_ports()
+            fwd = []
+            for key, lp in ports.items():
+                fwd += ["-L", f"127.0.0.1:{lp}:{self.target_addr(key)}"]
+            p = start(["ssh"] + opts + extra + ["-N", "-o", "ExitOnForwardFailure=yes"] + fwd
+                      + ["root@127.0.0.1"], name)
+            wait_echo(ports["echo"], p)
+            self.tunnels[name] = ports
+            self.roots[name] = [p.pid, sshd]
+
+    # socat
+    def start_socat(self):
+        ports = self.forward_ports()
+        self.roots["socat"] = []
+        for key, lp in ports.items():
+            p = start(["socat", f"TCP-LISTEN:{lp},bind=127.0.0.1,reuseaddr,fork",
+                       f"TCP:{self.target_addr(key)}"], f"socat-{key}")
+            self.roots["socat"].append(p.pid)
+            wait_port(lp, p)
+        self.tunnels["socat"] = ports
+
+    # rathole
+    def start_rathole(self):
+        d = os.path.join(RUN, "rathole")
+        os.makedirs(d)
+        keys = run([RATHOLE, "--genkey"], 30).stdout
+        m = re.search(r"Private Key:\s*(\S+)\s*Public Key:\s*(\S+)", keys)
+        if not m:
+            raise RuntimeError(f"cannot parse `rathole --genkey`: {keys!r}")
+        private, public = m.group(1), m.group(2)
+        run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-keyout", f"{d}/server.key", "-out", f"{d}/server.crt", "-days", "2",
+             "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"], 30)
+        run(["openssl", "pkcs12", "-export", "-out", f"{d}/identity.pfx", "-inkey",
+             f"{d}/server.key", "-in", f"{d}/server.crt", "-passout", "pass:bench"], 30)
+        for transport in ("tls", "noise", "plain"):
+            name = f"rathole-{transport}"
+            try:
+                ports = self.forward_ports()
+                ctrl = free_port()
+                kind = "tcp" if transport == "plain" else transport
+                server = [f'[server]\nbind_addr = "127.0.0.1:{ctrl}"\n',
+                          f'[server.transport]\ntype = "{kind}"\n']
+                client = [f'[client]\nremote_addr = "127.0.0.1:{ctrl}"\n',
+                          f'[client.transport]\ntype = "{kind}"\n']
+                if transport == "tls":
+                    server.append(f'[server.transport.tls]\npkcs12 = "{d}/identity.pfx"\n'
+                                  'pkcs12_password = "bench"\n')
+                    client.append(f'[client.transport.tls]\ntrusted_root = "{d}/server.crt"\n'
+                                  'hostname = "localhost"\n')
+                if transport == "noise":
+                    server.append(f'[server.transport.noise]\nlocal_private_key = "{private}"\n')
+                    client.append(f'[client.transport.noise]\nremote_public_key = "{public}"\n')
+                for key, lp in ports.items():
+                    server.append(f'[server.services.{key}]\ntoken = "bench-{key}"\n'
+                                  f'bind_addr = "127.0.0.1:{lp}"\n')
+                    client.append(f'[client.services.{key}]\ntoken = "bench-{key}"\n'
+                                  f'local_addr = "{self.target_addr(key)}"\n')
+                for side, text in (("server", server), ("client", client)):
+                    with open(f"{d}/{transport}-{side}.toml", "w") as f:
+                        f.write("\n".join(text))
+                env = dict(os.environ, RUST_LOG="warn")
+                ps = start([RATHOLE, "--server", f"{d}/{transport}-server.toml"],
+                           f"{name}-server", env=env)
+                pc = start([RATHOLE, "--client", f"{d}/{transport}-client.toml"],
+                           f"{name}-client", env=env)
+                wait_echo(ports["echo"], pc)
+                if ps.poll() is not None:
+                    raise RuntimeError("server exited")
+                self.tunnels[name] = ports
+                self.roots[name] = [ps.pid, pc.pid]
+            except Exception as e:  # noqa: BLE001 - a missing peer is reported, not fatal
+                failures[name] = str(e)
+                log(f"{name} unavailable: {e}")
+
+    # Postern
+    def start_postern(self):
+        d = os.path.join(RUN, "postern")
+        os.makedirs(d)
+        api_port = free_port()
+        env = dict(os.environ, POSTERN_CONFIG_DIR=f"{d}/config", RUST_LOG="warn")
+        self.postern_env = env
+        out = open(os.path.join(RUN, "postern-dev.out"), "w+")
+        p = start([POSTERN, "dev", "--data-dir", f"{d}/data", "--api-addr",
+                   f"127.0.0.1:{api_port}"], "postern-dev", env=env, stdout=out)
+        deadline = time.time() + 120
+        while True:
+            out.seek(0)
+            if "Ctrl-C" in out.read():
+                break
+            if p.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"postern dev did not start; see {RUN}/postern-dev.log")
+            time.sleep(0.1)
+        self.postern_pid = p.pid
+        with open(f"{d}/config/profile.json") as f:
+            prof = json.load(f)
+        self.api, self.token = prof["addr"], prof["token"]
+        for key in ("iperf", "echo", "pg"):
+            run([POSTERN, "targets", "create", f"bench-{key}", "--type", "tcp", "--address",
+                 self.target_addr(key)], 30, env=env)
+        ports = self.forward_ports()
+        self.roots["postern"] = [p.pid]
+        for key, lp in ports.items():
+            pc = start([POSTERN, "connect", f"bench-{key}", "--port", str(lp)],
+                       f"postern-connect-{key}", env=env)
+            self.roots["postern"].append(pc.pid)
+            wait_port(lp, pc)
+        wait_echo(ports["echo"], None)
+        self.tunnels["postern"] = ports
+
+    def bench_env(self):
+        return dict(os.environ, POSTERN_BENCH_TOKEN=self.token)
+
+    def api_args(self, target):
+        return ["--api", self.api, "--target", target]
+
+
+# ----------------------------------------------------------------------------------------
+# Measurements
+
+
+class Results:
+    def __init__(self):
+        self.rows = {}  # (group, config) -> list of samples
+
+    def add(self, group, config, value):
+        if value is not None:
+            self.rows.setdefault((group, config), []).append(value)
+
+
+GROUPS = [
+    # key, title, unit, higher is better
+    ("tput1", f"Bulk throughput, 1 TCP connection (iperf3 -t {IPERF_SECS} -O 1, upload)",
+     "Gbit/s", True),
+    ("tput4", f"Bulk throughput, 4 parallel connections (iperf3 -P 4 -t {IPERF_SECS} -O 1)",
+     "Gbit/s", True),
+    ("connlat", f"New connection inside an existing tunnel: connect() to first echoed byte "
+                f"(median of {CONNS} per round)", "ms", False),
+    ("rtt", "One-byte echo round trip inside an established connection (median of 200)", "ms",
+     False),
+    ("session", "New session / login, to first byte (median per round)", "ms", False),
+    ("pgS", f"pgbench -S -c 4 -j 2 -T {PGBENCH_SECS} (select-only, scale {PG_SCALE})", "TPS",
+     True),
+    ("pgSC", f"pgbench -S -C -c 4 -j 2 -T {PGBENCH_SECS} (new connection per transaction)",
+     "TPS", True),
+    ("authz", f"Controller authorizations (SQLite, {AUTHZ} calls, 8 concurrent clients)",
+     "per s", True),
+    ("idle", f"{IDLE} concurrent idle connections through one worker (postern dev process)",
+     "", False),
+]
+
+
+def order(configs, rnd):
+    k = rnd % len(configs)
+    return configs[k:] + configs[:k]
+
+
+def iperf(env, config, parallel):
+    port = env.tunnels[config]["iperf"]
+    argv = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(IPERF_SECS), "-O", "1", "-J"]
+    if parallel > 1:
+        argv += ["-P", str(parallel)]
+    roots = env.roots.get(config, [])
+    for attempt in range(2):
+        try:
+            cpu0 = tree_cpu(roots)
+            r = run(argv, timeout=IPERF_SECS + 30, check=False)
+            cpu = tree_cpu(roots) - cpu0
+            data = json.loads(r.stdout) if r.stdout.strip() else {}
+            if "error" in data or r.returncode != 0:
+                raise RuntimeError(data.get("error") or r.stderr.strip()[-300:])
+            moved = sum(i["sum"]["bytes"] for i in data["intervals"]) / 1e9
+            per_gb = cpu / moved if roots and moved else None
+            return data["end"]["sum_received"]["bits_per_second"] / 1e9, per_gb
+        except (RuntimeError, subprocess.TimeoutExpired, KeyError, ValueError) as e:
+            log(f"iperf3 via {config} failed ({e}); restarting the iperf3 server")
+            env.start_iperf()
+    return None, None
+
+
+def pgbench(env, config, connect_each):
+    port = env.tunnels[config]["pg"]
+    argv = ["pgbench", "-n", "-S", "-c", "4", "-j", "2", "-T", str(PGBENCH_SECS), "-h",
+            "127.0.0.1", "-p", str(port), "-U", "postgres", PG_DB]
+    if connect_each:
+        argv.insert(2, "-C")
+    try:
+        r = run(argv, timeout=PGBENCH_SECS + 60)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        log(f"pgbench via {config} failed: {e}")
+        return None
+    m = re.search(r"tps = ([0-9.]+)", r.stdout)
+    return float(m.group(1)) if m else None
+
+
+def connlat(env, config):
+    port = env.tunnels[config]["echo"]
+    try:
+        r = run([PBENCH, "connlat", "--addr", f"127.0.0.1:{port}", "--count", str(CONNS),
+                 "--warmup", "20", "--pings", "200"], timeout=120)
+        d = json.loads(r.stdout)
+        return d["median"], d["ping"]["median"]
+    except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError) as e:
+        log(f"connlat via {config} failed: {e}")
+        return None, None
+
+
+def wall(argv, n, env=None):
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        run(argv, timeout=30, env=env)
+        out.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(out)
+
+
+def measure_sessions(env, res):
+    """Postern: a whole new session in-process and via the CLI; ssh: a full login."""
+    try:
+        r = run([PBENCH, "session", *env.api_args("bench-echo"), "--count", str(SESSIONS)],
+                timeout=120, env=env.bench_env())
+        s = json.loads(r.stdout)
+        res.add("session", "postern-session", s["total"]["median"])
+        for phase in ("keygen", "authorize", "handshake", "first_byte", "stream_open",
+                      "stream_first_echo"):
+            res.add("session-phase", phase, s[phase]["median"])
+    except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:
+        log(f"postern session bench failed: {e}")
+    try:
+        res.add("session", "postern-cli", wall(
+            [POSTERN, "connect", "bench-echo", "--", PBENCH, "connlat", "--addr",
+             "127.0.0.1:{port}", "--count", "1", "--warmup", "0"], LOGINS, env=env.postern_env))
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        log(f"postern connect -- CMD failed: {e}")
+    try:
+        res.add("session", "ssh-login", wall(env.ssh_base + ["true"], LOGINS))
+        proxy = " ".join(["ssh"] + env.ssh_opts + ["-W", "%h:%p", "root@127.0.0.1"])
+        res.add("session", "ssh-bastion", wall(
+            ["ssh"] + env.ssh_opts + ["-o", f"ProxyCommand={proxy}", "root@127.0.0.1", "true"],
+            LOGINS))
+    except (RuntimeError, subprocess.TimeoutExpired, TypeError) as e:
+        log(f"ssh login failed: {e}")
+
+
+def measure_authz(env, res):
+    try:
+        r = run([PBENCH, "authz", *env.api_args("bench-echo"), "--count", str(AUTHZ),
+                 "--concurrency", "8"], timeout=300, env=env.bench_env())
+        a = json.loads(r.stdout)
+        res.add("authz", "controller", a["per_sec"])
+        res.add("authz-latency", "controller", a["latency"]["median"])
+        if a["errors"]:
+            notes.append(f"authz: {a['errors']} errors in a round")
+    except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:
+        log(f"authz bench failed: {e}")
+
+
+def measure_revoke(env, res):
+    try:
+        r = run([PBENCH, "revoke", *env.api_args("bench-echo"), "--count", str(REVOKES)],
+                timeout=180, env=env.bench_env())
+        d = json.loads(r.stdout)
+        res.add("revoke-p50", "postern", d["cut"]["median"])
+        res.add("revoke-p99", "postern", d["cut"]["p99"])
+        res.add("revoke-api", "postern", d["api"]["median"])
+    except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError) as e:
+        log(f"revocation bench failed: {e}")
+        notes.append(f"revocation latency failed: {str(e)[:200]}")
+
+
+def measure_idle(env):
+    try:
+        r = run([PBENCH, "idle", *env.api_args("bench-echo"), "--conns", str(IDLE),
+                 "--pid", str(env.postern_pid)], timeout=300, env=env.bench_env())
+        return json.loads(r.stdout)
+    except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:
+        log(f"idle bench failed: {e}")
+        return {"error": str(e)}
+
+
+# ----------------------------------------------------------------------------------------
+# Report
+
+
+def fmt(v, unit):
+    if v is None:
+        return "-"
+    if unit == "Gbit/s":
+        return f"{v:.2f}"
+    if unit == "ms":
+        return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+    return f"{v:,.0f}"
+
+
+def summarize(samples):
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
+            "samples": samples}
+
+
+SESSION_LABELS = {
+    "postern-session": "Postern new session (in-process: key+authorize+QUIC+first byte)",
+    "postern-cli": "Postern `postern connect T -- CMD` wall time (process+session+close)",
+    "ssh-login": "ssh login, `ssh host true` wall time (direct to sshd)",
+    "ssh-bastion": "ssh login through a bastion (ProxyCommand ssh -W), `true`",
+}
+
+
+def report(env, res, idle, elapsed):
+    out = {"meta": {"rounds": ROUNDS, "iperf_secs": IPERF_SECS, "pgbench_secs": PGBENCH_SECS,
+                    "conns_per_round": CONNS, "pg_scale": PG_SCALE, "elapsed_secs": elapsed,
+                    "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": os.uname().nodename,
+                    "nproc": os.cpu_count()},
+           "groups": {}, "targets": [], "notes": notes, "unavailable": failures}
+    lines = []
+    w = 66
+
+    def best_peer(gkey, higher):
+        vals = {c: statistics.median(s) for (g, c), s in res.rows.items()
+                if g == gkey and c in PEERS + ["ssh-login", "ssh-bastion"]}
+        if not vals:
+            return None, None
+        c = (max if higher else min)(vals, key=vals.get)
+        return c, vals[c]
+
+    med = {}
+    for gkey, title, unit, higher in GROUPS:
+        if gkey == "idle":
+            continue
+        rows = [(c, s) for (g, c), s in res.rows.items() if g == gkey]
+        if not rows:
+            continue
+        bc, bv = best_peer(gkey, higher)
+        lines.append("")
+        lines.append(f"{title}  [{unit}, {'higher' if higher else 'lower'} is better]")
+        cpu_col = gkey in ("tput1", "tput4")
+        lines.append(f"  {'':{w}} {'median':>10} {'min–max':>19} {'× best peer':>12}"
+                     + (f" {'CPU s/GB':>9}" if cpu_col else ""))
+        grp = {"unit": unit, "higher_is_better": higher, "best_peer": bc, "rows": {}}
+        for c, s in rows:
+            sm = summarize(s)
+            med[(gkey, c)] = sm["median"]
+            ratio = sm["median"] / bv if bv else None
+            sm["ratio_to_best_peer"] = ratio
+            grp["rows"][c] = sm
+            label = LABELS.get(c) or SESSION_LABELS.get(c) or c
+            mark = " *" if c == bc else ""
+            rng = f"{fmt(sm['min'], unit)}–{fmt(sm['max'], unit)}"
+            extra = ""
+            if cpu_col:
+                cpu = res.rows.get((gkey + "-cpu", c))
+                sm["tunnel_cpu_s_per_gb"] = statistics.median(cpu) if cpu else None
+                extra = f" {(f'{statistics.median(cpu):.2f}' if cpu else '-'):>9}"
+            lines.append(f"  {label[:w]:{w}} {fmt(sm['median'], unit):>10} {rng:>19} "
+                         f"{(f'{ratio:.2f}' if ratio else '-'):>12}{extra}{mark}")
+        if gkey == "session":
+            ph = {c: statistics.median(s) for (g, c), s in res.rows.items()
+                  if g == "session-phase"}
+            if ph:
+                lines.append("    Postern session phases (median ms): " + ", ".join(
+                    f"{k} {v:.2f}" for k, v in ph.items()))
+                lines.append("    (stream_open = ConnOpen → worker dials → ConnOk and "
+                             "stream_first_echo = the first echo after it, in-process on one "
+                             "session, 200 each)")
+                grp["postern_phases_ms"] = ph
+        if gkey == "authz":
+            lat = [v for (g, c), s in res.rows.items() if g == "authz-latency" for v in s]
+            if lat:
+                lines.append(f"    per-call latency (median of round medians): "
+                             f"{statistics.median(lat):.2f} ms")
+        out["groups"][gkey] = grp
+    # idle
+    lines.append("")
+    lines.append(GROUPS[-1][1])
+    if idle and "error" not in idle:
+        per = idle["rss_per_conn_bytes"] / 1024
+        lines.append(f"  RSS per connection {per:.1f} KiB (RSS {idle['rss_before_kib'] / 1024:.0f}"
+                     f" -> {idle['rss_open_kib'] / 1024:.0f} MiB for "
+                     f"{idle['measured_conns']} connections; fds {idle['fds_before']} -> "
+                     f"{idle['fds_open']}); alive after {5} s hold: {idle['alive']}/"
+                     f"{idle['conns']}; opened in {idle['open_secs']:.1f} s")
+    else:
+        lines.append(f"  failed: {idle.get('error')}" if idle else "  not run")
+    out["groups"]["idle"] = idle
+    lines.append("")
+    rv = {g: s for (g, c), s in res.rows.items() if g.startswith("revoke-")}
+    if rv.get("revoke-p50"):
+        p50, p99 = statistics.median(rv["revoke-p50"]), max(rv["revoke-p99"])
+        lines.append(f"Revocation latency (POST /v1/sessions/ID/cancel → the client's open "
+                     f"connection cut; {REVOKES} per round): p50 {p50:.2f} ms (rounds "
+                     f"{min(rv['revoke-p50']):.2f}–{max(rv['revoke-p50']):.2f}), p99 "
+                     f"{p99:.2f} ms (worst round); the API call itself answers in "
+                     f"{statistics.median(rv['revoke-api']):.2f} ms")
+        out["groups"]["revoke"] = {"p50_ms": p50, "p99_ms": p99,
+                                   "rounds": {k: v for k, v in rv.items()}}
+    else:
+        lines.append("Revocation latency p50/p99: not measured")
+    lines.append("Postern `postgres` protocol target (pgbench -S with statement audit): "
+                 "n/a (not landed)")
+    lines.append("Controller authorizations on PostgreSQL: n/a (bench uses `postern dev`, "
+                 "SQLite only)")
+
+    # targets
+    def m(g, c):
+        return med.get((g, c))
+
+    targets = []
+
+    def target(text, ok, detail):
+        targets.append({"target": text, "met": ok, "detail": detail})
+
+    for g, label in (("tput1", "1 conn"), ("tput4", "4 conns")):
+        p = m(g, "postern")
+        for c, factor in (("ssh", 1.5), ("ssh-aes128gcm", 1.0), ("rathole-tls", 1.0),
+                          ("rathole-noise", 1.0)):
+            v = m(g, c)
+            if p is None or v is None:
+                target(f"throughput ({label}) ≥ {factor}× {LABELS[c]}", None, "missing figure")
+                continue
+            strict = c.startswith("rathole")
+            ok = p > v if strict else p >= factor * v
+            target(f"throughput ({label}) {'>' if strict else '≥ ' + str(factor) + '×'} "
+                   f"{LABELS[c]}", ok, f"{p:.2f} vs {v:.2f} Gbit/s ({p / v:.2f}×)")
+    enc = {c: m("connlat", c) for c in ENCRYPTED if m("connlat", c) is not None}
+    p = m("connlat", "postern")
+    if enc and p is not None:
+        bc = min(enc, key=enc.get)
+        target("new connection in a session ≤ best encrypted peer", p <= enc[bc],
+               f"{p:.3f} ms vs {enc[bc]:.3f} ms ({LABELS[bc]})")
+    p, v = m("pgSC", "postern"), m("pgSC", "socat")
+    if p is not None and v is not None:
+        target("pgbench -S -C through Postern ≥ socat", p >= v, f"{p:.0f} vs {v:.0f} TPS")
+    p = m("session", "postern-session")
+    if p is not None:
+        target("whole new session < 5 ms", p < 5.0, f"{p:.2f} ms (in-process, median)")
+    p = m("pgS", "postern")
+    for c in ("ssh", "ssh-aes128gcm", "rathole-tls", "rathole-noise"):
+        v = m("pgS", c)
+        if p is not None and v is not None:
+            target(f"pgbench -S through Postern tcp > {LABELS[c]}", p > v,
+                   f"{p:.0f} vs {v:.0f} TPS")
+    if idle and "error" not in idle:
+        per = idle["rss_per_conn_bytes"] / 1024
+        target(f"{IDLE} idle connections, < 32 KiB RSS each, all up",
+               per < 32 and idle["alive"] == idle["conns"],
+               f"{per:.1f} KiB each, {idle['alive']}/{idle['conns']} up")
+    p = m("authz", "controller")
+    if p is not None:
+        target("≥ 1,000 authorizations/s on SQLite", p >= 1000, f"{p:,.0f}/s")
+    target("pgbench -S through Postern `postgres` > ssh -L, rathole encrypted", None,
+           "n/a (not landed)")
+    if rv.get("revoke-p50"):
+        target("revocation latency p50/p99 (no target set in the issue)", None,
+               f"{statistics.median(rv['revoke-p50']):.2f} / {max(rv['revoke-p99']):.2f} ms")
+    out["targets"] = targets
+    lines.append("")
+    lines.append("Targets (issue 10):")
+    for t in targets:
+        state = {True: "MET    ", False: "NOT MET", None: "n/a    "}[t["met"]]
+        lines.append(f"  [{state}] {t['target']}: {t['detail']}")
+    if failures:
+        lines.append("")
+        for k, v in failures.items():
+            lines.append(f"Unavailable: {k}: {v}")
+    for n in notes:
+        lines.append(f"Note: {n}")
+    lines.append("")
+    lines.append("CPU s/GB: CPU seconds used by the tunnel's own processes (ssh + sshd, socat, "
+                 "rathole server + client, postern dev + postern connect) per GB moved; the "
+                 "2 cores are shared by sender, tunnel and receiver, so this is the cost that "
+                 "caps throughput here.")
+    lines.append(f"* = best peer (ssh, socat, rathole; direct and Postern excluded). Rounds: "
+                 f"{ROUNDS}, peers interleaved (order rotated each round); min–max over "
+                 f"rounds. Total time {elapsed / 60:.1f} min. JSON: bench/results.json")
+    header = (f"Postern benchmark — {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, "
+              f"loopback")
+    print("\n" + header + "\n" + "=" * len(header) + "\n".join(lines))
+    with open(os.path.join(HERE, "results.json"), "w") as f:
+        json.dump(out, f, indent=2, ensure_ascii=False)
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def main():
+    t0 = time.time()
+    shutil.rmtree(RUN, ignore_errors=True)
+    os.makedirs(RUN)
+    atexit.register(cleanup)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    env = Env()
+    res = Results()
+    log("starting targets (echo, iperf3, PostgreSQL)")
+    env.start_targets()
+    log("starting sshd and ssh -L tunnels")
+    env.start_ssh()
+    log("starting socat")
+    env.start_socat()
+    if RATHOLE:
+        if RATHOLE_NOTE:
+            notes.append(f"rathole: {RATHOLE_NOTE}")
+        log("starting rathole (tls, noise, plain)")
+        env.start_rathole()
+    else:
+        for t in ("tls", "noise", "plain"):
+            failures[f"rathole-{t}"] = RATHOLE_NOTE or "rathole not installed"
+    log("starting Postern (postern dev, postern connect)")
+    env.start_postern()
+
+    configs = ["direct"] + [c for c in PEERS if c in env.tunnels] + ["postern"]
+
+    def want(k):
+        return not ONLY or k in ONLY
+
+    for rnd in range(ROUNDS):
+        log(f"round {rnd + 1}/{ROUNDS}")
+        if want("connlat"):
+            for c in order(configs, rnd):
+                first, rtt = connlat(env, c)
+                res.add("connlat", c, first)
+                res.add("rtt", c, rtt)
+        if want("session"):
+            measure_sessions(env, res)
+        if want("tput"):
+            for c in order(configs, rnd):
+                for g, n in (("tput1", 1), ("tput4", 4)):
+                    gbps, per_gb = iperf(env, c, n)
+                    res.add(g, c, gbps)
+                    res.add(g + "-cpu", c, per_gb)
+        if want("pg"):
+            for c in order(configs, rnd):
+                res.add("pgS", c, pgbench(env, c, False))
+                res.add("pgSC", c, pgbench(env, c, True))
+        if want("authz"):
+            measure_authz(env, res)
+        if want("revoke"):
+            measure_revoke(env, res)
+    idle = None
+    if want("idle") and IDLE > 0:
+        log(f"idle scale: {IDLE} connections")
+        idle = measure_idle(env)
+    notes.append(
+        "QUIC packet size: Postern's QUIC runs with quinn's defaults, MTU discovery bounded at "
+        "1452 B of UDP payload and a worker endpoint that advertises max_udp_payload_size "
+        "1472, so the Postern rows already are the figures for a 1500-byte path MTU (loopback's "
+        "64 KiB MTU is not used). There is no knob to change it (TODO for the lead).")
+    report(env, res, idle, time.time() - t0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+//! `postern psql TARGET [--db NAME] [--db-user U] [-- PSQL ARGS...]`: runs the system `psql`
+//! through a session. The worker logs in to the database with the brokered credential; psql
+//! is never asked for a password (there is none for the engineer to know).
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use postern_controller::api::types::{CredentialInfo, CredentialKind};
+
+use super::connect::{run_session, SessionRequest};
+use super::Ctx;
+use crate::args::PsqlArgs;
+
+/// The psql program, unless `POSTERN_PSQL` names another.
+const PSQL: &str = "psql";
+
+/// Runs `postern psql`.
+pub async fn run(ctx: &Ctx, args: PsqlArgs) -> Result<ExitCode> {
+    // psql sends a database name in any case (its default is the OS user's name): without
+    // `--db`, ask for the database user's own database, as a direct login would.
+    let db_user = match &args.db_user {
+        Some(user) => Some(user.clone()),
+        None => credential_user(ctx, &args.target).await,
+    };
+    let program = std::env::var("POSTERN_PSQL").unwrap_or_else(|_| PSQL.to_owned());
+    let command = psql_command(
+        &program,
+        args.db.as_deref(),
+        db_user.as_deref(),
+        &args.psql_args,
+    );
+    run_session(
+        ctx,
+        SessionRequest {
+            target: args.target,
+            port: args.port,
+            duration: args.duration,
+            login: args.db_user,
+            command,
+        },
+    )
+    .await
+}
+
+/// The user name of the target's password credential, if the caller may read it (an admin
+/// credential for per-session roles names no user to log in as).
+async fn credential_user(ctx: &Ctx, target: &str) -> Option<String> {
+    let api = ctx.api().ok()?;
+    let info: CredentialInfo = api
+        .get(&["v1", "targets", target, "credential"], &[])
+        .await
+        .ok()?;
+    (info.kind == CredentialKind::Password).then_some(info.username)
+}
+
+/// `psql -h {host} -p {port} [-U USER] [-d DB] ARGS...` (placeholders filled by the session
+/// runner).
+fn psql_command(
+    program: &str,
+    db: Option<&str>,
+    db_user: Option<&str>,
+    extra: &[String],
+) -> Vec<String> {
+    let mut argv: Vec<String> = [program, "-h", "{host}", "-p", "{port}"]
+        .map(str::to_owned)
+        .to_vec();
+    if let Some(user) = db_user {
+        argv.extend(["-U".to_owned(), user.to_owned()]);
+    }
+    if let Some(db) = db.or(db_user) {
+        argv.extend(["-d".to_owned(), db.to_owned()]);
+    }
+    argv.extend(extra.iter().cloned());
+    argv
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn psql_arguments() {
+        let extra = vec!["-c".to_owned(), "select 1".to_owned()];
+        assert_eq!(
+            psql_command("psql", Some("app"), Some("ro"), &extra),
+            ["psql", "-h", "{host}", "-p", "{port}", "-U", "ro", "-d", "app", "-c", "select 1"]
+        );
+        // The database defaults to the user's own; with no user known, psql decides.
+        assert_eq!(
+            psql_command("psql", None, Some("ro"), &[]),
+            ["psql", "-h", "{host}", "-p", "{port}", "-U", "ro", "-d", "ro"]
+        );
+        assert_eq!(
+            psql_command("psql", None, None, &[]),
+            ["psql", "-h", "{host}", "-p", "{port}"]
+        );
+    }
+}

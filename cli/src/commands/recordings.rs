@@ -1,0 +1,105 @@
+//! `postern recordings list | play ID [--speed N] | export ID [-o FILE]`: the asciicast v2
+//! recordings of SSH shells, kept by the controller.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+
+use postern_controller::api::types::Recording;
+
+use super::{ok, Ctx};
+use crate::args::RecordingsCmd;
+use crate::output::{bytes, print_json, relative, Table};
+
+/// Pauses longer than this are shortened in playback (as `asciinema play -i`).
+const MAX_PAUSE: f64 = 2.0;
+
+/// Runs a `recordings` subcommand.
+pub async fn run(ctx: &Ctx, cmd: RecordingsCmd) -> Result<ExitCode> {
+    let api = ctx.api()?;
+    match cmd {
+        RecordingsCmd::List { session } => {
+            let query: Vec<(&str, String)> =
+                session.map(|s| vec![("session", s)]).unwrap_or_default();
+            let list: Vec<Recording> = api.get(&["v1", "recordings"], &query).await?;
+            if ctx.json {
+                print_json(&list)?;
+                return ok();
+            }
+            let mut t = Table::new(&[
+                "ID", "SESSION", "USER", "TARGET", "STARTED", "ENDED", "SIZE",
+            ]);
+            for r in list {
+                t.row(vec![
+                    r.id,
+                    r.session_id,
+                    r.user,
+                    r.target,
+                    relative(r.started_at),
+                    r.ended_at
+                        .map(relative)
+                        .unwrap_or_else(|| "recording".into()),
+                    bytes(r.size),
+                ]);
+            }
+            t.print("No recordings.");
+            ok()
+        }
+        RecordingsCmd::Export { id, output } => {
+            let cast = api.get_text(&["v1", "recordings", &id]).await?;
+            match output.as_deref() {
+                Some(p) if p.as_os_str() == "-" => {
+                    std::io::stdout().write_all(cast.as_bytes())?;
+                }
+                _ => {
+                    let path = output.unwrap_or_else(|| format!("{id}.cast").into());
+                    std::fs::write(&path, &cast)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    if !ctx.json {
+                        eprintln!("Wrote {} ({}).", path.display(), bytes(cast.len() as i64));
+                    }
+                }
+            }
+            ok()
+        }
+        RecordingsCmd::Play { id, speed } => {
+            if !(speed.is_finite() && speed > 0.0) {
+                bail!("--speed must be a positive number");
+            }
+            let cast = api.get_text(&["v1", "recordings", &id]).await?;
+            play(&cast, speed).await
+        }
+    }
+}
+
+/// Writes the output events to the terminal at their pace (divided by `speed`).
+async fn play(cast: &str, speed: f64) -> Result<ExitCode> {
+    let mut lines = cast.lines();
+    let header: serde_json::Value = lines
+        .next()
+        .and_then(|h| serde_json::from_str(h).ok())
+        .context("the recording has no asciicast header")?;
+    if header["version"] != 2 {
+        bail!("not an asciicast v2 recording");
+    }
+    let mut stdout = std::io::stdout();
+    let mut last = 0.0f64;
+    for line in lines {
+        let Ok((t, kind, data)) = serde_json::from_str::<(f64, String, String)>(line) else {
+            continue;
+        };
+        if kind != "o" {
+            continue;
+        }
+        let pause = ((t - last) / speed).clamp(0.0, MAX_PAUSE);
+        last = t;
+        if pause > 0.0 {
+            tokio::time::sleep(Duration::from_secs_f64(pause)).await;
+        }
+        stdout.write_all(data.as_bytes())?;
+        stdout.flush()?;
+    }
+    ok()
+}

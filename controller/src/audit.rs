@@ -1,0 +1,159 @@
+//! The audit writer: every event goes through one task that appends in batches (group
+//! commit), so that a busy statement audit costs one transaction per batch, not per event.
+//! Callers wait until their event is durable. Appended events are mirrored as JSON lines to
+//! a file if configured, and announced to followers (`audit tail -f`): locally through a
+//! watch channel, to other controllers through PostgreSQL `NOTIFY`.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::store::{Backend, NewEvent, Store, StoreError};
+
+/// The PostgreSQL channel that announces new audit events between controllers.
+pub const AUDIT_CHANNEL: &str = "postern_audit";
+/// Most events appended in one transaction.
+const MAX_BATCH: usize = 2_000;
+
+struct Pending {
+    events: Vec<NewEvent>,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// Handle on the audit writer; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Pending>,
+    head: watch::Sender<i64>,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pending({} events)", self.events.len())
+    }
+}
+
+impl AuditLog {
+    /// Starts the writer over `store`, mirroring to `mirror` if given.
+    pub async fn start(
+        store: Store,
+        mirror: Option<PathBuf>,
+    ) -> Result<(AuditLog, JoinHandle<()>), StoreError> {
+        let (tx, rx) = mpsc::channel(16_384);
+        let (head, _) = watch::channel(store.audit_head().await?);
+        let mirror = match mirror {
+            Some(path) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(|e| {
+                        StoreError::Unavailable(format!(
+                            "cannot open audit file {}: {e}",
+                            path.display()
+                        ))
+                    })?,
+            ),
+            None => None,
+        };
+        let task = tokio::spawn(write_loop(store, rx, head.clone(), mirror));
+        Ok((AuditLog { tx, head }, task))
+    }
+
+    /// Appends events and waits until they are stored.
+    pub async fn append(&self, events: Vec<NewEvent>) -> Result<(), StoreError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Pending { events, done })
+            .await
+            .map_err(|_| StoreError::Unavailable("the audit writer has stopped".into()))?;
+        match wait.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!("audit append failed: {e}"))),
+            Err(_) => Err(StoreError::Unavailable(
+                "the audit writer has stopped".into(),
+            )),
+        }
+    }
+
+    /// Follows the chain head (the newest `seq`).
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.head.subscribe()
+    }
+
+    /// Records that another controller appended up to `seq`.
+    pub fn announce(&self, seq: i64) {
+        self.head.send_if_modified(|h| {
+            let newer = seq > *h;
+            if newer {
+                *h = seq;
+            }
+            newer
+        });
+    }
+}
+
+async fn write_loop(
+    store: Store,
+    mut rx: mpsc::Receiver<Pending>,
+    head: watch::Sender<i64>,
+    mut mirror: Option<std::fs::File>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let mut count = batch[0].events.len();
+        while count < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => {
+                    count += p.events.len();
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let events: Vec<NewEvent> = batch
+            .iter()
+            .flat_map(|p| p.events.iter().cloned())
+            .collect();
+        let result = store.append_audit(&events).await;
+        match &result {
+            Ok(stored) => {
+                if let Some(file) = mirror.as_mut() {
+                    let mut lines = Vec::new();
+                    for (seq, e) in stored {
+                        let line = serde_json::json!({
+                            "seq": seq, "time": e.time, "actor": e.actor, "action": e.action,
+                            "resource": e.resource, "outcome": e.outcome, "session_id": e.session_id,
+                            "event_id": e.event_id, "details": e.details,
+                        });
+                        lines.extend_from_slice(line.to_string().as_bytes());
+                        lines.push(b'\n');
+                    }
+                    if let Err(e) = file.write_all(&lines) {
+                        tracing::error!(error = %e, "cannot mirror audit events to the audit file");
+                    }
+                }
+                if let Some((seq, _)) = stored.last() {
+                    let seq = *seq;
+                    head.send_if_modified(|h| {
+                        let newer = seq > *h;
+                        if newer {
+                            *h = seq;
+                        }
+                        newer
+                    });
+                    if store.backend() == Backend::Postgres {
+                        let _ = store.notify(AUDIT_CHANNEL, &seq.to_string()).await;
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, events = events.len(), "audit append failed"),
+        }
+        let outcome = result.map(|_| ()).map_err(|e| e.to_string());
+        for p in batch {
+            let _ = p.done.send(outcome.clone());
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! What the workers' SSH proxies ask of the controller over the control connection: storing
+//! shell recordings (asciicast v2, streamed as the shell runs) and, in certificate mode,
+//! signing a user certificate valid for the session only.
+
+use serde_json::json;
+
+use postern_proto::ids::SessionId;
+
+use crate::api::types::Recording;
+use crate::policy::{self, SourcedRule, TargetRef};
+use crate::ssh_ca::CertRequest;
+use crate::state::AppState;
+use crate::store::{now, SessionRow};
+
+/// Largest asciicast header accepted.
+const MAX_HEADER: usize = 8 * 1024;
+
+/// Starts recording `recording_id` for a session `worker` carries; `None` when stored,
+/// else why not (the worker then refuses the shell).
+pub async fn start(
+    state: &AppState,
+    worker: &str,
+    session_id: &SessionId,
+    recording_id: &str,
+    header: &str,
+) -> Option<String> {
+    let session = match live_session(state, worker, session_id).await {
+        Ok(s) => s,
+        Err(why) => return Some(why),
+    };
+    if !valid_id(recording_id) {
+        return Some("invalid recording id".into());
+    }
+    let parsed: Option<serde_json::Value> = serde_json::from_str(header).ok();
+    let is_v2 = parsed
+        .as_ref()
+        .is_some_and(|h| h.is_object() && h["version"] == 2);
+    if header.len() > MAX_HEADER || header.contains('\n') || !is_v2 {
+        return Some("the recording header is not an asciicast v2 header".into());
+    }
+    let row = Recording {
+        id: recording_id.to_owned(),
+        session_id: session.id.clone(),
+        user: session.user.clone(),
+        target: session.target.clone(),
+        worker: worker.to_owned(),
+        started_at: now(),
+        ended_at: None,
+        size: 0,
+    };
+    if let Err(e) = state.store.create_recording(&row, header).await {
+        tracing::error!(error = %e, "cannot store a recording");
+        return Some(format!("the controller cannot store the recording: {e}"));
+    }
+    let _ = state
+        .audit(
+            &session.user,
+            "recording.start",
+            &format!("session:{}", session.id),
+            "success",
+            json!({"recording": recording_id, "worker": worker}),
+        )
+        .await;
+    None
+}
+
+/// Appends event lines to a recording.
+pub async fn data(state: &AppState, worker: &str, recording_id: &str, events: &str) {
+    match state
+        .store
+        .append_recording(recording_id, worker, events)
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(
+            worker,
+            recording = recording_id,
+            "data for an unknown or finished recording"
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, recording = recording_id, "cannot store recording data")
+        }
+    }
+}
+
+/// Marks a recording finished.
+pub async fn end(state: &AppState, worker: &str, recording_id: &str) {
+    if let Err(e) = state.store.end_recording(recording_id, worker).await {
+        tracing::error!(error = %e, recording = recording_id, "cannot end a recording");
+    }
+}
+
+/// Signs a certificate for `public_key`, valid until the session expires, for `principal`
+/// only: the target's certificate-mode credential user, or a login the user's roles permit.
+pub async fn sign_certificate(
+    state: &AppState,
+    worker: &str,
+    session_id: &SessionId,
+    principal: &str,
+    public_key: &str,
+) -> Result<String, String> {
+    let session = live_session(state, worker, session_id).await?;
+    let store_err = |e: crate::store::StoreError| e.to_string();
+    let credential = state
+        .store
+        .credential(&session.target)
+        .await
+        .map_err(store_err)?;
+    let own = match credential {
+        Some((kind, username, _)) if kind == "ssh_ca" => username,
+        _ => {
+            return Err(format!(
+                "target '{}' is not in SSH certificate mode",
+                session.target
+            ))
+        }
+    };
+    if principal != own {
+        let target = state
+            .store
+            .target(&session.target)
+            .await
+            .map_err(store_err)?;
+        let rules: Vec<SourcedRule> = state
+            .store
+            .rules_for_user(&session.user)
+            .await
+            .map_err(store_err)?
+            .into_iter()
+            .map(|(role, position, rule)| SourcedRule {
+                role,
+                position,
+                rule,
+            })
+            .collect();
+        let tref = TargetRef {
+            name: &target.name,
+            labels: &target.labels,
+        };
+        policy::check_login(&rules, tref, principal).map_err(|d| d.reason)?;
+    }
+    let key_id = format!("postern:{}:{}", session.id, session.user);
+    let cert = state.keys.ssh_user_ca.sign(
+        &CertRequest {
+            public_key,
+            principal,
+            key_id: &key_id,
+            valid_before: session.expires_at,
+        },
+        now(),
+    )?;
+    let _ = state
+        .audit(
+            &session.user,
+            "ssh.certificate",
+            &format!("session:{}", session.id),
+            "success",
+            json!({"principal": principal, "key_id": key_id, "valid_before": session.expires_at, "worker": worker}),
+        )
+        .await;
+    Ok(cert)
+}
+
+/// The session, if it is active on `worker` and not expired.
+async fn live_session(
+    state: &AppState,
+    worker: &str,
+    session_id: &SessionId,
+) -> Result<SessionRow, String> {
+    let s = state
+        .store
+        .session(session_id.as_str())
+        .await
+        .map_err(|e| e.to_string())?;
+    if s.worker != worker {
+        return Err(format!("session belongs to worker '{}'", s.worker));
+    }
+    if s.status != "active" {
+        return Err(format!("session is {}", s.status));
+    }
+    if s.expires_at <= now() {
+        return Err("session expired".into());
+    }
+    Ok(s)
+}
+
+fn valid_id(id: &str) -> bool {
+    id.len() <= 64
+        && id.starts_with("r_")
+        && id[2..].chars().all(|c| c.is_ascii_alphanumeric())
+        && id.len() > 2
+}

@@ -1,0 +1,359 @@
+//! The audit log: append-only and hash-chained.
+//!
+//! Each event stores its position `seq`, the previous event's hash and its own:
+//! `hash = SHA-256(JSON [seq, time, actor, action, resource, outcome, session_id, event_id,
+//! details, prev_hash])` in lowercase hex, over the stored text. Appends first update the
+//! one-row `audit_head` table, which takes SQLite's write lock or PostgreSQL's row lock, so
+//! that appends from any connection or controller form one chain. Events that carry an
+//! `event_id` (from workers, which resend until acknowledged) are stored once.
+
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+
+use super::{json_col, now, Store, StoreError};
+use crate::api::types::{AuditEvent, AuditQuery, AuditVerification};
+
+/// An event to append.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// Unique id chosen by the producer (workers), to store resent events once.
+    pub event_id: Option<String>,
+    /// When it happened (Unix seconds).
+    pub time: i64,
+    /// Who acted.
+    pub actor: String,
+    /// What happened.
+    pub action: String,
+    /// On what.
+    pub resource: String,
+    /// `success`, `failure`, `denied`.
+    pub outcome: String,
+    /// The session it belongs to, if any.
+    pub session_id: Option<String>,
+    /// Details.
+    pub details: serde_json::Value,
+}
+
+impl NewEvent {
+    /// An event happening now; the session is taken from a `session:ID` resource or a
+    /// `session` detail.
+    pub fn now(
+        actor: &str,
+        action: &str,
+        resource: &str,
+        outcome: &str,
+        details: serde_json::Value,
+    ) -> Self {
+        let session_id = resource
+            .strip_prefix("session:")
+            .map(str::to_owned)
+            .or_else(|| {
+                details
+                    .get("session")
+                    .and_then(|s| s.as_str())
+                    .map(str::to_owned)
+            });
+        NewEvent {
+            event_id: None,
+            time: now(),
+            actor: actor.to_owned(),
+            action: action.to_owned(),
+            resource: resource.to_owned(),
+            outcome: outcome.to_owned(),
+            session_id,
+            details,
+        }
+    }
+}
+
+/// The chain hash of one event, from its stored fields.
+#[allow(clippy::too_many_arguments)]
+fn chain_hash(
+    seq: i64,
+    time: i64,
+    actor: &str,
+    action: &str,
+    resource: &str,
+    outcome: &str,
+    session_id: Option<&str>,
+    event_id: Option<&str>,
+    details: &str,
+    prev_hash: &str,
+) -> String {
+    let canonical = serde_json::json!([
+        seq, time, actor, action, resource, outcome, session_id, event_id, details, prev_hash
+    ]);
+    let digest = Sha256::digest(canonical.to_string().as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+const EVENT_COLS: &str = "id, seq, time, actor, action, resource, outcome, session_id, event_id, details, prev_hash, hash";
+
+impl Store {
+    /// Appends one event now.
+    pub async fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        resource: &str,
+        outcome: &str,
+        details: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        self.append_audit(&[NewEvent::now(
+            actor,
+            action,
+            resource,
+            outcome,
+            details.clone(),
+        )])
+        .await
+        .map(|_| ())
+    }
+
+    /// Appends events to the chain in one transaction; an event whose `event_id` is stored
+    /// already is skipped. Returns the events actually stored, with their `seq`.
+    pub async fn append_audit(
+        &self,
+        events: &[NewEvent],
+    ) -> Result<Vec<(i64, NewEvent)>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // First a write: it takes the lock that serializes appends (see the module doc).
+        sqlx::query("UPDATE audit_head SET seq = seq WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?;
+        let (mut seq, mut hash): (i64, String) = (head.try_get("seq")?, head.try_get("hash")?);
+        let mut stored = Vec::with_capacity(events.len());
+        for e in events {
+            if let Some(id) = &e.event_id {
+                let dup = sqlx::query("SELECT 1 AS one FROM audit_events WHERE event_id = $1")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if dup.is_some() {
+                    continue;
+                }
+            }
+            let details = e.details.to_string();
+            let next = seq + 1;
+            let h = chain_hash(
+                next,
+                e.time,
+                &e.actor,
+                &e.action,
+                &e.resource,
+                &e.outcome,
+                e.session_id.as_deref(),
+                e.event_id.as_deref(),
+                &details,
+                &hash,
+            );
+            sqlx::query(
+                "INSERT INTO audit_events (seq, time, actor, action, resource, outcome, session_id, event_id, details, prev_hash, hash) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            )
+            .bind(next)
+            .bind(e.time)
+            .bind(&e.actor)
+            .bind(&e.action)
+            .bind(&e.resource)
+            .bind(&e.outcome)
+            .bind(e.session_id.as_deref())
+            .bind(e.event_id.as_deref())
+            .bind(&details)
+            .bind(&hash)
+            .bind(&h)
+            .execute(&mut *tx)
+            .await?;
+            seq = next;
+            hash = h;
+            stored.push((seq, e.clone()));
+        }
+        sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+            .bind(seq)
+            .bind(&hash)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    /// Audit events matching the query, oldest first among the newest `limit` (or, with
+    /// `after_seq`, the oldest `limit` after it).
+    pub async fn audit_events(&self, q: &AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
+        let limit = q.limit.unwrap_or(100).clamp(1, 100_000);
+        let action = q.action.clone().unwrap_or_default();
+        let (action_exact, action_prefix) = if action.ends_with('.') {
+            (String::new(), format!("{action}%"))
+        } else {
+            (action, String::new())
+        };
+        let order = if q.after_seq.is_some() { "ASC" } else { "DESC" };
+        let sql = format!(
+            "SELECT {EVENT_COLS} FROM audit_events \
+             WHERE ($1 = '' OR actor = $1) AND ($2 = '' OR action = $2) AND ($3 = '' OR action LIKE $3) \
+               AND ($4 = '' OR resource LIKE $4) AND time >= $5 AND time <= $6 \
+               AND ($7 = '' OR session_id = $7) \
+               AND ($8 = '' OR resource = 'target:' || $8 OR session_id IN (SELECT id FROM sessions WHERE target_name = $8)) \
+               AND seq > $9 \
+             ORDER BY seq {order} LIMIT $10"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(q.actor.clone().unwrap_or_default())
+            .bind(action_exact)
+            .bind(action_prefix)
+            .bind(
+                q.resource
+                    .as_ref()
+                    .map(|r| format!("%{r}%"))
+                    .unwrap_or_default(),
+            )
+            .bind(q.since.unwrap_or(0))
+            .bind(q.until.unwrap_or(i64::MAX))
+            .bind(q.session.clone().unwrap_or_default())
+            .bind(q.target.clone().unwrap_or_default())
+            .bind(q.after_seq.unwrap_or(0))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out = rows
+            .iter()
+            .map(event_from)
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        if q.after_seq.is_none() {
+            out.reverse();
+        }
+        Ok(out)
+    }
+
+    /// Whether an event with this producer id is stored.
+    pub async fn audit_event_exists(&self, event_id: &str) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT 1 AS one FROM audit_events WHERE event_id = $1")
+            .bind(event_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// The newest `seq` stored.
+    pub async fn audit_head(&self) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT seq FROM audit_head WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("seq")?)
+    }
+
+    /// Walks the whole chain and reports the first event that breaks it.
+    pub async fn verify_audit(&self) -> Result<AuditVerification, StoreError> {
+        const PAGE: i64 = 5_000;
+        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        let (head_seq, head_hash): (i64, String) = (head.try_get("seq")?, head.try_get("hash")?);
+        let unchained: i64 =
+            sqlx::query("SELECT COUNT(*) AS n FROM audit_events WHERE seq IS NULL OR hash IS NULL")
+                .fetch_one(&self.pool)
+                .await?
+                .try_get("n")?;
+        let broken = |seq: i64, id: Option<i64>, reason: String| AuditVerification {
+            ok: false,
+            checked: seq.max(0),
+            first_bad_seq: Some(seq),
+            first_bad_id: id,
+            reason: Some(reason),
+        };
+        if unchained > 0 {
+            let row = sqlx::query(
+                "SELECT id FROM audit_events WHERE seq IS NULL OR hash IS NULL ORDER BY id LIMIT 1",
+            )
+            .fetch_one(&self.pool)
+            .await?;
+            let id: i64 = row.try_get("id")?;
+            return Ok(broken(
+                0,
+                Some(id),
+                format!("event id {id} has been taken out of the chain (no position or hash)"),
+            ));
+        }
+        let (mut expect_seq, mut prev) = (1i64, String::new());
+        loop {
+            let sql = format!(
+                "SELECT {EVENT_COLS} FROM audit_events WHERE seq >= $1 ORDER BY seq LIMIT $2"
+            );
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(expect_seq)
+                .bind(PAGE)
+                .fetch_all(&self.pool)
+                .await?;
+            if rows.is_empty() {
+                break;
+            }
+            for r in &rows {
+                let seq: i64 = r.try_get("seq")?;
+                let id: i64 = r.try_get("id")?;
+                if seq != expect_seq {
+                    return Ok(broken(
+                        expect_seq,
+                        None,
+                        format!("event #{expect_seq} is missing (the next stored is #{seq})"),
+                    ));
+                }
+                let stored_prev: Option<String> = r.try_get("prev_hash")?;
+                let stored_hash: Option<String> = r.try_get("hash")?;
+                let details: String = r.try_get("details")?;
+                let computed = chain_hash(
+                    seq,
+                    r.try_get("time")?,
+                    &r.try_get::<String, _>("actor")?,
+                    &r.try_get::<String, _>("action")?,
+                    &r.try_get::<String, _>("resource")?,
+                    &r.try_get::<String, _>("outcome")?,
+                    r.try_get::<Option<String>, _>("session_id")?.as_deref(),
+                    r.try_get::<Option<String>, _>("event_id")?.as_deref(),
+                    &details,
+                    stored_prev.as_deref().unwrap_or_default(),
+                );
+                if stored_prev.as_deref() != Some(prev.as_str()) {
+                    return Ok(broken(seq, Some(id), format!("event #{seq} (id {id}) does not follow event #{}: its previous-hash differs", seq - 1)));
+                }
+                if stored_hash.as_deref() != Some(computed.as_str()) {
+                    return Ok(broken(seq, Some(id), format!("event #{seq} (id {id}) was altered: its content does not match its hash")));
+                }
+                prev = computed;
+                expect_seq += 1;
+            }
+        }
+        let last = expect_seq - 1;
+        if last != head_seq || prev != head_hash {
+            return Ok(broken(
+                last + 1,
+                None,
+                format!("the chain ends at event #{last} but its head records #{head_seq}: events were removed from the end"),
+            ));
+        }
+        Ok(AuditVerification {
+            ok: true,
+            checked: last,
+            first_bad_seq: None,
+            first_bad_id: None,
+            reason: None,
+        })
+    }
+}
+
+fn event_from(r: &sqlx::any::AnyRow) -> Result<AuditEvent, StoreError> {
+    Ok(AuditEvent {
+        id: r.try_get("id")?,
+        seq: r.try_get::<Option<i64>, _>("seq")?.unwrap_or(0),
+        time: r.try_get("time")?,
+        actor: r.try_get("actor")?,
+        action: r.try_get("action")?,
+        resource: r.try_get("resource")?,
+        outcome: r.try_get("outcome")?,
+        session_id: r.try_get("session_id")?,
+        details: json_col(r, "details")?,
+        hash: r.try_get::<Option<String>, _>("hash")?.unwrap_or_default(),
+    })
+}

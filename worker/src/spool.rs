@@ -1,0 +1,248 @@
+//! The audit spool: auditable events (connection closes with their bytes, statements, exec
+//! commands) are appended to a local file before they are sent, and forgotten only when the
+//! controller acknowledges that it stored them. A controller that crashes or restarts loses
+//! none; the controller stores a resent event once (by its id).
+
+use std::collections::{HashSet, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use postern_proto::cluster::{SpooledEvent, WorkerMessage};
+use postern_proto::frame::MAX_FRAME;
+use tokio::sync::Notify;
+
+const SPOOL_FILE: &str = "audit-spool.jsonl";
+/// Rewrite the file once this many acknowledged events are still in it.
+const COMPACT_AFTER: usize = 2_000;
+/// Room left in a frame for the envelope around the events.
+const FRAME_BUDGET: usize = MAX_FRAME - 1_024;
+
+/// A line recording acknowledgements (until the next rewrite drops the events).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct AckLine {
+    acked: Vec<String>,
+}
+
+/// The spool of one worker.
+pub(crate) struct Spool {
+    path: PathBuf,
+    inner: Mutex<Inner>,
+    notify: Notify,
+}
+
+struct Inner {
+    /// Unacknowledged events, oldest first.
+    events: VecDeque<(SpooledEvent, usize)>,
+    /// How many at the front were sent on the current control connection.
+    sent: usize,
+    /// Events acknowledged since the file was last rewritten.
+    stale: usize,
+    file: Option<File>,
+}
+
+impl Spool {
+    /// Opens the spool in `dir`, loading the events a previous run did not get acknowledged.
+    pub(crate) fn open(dir: &Path) -> std::io::Result<Spool> {
+        let path = dir.join(SPOOL_FILE);
+        let mut events = VecDeque::new();
+        let mut acked = HashSet::new();
+        if let Ok(f) = File::open(&path) {
+            for line in BufReader::new(f).lines() {
+                let line = line?;
+                // A torn last line (crash mid-write) is skipped, not fatal.
+                if let Ok(e) = serde_json::from_str::<SpooledEvent>(&line) {
+                    events.push_back((e, line.len()));
+                } else if let Ok(a) = serde_json::from_str::<AckLine>(&line) {
+                    acked.extend(a.acked);
+                }
+            }
+        }
+        events.retain(|(e, _)| !acked.contains(&e.event_id));
+        let spool = Spool {
+            path,
+            inner: Mutex::new(Inner {
+                events,
+                sent: 0,
+                stale: 0,
+                file: None,
+            }),
+            notify: Notify::new(),
+        };
+        spool.rewrite()?;
+        Ok(spool)
+    }
+
+    /// Spools an auditable message (durably, before it is sent).
+    pub(crate) fn push(&self, message: WorkerMessage) {
+        let event = SpooledEvent {
+            event_id: postern_proto::ids::random_base32(16),
+            time: postern_proto::unix_now(),
+            message: Box::new(message),
+        };
+        let line = serde_json::to_string(&event).unwrap_or_default();
+        {
+            let mut inner = self.lock();
+            if let Some(file) = inner.file.as_mut() {
+                let mut bytes = line.clone().into_bytes();
+                bytes.push(b'\n');
+                if let Err(e) = file.write_all(&bytes).and_then(|()| file.flush()) {
+                    tracing::error!(error = %e, "cannot write the audit spool; the event is kept in memory only");
+                }
+            }
+            inner.events.push_back((event, line.len()));
+        }
+        self.notify.notify_one();
+    }
+
+    /// Waits until there may be something new to send.
+    pub(crate) async fn changed(&self) {
+        self.notify.notified().await;
+    }
+
+    /// A new control connection: everything unacknowledged must be sent again.
+    pub(crate) fn restart(&self) {
+        self.lock().sent = 0;
+        self.notify.notify_one();
+    }
+
+    /// The next batch not yet sent on this connection (fits one frame), marked as sent.
+    pub(crate) fn next_batch(&self) -> Vec<SpooledEvent> {
+        let mut inner = self.lock();
+        let mut batch = Vec::new();
+        let mut size = 0;
+        while let Some((event, len)) = inner.events.get(inner.sent) {
+            if !batch.is_empty() && size + len + 1 > FRAME_BUDGET {
+                break;
+            }
+            size += len + 1;
+            batch.push(event.clone());
+            inner.sent += 1;
+        }
+        batch
+    }
+
+    /// Forgets acknowledged events.
+    pub(crate) fn ack(&self, ids: &[String]) {
+        let ids: HashSet<&str> = ids.iter().map(String::as_str).collect();
+        let compact = {
+            let mut inner = self.lock();
+            let before = inner.events.len();
+            let mut removed_sent = 0;
+            let sent = inner.sent;
+            let mut index = 0;
+            inner.events.retain(|(e, _)| {
+                let keep = !ids.contains(e.event_id.as_str());
+                if !keep && index < sent {
+                    removed_sent += 1;
+                }
+                index += 1;
+                keep
+            });
+            inner.sent -= removed_sent;
+            inner.stale += before - inner.events.len();
+            // Record the acknowledgement, so a restart does not send these again.
+            let line = serde_json::to_string(&AckLine {
+                acked: ids.iter().map(|s| (*s).to_owned()).collect(),
+            })
+            .unwrap_or_default();
+            if let Some(file) = inner.file.as_mut() {
+                let _ = file
+                    .write_all(format!("{line}\n").as_bytes())
+                    .and_then(|()| file.flush());
+            }
+            inner.stale >= COMPACT_AFTER || (inner.events.is_empty() && inner.stale > 0)
+        };
+        if compact {
+            if let Err(e) = self.rewrite() {
+                tracing::warn!(error = %e, "cannot compact the audit spool");
+            }
+        }
+    }
+
+    /// Events waiting for an acknowledgement.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.lock().events.len()
+    }
+
+    /// Rewrites the file with the unacknowledged events only (write a temp file, rename).
+    fn rewrite(&self) -> std::io::Result<()> {
+        let mut inner = self.lock();
+        let tmp = self.path.with_extension("jsonl.tmp");
+        {
+            let mut f = File::create(&tmp)?;
+            for (e, _) in &inner.events {
+                let mut line = serde_json::to_vec(e).unwrap_or_default();
+                line.push(b'\n');
+                f.write_all(&line)?;
+            }
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path)?;
+        inner.file = Some(OpenOptions::new().append(true).open(&self.path)?);
+        inner.stale = 0;
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postern_proto::ids::SessionId;
+
+    fn closed(n: u64) -> WorkerMessage {
+        WorkerMessage::ConnectionClosed {
+            session_id: SessionId::from("s_x"),
+            bytes_up: n,
+            bytes_down: n,
+            reason: "closed".into(),
+        }
+    }
+
+    #[test]
+    fn survives_a_restart_until_acknowledged() {
+        let dir =
+            std::env::temp_dir().join(format!("spool-{}", postern_proto::ids::random_base32(6)));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let spool = Spool::open(&dir).expect("open");
+        for n in 0..5 {
+            spool.push(closed(n));
+        }
+        let batch = spool.next_batch();
+        assert_eq!(batch.len(), 5);
+        assert!(
+            spool.next_batch().is_empty(),
+            "sent events are not sent twice on one connection"
+        );
+        spool.ack(&[batch[0].event_id.clone(), batch[1].event_id.clone()]);
+        drop(spool);
+
+        // A new process: the three unacknowledged events are still there, in order.
+        let spool = Spool::open(&dir).expect("reopen");
+        assert_eq!(spool.len(), 3);
+        let again = spool.next_batch();
+        let ids: Vec<_> = again.iter().map(|e| e.event_id.clone()).collect();
+        assert_eq!(
+            ids,
+            batch[2..]
+                .iter()
+                .map(|e| e.event_id.clone())
+                .collect::<Vec<_>>()
+        );
+        // A reconnect resends what was not acknowledged.
+        spool.restart();
+        assert_eq!(spool.next_batch().len(), 3);
+        spool.ack(&ids);
+        assert_eq!(spool.len(), 0);
+        assert_eq!(Spool::open(&dir).expect("reopen").len(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
