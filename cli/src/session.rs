@@ -228,7 +228,7 @@ pub async fn open_session(auth: &Authorization, key: &ClientKey) -> Result<Sessi
     } else {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     };
-    let endpoint = Endpoint::client(bind).map_err(SessionError::Socket)?;
+    let endpoint = postern_worker::udp::endpoint(bind, None).map_err(SessionError::Socket)?;
     let connecting = endpoint
         .connect_with(config, addr, &auth.worker.server_name)
         .map_err(|e| SessionError::BadAuthorization(format!("cannot dial the worker: {e}")))?;

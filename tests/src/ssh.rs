@@ -6,7 +6,7 @@
 //! 4. a login the roles do not permit is refused clearly; forwarding is refused;
 //! 5. cancelling the session ends the interactive shell.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use postern_controller::api::types::{
 
 use crate::dev_cli::postern_bin;
 use crate::harness::{Api, Cluster, TempDir};
-use crate::sshd::{home_of, Sshd, LOGIN};
+use crate::sshd::{home_of, Sshd, Tmux, LOGIN};
 
 /// A cluster with two SSH targets on one sshd: `demo-ssh` (brokered key) and `demo-ssh-ca`
 /// (certificate mode); `alice` may connect to both as `postern-test` (or `nobody`, whom the
@@ -400,7 +400,7 @@ async fn scp_and_sftp_copy_files_intact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interactive_shell_is_recorded() {
     let s = setup().await;
-    let tmux = Tmux::start(&s, "rec");
+    let tmux = shell_in_tmux(&s, "rec");
     tmux.wait_for_screen(":~$").await;
     tmux.send("echo marker-$((6*7))");
     tmux.wait_for_screen("marker-42").await;
@@ -449,6 +449,14 @@ async fn interactive_shell_is_recorded() {
         cast.contains(r#""i","#) && cast.contains("echo marker"),
         "input not recorded"
     );
+    // `postern recordings play` replays what was printed.
+    let played = s
+        .postern(&["recordings", "play", &id, "--speed", "50"], true)
+        .output()
+        .await
+        .expect("play");
+    assert!(played.status.success(), "{}", text(&played.stderr));
+    assert!(text(&played.stdout).contains("marker-42"));
     // A real asciicast reader accepts it and replays what was printed.
     let cat = std::process::Command::new("asciinema")
         .arg("cat")
@@ -464,7 +472,7 @@ async fn interactive_shell_is_recorded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_the_session_ends_the_shell() {
     let s = setup().await;
-    let tmux = Tmux::start(&s, "cancel");
+    let tmux = shell_in_tmux(&s, "cancel");
     tmux.wait_for_screen(":~$").await;
     let sessions: Vec<Session> =
         s.c.admin
@@ -485,111 +493,17 @@ async fn cancelling_the_session_ends_the_shell() {
     s.c.stop().await;
 }
 
-/// `postern ssh demo-ssh` in a tmux pane (a real pty), on a private tmux server.
-struct Tmux {
-    socket: PathBuf,
-    name: String,
-}
-
-impl Tmux {
-    fn start(s: &Setup, name: &str) -> Tmux {
-        let socket = s.home.path().join("tmux.sock");
-        let token = s.alice.token.clone().unwrap_or_default();
-        let command = format!(
-            "env POSTERN_ADDR={} POSTERN_TOKEN={token} POSTERN_CONFIG_DIR={} TMPDIR={} {} ssh demo-ssh",
-            s.alice.base,
-            s.home.path().join("config").display(),
-            s.home.path().join("tmp").display(),
-            postern_bin().display()
-        );
-        let ok = std::process::Command::new("tmux")
-            .arg("-S")
-            .arg(&socket)
-            .args([
-                "-f",
-                "/dev/null",
-                "new-session",
-                "-d",
-                "-x",
-                "100",
-                "-y",
-                "30",
-                "-s",
-                name,
-            ])
-            .arg(command)
-            .status()
-            .expect("tmux")
-            .success();
-        assert!(ok, "tmux new-session failed");
-        Tmux {
-            socket,
-            name: name.to_owned(),
-        }
-    }
-
-    fn tmux(&self) -> std::process::Command {
-        let mut cmd = std::process::Command::new("tmux");
-        cmd.arg("-S").arg(&self.socket);
-        cmd
-    }
-
-    fn screen(&self) -> Option<String> {
-        let out = self
-            .tmux()
-            .args(["capture-pane", "-p", "-t", &self.name])
-            .output()
-            .ok()?;
-        out.status.success().then(|| text(&out.stdout))
-    }
-
-    fn send(&self, line: &str) {
-        let _ = self
-            .tmux()
-            .args(["send-keys", "-t", &self.name, "-l", line])
-            .status();
-        let _ = self
-            .tmux()
-            .args(["send-keys", "-t", &self.name, "Enter"])
-            .status();
-    }
-
-    async fn wait_for_screen(&self, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let screen = self.screen().unwrap_or_default();
-            if screen.contains(what) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {what:?} on screen:\n{screen}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn wait_gone(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.screen().is_some() {
-            assert!(
-                Instant::now() < deadline,
-                "the shell is still there:\n{}",
-                self.screen().unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = self
-            .tmux()
-            .arg("kill-server")
-            .stderr(Stdio::null())
-            .status();
-    }
+/// `postern ssh demo-ssh` as alice in a tmux pane (a real pty).
+fn shell_in_tmux(s: &Setup, name: &str) -> Tmux {
+    let token = s.alice.token.clone().unwrap_or_default();
+    let command = format!(
+        "env POSTERN_ADDR={} POSTERN_TOKEN={token} POSTERN_CONFIG_DIR={} TMPDIR={} {} ssh demo-ssh",
+        s.alice.base,
+        s.home.path().join("config").display(),
+        s.home.path().join("tmp").display(),
+        postern_bin().display()
+    );
+    Tmux::start(&s.home.path().join("tmux.sock"), name, &command)
 }
 
 async fn wait_for(cond: impl Fn() -> bool, what: &str) {

@@ -1,5 +1,6 @@
 //! A real OpenSSH `sshd` on a free loopback port, with a throwaway config, host key,
-//! `AuthorizedKeysFile` and `TrustedUserCAKeys`, killed on drop; and the OS user it lets in.
+//! `AuthorizedKeysFile` and `TrustedUserCAKeys`, killed on drop; the OS user it lets in; and
+//! a tmux pane to drive an interactive shell through a real pty.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -142,4 +143,111 @@ pub fn home_of(user: &str) -> PathBuf {
         .expect("getent");
     let line = String::from_utf8_lossy(&out.stdout).into_owned();
     PathBuf::from(line.trim().split(':').nth(5).unwrap_or("/tmp"))
+}
+
+/// A command in a tmux pane (a real pty) on a private tmux server, killed on drop.
+pub struct Tmux {
+    socket: PathBuf,
+    name: String,
+}
+
+impl Tmux {
+    /// Runs `command` in a 100x30 pane of session `name`, the server listening on `socket`.
+    pub fn start(socket: &Path, name: &str, command: &str) -> Tmux {
+        let ok = std::process::Command::new("tmux")
+            .arg("-S")
+            .arg(socket)
+            .args([
+                "-f",
+                "/dev/null",
+                "new-session",
+                "-d",
+                "-x",
+                "100",
+                "-y",
+                "30",
+                "-s",
+                name,
+            ])
+            .arg(command)
+            .status()
+            .expect("tmux")
+            .success();
+        assert!(ok, "tmux new-session failed");
+        Tmux {
+            socket: socket.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+
+    fn tmux(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new("tmux");
+        cmd.arg("-S").arg(&self.socket);
+        cmd
+    }
+
+    /// The pane's text, or `None` once the session is gone.
+    pub fn screen(&self) -> Option<String> {
+        let out = self
+            .tmux()
+            .args(["capture-pane", "-p", "-t", &self.name])
+            .output()
+            .ok()?;
+        out.status.success().then(|| text(&out.stdout))
+    }
+
+    /// Types `line` and Enter.
+    pub fn send(&self, line: &str) {
+        let _ = self
+            .tmux()
+            .args(["send-keys", "-t", &self.name, "-l", line])
+            .status();
+        let _ = self
+            .tmux()
+            .args(["send-keys", "-t", &self.name, "Enter"])
+            .status();
+    }
+
+    /// Waits (≤ 30 s) until `what` is on screen.
+    pub async fn wait_for_screen(&self, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let screen = self.screen().unwrap_or_default();
+            if screen.contains(what) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what:?} on screen:\n{screen}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits (≤ 10 s) until the command has exited.
+    pub async fn wait_gone(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.screen().is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "the shell is still there:\n{}",
+                self.screen().unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self
+            .tmux()
+            .arg("kill-server")
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).into_owned()
 }

@@ -33,6 +33,7 @@ mod spool;
 mod ssh;
 mod state;
 mod tls;
+pub mod udp;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -104,13 +105,12 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
     let identity = register::load_or_register(&config).await?;
     let server_config = tls::session_server_config(&identity)?;
     let client_config = tls::control_client_config(&identity)?;
-    let endpoint =
-        quinn::Endpoint::server(server_config, config.session_listen).map_err(|error| {
-            WorkerError::Bind {
-                addr: config.session_listen,
-                error,
-            }
-        })?;
+    let endpoint = udp::endpoint(config.session_listen, Some(server_config)).map_err(|error| {
+        WorkerError::Bind {
+            addr: config.session_listen,
+            error,
+        }
+    })?;
     let session_addr = endpoint.local_addr().map_err(|error| WorkerError::Bind {
         addr: config.session_listen,
         error,

@@ -241,20 +241,25 @@ async fn relay(
     let (mut target_read, mut target_write) = tcp.split();
     let Counts { up, down } = counts;
     let upstream = async {
+        // Coalesce what QUIC has received into one TCP write: a write per QUIC packet
+        // (~1.4 KB) cost a quarter of the worker's CPU in the benchmark. The buffer is
+        // allocated uninitialised, so idle connections do not make it resident.
+        let mut buf = BytesMut::with_capacity(CHUNK);
         loop {
-            match recv.read_chunk(CHUNK, true).await {
-                Ok(Some(chunk)) => {
-                    target_write
-                        .write_all(&chunk.bytes)
-                        .await
-                        .map_err(RelayError::Target)?;
-                    *up += chunk.bytes.len() as u64;
-                }
-                Ok(None) => {
+            buf.clear();
+            match recv.read_buf(&mut buf).await {
+                Ok(0) => {
                     // The client finished its side: half-close towards the target.
                     return target_write.shutdown().await.map_err(RelayError::Target);
                 }
-                Err(e) => return Err(RelayError::Client(e.into())),
+                Ok(n) => {
+                    target_write
+                        .write_all(&buf)
+                        .await
+                        .map_err(RelayError::Target)?;
+                    *up += n as u64;
+                }
+                Err(e) => return Err(RelayError::Client(e)),
             }
         }
     };

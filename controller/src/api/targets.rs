@@ -214,10 +214,12 @@ pub async fn authorize(
         .clamp(1, target.max_duration_secs);
     // A login other than the brokered credential's own user must be permitted by name.
     if let Some(login) = &req.login {
+        // A per-session-role admin credential is never a login of its own.
         let own = state
             .store
             .credential(&target.name)
             .await?
+            .filter(|(kind, _, _)| kind != "postgres_admin")
             .map(|(_, user, _)| user);
         if own.as_deref() != Some(login.as_str()) {
             if let Err(denied) =

@@ -8,8 +8,10 @@
 //! # Layout
 //! - `server`: the engineer-facing side: host key, client-key check, channel callbacks.
 //! - `target`: the target-facing side: connection, brokered login, target host key check.
-//! - `channel`: one relayed channel (target → engineer task, exec audit).
+//! - `channel`: one relayed channel: an ordered queue and task towards the target, a task
+//!   back to the engineer, flow control, the exec audit.
 //! - `recording`: the asciicast v2 encoder and the sink that streams it to the controller.
+//! - `stream`: the proxied QUIC stream, with byte counts.
 //!
 //! The engineer's SSH hop authenticates with the session's own client key (the P-256 key
 //! whose certificate proved possession in the QUIC handshake and whose thumbprint the token
@@ -18,6 +20,7 @@
 mod channel;
 mod recording;
 mod server;
+mod stream;
 mod target;
 
 use std::collections::HashMap;
@@ -179,8 +182,8 @@ pub(crate) async fn serve(
     recv: RecvStream,
     guard: StreamGuard,
 ) {
-    let counter = Arc::new(server::Counter::default());
-    let stream = server::CountedStream::new(tokio::io::join(recv, send), counter.clone());
+    let counter = Arc::new(stream::Counter::default());
+    let stream = stream::CountedStream::new(tokio::io::join(recv, send), counter.clone());
     let reason = server::run(conn.clone(), session.clone(), shared.clone(), stream).await;
     let reason = match (session.ended(), conn.close_reason()) {
         (Some(ended), _) => format!("session ended: {ended}"),
