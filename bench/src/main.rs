@@ -51,6 +51,14 @@ struct ApiArgs {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Audit appends through the controller's writer (hash chain on): EVENTS events from 64
+    /// concurrent writers, on a fresh SQLite file or a fresh PostgreSQL database.
+    Audit {
+        #[arg(long, value_parser = ["sqlite", "postgres"])]
+        backend: String,
+        #[arg(long, default_value_t = 50_000)]
+        events: usize,
+    },
     /// TCP echo server (TCP_NODELAY) until killed.
     Echo {
         #[arg(long)]
@@ -152,6 +160,7 @@ fn main() -> Result<()> {
     };
     let out = rt.block_on(async {
         match cli.cmd {
+            Cmd::Audit { backend, events } => audit(&backend, events).await,
             Cmd::Echo { listen } => echo(listen).await,
             Cmd::Connlat {
                 addr,
@@ -675,4 +684,65 @@ async fn read_frame<T: DeserializeOwned>(recv: &mut RecvStream) -> Result<T> {
     let mut body = vec![0u8; frame::body_len(header)?];
     recv.read_exact(&mut body).await?;
     Ok(frame::decode(&body)?)
+}
+
+/// Appends `events` audit events through `AuditLog` (what every API handler and worker report
+/// goes through) from 64 concurrent writers, and reports events per second.
+async fn audit(backend: &str, events: usize) -> Result<Value> {
+    use postern_controller::audit::AuditLog;
+    use postern_controller::store::{NewEvent, Store};
+    let dir = std::env::temp_dir().join(format!("postern-bench-audit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let admin = "postgres://postgres@127.0.0.1:5432/postgres";
+    let db = format!("postern_bench_audit_{}", std::process::id());
+    let url = match backend {
+        "sqlite" => format!("sqlite://{}", dir.join("audit.db").display()),
+        _ => {
+            sqlx::any::install_default_drivers();
+            let mut c = <sqlx::AnyConnection as sqlx::Connection>::connect(admin).await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+                .execute(&mut c)
+                .await?;
+            format!("postgres://postgres@127.0.0.1:5432/{db}")
+        }
+    };
+    let store = Store::open(&url).await?;
+    let (log, _task) = AuditLog::start(store.clone(), None).await?;
+    const WRITERS: usize = 64;
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..WRITERS {
+        let log = log.clone();
+        let n = events / WRITERS + usize::from(w < events % WRITERS);
+        tasks.spawn(async move {
+            for i in 0..n {
+                let e = NewEvent::now(
+                    "bench",
+                    "postgres.query",
+                    "session:s_bench",
+                    "success",
+                    json!({"statement": "SELECT abalance FROM pgbench_accounts WHERE aid = $1", "n": i}),
+                );
+                log.append(vec![e]).await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let verified = store.verify_audit().await?;
+    store.close().await;
+    if backend == "postgres" {
+        let mut c = <sqlx::AnyConnection as sqlx::Connection>::connect(admin).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+        )))
+        .execute(&mut c)
+        .await?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(json!({"backend": backend, "events": events, "secs": secs,
+              "events_per_sec": events as f64 / secs, "chain_ok": verified.ok, "checked": verified.checked}))
 }

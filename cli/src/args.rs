@@ -47,6 +47,10 @@ pub struct GlobalArgs {
     /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// PEM file of the CA that signs the controller's HTTPS certificate (default: the CA
+    /// pinned at login, else the system's roots).
+    #[arg(long, global = true, env = "POSTERN_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The nouns (and a few verbs) of the CLI.
@@ -96,6 +100,18 @@ pub enum Command {
     Audit(AuditCmd),
     /// Run a controller and a worker in this process, on loopback, for trying Postern out.
     Dev(DevArgs),
+    /// Print a shell completion script: `postern completions bash > /etc/bash_completion.d/postern`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `postern man | man -l -`; --dir writes one per command.
+    Man {
+        /// Write postern.1 and a page per command (postern-login.1, …) into this directory.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// `postern credentials …`.
@@ -163,6 +179,10 @@ pub struct LoginArgs {
     /// List the controller's login methods and exit.
     #[arg(long, conflicts_with_all = ["user", "password_stdin", "oidc", "device"])]
     pub list_methods: bool,
+    /// SHA-256 of the controller's cluster CA (the controller logs it at start): trust and
+    /// pin that CA at this first login without asking.
+    #[arg(long, value_name = "SHA256")]
+    pub ca_fingerprint: Option<String>,
 }
 
 /// `postern psql`.

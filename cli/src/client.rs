@@ -31,6 +31,14 @@ pub enum ApiError {
         /// The transport error.
         detail: String,
     },
+    /// The controller's HTTPS certificate is not trusted here.
+    #[error("the controller at {addr} presented a certificate this machine does not trust ({detail}): run `postern login --addr {addr}` to pin its CA, or pass --ca-file FILE")]
+    Untrusted {
+        /// The controller URL.
+        addr: String,
+        /// rustls' reason.
+        detail: String,
+    },
     /// No token was given or saved.
     #[error("not logged in: run `postern login` (or `postern dev`)")]
     NotLoggedIn,
@@ -86,6 +94,16 @@ impl ApiClient {
     /// A client of the controller at `addr` (already normalised, see
     /// [`crate::profile::normalize_addr`]).
     pub fn new(addr: &str, token: Option<String>) -> Result<ApiClient, ApiError> {
+        Self::with_ca(addr, token, None)
+    }
+
+    /// Like [`ApiClient::new`], trusting only the CA certificates of `ca_pem` (PEM) for
+    /// HTTPS instead of the system's roots.
+    pub fn with_ca(
+        addr: &str,
+        token: Option<String>,
+        ca_pem: Option<&str>,
+    ) -> Result<ApiClient, ApiError> {
         // reqwest is built without a bundled provider; a library caller may not have
         // installed one yet. Installing twice is harmless (the second call returns Err).
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -97,10 +115,16 @@ impl ApiClient {
         if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
             return Err(bad_addr("the scheme must be http or https".into()));
         }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(60))
-            .user_agent(concat!("postern-cli/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("postern-cli/", env!("CARGO_PKG_VERSION")));
+        if let Some(pem) = ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+                .map_err(|e| bad_addr(format!("the CA to trust is not PEM: {e}")))?;
+            builder = builder.tls_certs_only(certs);
+        }
+        let http = builder
             .build()
             .map_err(|e| bad_addr(format!("cannot build an HTTP client: {e}")))?;
         Ok(ApiClient {
@@ -262,7 +286,13 @@ impl ApiClient {
     }
 
     fn transport_error(&self, e: reqwest::Error) -> ApiError {
-        if e.is_connect() || e.is_timeout() {
+        let chain = error_chain(&e);
+        if e.is_connect() && chain.contains("certificate") {
+            ApiError::Untrusted {
+                addr: self.addr.clone(),
+                detail: root_cause(&e),
+            }
+        } else if e.is_connect() || e.is_timeout() {
             ApiError::Unreachable {
                 addr: self.addr.clone(),
                 detail: root_cause(&e),

@@ -75,6 +75,7 @@ pub async fn run(args: DevArgs, json: bool) -> Result<ExitCode> {
             addr: Some(api_url.clone()),
             token: Some(login.token.clone()),
             user: Some(login.user.clone()),
+            ca_pem: None,
         }
         .save(&config_dir()?)?;
 
@@ -226,8 +227,12 @@ fn worker_config(
         data_dir: worker_dir.to_owned(),
         session_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         public_addr: None,
+        mode: Default::default(),
         grace_period: Duration::from_secs(15),
         postgres: Default::default(),
+        controller_ca_file: None,
+        controller_ca_fingerprint: None,
+        metrics_listen: None,
     }
 }
 

@@ -13,6 +13,7 @@
 //! - [`commands`]: one module per noun; [`commands::run`] dispatches.
 //! - [`dev`]: `postern dev`.
 //! - `prompt`: reading a user name or password from the terminal (echo off) or stdin.
+//! - [`trust`]: which CA to trust for an HTTPS controller; pinning its cluster CA at login.
 #![forbid(unsafe_code)]
 
 pub mod args;
@@ -23,6 +24,7 @@ pub mod output;
 pub mod profile;
 mod prompt;
 pub mod session;
+pub mod trust;
 
 use std::ffi::OsString;
 use std::process::ExitCode;

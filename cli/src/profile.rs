@@ -25,6 +25,10 @@ pub struct Profile {
     /// The user the token belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// The CA (PEM) pinned at the first HTTPS login to `addr`, trusted for that controller
+    /// only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
 }
 
 impl fmt::Debug for Profile {
@@ -33,6 +37,7 @@ impl fmt::Debug for Profile {
             .field("addr", &self.addr)
             .field("token", &self.token.as_ref().map(|_| "***"))
             .field("user", &self.user)
+            .field("ca_pinned", &self.ca_pem.is_some())
             .finish()
     }
 }
@@ -146,6 +151,7 @@ mod tests {
             addr: Some("http://127.0.0.1:9200".into()),
             token: Some("pt_x".into()),
             user: Some("alice".into()),
+            ca_pem: None,
         };
         p.save(&sub).expect("saves");
         assert_eq!(Profile::load(&sub).expect("loads"), p);
@@ -170,6 +176,7 @@ mod tests {
             addr: None,
             token: Some("pt_secret".into()),
             user: None,
+            ca_pem: None,
         };
         assert!(!format!("{p:?}").contains("pt_secret"));
     }

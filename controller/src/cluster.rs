@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use postern_proto::cluster::{
     ControllerHello, ControllerMessage, Credential, SessionGrant, SpooledEvent, WorkerHello,
-    WorkerMessage,
+    WorkerMessage, WorkerMode,
 };
 use postern_proto::frame;
 use postern_proto::ids::{Secret, SessionId};
@@ -67,6 +67,8 @@ struct Link {
     generation: u64,
     tx: mpsc::UnboundedSender<ControllerMessage>,
     conn: quinn::Connection,
+    /// An outbound-only worker: its clients come through [`crate::relay`].
+    relayed: bool,
 }
 
 impl Registry {
@@ -75,6 +77,7 @@ impl Registry {
         name: &str,
         tx: mpsc::UnboundedSender<ControllerMessage>,
         conn: quinn::Connection,
+        relayed: bool,
     ) -> u64 {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         let old = self.lock().insert(
@@ -83,6 +86,7 @@ impl Registry {
                 generation,
                 tx,
                 conn,
+                relayed,
             },
         );
         if let Some(old) = old {
@@ -139,6 +143,20 @@ impl Registry {
     /// Names of the connected workers.
     pub fn connected(&self) -> Vec<String> {
         self.lock().keys().cloned().collect()
+    }
+
+    /// The cluster connection of `worker` if this controller holds it and the worker is
+    /// outbound-only: the connection its relayed clients' datagrams travel on.
+    pub fn relay_connection(&self, worker: &str) -> Option<quinn::Connection> {
+        let links = self.lock();
+        // The name comes from a DNS name: case does not count.
+        let link = links.get(worker).or_else(|| {
+            links
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case(worker))
+                .map(|(_, l)| l)
+        })?;
+        link.relayed.then(|| link.conn.clone())
     }
 }
 
@@ -237,10 +255,26 @@ async fn control_loop(
             _ => cancel.push(sid.clone()),
         }
     }
+    // Clients reach an outbound-only worker through this controller's relay.
+    let relayed = hello.mode == WorkerMode::OutboundOnly;
+    let session_addr = match (&state.relay_addr, relayed) {
+        (_, false) => hello.session_addr.clone(),
+        (Some(relay), true) => relay.clone(),
+        (None, true) => {
+            // Closed with a reason the worker logs; it goes on to its next controller.
+            conn.close(
+                1u32.into(),
+                b"this controller runs no relay (relay_listen): it cannot carry an outbound-only worker",
+            );
+            return Err(ClusterError::Stream(
+                "outbound-only worker refused: no relay_listen configured".into(),
+            ));
+        }
+    };
     let store_err = |e: crate::store::StoreError| ClusterError::Stream(e.to_string());
     state
         .store
-        .worker_connected(name, &state.instance, &hello.session_addr)
+        .worker_connected(name, &state.instance, &session_addr, hello.mode.as_str())
         .await
         .map_err(store_err)?;
     if let Some(key) = &hello.ssh_host_key {
@@ -261,17 +295,19 @@ async fn control_loop(
     };
     write_frame(&mut send, &reply).await?;
     let (tx, mut rx) = mpsc::unbounded_channel::<ControllerMessage>();
-    let generation = state.workers.insert(name, tx.clone(), conn.clone());
+    let generation = state
+        .workers
+        .insert(name, tx.clone(), conn.clone(), relayed);
     let _ = state
         .audit(
             &format!("worker:{name}"),
             "worker.connect",
             &format!("worker:{name}"),
             "success",
-            json!({"session_addr": hello.session_addr}),
+            json!({"session_addr": session_addr, "mode": hello.mode.as_str()}),
         )
         .await;
-    tracing::info!(worker = %name, session_addr = %hello.session_addr, "worker connected");
+    tracing::info!(worker = %name, %session_addr, mode = hello.mode.as_str(), "worker connected");
 
     let writer = tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
@@ -282,13 +318,24 @@ async fn control_loop(
     });
     let result = loop {
         match read_frame::<WorkerMessage>(&mut recv).await {
-            Ok(Some(msg)) => handle(state, name, msg, &tx).await,
+            Ok(Some(msg)) => {
+                let load = match &msg {
+                    WorkerMessage::Heartbeat {
+                        sessions,
+                        connections,
+                    } => Some((*sessions, *connections)),
+                    _ => None,
+                };
+                state.metrics.worker_contact(name, load);
+                handle(state, name, msg, &tx).await
+            }
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
         }
     };
     writer.abort();
     state.workers.remove(name, generation);
+    state.metrics.worker_gone(name);
     let _ = state.store.worker_disconnected(name, &state.instance).await;
     let _ = state
         .audit(
@@ -355,6 +402,7 @@ async fn handle(
             bytes_down,
             reason,
         } => {
+            state.metrics.connection_closed(bytes_up, bytes_down);
             let _ = state
                 .store
                 .record_connection(session_id.as_str(), bytes_up, bytes_down)
@@ -386,6 +434,7 @@ async fn handle(
             session_id,
             connections_cut,
         } => {
+            state.metrics.revocation_acked(session_id.as_str());
             // The revocation's outcome, in the name of whoever revoked it.
             let (actor, reason) = state
                 .workers
@@ -432,8 +481,14 @@ async fn handle(
                 }
             }
         }
-        WorkerMessage::Heartbeat { .. } => {
-            let _ = state.store.worker_seen(worker).await;
+        WorkerMessage::Heartbeat {
+            sessions,
+            connections,
+        } => {
+            let _ = state
+                .store
+                .worker_heartbeat(worker, sessions, connections)
+                .await;
         }
         WorkerMessage::RecordingStart {
             id,
@@ -571,6 +626,7 @@ async fn store_events(
                 bytes_down,
                 reason,
             } => {
+                state.metrics.connection_closed(bytes_up, bytes_down);
                 state
                     .store
                     .record_connection(session_id.as_str(), bytes_up, bytes_down)

@@ -52,6 +52,13 @@ pub struct ControllerConfig {
     /// Cluster addresses announced to workers; the bound cluster address if empty.
     #[serde(default)]
     pub cluster_public_addrs: Vec<String>,
+    /// UDP address of the session relay for outbound-only workers (clients dial it instead
+    /// of the worker); no relay if unset.
+    #[serde(default)]
+    pub relay_listen: Option<SocketAddr>,
+    /// The relay address (`host:port`) given to clients; the bound relay address if unset.
+    #[serde(default)]
+    pub relay_public_addr: Option<String>,
     /// File holding the base64 key-encryption key. `POSTERN_KEK` (base64) wins over it.
     #[serde(default)]
     pub kek_file: Option<PathBuf>,
@@ -64,6 +71,17 @@ pub struct ControllerConfig {
     /// Serve the API over plain HTTP. Allowed only on a loopback address.
     #[serde(default)]
     pub insecure_http: bool,
+    /// PEM certificate chain for the HTTPS API (with `tls_key_file`). Without it the
+    /// controller issues itself a certificate from the cluster CA for `tls_names`.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+    /// DNS names and IP addresses the cluster-CA certificate names (the addresses clients
+    /// and workers use); `localhost`, `127.0.0.1`, `::1` and a specific `api_listen` IP if empty.
+    #[serde(default)]
+    pub tls_names: Vec<String>,
     /// OpenID Connect login methods (`[[oidc]]` sections).
     #[serde(default)]
     pub oidc: Vec<crate::oidc::OidcConfig>,
@@ -101,10 +119,15 @@ impl ControllerConfig {
             api_listen,
             cluster_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             cluster_public_addrs: Vec::new(),
+            relay_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            relay_public_addr: None,
             kek_file: Some(data_dir.join("kek")),
             token_ttl: default_token_ttl(),
             bootstrap_admin: true,
             insecure_http: true,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_names: Vec::new(),
             oidc: Vec::new(),
             audit_file: None,
         }
@@ -126,8 +149,12 @@ impl ControllerConfig {
         Ok(config)
     }
 
-    /// Applies `POSTERN_DATABASE_URL`, `POSTERN_API_LISTEN`, `POSTERN_CLUSTER_LISTEN`,
-    /// `POSTERN_KEK_FILE`, `POSTERN_TOKEN_TTL`.
+    /// Applies `POSTERN_DATABASE_URL` (or `POSTERN_DATABASE_URL_FILE`), `POSTERN_API_LISTEN`,
+    /// `POSTERN_CLUSTER_LISTEN`, `POSTERN_KEK_FILE`, `POSTERN_CLUSTER_PUBLIC_ADDRS` (comma-separated),
+    /// `POSTERN_BOOTSTRAP_ADMIN`, `POSTERN_INSECURE_HTTP`, `POSTERN_AUDIT_FILE`,
+    /// `POSTERN_TOKEN_TTL`, `POSTERN_TLS_CERT_FILE`, `POSTERN_TLS_KEY_FILE`,
+    /// `POSTERN_TLS_NAMES` (comma-separated), `POSTERN_RELAY_LISTEN`,
+    /// `POSTERN_RELAY_PUBLIC_ADDR`.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         fn parse<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, ConfigError>
         where
@@ -141,6 +168,17 @@ impl ControllerConfig {
         if let Some(v) = get("POSTERN_DATABASE_URL") {
             self.database_url = v;
         }
+        // The URL carries the database password: a file (a container or systemd secret)
+        // keeps it out of the environment.
+        if let Some(path) = get("POSTERN_DATABASE_URL_FILE") {
+            self.database_url = std::fs::read_to_string(&path)
+                .map_err(|e| ConfigError::Invalid {
+                    key: "POSTERN_DATABASE_URL_FILE".into(),
+                    message: format!("cannot read {path}: {e}"),
+                })?
+                .trim()
+                .to_owned();
+        }
         if let Some(v) = get("POSTERN_API_LISTEN") {
             self.api_listen = parse("POSTERN_API_LISTEN", &v)?;
         }
@@ -150,7 +188,31 @@ impl ControllerConfig {
         if let Some(v) = get("POSTERN_KEK_FILE") {
             self.kek_file = Some(v.into());
         }
+        if let Some(v) = get("POSTERN_CLUSTER_PUBLIC_ADDRS") {
+            self.cluster_public_addrs = v
+                .split(',')
+                .map(str::trim)
+                .filter(|a| !a.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+        if let Some(v) = get("POSTERN_BOOTSTRAP_ADMIN") {
+            self.bootstrap_admin = parse("POSTERN_BOOTSTRAP_ADMIN", &v)?;
+        }
+        if let Some(v) = get("POSTERN_INSECURE_HTTP") {
+            self.insecure_http = parse("POSTERN_INSECURE_HTTP", &v)?;
+        }
+        if let Some(v) = get("POSTERN_AUDIT_FILE") {
+            self.audit_file = (!v.is_empty()).then(|| v.into());
+        }
+        if let Some(v) = get("POSTERN_RELAY_LISTEN") {
+            self.relay_listen = Some(parse("POSTERN_RELAY_LISTEN", &v)?);
+        }
+        if let Some(v) = get("POSTERN_RELAY_PUBLIC_ADDR") {
+            self.relay_public_addr = (!v.is_empty()).then_some(v);
+        }
         crate::oidc::config::apply_env(&mut self.oidc, &get);
+        crate::tls::apply_env(self, &get);
         if let Some(v) = get("POSTERN_TOKEN_TTL") {
             self.token_ttl = humantime::parse_duration(&v).map_err(|e| ConfigError::Invalid {
                 key: "POSTERN_TOKEN_TTL".into(),
@@ -171,12 +233,7 @@ impl ControllerConfig {
                 ),
             });
         }
-        if !self.insecure_http {
-            return Err(ConfigError::Invalid {
-                key: "insecure_http".into(),
-                message: "serving the API over TLS is not implemented yet: set insecure_http = true and listen on loopback behind a TLS-terminating proxy".into(),
-            });
-        }
+        crate::tls::validate(self)?;
         crate::oidc::config::validate(&self.oidc)?;
         if self.token_ttl.as_secs() < 60 {
             return Err(ConfigError::Invalid {

@@ -213,6 +213,28 @@ impl RootKeys {
         Ok((cert.der().clone(), key))
     }
 
+    /// Issues a certificate for the HTTPS API with a fresh key, naming `names` (DNS names, or
+    /// IP addresses as text). The key lives only in this process's memory, and each start
+    /// issues a new one: the CLI and the workers trust the cluster CA, not this certificate.
+    pub fn issue_api_cert(
+        &self,
+        names: &[String],
+    ) -> Result<(CertificateDer<'static>, KeyPair), KeyError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names.to_vec())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            DnType::CommonName,
+            names.first().map_or("postern-controller", String::as_str),
+        );
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2044, 1, 1);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.der().clone(), key))
+    }
+
     /// Signs a worker's CSR: the certificate names the worker (never what the CSR asks for)
     /// and serves both as its client certificate and its session-listener certificate.
     pub fn sign_worker_csr(

@@ -11,10 +11,13 @@
 //! - [`policy`]: the RBAC engine (pure).
 //! - [`api`]: the `/v1` HTTP API (axum); [`api::types`] are its JSON bodies.
 //! - [`cluster`]: the QUIC listener for workers (activation, reports, cancellation pushes).
+//! - [`relay`]: the UDP relay that carries clients' QUIC datagrams to outbound-only workers.
 //! - [`state`]: what handlers share.
 //! - [`ssh_ca`]: the SSH user CA of certificate mode.
 //! - [`recordings`]: worker requests of the SSH proxy: shell recordings, certificates.
 //! - [`oidc`]: OpenID Connect single sign-on (code flow with PKCE, device flow, JIT users).
+//! - [`tls`]: the API over TLS (certificate from files or from the cluster CA).
+//! - [`metrics`]: Prometheus metrics at `/metrics`.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -23,13 +26,16 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod keys;
+pub mod metrics;
 pub mod oidc;
 pub mod policy;
 pub mod recordings;
+pub mod relay;
 pub mod revoke;
 pub mod ssh_ca;
 pub mod state;
 pub mod store;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -79,7 +85,9 @@ pub struct Bootstrap {
 #[derive(Debug)]
 pub struct ControllerHandle {
     api_addr: SocketAddr,
+    api_tls: bool,
     cluster_addr: SocketAddr,
+    relay_addr: Option<SocketAddr>,
     bootstrap: Option<Bootstrap>,
     state: AppState,
     endpoint: quinn::Endpoint,
@@ -94,9 +102,22 @@ impl ControllerHandle {
     pub fn api_addr(&self) -> SocketAddr {
         self.api_addr
     }
+    /// The API's base URL: `https://ADDR`, or `http://ADDR` with `insecure_http`.
+    pub fn api_url(&self) -> String {
+        let scheme = if self.api_tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.api_addr)
+    }
+    /// SHA-256 (hex) of the cluster CA certificate, which clients pin.
+    pub fn ca_fingerprint(&self) -> String {
+        tls::ca_fingerprint(&self.state.keys)
+    }
     /// The bound cluster (QUIC) address.
     pub fn cluster_addr(&self) -> SocketAddr {
         self.cluster_addr
+    }
+    /// The bound relay (UDP) address for outbound-only workers, if it runs one.
+    pub fn relay_addr(&self) -> Option<SocketAddr> {
+        self.relay_addr
     }
     /// The admin created on this start, if any.
     pub fn bootstrap(&self) -> Option<&Bootstrap> {
@@ -127,7 +148,7 @@ impl ControllerHandle {
 }
 
 /// Starts the controller: opens the store, loads root keys, binds both listeners.
-pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartError> {
+pub async fn start(mut config: ControllerConfig) -> Result<ControllerHandle, StartError> {
     config.validate()?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let kek = load_kek(&config)?;
@@ -144,6 +165,24 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
     } else {
         config.cluster_public_addrs.clone()
     };
+    let relay_socket = config
+        .relay_listen
+        .map(relay::bind)
+        .transpose()
+        .map_err(|e| StartError::Io(e.to_string()))?;
+    let relay_addr = relay_socket
+        .as_ref()
+        .map(tokio::net::UdpSocket::local_addr)
+        .transpose()
+        .map_err(|e| StartError::Io(e.to_string()))?;
+    if let Some(bound) = relay_addr.filter(|a| a.ip().is_unspecified()) {
+        if config.relay_public_addr.is_none() {
+            tracing::warn!(
+                "relay on {bound} without relay_public_addr: clients of outbound-only workers \
+                 will be told to dial {bound}; set relay_public_addr to an address they can reach"
+            );
+        }
+    }
     let listener = tokio::net::TcpListener::bind(config.api_listen)
         .await
         .map_err(|e| {
@@ -155,6 +194,30 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
     let api_addr = listener
         .local_addr()
         .map_err(|e| StartError::Io(e.to_string()))?;
+    let api_listener = if config.insecure_http {
+        tls::ApiListener::Plain(listener)
+    } else {
+        let api_tls =
+            tls::server_config(&config, &keys).map_err(|e| StartError::Io(e.to_string()))?;
+        match &api_tls.source {
+            tls::CertSource::ClusterCa { names } => tracing::info!(
+                ?names,
+                ca_fingerprint = %tls::ca_fingerprint(&keys),
+                "API served over TLS with a certificate from the cluster CA; clients pin the CA at first login"
+            ),
+            _ => tracing::info!("API served over TLS with tls_cert_file"),
+        }
+        // The IdP must send the browser back over HTTPS.
+        for method in &mut config.oidc {
+            if method.redirect_url.is_none() {
+                method.redirect_url = Some(format!("https://{api_addr}/v1/auth/oidc/callback"));
+            }
+        }
+        tls::ApiListener::Tls(
+            tls::TlsListener::new(listener, api_tls.config)
+                .map_err(|e| StartError::Io(e.to_string()))?,
+        )
+    };
     // Only once both listeners are bound: a one-time admin password must not be printed
     // by a start that then fails.
     let bootstrap = if config.bootstrap_admin {
@@ -167,6 +230,7 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
         audit::AuditLog::start(store.clone(), config.audit_file.clone()).await?;
     let state = AppState::new(Inner {
         audit_log,
+        metrics: metrics::ControllerMetrics::new(),
         store,
         keys,
         kek,
@@ -174,6 +238,12 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
         token_ttl: config.token_ttl,
         instance: format!("controller-{}", postern_proto::ids::random_base32(8)),
         cluster_addrs,
+        relay_addr: relay_addr.map(|bound| {
+            config
+                .relay_public_addr
+                .clone()
+                .unwrap_or_else(|| bound.to_string())
+        }),
         workers: Default::default(),
         oidc: oidc::Oidc::new(&config.oidc, api_addr).map_err(|e| {
             StartError::Config(config::ConfigError::Invalid {
@@ -189,10 +259,7 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
             let stop = async move {
                 let _ = shutdown_rx.wait_for(|s| *s).await;
             };
-            if let Err(e) = axum::serve(listener, router)
-                .with_graceful_shutdown(stop)
-                .await
-            {
+            if let Err(e) = tls::serve(api_listener, router, stop).await {
                 tracing::error!(error = %e, "API server failed");
             }
         }
@@ -206,10 +273,15 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
             config.database_url.clone(),
         )));
     }
-    tracing::info!(%api_addr, %cluster_addr, "controller started");
+    if let Some(socket) = relay_socket {
+        background.push(tokio::spawn(relay::serve(state.clone(), socket)));
+    }
+    tracing::info!(%api_addr, %cluster_addr, relay = ?state.relay_addr, "controller started");
     Ok(ControllerHandle {
         api_addr,
+        api_tls: !config.insecure_http,
         cluster_addr,
+        relay_addr,
         bootstrap,
         state,
         endpoint,

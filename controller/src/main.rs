@@ -1,38 +1,130 @@
-//! `postern-controller --config FILE`: runs a controller until Ctrl-C or SIGTERM.
+//! `postern-controller --config FILE [--check-config]`: runs a controller until Ctrl-C or
+//! SIGTERM, or only checks its configuration.
 
-use anyhow::Context as _;
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let path = match args.as_slice() {
-        [_, flag, path] if flag == "--config" => path.clone(),
-        _ => std::env::var("POSTERN_CONTROLLER_CONFIG")
-            .context("usage: postern-controller --config FILE (or POSTERN_CONTROLLER_CONFIG)")?,
+use anyhow::{bail, Context as _};
+
+const USAGE: &str = "usage: postern-controller [--config FILE] [--check-config]
+
+Runs a Postern controller. The config file may also be named by POSTERN_CONTROLLER_CONFIG.
+--check-config loads and validates the configuration (and the TLS files it names), prints
+OK and exits 0, or prints what is wrong and exits 1.
+Logs: POSTERN_LOG (e.g. info, debug, postern_controller=debug); human text on a terminal,
+JSON lines otherwise, on stderr.";
+
+struct Args {
+    config: PathBuf,
+    check_only: bool,
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
     };
+    if args.check_only {
+        return match check_config(&args.config) {
+            Ok(()) => {
+                println!("OK: {}", args.config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     init_tracing();
-    let config = postern_controller::ControllerConfig::load(std::path::Path::new(&path))?;
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(&args.config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut config = std::env::var_os("POSTERN_CONTROLLER_CONFIG").map(PathBuf::from);
+    let mut check_only = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--config" | "-c" => match args.next() {
+                Some(p) => config = Some(PathBuf::from(p)),
+                None => bail!("--config needs a file\n\n{USAGE}"),
+            },
+            "--check-config" => check_only = true,
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            "--version" | "-V" => {
+                println!("postern-controller {}", env!("CARGO_PKG_VERSION"));
+                std::process::exit(0);
+            }
+            other => match other.strip_prefix("--config=") {
+                Some(p) => config = Some(PathBuf::from(p)),
+                None => bail!("unknown argument {other:?}\n\n{USAGE}"),
+            },
+        }
+    }
+    let config = config.with_context(|| format!("no config file given\n\n{USAGE}"))?;
+    Ok(Args { config, check_only })
+}
+
+/// Everything that can be checked without the database: the file, the environment
+/// overrides, the values, and that the TLS files hold a certificate chain and a key.
+fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = postern_controller::ControllerConfig::load(path)?;
+    if let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) {
+        postern_controller::tls::check_files(cert, key)?;
+    }
+    Ok(())
+}
+
+async fn run(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = postern_controller::ControllerConfig::load(path)?;
     let handle = postern_controller::start(config).await?;
     if let Some(boot) = handle.bootstrap() {
-        // Shown once: the store keeps only its hash.
+        // Shown once, on stdout and never in the log: the store keeps only its hash.
         println!("Bootstrap admin created: {} / {}", boot.user, boot.password);
     }
     println!(
-        "postern-controller listening: API http://{}, cluster {}",
-        handle.api_addr(),
-        handle.cluster_addr()
+        "postern-controller listening: API {}, cluster {}, cluster CA SHA-256 {}",
+        handle.api_url(),
+        handle.cluster_addr(),
+        handle.ca_fingerprint()
     );
     shutdown_signal().await;
     handle.shutdown().await;
     Ok(())
 }
 
+/// `POSTERN_LOG` (else `RUST_LOG`, else `info`) filters; human text on a terminal, JSON
+/// lines otherwise (for a log shipper), on stderr.
 fn init_tracing() {
-    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_env("POSTERN_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if std::io::stdout().is_terminal() {
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::io::stderr().is_terminal() {
         builder.init();
     } else {
         builder.json().init();
@@ -58,4 +150,5 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+    tracing::info!("shutting down");
 }

@@ -68,7 +68,20 @@ pub async fn push_cancel(
     reason: &str,
     actor: &str,
 ) -> &'static str {
+    let delivery = deliver_cancel(state, worker, session_id, reason, actor).await;
+    state.metrics.revoked(delivery);
+    delivery
+}
+
+async fn deliver_cancel(
+    state: &AppState,
+    worker: &str,
+    session_id: &str,
+    reason: &str,
+    actor: &str,
+) -> &'static str {
     if state.workers.cancel(worker, session_id, reason, actor) {
+        state.metrics.revocation_pushed(session_id);
         return "pushed";
     }
     if state.store.backend() == Backend::Postgres {
@@ -212,6 +225,7 @@ pub async fn listen_for_cancels(state: AppState, database_url: String) {
                         &note.reason,
                         &note.actor,
                     ) {
+                        state.metrics.revocation_pushed(&note.session_id);
                         tracing::info!(session = %note.session_id, worker = %note.worker, "delivered a cancellation from another controller");
                     }
                 }

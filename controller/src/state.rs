@@ -30,12 +30,17 @@ pub struct Inner {
     pub instance: String,
     /// Cluster addresses announced to registering workers.
     pub cluster_addrs: Vec<String>,
+    /// Where clients dial this controller's relay for outbound-only workers (`host:port`);
+    /// `None` when it runs no relay.
+    pub relay_addr: Option<String>,
     /// Workers whose control connection this controller holds.
     pub workers: Registry,
     /// The OpenID Connect login methods.
     pub oidc: crate::oidc::Oidc,
     /// The audit writer.
     pub audit_log: AuditLog,
+    /// Prometheus metrics.
+    pub metrics: crate::metrics::ControllerMetrics,
 }
 
 impl Deref for AppState {

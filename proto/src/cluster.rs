@@ -21,6 +21,34 @@ pub struct WorkerHello {
     /// The worker's SSH host public key (OpenSSH one-line form), which `postern ssh` pins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh_host_key: Option<String>,
+    /// How clients reach the worker: on its own session listener (`direct`, what a worker
+    /// that does not say means) or through the controller it is connected to.
+    #[serde(default)]
+    pub mode: WorkerMode,
+}
+
+/// How clients reach a worker's sessions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum WorkerMode {
+    /// The worker listens for sessions at the address of its hello.
+    #[default]
+    Direct,
+    /// The worker accepts no inbound connection: clients dial the relay port of the controller
+    /// holding its cluster connection, which carries their QUIC datagrams to it over that
+    /// connection ([`crate::relay`]).
+    OutboundOnly,
+}
+
+impl WorkerMode {
+    /// The name used in configs, the store and the API (`direct`, `outbound-only`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerMode::Direct => "direct",
+            WorkerMode::OutboundOnly => "outbound-only",
+        }
+    }
 }
 
 /// The controller's answer to [`WorkerHello`].

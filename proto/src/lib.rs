@@ -11,11 +11,13 @@
 //! - [`frame`]: length-prefixed frames (u32 big-endian length, JSON body, 64 KiB limit).
 //! - [`session`]: client ↔ worker messages (ALPN `postern-session/1`).
 //! - [`cluster`]: worker ↔ controller messages (ALPN `postern-cluster/1`).
+//! - [`relay`]: client datagrams carried to an outbound-only worker over its cluster connection.
 #![forbid(unsafe_code)]
 
 pub mod cluster;
 pub mod frame;
 pub mod ids;
+pub mod relay;
 pub mod session;
 pub mod token;
 

@@ -67,6 +67,15 @@ impl Api {
         }
     }
 
+    /// A client for `base` using `http` (e.g. one that trusts a private CA).
+    pub fn with_http(base: &str, http: reqwest::Client) -> Self {
+        Api {
+            base: base.trim_end_matches('/').to_owned(),
+            token: None,
+            http,
+        }
+    }
+
     /// Logs in and returns a client carrying the token.
     pub async fn login(&self, user: &str, password: &str) -> anyhow::Result<Api> {
         let r: LoginResponse = self
@@ -149,6 +158,8 @@ pub struct ClusterOptions {
     pub addrs: Option<(SocketAddr, SocketAddr)>,
     /// OpenID Connect login methods.
     pub oidc: Vec<postern_controller::oidc::OidcConfig>,
+    /// How clients reach the worker (`outbound-only`: through the controller's relay).
+    pub worker_mode: postern_proto::cluster::WorkerMode,
 }
 
 impl Default for ClusterOptions {
@@ -158,6 +169,7 @@ impl Default for ClusterOptions {
             database_url: None,
             addrs: None,
             oidc: Vec::new(),
+            worker_mode: Default::default(),
         }
     }
 }
@@ -232,8 +244,12 @@ impl Cluster {
             data_dir: dir.path().join("worker"),
             session_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             public_addr: None,
+            mode: opts.worker_mode,
             grace_period: opts.grace,
             postgres: Default::default(),
+            controller_ca_file: None,
+            controller_ca_fingerprint: None,
+            metrics_listen: None,
         })
         .await?;
         let cluster = Cluster {

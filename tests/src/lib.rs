@@ -15,7 +15,11 @@
 //! - [`sshd`]: a throwaway OpenSSH `sshd` for SSH targets.
 //! - `ssh`: `postern ssh` (key and certificate mode), scp/sftp, recordings, refusals.
 //! - `worker_refusals`: bad tokens and garbage at the worker.
+//! - `private_network`: outbound-only workers behind the controller's relay, worker choice,
+//!   several controllers; across real network namespaces nothing can connect into.
 //! - `many_connections`: 50 parallel connections through one session, checksummed.
+//! - `operations`: the API over TLS (pinned cluster CA, `--ca-file`), `--check-config` on
+//!   the `deploy/` examples, `/metrics` moving and parsing, no secret in a full run's logs.
 #![forbid(unsafe_code)]
 
 pub mod harness;
@@ -31,9 +35,13 @@ mod many_connections;
 #[cfg(test)]
 mod oidc;
 #[cfg(test)]
+mod operations;
+#[cfg(test)]
 mod policy;
 #[cfg(test)]
 mod postgres;
+#[cfg(test)]
+mod private_network;
 #[cfg(test)]
 mod revocation;
 #[cfg(test)]

@@ -30,6 +30,12 @@ pub struct WorkerConfig {
     /// Address (`host:port`) advertised to clients; defaults to the bound session address.
     #[serde(default)]
     pub public_addr: Option<String>,
+    /// `direct` (default): clients dial `session_listen`. `outbound-only`: the worker listens
+    /// on nothing and clients reach it through the relay of the controller it is connected
+    /// to (for a worker in a network nothing can connect into); `session_listen` and
+    /// `public_addr` are then unused.
+    #[serde(default)]
+    pub mode: postern_proto::cluster::WorkerMode,
     /// How long sessions survive without the controller before the worker ends them all.
     #[serde(
         default = "default_grace_period",
@@ -39,6 +45,18 @@ pub struct WorkerConfig {
     /// `[postgres]`: the PostgreSQL proxy's settings.
     #[serde(default)]
     pub postgres: crate::postgres::PostgresConfig,
+    /// PEM file of the CA(s) that sign the controller API's HTTPS certificate (its cluster CA
+    /// or the issuer of its `tls_cert_file`); the system's roots if absent.
+    #[serde(default)]
+    pub controller_ca_file: Option<PathBuf>,
+    /// SHA-256 (hex) of the controller's cluster CA certificate, as the controller logs it:
+    /// at registration the worker fetches the CA and trusts it only if it matches.
+    #[serde(default)]
+    pub controller_ca_fingerprint: Option<String>,
+    /// Address of the health and metrics listener (`/healthz`, `/readyz`, `/metrics`, plain
+    /// HTTP); off if absent.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Why the configuration could not be loaded.
@@ -60,6 +78,14 @@ pub enum ConfigError {
         path: PathBuf,
         /// What is wrong, with its location.
         error: Box<toml::de::Error>,
+    },
+    /// A setting is invalid.
+    #[error("invalid setting {key}: {message}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
     },
     /// An environment override has an invalid value.
     #[error("invalid value {value:?} in {var}: {reason}")]
@@ -84,8 +110,12 @@ impl std::fmt::Debug for WorkerConfig {
             .field("data_dir", &self.data_dir)
             .field("session_listen", &self.session_listen)
             .field("public_addr", &self.public_addr)
+            .field("mode", &self.mode)
             .field("grace_period", &self.grace_period)
             .field("postgres", &self.postgres)
+            .field("controller_ca_file", &self.controller_ca_file)
+            .field("controller_ca_fingerprint", &self.controller_ca_fingerprint)
+            .field("metrics_listen", &self.metrics_listen)
             .finish()
     }
 }
@@ -96,9 +126,11 @@ impl WorkerConfig {
         Ok(Self::load(path.as_ref())?)
     }
 
-    /// Applies `POSTERN_CONTROLLER_URL`, `POSTERN_ACTIVATION_TOKEN`, `POSTERN_DATA_DIR`,
-    /// `POSTERN_SESSION_LISTEN`, `POSTERN_PUBLIC_ADDR`, `POSTERN_GRACE_PERIOD` and
-    /// `POSTERN_POSTGRES_AUDIT_STATEMENT_LIMIT`. A variable
+    /// Applies `POSTERN_CONTROLLER_URL`, `POSTERN_ACTIVATION_TOKEN` (or
+    /// `POSTERN_ACTIVATION_TOKEN_FILE`), `POSTERN_DATA_DIR`, `POSTERN_SESSION_LISTEN`,
+    /// `POSTERN_PUBLIC_ADDR`, `POSTERN_MODE`, `POSTERN_GRACE_PERIOD`,
+    /// `POSTERN_POSTGRES_AUDIT_STATEMENT_LIMIT`, `POSTERN_CONTROLLER_CA_FILE`,
+    /// `POSTERN_CONTROLLER_CA_FINGERPRINT` and `POSTERN_METRICS_LISTEN`. A variable
     /// with an invalid value is logged and ignored; use [`Self::try_apply_env`] to refuse it.
     pub fn apply_env(&mut self) {
         if let Err(e) = self.try_apply_env() {
@@ -109,6 +141,11 @@ impl WorkerConfig {
     /// Like [`Self::apply_env`], but stops at the first invalid value and reports it.
     pub fn try_apply_env(&mut self) -> Result<(), ConfigError> {
         self.apply_env_from(|var| std::env::var(var).ok())
+    }
+
+    /// Checks what parsing alone cannot: the controller URL, the CA fingerprint.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        crate::controller_http::validate(self)
     }
 
     fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -131,6 +168,24 @@ impl WorkerConfig {
         if let Some(v) = get("POSTERN_ACTIVATION_TOKEN") {
             self.activation_token = (!v.is_empty()).then_some(v);
         }
+        // A file (a container or systemd secret) keeps the token out of the environment.
+        // It is needed for the first start only, so a missing file is no error.
+        if let Some(path) = get("POSTERN_ACTIVATION_TOKEN_FILE") {
+            match std::fs::read_to_string(&path) {
+                Ok(token) => {
+                    let token = token.trim();
+                    self.activation_token = (!token.is_empty()).then(|| token.to_owned());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(ConfigError::Env {
+                        var: "POSTERN_ACTIVATION_TOKEN_FILE",
+                        reason: e.to_string(),
+                        value: path,
+                    })
+                }
+            }
+        }
         if let Some(v) = get("POSTERN_DATA_DIR") {
             self.data_dir = PathBuf::from(v);
         }
@@ -144,12 +199,42 @@ impl WorkerConfig {
         if let Some(v) = get("POSTERN_PUBLIC_ADDR") {
             self.public_addr = (!v.is_empty()).then_some(v);
         }
+        if let Some(v) = get("POSTERN_MODE") {
+            self.mode = match v.as_str() {
+                "direct" => postern_proto::cluster::WorkerMode::Direct,
+                "outbound-only" => postern_proto::cluster::WorkerMode::OutboundOnly,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var: "POSTERN_MODE",
+                        reason: "expected direct or outbound-only".into(),
+                        value: v,
+                    })
+                }
+            };
+        }
         if let Some(v) = get("POSTERN_GRACE_PERIOD") {
             self.grace_period = humantime::parse_duration(&v).map_err(|e| ConfigError::Env {
                 var: "POSTERN_GRACE_PERIOD",
                 reason: format!("{e} (expected a duration such as 15s)"),
                 value: v,
             })?;
+        }
+        if let Some(v) = get("POSTERN_CONTROLLER_CA_FILE") {
+            self.controller_ca_file = (!v.is_empty()).then(|| PathBuf::from(v));
+        }
+        if let Some(v) = get("POSTERN_CONTROLLER_CA_FINGERPRINT") {
+            self.controller_ca_fingerprint = (!v.is_empty()).then_some(v);
+        }
+        if let Some(v) = get("POSTERN_METRICS_LISTEN") {
+            self.metrics_listen = if v.is_empty() {
+                None
+            } else {
+                Some(v.parse().map_err(|e| ConfigError::Env {
+                    var: "POSTERN_METRICS_LISTEN",
+                    reason: format!("{e} (expected IP:PORT)"),
+                    value: v,
+                })?)
+            };
         }
         if let Some(v) = get("POSTERN_POSTGRES_AUDIT_STATEMENT_LIMIT") {
             self.postgres.audit_statement_limit = v.parse().map_err(|e| ConfigError::Env {
@@ -195,6 +280,15 @@ mod tests {
             toml::from_str("controller_url = \"x\"\ndata_dir = \"d\"\ngrace_period = \"1m 5s\"\n")
                 .expect("parses");
         assert_eq!(c.grace_period, Duration::from_secs(65));
+        assert_eq!(c.mode, postern_proto::cluster::WorkerMode::Direct);
+        let c: WorkerConfig =
+            toml::from_str("controller_url = \"x\"\ndata_dir = \"d\"\nmode = \"outbound-only\"\n")
+                .expect("parses");
+        assert_eq!(c.mode, postern_proto::cluster::WorkerMode::OutboundOnly);
+        assert!(toml::from_str::<WorkerConfig>(
+            "controller_url = \"x\"\ndata_dir = \"d\"\nmode = \"inbound\"\n"
+        )
+        .is_err());
         assert!(toml::from_str::<WorkerConfig>(
             "controller_url = \"x\"\ndata_dir = \"d\"\nbogus = 1\n"
         )

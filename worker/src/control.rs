@@ -10,7 +10,9 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use postern_proto::cluster::{ControllerHello, ControllerMessage, WorkerHello, WorkerMessage};
+use postern_proto::cluster::{
+    ControllerHello, ControllerMessage, WorkerHello, WorkerMessage, WorkerMode,
+};
 use postern_proto::frame::FrameError;
 use postern_proto::session::close;
 use postern_proto::{token, CONTROLLER_SERVER_NAME, PROTOCOL_VERSION};
@@ -70,6 +72,10 @@ pub(crate) struct ControlTask {
     pub(crate) client_config: quinn::ClientConfig,
     /// The session address advertised in the hello.
     pub(crate) session_addr: String,
+    /// How clients reach this worker, said in the hello.
+    pub(crate) mode: WorkerMode,
+    /// Outbound-only mode: where the controller's relay streams go.
+    pub(crate) relay: Option<Arc<crate::outbound::Relay>>,
     pub(crate) outbox: mpsc::Receiver<WorkerMessage>,
     pub(crate) stop: watch::Receiver<bool>,
 }
@@ -155,11 +161,19 @@ impl ControlTask {
             r = self.hello(&conn) => Some(r),
             _ = stop.changed() => None,
         };
+        // Relayed clients arrive as streams the controller opens on this connection.
+        let relayed = self
+            .relay
+            .clone()
+            .map(|relay| tokio::spawn(relay.accept(conn.clone())));
         let result = match hello {
             None => Ok(Served::Stopped),
             Some(Err(e)) => Err(e),
             Some(Ok((send, recv))) => Ok(self.serve(send, recv).await),
         };
+        if let Some(task) = relayed {
+            task.abort();
+        }
         let reason: &[u8] = match &result {
             Ok(Served::Stopped) => b"worker shutting down",
             _ => b"worker reconnecting",
@@ -180,6 +194,7 @@ impl ControlTask {
             session_addr: self.session_addr.clone(),
             active_sessions: self.shared.session_ids(),
             ssh_host_key: Some(self.shared.ssh.host_key_line().to_owned()),
+            mode: self.mode,
         };
         write_frame(&mut send, &hello).await?;
         let answer: ControllerHello = timeout(CONNECT_TIMEOUT, read_frame(&mut recv))

@@ -16,16 +16,23 @@
 //! - `control`: the control connection to the controller and the fail-closed watchdog.
 //! - `listener`: the session listener and the session hello.
 //! - `relay`: one proxied TCP connection per QUIC stream.
+//! - `outbound`: outbound-only mode: the session endpoint on a virtual socket fed by the
+//!   controller's relay over the cluster connection.
 //! - [`postgres`]: the PostgreSQL proxy (wire protocol, brokered login, statement audit,
 //!   per-session roles); its sans-IO codec is public for the fuzz target.
+//! - `controller_http`: the HTTPS client of the controller API and the CA it trusts.
+//! - `metrics`: the health and metrics listener (`/healthz`, `/readyz`, `/metrics`).
 //! - `ssh`: the SSH proxy (russh server towards the engineer, client towards the target),
 //!   shell recording and exec audit.
 #![forbid(unsafe_code)]
 
 mod config;
 mod control;
+mod controller_http;
 mod frames;
 mod listener;
+mod metrics;
+mod outbound;
 pub mod postgres;
 mod register;
 mod relay;
@@ -40,6 +47,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use postern_proto::cluster::WorkerMode;
 use postern_proto::session::close;
 use quinn::VarInt;
 use tokio::sync::{mpsc, watch};
@@ -76,6 +84,17 @@ pub enum WorkerError {
         /// The I/O error.
         error: std::io::Error,
     },
+    /// The health and metrics listener could not bind.
+    #[error("cannot listen for metrics on {addr}: {error}")]
+    MetricsBind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// The I/O error.
+        error: std::io::Error,
+    },
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// The audit spool could not be opened.
     #[error("cannot open the audit spool in {path}: {error}")]
     Spool {
@@ -91,6 +110,7 @@ pub enum WorkerError {
 pub struct WorkerHandle {
     name: String,
     session_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     endpoint: quinn::Endpoint,
     listener_stop: watch::Sender<bool>,
     control_stop: watch::Sender<bool>,
@@ -102,24 +122,55 @@ pub struct WorkerHandle {
 /// Registers if needed, binds the session listener and starts the control connection;
 /// returns once the listener accepts connections (the controller may not be reached yet).
 pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
+    config.validate()?;
+    if controller_http::plain_http_off_loopback(&config.controller_url) {
+        tracing::warn!(
+            url = %config.controller_url,
+            "controller_url is plain HTTP to another machine: the activation token travels in clear; use https://"
+        );
+    }
+    // Bound before registering, so that a taken port fails the start at once.
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|error| WorkerError::MetricsBind { addr, error })?,
+        ),
+        None => None,
+    };
     let identity = register::load_or_register(&config).await?;
     let server_config = tls::session_server_config(&identity)?;
     let client_config = tls::control_client_config(&identity)?;
-    let endpoint = udp::endpoint(config.session_listen, Some(server_config)).map_err(|error| {
-        WorkerError::Bind {
-            addr: config.session_listen,
-            error,
-        }
-    })?;
+    let outbound_only = config.mode == WorkerMode::OutboundOnly;
+    let (endpoint, relay) = if outbound_only {
+        // No socket at all: clients come through the controller's relay.
+        let (endpoint, relay) =
+            outbound::Relay::endpoint(server_config).map_err(|error| WorkerError::Bind {
+                addr: config.session_listen,
+                error,
+            })?;
+        (endpoint, Some(relay))
+    } else {
+        let endpoint =
+            udp::endpoint(config.session_listen, Some(server_config)).map_err(|error| {
+                WorkerError::Bind {
+                    addr: config.session_listen,
+                    error,
+                }
+            })?;
+        (endpoint, None)
+    };
     let session_addr = endpoint.local_addr().map_err(|error| WorkerError::Bind {
         addr: config.session_listen,
         error,
     })?;
-    let advertised = config
-        .public_addr
-        .clone()
-        .unwrap_or_else(|| session_addr.to_string());
-    if config.public_addr.is_none() && session_addr.ip().is_unspecified() {
+    let advertised = match (&config.public_addr, outbound_only) {
+        // The controller answers its relay's address instead.
+        (_, true) => String::new(),
+        (Some(public), false) => public.clone(),
+        (None, false) => session_addr.to_string(),
+    };
+    if !outbound_only && config.public_addr.is_none() && session_addr.ip().is_unspecified() {
         tracing::warn!(
             "listening on {session_addr} without public_addr: clients will be told to dial \
              {advertised}; set public_addr to an address they can reach"
@@ -152,25 +203,43 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
             cluster_addrs: identity.cluster_addrs.clone(),
             client_config,
             session_addr: advertised.clone(),
+            mode: config.mode,
+            relay,
             outbox: outbox_rx,
             stop: control_stop_rx,
         }
         .run(),
     );
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(metrics::serve(
+            listener,
+            shared.clone(),
+            listener_stop_rx.clone(),
+        ));
+    }
     let watchdog = tokio::spawn(control::fail_closed(
         shared,
         config.grace_period,
         listener_stop_rx,
     ));
-    tracing::info!(
-        worker = %identity.name,
-        %session_addr,
-        %advertised,
-        "worker listening for sessions"
-    );
+    if outbound_only {
+        tracing::info!(
+            worker = %identity.name,
+            "worker is outbound-only: clients reach it through its controller's relay"
+        );
+    } else {
+        tracing::info!(
+            worker = %identity.name,
+            %session_addr,
+            %advertised,
+            "worker listening for sessions"
+        );
+    }
     Ok(WorkerHandle {
         name: identity.name,
         session_addr,
+        metrics_addr,
         endpoint,
         listener_stop,
         control_stop,
@@ -195,6 +264,11 @@ impl WorkerHandle {
     /// The address the session listener is bound to.
     pub fn session_addr(&self) -> SocketAddr {
         self.session_addr
+    }
+
+    /// The address of the health and metrics listener, if `metrics_listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The worker's registered name.

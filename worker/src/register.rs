@@ -80,6 +80,10 @@ pub enum RegisterError {
     /// The controller's answer is not a usable registration (controller side).
     #[error("the controller's registration answer is invalid: {0}")]
     BadAnswer(String),
+    /// The CA to trust the controller's HTTPS certificate by is unusable or does not match
+    /// `controller_ca_fingerprint` (controller side).
+    #[error("controller CA: {0}")]
+    ControllerCa(String),
 }
 
 // Not `#[from]`: the message already carries the cause, which must not print twice.
@@ -112,23 +116,23 @@ pub(crate) async fn load_or_register(config: &WorkerConfig) -> Result<Identity, 
         let Some(token) = config.activation_token.as_deref().filter(|t| !t.is_empty()) else {
             return Err(RegisterError::NotRegistered);
         };
-        register(&config.controller_url, token, dir).await?;
+        let client = crate::controller_http::client(config, &[], REGISTER_TIMEOUT).await?;
+        register(&client, &config.controller_url, token, dir).await?;
         return load(dir);
     }
     let mut identity = load(dir)?;
-    refresh_cluster_addrs(&config.controller_url, dir, &mut identity).await;
+    refresh_cluster_addrs(config, dir, &mut identity).await;
     Ok(identity)
 }
 
 /// Asks the controller where its cluster listeners are now (they may have moved since
 /// registration) and saves the answer. Best effort: on any failure the saved ones are used.
-async fn refresh_cluster_addrs(controller_url: &str, dir: &Path, identity: &mut Identity) {
-    let url = format!("{}/v1/cluster", controller_url.trim_end_matches('/'));
-    let _ = rustls::crypto::ring::default_provider().install_default();
+async fn refresh_cluster_addrs(config: &WorkerConfig, dir: &Path, identity: &mut Identity) {
+    let url = format!("{}/v1/cluster", config.controller_url.trim_end_matches('/'));
     let fetch = async {
-        let client = reqwest::Client::builder()
-            .timeout(REFRESH_TIMEOUT)
-            .build()
+        let client = crate::controller_http::client(config, &identity.ca, REFRESH_TIMEOUT)
+            .await
+            .map_err(|e| tracing::debug!(error = %e, "no client for the controller API"))
             .ok()?;
         let resp = client.get(&url).send().await.ok()?;
         if !resp.status().is_success() {
@@ -162,7 +166,12 @@ async fn refresh_cluster_addrs(controller_url: &str, dir: &Path, identity: &mut 
 }
 
 /// Generates a key, sends a CSR with the activation token and saves the answer.
-async fn register(controller_url: &str, token: &str, dir: &Path) -> Result<(), RegisterError> {
+async fn register(
+    client: &reqwest::Client,
+    controller_url: &str,
+    token: &str,
+    dir: &Path,
+) -> Result<(), RegisterError> {
     let key = rcgen::KeyPair::generate()?;
     let mut params = rcgen::CertificateParams::default();
     // The controller decides the name and SANs; the subject only helps a person reading it.
@@ -177,7 +186,7 @@ async fn register(controller_url: &str, token: &str, dir: &Path) -> Result<(), R
         controller_url.trim_end_matches('/')
     );
     tracing::info!(%url, "registering worker");
-    let answer = post_register(&url, token, csr_pem).await?;
+    let answer = post_register(client, &url, token, csr_pem).await?;
 
     let name = answer.worker.as_str().to_owned();
     if name.is_empty() {
@@ -207,6 +216,7 @@ async fn register(controller_url: &str, token: &str, dir: &Path) -> Result<(), R
 }
 
 async fn post_register(
+    client: &reqwest::Client,
     url: &str,
     token: &str,
     csr_pem: String,
@@ -215,13 +225,6 @@ async fn post_register(
         url: url.to_owned(),
         reason: error_chain(&e),
     };
-    // reqwest is built without a provider of its own; ring is the one provider in this
-    // tree. Another part of the process may have installed it already, which is fine.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = reqwest::Client::builder()
-        .timeout(REGISTER_TIMEOUT)
-        .build()
-        .map_err(unreachable)?;
     let request = RegisterRequest {
         activation_token: token.to_owned(),
         csr_pem,

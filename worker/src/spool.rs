@@ -162,7 +162,6 @@ impl Spool {
     }
 
     /// Events waiting for an acknowledgement.
-    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.lock().events.len()
     }

@@ -97,6 +97,8 @@ pub(crate) struct Shared {
     spool: Option<crate::spool::Spool>,
     /// The postgres proxy's settings, cancel keys and per-session roles.
     pub(crate) postgres: crate::postgres::PostgresState,
+    /// Prometheus metrics.
+    pub(crate) metrics: crate::metrics::WorkerMetrics,
 }
 
 /// One session carried by this worker: its QUIC connections and its counters.
@@ -148,6 +150,7 @@ impl Shared {
             ssh,
             postgres: crate::postgres::PostgresState::default(),
             spool: None,
+            metrics: crate::metrics::WorkerMetrics::new(),
         }
     }
 
@@ -215,6 +218,7 @@ impl Shared {
 
     /// Queues a message for the controller; it is sent when the link is (back) up.
     pub(crate) fn report(&self, msg: WorkerMessage) {
+        self.metrics.observe(&msg);
         // Auditable reports go through the spool: kept on disk until acknowledged.
         let msg = match (msg, &self.spool) {
             (

@@ -60,7 +60,9 @@ pub(crate) fn control_client_config(identity: &Identity) -> Result<quinn::Client
     let mut transport = TransportConfig::default();
     transport
         .keep_alive_interval(Some(std::time::Duration::from_secs(2)))
-        .max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(10_000))));
+        .max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(10_000))))
+        // In outbound-only mode the controller opens one stream per relayed client.
+        .max_concurrent_bidi_streams(VarInt::from_u32(10_000));
     config.transport_config(Arc::new(transport));
     Ok(config)
 }

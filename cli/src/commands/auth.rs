@@ -16,6 +16,12 @@ use crate::prompt;
 /// Logs in (password, or single sign-on with `--oidc`/`--device`) and saves the token in
 /// the profile.
 pub async fn login(ctx: &Ctx, args: LoginArgs) -> Result<ExitCode> {
+    let interactive = prompt::stdin_is_tty() && !args.password_stdin;
+    let ca_pem = crate::trust::establish(ctx, args.ca_fingerprint.as_deref(), interactive).await?;
+    let ctx = &Ctx {
+        ca_pem,
+        ..ctx.clone()
+    };
     if args.list_methods {
         return super::oidc_login::list_methods(ctx).await;
     }
@@ -39,7 +45,7 @@ pub async fn login(ctx: &Ctx, args: LoginArgs) -> Result<ExitCode> {
     if password.is_empty() {
         bail!("no password given");
     }
-    let resp = password_login(&ctx.addr, &user, password).await?;
+    let resp = login_request(&ctx.anon_api()?, &user, password).await?;
     save_login(ctx, resp)
 }
 
@@ -49,6 +55,7 @@ pub(super) fn save_login(ctx: &Ctx, resp: LoginResponse) -> Result<ExitCode> {
     profile.addr = Some(ctx.addr.clone());
     profile.token = Some(resp.token);
     profile.user = Some(resp.user.clone());
+    profile.ca_pem = ctx.ca_pem.clone();
     profile.save(&ctx.config_dir)?;
     if ctx.json {
         print_json(&json!({
@@ -73,15 +80,22 @@ pub(crate) async fn password_login(
     user: &str,
     password: String,
 ) -> Result<LoginResponse, ApiError> {
-    ApiClient::new(addr, None)?
-        .post(
-            &["v1", "auth", "login"],
-            &LoginRequest {
-                user: user.to_owned(),
-                password,
-            },
-        )
-        .await
+    login_request(&ApiClient::new(addr, None)?, user, password).await
+}
+
+async fn login_request(
+    api: &ApiClient,
+    user: &str,
+    password: String,
+) -> Result<LoginResponse, ApiError> {
+    api.post(
+        &["v1", "auth", "login"],
+        &LoginRequest {
+            user: user.to_owned(),
+            password,
+        },
+    )
+    .await
 }
 
 /// Revokes the token at the controller and forgets it.

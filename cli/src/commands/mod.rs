@@ -3,6 +3,7 @@
 
 mod audit;
 mod auth;
+pub mod completions;
 mod connect;
 mod credentials;
 mod groups;
@@ -22,7 +23,7 @@ pub(crate) use auth::password_login;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 
 use crate::args::{Cli, Command, GlobalArgs};
 use crate::client::ApiClient;
@@ -43,6 +44,9 @@ pub struct Ctx {
     pub config_dir: PathBuf,
     /// The saved profile as loaded.
     pub profile: Profile,
+    /// The CA (PEM) to trust for `addr`: `--ca-file`, else the one pinned in the profile for
+    /// this controller; `None` means the system's roots.
+    pub ca_pem: Option<String>,
 }
 
 impl Ctx {
@@ -62,6 +66,15 @@ impl Ctx {
             _ if profile_addr.as_deref() == Some(addr.as_str()) => (profile.token.clone(), true),
             _ => (None, false),
         };
+        // Like the token, a pinned CA belongs to the profile's controller only.
+        let ca_pem = match &global.ca_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the CA file {}", path.display()))?,
+            ),
+            None if profile_addr.as_deref() == Some(addr.as_str()) => profile.ca_pem.clone(),
+            None => None,
+        };
         Ok(Ctx {
             json: global.json,
             addr,
@@ -69,12 +82,26 @@ impl Ctx {
             token_from_profile,
             config_dir,
             profile,
+            ca_pem,
         })
     }
 
     /// An API client with the resolved token (calls fail with "not logged in" without one).
     pub fn api(&self) -> Result<ApiClient> {
-        Ok(ApiClient::new(&self.addr, self.token.clone())?)
+        Ok(ApiClient::with_ca(
+            &self.addr,
+            self.token.clone(),
+            self.ca_pem.as_deref(),
+        )?)
+    }
+
+    /// An API client without a token (login calls).
+    pub fn anon_api(&self) -> Result<ApiClient> {
+        Ok(ApiClient::with_ca(
+            &self.addr,
+            None,
+            self.ca_pem.as_deref(),
+        )?)
     }
 }
 
@@ -82,6 +109,8 @@ impl Ctx {
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     let command = match cli.command {
         Command::Dev(args) => return crate::dev::run(args, cli.global.json).await,
+        Command::Completions { shell } => return completions::completions(shell),
+        Command::Man { dir } => return completions::man(dir.as_deref()),
         other => other,
     };
     let ctx = Ctx::resolve(&cli.global)?;
@@ -103,6 +132,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Policy(cmd) => policy::run(&ctx, cmd).await,
         Command::Audit(cmd) => audit::run(&ctx, cmd).await,
         Command::Dev(args) => crate::dev::run(args, cli.global.json).await,
+        Command::Completions { shell } => completions::completions(shell),
+        Command::Man { dir } => completions::man(dir.as_deref()),
     }
 }
 

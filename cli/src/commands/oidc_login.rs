@@ -22,7 +22,7 @@ const POLL_EVERY: Duration = Duration::from_secs(1);
 
 /// Logs in with single sign-on and saves the token like a password login.
 pub async fn login(ctx: &Ctx, args: &LoginArgs) -> Result<ExitCode> {
-    let api = ApiClient::new(&ctx.addr, None)?;
+    let api = ctx.anon_api()?;
     let req = OidcStartRequest {
         method: args.method.clone(),
     };
@@ -66,9 +66,7 @@ pub async fn login(ctx: &Ctx, args: &LoginArgs) -> Result<ExitCode> {
 
 /// `postern login --list-methods`.
 pub async fn list_methods(ctx: &Ctx) -> Result<ExitCode> {
-    let methods: AuthMethods = ApiClient::new(&ctx.addr, None)?
-        .get(&["v1", "auth", "methods"], &[])
-        .await?;
+    let methods: AuthMethods = ctx.anon_api()?.get(&["v1", "auth", "methods"], &[]).await?;
     if ctx.json {
         print_json(&methods)?;
         return ok();

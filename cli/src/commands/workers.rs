@@ -41,6 +41,13 @@ pub async fn run(ctx: &Ctx, cmd: WorkersCmd) -> Result<ExitCode> {
             println!("Start the worker with it on a host that can reach your targets:");
             println!();
             println!("    POSTERN_CONTROLLER_URL={} \\", ctx.addr);
+            if let Some(fp) = ctx
+                .ca_pem
+                .as_deref()
+                .and_then(|pem| crate::trust::pem_fingerprint(pem).ok())
+            {
+                println!("    POSTERN_CONTROLLER_CA_FINGERPRINT={fp} \\");
+            }
             println!("    POSTERN_ACTIVATION_TOKEN={token} \\");
             println!("    POSTERN_DATA_DIR=/var/lib/postern-worker \\");
             println!("    postern-worker");
@@ -59,19 +66,28 @@ pub async fn run(ctx: &Ctx, cmd: WorkersCmd) -> Result<ExitCode> {
             let mut t = Table::new(&[
                 "NAME",
                 "STATUS",
+                "MODE",
                 "CONNECTED",
-                "SESSION ADDRESS",
+                "ADDRESS",
                 "TAGS",
-                "LAST SEEN",
+                "LAST CONTACT",
+                "SESSIONS",
             ]);
             for w in workers {
+                // An outbound-only worker's address is its controller's relay.
+                let addr = match (w.session_addr, w.mode.as_str()) {
+                    (Some(a), "outbound-only") if !a.is_empty() => Some(format!("{a} (relay)")),
+                    (a, _) => a.filter(|a| !a.is_empty()),
+                };
                 t.row(vec![
                     w.name,
                     w.status,
+                    w.mode,
                     yes_no(w.connected),
-                    opt(w.session_addr),
+                    opt(addr),
                     kv_list(&w.tags),
                     opt(w.last_seen.map(relative)),
+                    opt(w.active_sessions),
                 ]);
             }
             t.print("No workers. Create one with `postern workers create NAME`.");

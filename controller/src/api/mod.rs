@@ -8,6 +8,7 @@ mod recordings;
 mod sessions;
 mod targets;
 pub mod types;
+mod worker_choice;
 mod workers;
 
 use axum::extract::DefaultBodyLimit;
@@ -29,6 +30,8 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/v1/cluster", get(cluster_info))
+        .route("/v1/cluster/ca", get(crate::tls::cluster_ca))
+        .route("/metrics", get(crate::metrics::serve))
         .route("/v1/auth/login", post(identity::login))
         .route("/v1/auth/logout", post(identity::logout))
         .route("/v1/auth/methods", get(oidc::methods))
@@ -78,7 +81,13 @@ pub fn router(state: AppState) -> Router {
                 .patch(targets::update)
                 .delete(targets::delete),
         )
-        .route("/v1/targets/{name}/authorize", post(targets::authorize))
+        .route(
+            "/v1/targets/{name}/authorize",
+            post(targets::authorize).layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                crate::metrics::observe_authorize,
+            )),
+        )
         .route(
             "/v1/targets/{name}/credential",
             get(targets::show_credential)

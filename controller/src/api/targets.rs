@@ -21,9 +21,6 @@ use crate::store::{now, NewSession, WorkerRow};
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
-/// A worker is a candidate if a controller heard from it this recently.
-const WORKER_FRESH_SECS: i64 = 30;
-
 fn target_ref(t: &Target) -> TargetRef<'_> {
     TargetRef {
         name: &t.name,
@@ -344,49 +341,18 @@ async fn ssh_access(
     Ok(SshAccess { host_key, login })
 }
 
-/// A connected worker whose tags satisfy the target's filter; among several, a random one.
+/// A live worker whose tags satisfy the target's filter, direct ones first
+/// ([`super::worker_choice`]).
 async fn pick_worker(state: &AppState, target: &Target) -> Result<WorkerRow, ApiError> {
-    let fresh = now() - WORKER_FRESH_SECS;
-    let candidates: Vec<WorkerRow> = state
-        .store
-        .workers()
-        .await?
-        .into_iter()
-        .filter(|w| {
-            w.connected_to.is_some()
-                && w.session_addr.is_some()
-                && w.last_seen.is_some_and(|s| s >= fresh)
-        })
-        .filter(|w| {
-            target
-                .worker_filter
-                .iter()
-                .all(|(k, v)| w.tags.get(k) == Some(v))
-        })
-        .collect();
-    if candidates.is_empty() {
-        let filter = if target.worker_filter.is_empty() {
-            String::new()
-        } else {
-            let f: Vec<String> = target
-                .worker_filter
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            format!(" with tags {}", f.join(","))
-        };
-        return Err(ApiError::Unavailable(format!(
-            "no connected worker{filter} can serve target '{}': start one (`postern workers create`) or check `postern workers list`",
+    let workers = state.store.workers().await?;
+    let pick = getrandom::u32().map_err(|e| ApiError::Internal(e.to_string()))?;
+    super::worker_choice::choose(workers, &target.worker_filter, now(), pick).map_err(|why| {
+        ApiError::Unavailable(format!(
+            "no worker available for target '{}': {why}; start one (`postern workers create`) \
+             or check `postern workers list`",
             target.name
-        )));
-    }
-    let mut r = [0u8; 4];
-    getrandom::fill(&mut r).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let i = u32::from_le_bytes(r) as usize % candidates.len();
-    candidates
-        .into_iter()
-        .nth(i)
-        .ok_or_else(|| ApiError::Internal("worker choice".into()))
+        ))
+    })
 }
 
 /// Sealing purpose of a target's credential: a sealed secret opens only for its target.

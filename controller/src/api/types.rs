@@ -280,12 +280,26 @@ pub struct Worker {
     pub status: String,
     /// Whether a controller currently holds its control connection.
     pub connected: bool,
-    /// Address clients dial for sessions, as the worker last reported it.
+    /// Address clients dial for sessions: the worker's own, or for an `outbound-only` worker
+    /// the relay of the controller holding its connection.
     pub session_addr: Option<String>,
     /// Last time a controller heard from it.
     pub last_seen: Option<i64>,
     /// Creation time.
     pub created_at: i64,
+    /// `direct` (clients dial the worker) or `outbound-only` (through a controller's relay).
+    #[serde(default = "direct_mode")]
+    pub mode: String,
+    /// Sessions it carries, as of its last heartbeat (while connected).
+    #[serde(default)]
+    pub active_sessions: Option<u32>,
+    /// Proxied connections it carries, as of its last heartbeat (while connected).
+    #[serde(default)]
+    pub active_connections: Option<u32>,
+}
+
+fn direct_mode() -> String {
+    "direct".into()
 }
 
 /// `POST /v1/workers`.

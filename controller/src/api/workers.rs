@@ -29,11 +29,14 @@ fn view(w: WorkerRow) -> Worker {
         }
         .into(),
         connected: w.connected_to.is_some(),
+        active_sessions: w.active_sessions.filter(|_| w.connected_to.is_some()),
+        active_connections: w.active_connections.filter(|_| w.connected_to.is_some()),
         name: w.name,
         tags: w.tags,
         session_addr: w.session_addr,
         last_seen: w.last_seen,
         created_at: w.created_at,
+        mode: w.mode,
     }
 }
 

@@ -36,6 +36,7 @@ macro_rules! migration_list {
             (3, "ssh", include_str!(concat!("../../../migrations/", $dir, "/0003_ssh.sql"))),
             (5, "oidc", include_str!(concat!("../../../migrations/", $dir, "/0005_oidc.sql"))),
             (6, "audit chain", include_str!(concat!("../../../migrations/", $dir, "/0006_audit_chain.sql"))),
+            (7, "workers mode", include_str!(concat!("../../../migrations/", $dir, "/0007_workers_mode.sql"))),
         ]
     };
 }

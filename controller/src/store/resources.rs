@@ -29,6 +29,12 @@ pub struct WorkerRow {
     pub last_seen: Option<i64>,
     /// Created.
     pub created_at: i64,
+    /// `direct` or `outbound-only` ([`postern_proto::cluster::WorkerMode`]), as it last said.
+    pub mode: String,
+    /// Sessions it carried at its last heartbeat.
+    pub active_sessions: Option<u32>,
+    /// Connections it carried at its last heartbeat.
+    pub active_connections: Option<u32>,
 }
 
 /// What happened to an activation-token registration.
@@ -41,8 +47,8 @@ pub enum ActivationOutcome {
 }
 
 const TARGET_COLS: &str = "name, kind, address, labels, default_duration, max_duration, connection_limit, worker_filter, enabled, created_at";
-const WORKER_COLS: &str =
-    "name, tags, cert_fingerprint, session_addr, connected_to, last_seen, created_at";
+const WORKER_COLS: &str = "name, tags, cert_fingerprint, session_addr, connected_to, last_seen, \
+     created_at, mode, active_sessions, active_connections";
 
 fn target_from(row: &sqlx::any::AnyRow) -> Result<Target, StoreError> {
     let kind: String = row.try_get("kind")?;
@@ -76,7 +82,15 @@ fn worker_from(row: &sqlx::any::AnyRow) -> Result<WorkerRow, StoreError> {
         connected_to: row.try_get("connected_to")?,
         last_seen: row.try_get("last_seen")?,
         created_at: row.try_get("created_at")?,
+        mode: row.try_get("mode")?,
+        active_sessions: count_col(row, "active_sessions")?,
+        active_connections: count_col(row, "active_connections")?,
     })
+}
+
+fn count_col(row: &sqlx::any::AnyRow, col: &str) -> Result<Option<u32>, StoreError> {
+    let n: Option<i64> = row.try_get(col)?;
+    Ok(n.map(|n| u32::try_from(n).unwrap_or(u32::MAX)))
 }
 
 impl Store {
@@ -342,20 +356,47 @@ impl Store {
         row.as_ref().map(worker_from).transpose()
     }
 
-    /// Records that a controller instance holds the worker's control connection.
+    /// Records that a controller instance holds the worker's control connection, and where
+    /// clients reach it (`session_addr`: its own listener, or that controller's relay when
+    /// `mode` is `outbound-only`).
     pub async fn worker_connected(
         &self,
         name: &str,
         instance: &str,
         session_addr: &str,
+        mode: &str,
     ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE workers SET connected_to = $1, session_addr = $2, last_seen = $3 WHERE name = $4")
-            .bind(instance)
-            .bind(session_addr)
-            .bind(now())
-            .bind(name)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE workers SET connected_to = $1, session_addr = $2, last_seen = $3, mode = $4, \
+             active_sessions = NULL, active_connections = NULL WHERE name = $5",
+        )
+        .bind(instance)
+        .bind(session_addr)
+        .bind(now())
+        .bind(mode)
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records a heartbeat and the load it reports.
+    pub async fn worker_heartbeat(
+        &self,
+        name: &str,
+        sessions: u32,
+        connections: u32,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE workers SET last_seen = $1, active_sessions = $2, active_connections = $3 \
+             WHERE name = $4",
+        )
+        .bind(now())
+        .bind(i64::from(sessions))
+        .bind(i64::from(connections))
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

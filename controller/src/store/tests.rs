@@ -221,8 +221,13 @@ async fn targets_workers_and_sessions() {
         assert!(matches!(s.register_worker("act", "fp1").await.expect("reg"), ActivationOutcome::Registered(n) if n == "w1"));
         assert!(matches!(s.register_worker("act", "fp2").await.expect("reg"), ActivationOutcome::Invalid), "single use");
         assert_eq!(s.worker_by_fingerprint("fp1").await.expect("q").expect("w").name, "w1");
-        s.worker_connected("w1", "c1", "127.0.0.1:9").await.expect("connected");
-        assert_eq!(s.worker("w1").await.expect("w").connected_to.as_deref(), Some("c1"));
+        assert_eq!(s.worker("w1").await.expect("w").mode, "direct", "the default mode");
+        s.worker_connected("w1", "c1", "127.0.0.1:9", "outbound-only").await.expect("connected");
+        let w = s.worker("w1").await.expect("w");
+        assert_eq!((w.connected_to.as_deref(), w.mode.as_str(), w.active_sessions), (Some("c1"), "outbound-only", None));
+        s.worker_heartbeat("w1", 3, 7).await.expect("heartbeat");
+        let w = s.worker("w1").await.expect("w");
+        assert_eq!((w.active_sessions, w.active_connections), (Some(3), Some(7)));
         s.worker_disconnected("w1", "other").await.expect("noop");
         assert!(s.worker("w1").await.expect("w").connected_to.is_some(), "only the holder disconnects");
 

@@ -1,0 +1,275 @@
+//! The session relay for outbound-only workers (DESIGN §7).
+//!
+//! A worker that may not accept inbound connections keeps only its cluster connection to a
+//! controller. Clients are told to dial this controller's relay port (UDP) instead of the
+//! worker, with the worker's TLS name as before. The relay does not terminate their QUIC
+//! connection: it reads the server name from the client's Initial packets ([`initial`]),
+//! which names the worker, and from then on carries the client's datagrams, unread, over a
+//! bidirectional stream of that worker's cluster connection ([`postern_proto::relay`]). The
+//! worker runs its ordinary session endpoint on them, so TLS, the token check and the `cnf`
+//! binding to the client's key all happen end to end between client and worker; the relay
+//! adds no plaintext hop and the client cannot tell it from a direct worker.
+//!
+//! Flows are keyed by the client's address. A flow ends when the worker's stream ends (its
+//! connection to this controller is gone) or when the client has sent nothing for
+//! [`IDLE`] (longer than the session's QUIC idle timeout). A client that changes address
+//! (QUIC migration) is not followed.
+
+pub mod initial;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use postern_proto::relay::{code, datagram_header, datagram_len, RelayOpen, MAX_DATAGRAM};
+use postern_proto::{frame, PROTOCOL_VERSION};
+use quinn::VarInt;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use self::initial::HelloReader;
+use crate::state::AppState;
+
+/// A flow ends when its client has sent nothing for this long (sessions keep alive every
+/// 5 s and time out after 30 s).
+pub const IDLE: Duration = Duration::from_secs(35);
+/// How long a client may take to send a whole ClientHello.
+const HELLO_WINDOW: Duration = Duration::from_secs(3);
+/// How many datagrams a ClientHello may span.
+const HELLO_DATAGRAMS: usize = 4;
+/// Flows (and half-read hellos) a controller carries at most.
+const MAX_FLOWS: usize = 16_384;
+/// Datagrams queued towards a worker per flow; beyond, they are dropped as a congested
+/// network would, and the client's congestion control slows down.
+const FLOW_QUEUE: usize = 1024;
+
+/// The suffix of a worker's TLS name ([`postern_proto::worker_server_name`]).
+const WORKER_NAME_SUFFIX: &str = ".worker.postern.internal";
+
+/// Why the relay could not start or a flow ended.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// The UDP socket could not be bound.
+    #[error("cannot listen for relayed sessions on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The worker's cluster connection refused or lost the stream (worker side).
+    #[error("worker stream: {0}")]
+    Worker(String),
+    /// The worker sent something that is not a relay datagram.
+    #[error("worker broke the relay protocol: {0}")]
+    Protocol(String),
+}
+
+/// Binds the relay's UDP socket.
+pub fn bind(addr: SocketAddr) -> Result<UdpSocket, RelayError> {
+    let std = std::net::UdpSocket::bind(addr)
+        .and_then(|s| s.set_nonblocking(true).map(|()| s))
+        .map_err(|source| RelayError::Bind { addr, source })?;
+    UdpSocket::from_std(std).map_err(|source| RelayError::Bind { addr, source })
+}
+
+/// What the relay knows of one client address.
+enum Entry {
+    /// Its ClientHello is still arriving.
+    Hello {
+        reader: HelloReader,
+        held: Vec<Bytes>,
+        since: Instant,
+    },
+    /// Its datagrams go to a worker.
+    Open { id: u64, tx: mpsc::Sender<Bytes> },
+}
+
+/// Carries client datagrams to outbound-only workers until the controller stops.
+pub async fn serve(state: AppState, socket: UdpSocket) {
+    let (ended_tx, mut ended_rx) = mpsc::unbounded_channel();
+    let mut relay = Relay {
+        state,
+        socket: Arc::new(socket),
+        flows: HashMap::new(),
+        ended: ended_tx,
+        next_id: 0,
+    };
+    let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        tokio::select! {
+            received = relay.socket.recv_from(&mut buf) => match received {
+                Ok((len, client)) => relay.datagram(client, Bytes::copy_from_slice(&buf[..len])),
+                // ICMP errors of earlier sends surface here; the socket lives on.
+                Err(e) => tracing::debug!(error = %e, "relay receive failed"),
+            },
+            Some((client, id)) = ended_rx.recv() => {
+                if matches!(relay.flows.get(&client), Some(Entry::Open { id: open, .. }) if *open == id) {
+                    relay.flows.remove(&client);
+                }
+            }
+            _ = sweep.tick() => {
+                let now = Instant::now();
+                relay.flows.retain(|_, e| {
+                    !matches!(e, Entry::Hello { since, .. } if now - *since > HELLO_WINDOW)
+                });
+            }
+        }
+    }
+}
+
+/// The relay loop's state.
+struct Relay {
+    state: AppState,
+    socket: Arc<UdpSocket>,
+    flows: HashMap<SocketAddr, Entry>,
+    /// Flow tasks report here when they end: (client, flow id).
+    ended: mpsc::UnboundedSender<(SocketAddr, u64)>,
+    next_id: u64,
+}
+
+impl Relay {
+    /// One datagram from `client`.
+    fn datagram(&mut self, client: SocketAddr, datagram: Bytes) {
+        if let Some(Entry::Open { tx, .. }) = self.flows.get(&client) {
+            // A full queue drops the datagram, as a congested network would.
+            if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(datagram) {
+                self.flows.remove(&client);
+            }
+            return;
+        }
+        let (mut reader, mut held, since) = match self.flows.remove(&client) {
+            Some(Entry::Hello {
+                reader,
+                held,
+                since,
+            }) => (reader, held, since),
+            _ if self.flows.len() >= MAX_FLOWS => {
+                tracing::debug!(%client, "relay full: datagram dropped");
+                return;
+            }
+            _ => (HelloReader::default(), Vec::new(), Instant::now()),
+        };
+        let read = reader.push(&datagram);
+        held.push(datagram);
+        match read {
+            Ok(Some(name)) => {
+                if let Some(entry) = self.open_flow(client, &name, held) {
+                    self.flows.insert(client, entry);
+                }
+            }
+            Ok(None) if held.len() < HELLO_DATAGRAMS => {
+                self.flows.insert(
+                    client,
+                    Entry::Hello {
+                        reader,
+                        held,
+                        since,
+                    },
+                );
+            }
+            Ok(None) => tracing::debug!(%client, "relay dropped a client: ClientHello too long"),
+            Err(e) => tracing::debug!(%client, "relay dropped a datagram: {e}"),
+        }
+    }
+
+    /// Starts carrying `client`'s datagrams (`held` first) to the worker its hello names.
+    fn open_flow(&mut self, client: SocketAddr, name: &str, held: Vec<Bytes>) -> Option<Entry> {
+        let refuse = |why: &str| {
+            tracing::info!(%client, server_name = %name, "relay refused a client: {why}");
+        };
+        // DNS names compare without regard to case (the hello carries what the client typed).
+        let worker = name
+            .len()
+            .checked_sub(WORKER_NAME_SUFFIX.len())
+            .filter(|at| name.is_char_boundary(*at))
+            .filter(|at| name[*at..].eq_ignore_ascii_case(WORKER_NAME_SUFFIX))
+            .map(|at| &name[..at]);
+        let Some(worker) = worker else {
+            refuse("not a worker name");
+            return None;
+        };
+        let Some(conn) = self.state.workers.relay_connection(worker) else {
+            // The client retries its Initial a few times (the worker may be back by then),
+            // then says that the worker cannot be reached.
+            refuse("no outbound-only worker of that name is connected to this controller");
+            return None;
+        };
+        let (tx, rx) = mpsc::channel(FLOW_QUEUE);
+        for d in held {
+            let _ = tx.try_send(d);
+        }
+        self.next_id += 1;
+        let id = self.next_id;
+        let (socket, ended, worker) = (self.socket.clone(), self.ended.clone(), worker.to_owned());
+        tokio::spawn(async move {
+            tracing::debug!(%client, %worker, "relaying a client");
+            match carry(conn, client, rx, &socket).await {
+                Ok(()) => tracing::debug!(%client, %worker, "relayed client idle: flow ended"),
+                Err(e) => tracing::debug!(%client, %worker, "relayed flow ended: {e}"),
+            }
+            let _ = ended.send((client, id));
+        });
+        Some(Entry::Open { id, tx })
+    }
+}
+
+/// Carries one client's datagrams over a new stream of the worker's cluster connection
+/// until either side ends.
+async fn carry(
+    conn: quinn::Connection,
+    client: SocketAddr,
+    mut from_client: mpsc::Receiver<Bytes>,
+    socket: &UdpSocket,
+) -> Result<(), RelayError> {
+    let worker_err = |e: &dyn std::fmt::Display| RelayError::Worker(e.to_string());
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| worker_err(&e))?;
+    let open = frame::encode(&RelayOpen {
+        version: PROTOCOL_VERSION,
+        client: client.to_string(),
+    })
+    .map_err(|e| RelayError::Protocol(e.to_string()))?;
+    send.write_all(&open).await.map_err(|e| worker_err(&e))?;
+    let up = async {
+        loop {
+            let datagram = match tokio::time::timeout(IDLE, from_client.recv()).await {
+                Ok(Some(d)) => d,
+                Ok(None) | Err(_) => {
+                    let _ = send.reset(VarInt::from_u32(code::IDLE));
+                    return Ok(());
+                }
+            };
+            let header =
+                datagram_header(datagram.len()).map_err(|e| RelayError::Protocol(e.to_string()))?;
+            send.write_all(&header).await.map_err(|e| worker_err(&e))?;
+            send.write_all(&datagram)
+                .await
+                .map_err(|e| worker_err(&e))?;
+        }
+    };
+    let down = async {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        loop {
+            let mut header = [0u8; 2];
+            recv.read_exact(&mut header)
+                .await
+                .map_err(|e| worker_err(&e))?;
+            let len = datagram_len(header).map_err(|e| RelayError::Protocol(e.to_string()))?;
+            recv.read_exact(&mut buf[..len])
+                .await
+                .map_err(|e| worker_err(&e))?;
+            if let Err(e) = socket.send_to(&buf[..len], client).await {
+                tracing::debug!(%client, error = %e, "relay could not send to the client");
+            }
+        }
+    };
+    tokio::select! {
+        r = up => r,
+        r = down => r,
+    }
+}
