@@ -583,17 +583,7 @@ async fn activation_refusal(
         return Ok(Some(format!("target '{}' is disabled", s.target)));
     }
     // Policy may have changed since authorization: check again.
-    let rules: Vec<SourcedRule> = state
-        .store
-        .rules_for_user(&s.user)
-        .await?
-        .into_iter()
-        .map(|(role, position, rule)| SourcedRule {
-            role,
-            position,
-            rule,
-        })
-        .collect();
+    let rules: Vec<SourcedRule> = state.store.rules_for_user(&s.user).await?;
     let tref = TargetRef {
         name: &target.name,
         labels: &target.labels,

@@ -20,7 +20,7 @@ pub struct TargetRef<'a> {
 }
 
 /// A rule with where it came from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourcedRule {
     /// Role name.
     pub role: String,

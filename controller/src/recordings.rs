@@ -125,14 +125,7 @@ pub async fn sign_certificate(
             .store
             .rules_for_user(&session.user)
             .await
-            .map_err(store_err)?
-            .into_iter()
-            .map(|(role, position, rule)| SourcedRule {
-                role,
-                position,
-                rule,
-            })
-            .collect();
+            .map_err(store_err)?;
         let tref = TargetRef {
             name: &target.name,
             labels: &target.labels,

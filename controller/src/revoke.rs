@@ -175,17 +175,7 @@ async fn still_allowed(state: &AppState, s: &Session) -> Result<bool, StoreError
         Err(StoreError::NotFound { .. }) => return Ok(false),
         Err(e) => return Err(e),
     };
-    let rules: Vec<SourcedRule> = state
-        .store
-        .rules_for_user(&s.user)
-        .await?
-        .into_iter()
-        .map(|(role, position, rule)| SourcedRule {
-            role,
-            position,
-            rule,
-        })
-        .collect();
+    let rules: Vec<SourcedRule> = state.store.rules_for_user(&s.user).await?;
     let tref = TargetRef {
         name: &target.name,
         labels: &target.labels,

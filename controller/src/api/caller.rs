@@ -49,17 +49,7 @@ impl FromRequestParts<AppState> for Caller {
                 owner.user.name
             )));
         }
-        let rules = state
-            .store
-            .rules_for_user(&owner.user.name)
-            .await?
-            .into_iter()
-            .map(|(role, position, rule)| SourcedRule {
-                role,
-                position,
-                rule,
-            })
-            .collect();
+        let rules = state.store.rules_for_user(&owner.user.name).await?;
         Ok(Caller {
             user: owner.user,
             token_hash,

@@ -97,17 +97,7 @@ pub async fn policy_check(
     let target = state.store.target(&q.target).await?;
     let action = q.action.unwrap_or_else(|| "connect".into());
     policy::validate_action(&action).map_err(ApiError::BadRequest)?;
-    let rules: Vec<SourcedRule> = state
-        .store
-        .rules_for_user(&q.user)
-        .await?
-        .into_iter()
-        .map(|(role, position, rule)| SourcedRule {
-            role,
-            position,
-            rule,
-        })
-        .collect();
+    let rules: Vec<SourcedRule> = state.store.rules_for_user(&q.user).await?;
     let tref = TargetRef {
         name: &target.name,
         labels: &target.labels,

@@ -4,6 +4,7 @@ use sqlx::Row;
 
 use super::{conflict, json_col, now, to_json, Store, StoreError};
 use crate::api::types::{Principal, Rule};
+use crate::policy::SourcedRule;
 
 /// A user row.
 #[derive(Debug, Clone)]
@@ -448,8 +449,8 @@ impl Store {
     }
 
     /// Every rule that applies to `user` (directly or through a group), with its role name and
-    /// 1-based position, in a stable order.
-    pub async fn rules_for_user(&self, user: &str) -> Result<Vec<(String, i64, Rule)>, StoreError> {
+    /// 1-based position, in a stable order: what the policy engine evaluates.
+    pub async fn rules_for_user(&self, user: &str) -> Result<Vec<SourcedRule>, StoreError> {
         let rows = sqlx::query(
             "SELECT DISTINCT r.role_name, r.position, r.rule FROM role_rules r \
              JOIN role_bindings b ON b.role_name = r.role_name \
@@ -463,11 +464,11 @@ impl Store {
         .await?;
         rows.iter()
             .map(|r| {
-                Ok((
-                    r.try_get("role_name")?,
-                    r.try_get("position")?,
-                    json_col(r, "rule")?,
-                ))
+                Ok(SourcedRule {
+                    role: r.try_get("role_name")?,
+                    position: r.try_get("position")?,
+                    rule: json_col(r, "rule")?,
+                })
             })
             .collect()
     }

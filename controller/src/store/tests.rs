@@ -178,8 +178,16 @@ async fn groups_roles_and_effective_rules() {
         assert_eq!(
             rules,
             vec![
-                ("db".to_string(), 1, allow.clone()),
-                ("db".to_string(), 2, deny.clone())
+                crate::policy::SourcedRule {
+                    role: "db".into(),
+                    position: 1,
+                    rule: allow.clone()
+                },
+                crate::policy::SourcedRule {
+                    role: "db".into(),
+                    position: 2,
+                    rule: deny.clone()
+                },
             ]
         );
         assert_eq!(s.roles_for_user("bob").await.expect("roles"), vec!["db"]);
