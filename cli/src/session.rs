@@ -19,6 +19,7 @@ use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarIn
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::{de::DeserializeOwned, Serialize};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -368,16 +369,58 @@ async fn accept_loop(listener: TcpListener, conn: Connection) {
 }
 
 /// Relays one local TCP connection over a new stream; returns bytes (up, down).
+///
+/// Pipelined: the client's first bytes follow `ConnOpen` at once instead of waiting a round
+/// trip for `ConnOk`. The worker reads them only after it has dialled the target and
+/// answered, so a refused connection loses nothing but its own bytes.
 async fn proxy_one(conn: &Connection, mut tcp: TcpStream) -> Result<(u64, u64), SessionError> {
     let _ = tcp.set_nodelay(true);
-    let (send, recv) = open_stream(conn).await?;
-    let mut stream = tokio::io::join(recv, send);
-    tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut stream, COPY_BUF, COPY_BUF)
+    let (mut send, mut recv) = conn
+        .open_bi()
         .await
-        .map_err(|e| match conn.close_reason() {
-            Some(reason) => SessionError::Ended(SessionEnd::from_error(&reason)),
-            None => SessionError::Protocol(format!("relay: {e}")),
-        })
+        .map_err(|e| SessionError::Ended(SessionEnd::from_error(&e)))?;
+    write_frame(
+        &mut send,
+        &ConnOpen {
+            version: PROTOCOL_VERSION,
+        },
+        conn,
+    )
+    .await?;
+    let (tcp_read, mut tcp_write) = tcp.split();
+    let relay_error = |e: io::Error| match conn.close_reason() {
+        Some(reason) => SessionError::Ended(SessionEnd::from_error(&reason)),
+        None => SessionError::Protocol(format!("relay: {e}")),
+    };
+    let up = async {
+        let mut reader = tokio::io::BufReader::with_capacity(COPY_BUF, tcp_read);
+        let n = tokio::io::copy_buf(&mut reader, &mut send)
+            .await
+            .map_err(relay_error)?;
+        // The local client finished its side: half-close towards the target.
+        let _ = send.finish();
+        Ok::<u64, SessionError>(n)
+    };
+    let down = async {
+        match read_frame::<ConnReply>(&mut recv, conn).await? {
+            ConnReply::Ok => {}
+            ConnReply::Refused { code, message } => {
+                return Err(SessionError::ConnRefused { code, message })
+            }
+            other => {
+                return Err(SessionError::Protocol(format!(
+                    "unexpected reply to a connection open: {other:?}"
+                )))
+            }
+        }
+        let mut reader = tokio::io::BufReader::with_capacity(COPY_BUF, &mut recv);
+        let n = tokio::io::copy_buf(&mut reader, &mut tcp_write)
+            .await
+            .map_err(relay_error)?;
+        let _ = tcp_write.shutdown().await;
+        Ok::<u64, SessionError>(n)
+    };
+    tokio::try_join!(up, down)
 }
 
 async fn open_stream(conn: &Connection) -> Result<(SendStream, RecvStream), SessionError> {
