@@ -23,7 +23,6 @@ use postern_proto::frame;
 use postern_proto::ids::{Secret, SessionId};
 
 use crate::keys::{fingerprint, KeyError, RootKeys};
-use crate::policy::{self, SourcedRule, TargetRef};
 use crate::state::AppState;
 use crate::store::{now, NewEvent, StoreError};
 
@@ -567,29 +566,9 @@ async fn activation_refusal(
     if s.expires_at <= now() {
         return Ok(Some("session expired".into()));
     }
-    match state.store.find_user(&s.user).await? {
-        Some(u) if !u.locked => {}
-        Some(_) => return Ok(Some(format!("user '{}' is locked", s.user))),
-        None => return Ok(Some(format!("user '{}' no longer exists", s.user))),
-    }
-    let target = match state.store.target(&s.target).await {
-        Ok(t) => t,
-        Err(crate::store::StoreError::NotFound { .. }) => {
-            return Ok(Some(format!("target '{}' no longer exists", s.target)))
-        }
-        Err(e) => return Err(e),
-    };
-    if !target.enabled {
-        return Ok(Some(format!("target '{}' is disabled", s.target)));
-    }
-    // Policy may have changed since authorization: check again.
-    let rules: Vec<SourcedRule> = state.store.rules_for_user(&s.user).await?;
-    let tref = TargetRef {
-        name: &target.name,
-        labels: &target.labels,
-    };
-    if let Err(d) = policy::check(&rules, "connect", Some(tref)) {
-        return Ok(Some(d.reason));
+    // Users, targets and policy may have changed since authorization: check again.
+    if let Some(reason) = crate::revoke::policy_refusal(state, &s).await? {
+        return Ok(Some(reason));
     }
     if !state.store.activate_session(session_id.as_str()).await? {
         return Ok(Some("session can no longer be activated".into()));

@@ -166,21 +166,36 @@ pub async fn reevaluate(state: &AppState, actor: &str) -> Result<usize, StoreErr
 }
 
 async fn still_allowed(state: &AppState, s: &Session) -> Result<bool, StoreError> {
+    Ok(policy_refusal(state, s).await?.is_none())
+}
+
+/// Why the current state no longer allows session `s` (its user locked or gone, its target
+/// gone or disabled, or policy no longer granting `connect`), or `None` if it still does.
+/// One check for activation and for re-evaluation after a change.
+pub async fn policy_refusal(state: &AppState, s: &Session) -> Result<Option<String>, StoreError> {
     match state.store.find_user(&s.user).await? {
         Some(u) if !u.locked => {}
-        _ => return Ok(false),
+        Some(_) => return Ok(Some(format!("user '{}' is locked", s.user))),
+        None => return Ok(Some(format!("user '{}' no longer exists", s.user))),
     }
     let target = match state.store.target(&s.target).await {
         Ok(t) => t,
-        Err(StoreError::NotFound { .. }) => return Ok(false),
+        Err(StoreError::NotFound { .. }) => {
+            return Ok(Some(format!("target '{}' no longer exists", s.target)))
+        }
         Err(e) => return Err(e),
     };
+    if !target.enabled {
+        return Ok(Some(format!("target '{}' is disabled", s.target)));
+    }
     let rules: Vec<SourcedRule> = state.store.rules_for_user(&s.user).await?;
     let tref = TargetRef {
         name: &target.name,
         labels: &target.labels,
     };
-    Ok(target.enabled && policy::check(&rules, "connect", Some(tref)).is_ok())
+    Ok(policy::check(&rules, "connect", Some(tref))
+        .err()
+        .map(|d| d.reason))
 }
 
 /// Delivers cancellations that other controllers NOTIFY to the workers this controller

@@ -133,6 +133,34 @@ impl Api {
         })
     }
 
+    /// Authorizes a session to `target` (as `login`, if given) with a fresh client key.
+    pub async fn authorize(
+        &self,
+        target: &str,
+        login: Option<&str>,
+    ) -> Result<
+        (
+            postern_controller::api::types::Authorization,
+            postern_cli::session::ClientKey,
+        ),
+        ApiFailure,
+    > {
+        let key = postern_cli::session::new_client_key().expect("client key");
+        let body = postern_controller::api::types::AuthorizeRequest {
+            client_spki: key.spki_b64().into(),
+            duration_secs: None,
+            login: login.map(str::to_owned),
+        };
+        let auth = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/v1/targets/{target}/authorize"),
+                Some(&body),
+            )
+            .await?;
+        Ok((auth, key))
+    }
+
     /// `call` for tests that expect success.
     pub async fn ok<T: DeserializeOwned, B: Serialize>(
         &self,

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::json;
 
-use postern_cli::session::{new_client_key, open_session};
+use postern_cli::session::open_session;
 use postern_controller::api::types::{
-    AuditEvent, AuthMethods, Authorization, AuthorizeRequest, LoginResponse, OidcAttempt,
-    OidcDeviceStart, OidcStart, WhoAmI,
+    AuditEvent, AuthMethods, Authorization, LoginResponse, OidcAttempt, OidcDeviceStart, OidcStart,
+    WhoAmI,
 };
 use postern_controller::oidc::OidcConfig;
 
@@ -153,19 +153,7 @@ async fn authorize(
     api: &Api,
     target: &str,
 ) -> Result<(Authorization, postern_cli::session::ClientKey), ApiFailure> {
-    let key = new_client_key().expect("key");
-    let auth = api
-        .call(
-            Method::POST,
-            &format!("/v1/targets/{target}/authorize"),
-            Some(&AuthorizeRequest {
-                client_spki: key.spki_b64().into(),
-                duration_secs: None,
-                login: None,
-            }),
-        )
-        .await?;
-    Ok((auth, key))
+    api.authorize(target, None).await
 }
 
 /// Target `echo` and role `eng` (connect to anything) bound to group `engineering`.

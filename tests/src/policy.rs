@@ -4,23 +4,12 @@
 use reqwest::Method;
 use serde_json::json;
 
-use postern_cli::session::new_client_key;
-use postern_controller::api::types::{AuditEvent, Authorization, AuthorizeRequest, Decision};
+use postern_controller::api::types::{AuditEvent, Authorization, Decision};
 
 use crate::harness::{Api, ApiFailure, Cluster};
 
 async fn authorize(api: &Api, target: &str) -> Result<Authorization, ApiFailure> {
-    let key = new_client_key().expect("client key");
-    api.call(
-        Method::POST,
-        &format!("/v1/targets/{target}/authorize"),
-        Some(&AuthorizeRequest {
-            client_spki: key.spki_b64().into(),
-            duration_secs: None,
-            login: None,
-        }),
-    )
-    .await
+    api.authorize(target, None).await.map(|(auth, _)| auth)
 }
 
 #[tokio::test]

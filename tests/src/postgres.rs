@@ -22,8 +22,8 @@ use reqwest::Method;
 use serde_json::json;
 use tokio::io::AsyncWriteExt as _;
 
-use postern_cli::session::{new_client_key, open_session, Session};
-use postern_controller::api::types::{AuditEvent, Authorization, AuthorizeRequest};
+use postern_cli::session::{open_session, Session};
+use postern_controller::api::types::{AuditEvent, Authorization};
 
 use crate::dev_cli::postern_bin;
 use crate::harness::{Api, ApiFailure, Cluster, TempDir};
@@ -55,19 +55,7 @@ async fn authorize(
     target: &str,
     login: Option<&str>,
 ) -> Result<(Authorization, postern_cli::session::ClientKey), ApiFailure> {
-    let key = new_client_key().expect("client key");
-    let auth = api
-        .call(
-            Method::POST,
-            &format!("/v1/targets/{target}/authorize"),
-            Some(&AuthorizeRequest {
-                client_spki: key.spki_b64().into(),
-                duration_secs: None,
-                login: login.map(str::to_owned),
-            }),
-        )
-        .await?;
-    Ok((auth, key))
+    api.authorize(target, login).await
 }
 
 /// Opens a session in-process and serves it on a local port.

@@ -12,9 +12,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use postern_cli::session::{new_client_key, open_session, ClientKey, SessionError};
-use postern_controller::api::types::{
-    Authorization, AuthorizeRequest, CreatedWorker, Session as SessionRow, Worker,
-};
+use postern_controller::api::types::{Authorization, CreatedWorker, Session as SessionRow, Worker};
 use postern_proto::cluster::WorkerMode;
 use postern_proto::session::RefusalCode;
 use postern_worker::{WorkerConfig, WorkerHandle};
@@ -31,19 +29,7 @@ mod namespaces;
 const CUT_BOUND: Duration = Duration::from_secs(1);
 
 async fn authorize(api: &Api, target: &str) -> Result<(Authorization, ClientKey), ApiFailure> {
-    let key = new_client_key().expect("key");
-    let auth = api
-        .call(
-            Method::POST,
-            &format!("/v1/targets/{target}/authorize"),
-            Some(&AuthorizeRequest {
-                client_spki: key.spki_b64().into(),
-                duration_secs: None,
-                login: None,
-            }),
-        )
-        .await?;
-    Ok((auth, key))
+    api.authorize(target, None).await
 }
 
 /// Registers and starts a worker `name` with `tags` in `mode` against the controller at

@@ -8,10 +8,8 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::json;
 
-use postern_cli::session::{new_client_key, open_session, Session};
-use postern_controller::api::types::{
-    AuditEvent, Authorization, AuthorizeRequest, Session as SessionRow,
-};
+use postern_cli::session::{open_session, Session};
+use postern_controller::api::types::{AuditEvent, Authorization, Session as SessionRow};
 
 use crate::harness::{
     controller_config, echo_server, free_addrs, Api, ApiFailure, Cluster, ClusterOptions, PgDb,
@@ -26,19 +24,7 @@ async fn authorize(
     api: &Api,
     target: &str,
 ) -> Result<(Authorization, postern_cli::session::ClientKey), ApiFailure> {
-    let key = new_client_key().expect("key");
-    let auth = api
-        .call(
-            Method::POST,
-            &format!("/v1/targets/{target}/authorize"),
-            Some(&AuthorizeRequest {
-                client_spki: key.spki_b64().into(),
-                duration_secs: None,
-                login: None,
-            }),
-        )
-        .await?;
-    Ok((auth, key))
+    api.authorize(target, None).await
 }
 
 /// Opens a session as `api`'s user and starts traffic through it.
