@@ -26,9 +26,8 @@ use tokio::task::JoinHandle;
 use postern_controller::api::types::Authorization;
 use postern_proto::session::{close, ConnOpen, ConnReply, RefusalCode, SessionHello, SessionReply};
 use postern_proto::{frame, ALPN_SESSION, PROTOCOL_VERSION};
+use postern_worker::pump::{self, PumpError};
 
-/// Buffer size of each direction of a proxied connection.
-const COPY_BUF: usize = 64 * 1024;
 /// How long to wait for the worker's QUIC handshake and hello reply.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a clean close may wait for the worker to acknowledge.
@@ -213,7 +212,7 @@ pub struct Session {
 
 /// Dials the worker named in `auth`, proves possession of `key`, and presents the token.
 pub async fn open_session(auth: &Authorization, key: &ClientKey) -> Result<Session, SessionError> {
-    let config = client_config(&auth.ca_pem, key)?;
+    let mut config = client_config(&auth.ca_pem, key)?;
     let unreachable = |detail: String| SessionError::Unreachable {
         worker: auth.worker.name.clone(),
         addr: auth.worker.addr.clone(),
@@ -230,6 +229,9 @@ pub async fn open_session(auth: &Authorization, key: &ClientKey) -> Result<Sessi
         (Ipv4Addr::UNSPECIFIED, 0).into()
     };
     let endpoint = postern_worker::udp::endpoint(bind, None).map_err(SessionError::Socket)?;
+    let mut transport = transport_config();
+    postern_worker::udp::tune_for_path(&mut transport, addr);
+    config.transport_config(Arc::new(transport));
     let connecting = endpoint
         .connect_with(config, addr, &auth.worker.server_name)
         .map_err(|e| SessionError::BadAuthorization(format!("cannot dial the worker: {e}")))?;
@@ -387,14 +389,14 @@ async fn proxy_one(conn: &Connection, mut tcp: TcpStream) -> Result<(u64, u64), 
         conn,
     )
     .await?;
-    let (tcp_read, mut tcp_write) = tcp.split();
-    let relay_error = |e: io::Error| match conn.close_reason() {
+    let (mut tcp_read, mut tcp_write) = tcp.split();
+    let relay_error = |e: PumpError| match conn.close_reason() {
         Some(reason) => SessionError::Ended(SessionEnd::from_error(&reason)),
         None => SessionError::Protocol(format!("relay: {e}")),
     };
     let up = async {
-        let mut reader = tokio::io::BufReader::with_capacity(COPY_BUF, tcp_read);
-        let n = tokio::io::copy_buf(&mut reader, &mut send)
+        let mut n = 0;
+        pump::into_stream(&mut tcp_read, &mut send, &mut n)
             .await
             .map_err(relay_error)?;
         // The local client finished its side: half-close towards the target.
@@ -413,8 +415,8 @@ async fn proxy_one(conn: &Connection, mut tcp: TcpStream) -> Result<(u64, u64), 
                 )))
             }
         }
-        let mut reader = tokio::io::BufReader::with_capacity(COPY_BUF, &mut recv);
-        let n = tokio::io::copy_buf(&mut reader, &mut tcp_write)
+        let mut n = 0;
+        pump::out_of_stream(&mut recv, &mut tcp_write, &mut n)
             .await
             .map_err(relay_error)?;
         let _ = tcp_write.shutdown().await;

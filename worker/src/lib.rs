@@ -34,6 +34,7 @@ mod listener;
 mod metrics;
 mod outbound;
 pub mod postgres;
+pub mod pump;
 mod register;
 mod relay;
 mod spool;
@@ -142,15 +143,16 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
     let server_config = tls::session_server_config(&identity)?;
     let client_config = tls::control_client_config(&identity)?;
     let outbound_only = config.mode == WorkerMode::OutboundOnly;
-    let (endpoint, relay) = if outbound_only {
+    let (endpoint, relay, per_path) = if outbound_only {
         // No socket at all: clients come through the controller's relay.
         let (endpoint, relay) =
             outbound::Relay::endpoint(server_config).map_err(|error| WorkerError::Bind {
                 addr: config.session_listen,
                 error,
             })?;
-        (endpoint, Some(relay))
+        (endpoint, Some(relay), None)
     } else {
+        let per_path = Arc::new(server_config.clone());
         let endpoint =
             udp::endpoint(config.session_listen, Some(server_config)).map_err(|error| {
                 WorkerError::Bind {
@@ -158,7 +160,7 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
                     error,
                 }
             })?;
-        (endpoint, None)
+        (endpoint, None, Some(per_path))
     };
     let session_addr = endpoint.local_addr().map_err(|error| WorkerError::Bind {
         addr: config.session_listen,
@@ -194,6 +196,7 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
 
     let listener = tokio::spawn(listener::accept_loop(
         endpoint.clone(),
+        per_path,
         shared.clone(),
         listener_stop_rx.clone(),
     ));

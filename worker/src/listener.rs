@@ -58,8 +58,13 @@ enum HelloError {
 
 /// Accepts session connections until `stop`, then ends every session and closes the
 /// endpoint.
+///
+/// `per_path`: the listener's server config when clients arrive over real UDP, so each
+/// connection's packet size can follow its own route (`None` behind the outbound relay,
+/// whose addresses are not routes).
 pub(crate) async fn accept_loop(
     endpoint: quinn::Endpoint,
+    per_path: Option<Arc<quinn::ServerConfig>>,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -69,7 +74,7 @@ pub(crate) async fn accept_loop(
             incoming = endpoint.accept() => match incoming {
                 Some(incoming) => {
                     let span = tracing::info_span!("session_conn", remote = %incoming.remote_address());
-                    conns.spawn(handle(incoming, shared.clone()).instrument(span));
+                    conns.spawn(handle(incoming, per_path.clone(), shared.clone()).instrument(span));
                 }
                 None => break,
             },
@@ -90,8 +95,26 @@ pub(crate) async fn accept_loop(
 }
 
 /// One client connection, from handshake to close.
-async fn handle(incoming: quinn::Incoming, shared: Arc<Shared>) {
-    let conn = match incoming.await {
+async fn handle(
+    incoming: quinn::Incoming,
+    per_path: Option<Arc<quinn::ServerConfig>>,
+    shared: Arc<Shared>,
+) {
+    let connecting = match per_path {
+        Some(base) => {
+            let mut transport = crate::tls::session_transport();
+            crate::udp::tune_for_path(&mut transport, incoming.remote_address());
+            let mut config = (*base).clone();
+            config.transport_config(Arc::new(transport));
+            incoming.accept_with(Arc::new(config))
+        }
+        None => incoming.accept(),
+    };
+    let conn = match connecting {
+        Ok(connecting) => connecting.await,
+        Err(e) => Err(e),
+    };
+    let conn = match conn {
         Ok(conn) => conn,
         Err(e) => {
             tracing::debug!("session handshake failed: {e}");

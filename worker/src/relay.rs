@@ -6,24 +6,22 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use postern_proto::cluster::WorkerMessage;
 use postern_proto::session::{close, ConnOpen, ConnReply, RefusalCode};
 use postern_proto::PROTOCOL_VERSION;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use crate::frames::{read_frame, write_frame, ReadFrameError};
+use crate::pump::{self, PumpError};
 use crate::state::{OpenRefusal, Session, Shared, StreamGuard};
 
 /// How long a client may take to send `ConnOpen`.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long dialing the target may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest chunk moved at once in either direction.
-const CHUNK: usize = 64 * 1024;
 /// Stream error code (reset / stop) when a relay fails on either side.
 const STREAM_ABORTED: VarInt = VarInt::from_u32(1);
 
@@ -241,45 +239,24 @@ async fn relay(
     let (mut target_read, mut target_write) = tcp.split();
     let Counts { up, down } = counts;
     let upstream = async {
-        // Coalesce what QUIC has received into one TCP write: a write per QUIC packet
-        // (~1.4 KB) cost a quarter of the worker's CPU in the benchmark. The buffer is
-        // allocated uninitialised, so idle connections do not make it resident.
-        let mut buf = BytesMut::with_capacity(CHUNK);
-        loop {
-            buf.clear();
-            match recv.read_buf(&mut buf).await {
-                Ok(0) => {
-                    // The client finished its side: half-close towards the target.
-                    return target_write.shutdown().await.map_err(RelayError::Target);
-                }
-                Ok(n) => {
-                    target_write
-                        .write_all(&buf)
-                        .await
-                        .map_err(RelayError::Target)?;
-                    *up += n as u64;
-                }
-                Err(e) => return Err(RelayError::Client(e)),
-            }
-        }
+        pump::out_of_stream(recv, &mut target_write, up)
+            .await
+            .map_err(|e| match e {
+                PumpError::Source(e) => RelayError::Client(e),
+                PumpError::Sink(e) => RelayError::Target(e),
+            })?;
+        // The client finished its side: half-close towards the target.
+        target_write.shutdown().await.map_err(RelayError::Target)
     };
     let downstream = async {
-        let mut buf = BytesMut::new();
-        loop {
-            buf.reserve(CHUNK);
-            let n = target_read
-                .read_buf(&mut buf)
-                .await
-                .map_err(RelayError::Target)?;
-            if n == 0 {
-                // The target finished its side: finish the stream towards the client.
-                return send.finish().map_err(|e| RelayError::Client(e.into()));
-            }
-            send.write_chunk(buf.split().freeze())
-                .await
-                .map_err(|e| RelayError::Client(e.into()))?;
-            *down += n as u64;
-        }
+        pump::into_stream(&mut target_read, send, down)
+            .await
+            .map_err(|e| match e {
+                PumpError::Source(e) => RelayError::Target(e),
+                PumpError::Sink(e) => RelayError::Client(e),
+            })?;
+        // The target finished its side: finish the stream towards the client.
+        send.finish().map_err(|e| RelayError::Client(e.into()))
     };
     tokio::try_join!(upstream, downstream).map(|_| ())
 }

@@ -78,6 +78,14 @@ pub(crate) fn session_server_config(identity: &Identity) -> Result<quinn::Server
         .with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
     tls.alpn_protocols = vec![postern_proto::ALPN_SESSION.to_vec()];
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
+    config.transport_config(Arc::new(session_transport()));
+    Ok(config)
+}
+
+/// The session listener's transport: windows sized for bulk transfers, and keep-alives well
+/// inside the idle timeout. The listener adds the packet size for each client's path
+/// ([`crate::udp::tune_for_path`]).
+pub(crate) fn session_transport() -> TransportConfig {
     let mut transport = TransportConfig::default();
     transport
         .stream_receive_window(VarInt::from_u32(8 << 20))
@@ -87,8 +95,7 @@ pub(crate) fn session_server_config(identity: &Identity) -> Result<quinn::Server
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .keep_alive_interval(Some(std::time::Duration::from_secs(5)))
         .max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(30_000))));
-    config.transport_config(Arc::new(transport));
-    Ok(config)
+    transport
 }
 
 /// The DER SubjectPublicKeyInfo of the certificate the client presented (and proved
