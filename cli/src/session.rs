@@ -479,6 +479,9 @@ pub fn client_config(ca_pem: &str, key: &ClientKey) -> Result<quinn::ClientConfi
 fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.stream_receive_window(VarInt::from_u32(8 << 20))
+        // The worker never opens streams towards the client.
+        .max_concurrent_bidi_streams(VarInt::from_u32(0))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
         .receive_window(VarInt::from_u32(32 << 20))
         .send_window(32 << 20)
         .keep_alive_interval(Some(Duration::from_secs(5)))

@@ -22,6 +22,7 @@ use postern_proto::cluster::{
 use postern_proto::frame;
 use postern_proto::ids::{Secret, SessionId};
 
+use crate::api::types::Session;
 use crate::keys::{fingerprint, KeyError, RootKeys};
 use crate::state::AppState;
 use crate::store::{now, NewEvent, StoreError};
@@ -359,40 +360,30 @@ async fn handle(
             let (state, worker, tx) = (state.clone(), worker.to_owned(), tx.clone());
             // Activations run concurrently: one slow store call must not hold up the others.
             tokio::spawn(async move {
-                let mut refused = match activation_refusal(&state, &worker, &session_id).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::error!(error = %e, "activation failed");
-                        Some("controller store failure".into())
-                    }
+                let (session, outcome) = activate(&state, &worker, &session_id).await;
+                let (refused, grant) = match outcome {
+                    Ok(grant) => (None, Some(grant)),
+                    Err(reason) => (Some(reason), None),
                 };
-                let mut grant = None;
-                if refused.is_none() {
-                    match session_grant(&state, &session_id).await {
-                        Ok(g) => grant = Some(g),
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot prepare the session grant");
-                            refused = Some(format!("controller cannot prepare the session: {e}"));
-                        }
-                    }
-                }
                 let outcome = if refused.is_some() {
                     "denied"
                 } else {
                     "success"
                 };
-                let session = state.store.session(session_id.as_str()).await.ok();
-                let (user, target) = session.map(|s| (s.user, s.target)).unzip();
+                let details = json!({"worker": worker, "refused": refused, "target": session.as_ref().map(|s| &s.target)});
+                // The answer goes first: it waits on nothing but the session row, which is
+                // already committed (`active`, `activated_at`); the event follows at once.
+                let _ = tx.send(ControllerMessage::Activated { id, refused, grant });
+                let user = session.map(|s| s.user);
                 let _ = state
                     .audit(
                         user.as_deref().unwrap_or("unknown"),
                         "session.activate",
                         &format!("session:{session_id}"),
                         outcome,
-                        json!({"worker": worker, "refused": refused, "target": target}),
+                        details,
                     )
                     .await;
-                let _ = tx.send(ControllerMessage::Activated { id, refused, grant });
             });
         }
         WorkerMessage::ConnectionClosed {
@@ -541,36 +532,64 @@ async fn handle(
     }
 }
 
-/// `None` if the session may start on this worker now, else why not.
-async fn activation_refusal(
+/// Activates session `session_id` on `worker` if it may start there now: the session (if
+/// found) and its grant, or why not.
+async fn activate(
     state: &AppState,
     worker: &str,
     session_id: &SessionId,
-) -> Result<Option<String>, crate::store::StoreError> {
+) -> (Option<Session>, Result<SessionGrant, String>) {
     let s = match state.store.session(session_id.as_str()).await {
         Ok(s) => s,
-        Err(crate::store::StoreError::NotFound { .. }) => {
-            return Ok(Some("unknown session".into()))
+        Err(StoreError::NotFound { .. }) => return (None, Err("unknown session".into())),
+        Err(e) => {
+            tracing::error!(error = %e, "activation failed");
+            return (None, Err("controller store failure".into()));
         }
-        Err(e) => return Err(e),
     };
+    // The brokered credential is read alongside the checks.
+    let (refusal, credential) = tokio::join!(
+        activation_refusal(state, worker, &s),
+        state.store.credential(&s.target)
+    );
+    let outcome = match refusal.and_then(|r| Ok((r, credential?))) {
+        Ok((Some(reason), _)) => Err(reason),
+        Ok((None, credential)) => session_grant(state, &s, credential).map_err(|e| {
+            tracing::error!(error = %e, "cannot prepare the session grant");
+            format!("controller cannot prepare the session: {e}")
+        }),
+        Err(e) => {
+            tracing::error!(error = %e, "activation failed");
+            Err("controller store failure".into())
+        }
+    };
+    (Some(s), outcome)
+}
+
+/// `None` if session `s` may start on this worker now (and it is now marked active), else
+/// why not.
+async fn activation_refusal(
+    state: &AppState,
+    worker: &str,
+    s: &Session,
+) -> Result<Option<String>, StoreError> {
     if s.worker != worker {
         return Ok(Some(format!("session belongs to worker '{}'", s.worker)));
     }
     if s.status == "terminated" {
         return Ok(Some(format!(
             "session has ended: {}",
-            s.end_reason.unwrap_or_default()
+            s.end_reason.as_deref().unwrap_or_default()
         )));
     }
     if s.expires_at <= now() {
         return Ok(Some("session expired".into()));
     }
     // Users, targets and policy may have changed since authorization: check again.
-    if let Some(reason) = crate::revoke::policy_refusal(state, &s).await? {
+    if let Some(reason) = crate::revoke::policy_refusal(state, s).await? {
         return Ok(Some(reason));
     }
-    if !state.store.activate_session(session_id.as_str()).await? {
+    if !state.store.activate_session(&s.id).await? {
         return Ok(Some("session can no longer be activated".into()));
     }
     Ok(None)
@@ -651,18 +670,12 @@ async fn store_events(
 }
 
 /// What the worker needs for an activated session: the target's brokered credential, unsealed.
-async fn session_grant(state: &AppState, session_id: &SessionId) -> Result<SessionGrant, String> {
-    let s = state
-        .store
-        .session(session_id.as_str())
-        .await
-        .map_err(|e| e.to_string())?;
-    let Some((kind, username, sealed)) = state
-        .store
-        .credential(&s.target)
-        .await
-        .map_err(|e| e.to_string())?
-    else {
+fn session_grant(
+    state: &AppState,
+    s: &Session,
+    credential: Option<(String, String, String)>,
+) -> Result<SessionGrant, String> {
+    let Some((kind, username, sealed)) = credential else {
         return Ok(SessionGrant::default());
     };
     let secret = state

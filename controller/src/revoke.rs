@@ -173,22 +173,31 @@ async fn still_allowed(state: &AppState, s: &Session) -> Result<bool, StoreError
 /// gone or disabled, or policy no longer granting `connect`), or `None` if it still does.
 /// One check for activation and for re-evaluation after a change.
 pub async fn policy_refusal(state: &AppState, s: &Session) -> Result<Option<String>, StoreError> {
-    match state.store.find_user(&s.user).await? {
+    // Three independent reads, at once: this is on the path of every session's set-up.
+    let target = async {
+        match state.store.target(&s.target).await {
+            Ok(t) => Ok(Some(t)),
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    };
+    let (user, target, rules) = tokio::try_join!(
+        state.store.find_user(&s.user),
+        target,
+        state.store.rules_for_user(&s.user),
+    )?;
+    match user {
         Some(u) if !u.locked => {}
         Some(_) => return Ok(Some(format!("user '{}' is locked", s.user))),
         None => return Ok(Some(format!("user '{}' no longer exists", s.user))),
     }
-    let target = match state.store.target(&s.target).await {
-        Ok(t) => t,
-        Err(StoreError::NotFound { .. }) => {
-            return Ok(Some(format!("target '{}' no longer exists", s.target)))
-        }
-        Err(e) => return Err(e),
+    let Some(target) = target else {
+        return Ok(Some(format!("target '{}' no longer exists", s.target)));
     };
     if !target.enabled {
         return Ok(Some(format!("target '{}' is disabled", s.target)));
     }
-    let rules: Vec<SourcedRule> = state.store.rules_for_user(&s.user).await?;
+    let rules: Vec<SourcedRule> = rules;
     let tref = TargetRef {
         name: &target.name,
         labels: &target.labels,

@@ -56,6 +56,11 @@ enum HelloError {
     Gone(String),
 }
 
+/// Concurrent connections (streams) a session may open at first, and at most: the allowance
+/// grows as they are used.
+pub(crate) const INITIAL_STREAMS: u32 = 128;
+pub(crate) const MAX_STREAMS: u32 = 10_000;
+
 /// Accepts session connections until `stop`, then ends every session and closes the
 /// endpoint.
 ///
@@ -309,6 +314,7 @@ fn verify_token(shared: &Shared, token_text: &str, spki: &[u8]) -> Result<Sessio
 /// detaches it from the session.
 async fn serve_streams(conn: &Connection, session: &Arc<Session>, shared: &Arc<Shared>) {
     let mut streams = JoinSet::new();
+    let mut allowed = INITIAL_STREAMS;
     let reason = loop {
         tokio::select! {
             accepted = conn.accept_bi() => match accepted {
@@ -320,6 +326,12 @@ async fn serve_streams(conn: &Connection, session: &Arc<Session>, shared: &Arc<S
                         send,
                         recv,
                     ));
+                    // Half the allowance in use: allow four times as many, well before the
+                    // client has to wait for it.
+                    if streams.len() * 2 > allowed as usize && allowed < MAX_STREAMS {
+                        allowed = (allowed * 4).min(MAX_STREAMS);
+                        conn.set_max_concurrent_bi_streams(VarInt::from_u32(allowed));
+                    }
                 }
                 Err(e) => break describe_close(&e),
             },

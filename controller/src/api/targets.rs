@@ -172,7 +172,8 @@ pub async fn authorize(
     Path(name): Path<String>,
     Json(req): Json<AuthorizeRequest>,
 ) -> ApiResult<Authorization> {
-    let target = state.store.target(&name).await?;
+    // Independent reads at once (each is a round trip to the store's threads).
+    let (target, workers) = tokio::try_join!(state.store.target(&name), state.store.workers())?;
     let resource = format!("target:{}", target.name);
     if let Err(denied) = crate::policy::check(&caller.rules, "connect", Some(target_ref(&target))) {
         state
@@ -240,7 +241,7 @@ pub async fn authorize(
         }
     }
 
-    let worker = pick_worker(&state, &target).await?;
+    let worker = pick_worker(workers, &target)?;
     let worker_addr = worker.session_addr.clone().ok_or_else(|| {
         ApiError::Unavailable(format!(
             "worker '{}' has not reported its address",
@@ -343,8 +344,7 @@ async fn ssh_access(
 
 /// A live worker whose tags satisfy the target's filter, direct ones first
 /// ([`super::worker_choice`]).
-async fn pick_worker(state: &AppState, target: &Target) -> Result<WorkerRow, ApiError> {
-    let workers = state.store.workers().await?;
+fn pick_worker(workers: Vec<WorkerRow>, target: &Target) -> Result<WorkerRow, ApiError> {
     let pick = getrandom::u32().map_err(|e| ApiError::Internal(e.to_string()))?;
     super::worker_choice::choose(workers, &target.worker_filter, now(), pick).map_err(|why| {
         ApiError::Unavailable(format!(
