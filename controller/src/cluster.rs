@@ -603,8 +603,10 @@ async fn store_events(
 ) -> Result<(), StoreError> {
     let mut batch = Vec::with_capacity(events.len());
     let mut users: HashMap<String, String> = HashMap::new();
+    let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+    let stored = state.store.stored_event_ids(&ids).await?;
     for e in events {
-        if state.store.audit_event_exists(&e.event_id).await? {
+        if stored.contains(&e.event_id) {
             continue;
         }
         let (actor, action, session_id, details) = match *e.message {

@@ -125,22 +125,34 @@ impl Spool {
 
     /// Forgets acknowledged events.
     pub(crate) fn ack(&self, ids: &[String]) {
-        let ids: HashSet<&str> = ids.iter().map(String::as_str).collect();
+        let mut pending: HashSet<&str> = ids.iter().map(String::as_str).collect();
         let compact = {
             let mut inner = self.lock();
             let before = inner.events.len();
-            let mut removed_sent = 0;
-            let sent = inner.sent;
-            let mut index = 0;
-            inner.events.retain(|(e, _)| {
-                let keep = !ids.contains(e.event_id.as_str());
-                if !keep && index < sent {
-                    removed_sent += 1;
+            // Batches are sent and acknowledged in order, so acknowledged events are the
+            // oldest: take them off the front. (Scanning the whole backlog for every
+            // acknowledgement made a busy statement audit quadratic.)
+            while let Some((e, _)) = inner.events.front() {
+                if !pending.remove(e.event_id.as_str()) {
+                    break;
                 }
-                index += 1;
-                keep
-            });
-            inner.sent -= removed_sent;
+                inner.events.pop_front();
+                inner.sent = inner.sent.saturating_sub(1);
+            }
+            if !pending.is_empty() {
+                let mut removed_sent = 0;
+                let sent = inner.sent;
+                let mut index = 0;
+                inner.events.retain(|(e, _)| {
+                    let keep = !pending.contains(e.event_id.as_str());
+                    if !keep && index < sent {
+                        removed_sent += 1;
+                    }
+                    index += 1;
+                    keep
+                });
+                inner.sent -= removed_sent;
+            }
             inner.stale += before - inner.events.len();
             // Record the acknowledgement, so a restart does not send these again.
             let line = serde_json::to_string(&AckLine {
@@ -242,6 +254,32 @@ mod tests {
         spool.ack(&ids);
         assert_eq!(spool.len(), 0);
         assert_eq!(Spool::open(&dir).expect("reopen").len(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn acknowledgements_in_and_out_of_order_keep_the_rest() {
+        let dir =
+            std::env::temp_dir().join(format!("spool-{}", postern_proto::ids::random_base32(6)));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let spool = Spool::open(&dir).expect("open");
+        for n in 0..6 {
+            spool.push(closed(n));
+        }
+        let batch = spool.next_batch();
+        let id = |i: usize| batch[i].event_id.clone();
+        // Out of order (from the middle), then in order (from the front).
+        spool.ack(&[id(3)]);
+        spool.ack(&[id(1), id(0)]);
+        assert_eq!(spool.len(), 3);
+        // Nothing already sent goes again on this connection; a new event does.
+        spool.push(closed(6));
+        let next = spool.next_batch();
+        assert_eq!(next.len(), 1);
+        // After a reconnect, exactly the unacknowledged ones, in order.
+        spool.restart();
+        let left: Vec<_> = spool.next_batch().into_iter().map(|e| e.event_id).collect();
+        assert_eq!(left, vec![id(2), id(4), id(5), next[0].event_id.clone()]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

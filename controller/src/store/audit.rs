@@ -228,13 +228,28 @@ impl Store {
         Ok(out)
     }
 
-    /// Whether an event with this producer id is stored.
-    pub async fn audit_event_exists(&self, event_id: &str) -> Result<bool, StoreError> {
-        let row = sqlx::query("SELECT 1 AS one FROM audit_events WHERE event_id = $1")
-            .bind(event_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.is_some())
+    /// Which of these producer ids are already stored (a query per 500 ids, not per id: a
+    /// worker's statement audit arrives in batches of thousands).
+    pub async fn stored_event_ids(
+        &self,
+        event_ids: &[&str],
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        let mut stored = std::collections::HashSet::new();
+        for chunk in event_ids.chunks(500) {
+            let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT event_id FROM audit_events WHERE event_id IN ({})",
+                placeholders.join(", ")
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                stored.insert(row.try_get::<String, _>("event_id")?);
+            }
+        }
+        Ok(stored)
     }
 
     /// The newest `seq` stored.
