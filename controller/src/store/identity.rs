@@ -451,17 +451,34 @@ impl Store {
     /// Every rule that applies to `user` (directly or through a group), with its role name and
     /// 1-based position, in a stable order: what the policy engine evaluates.
     pub async fn rules_for_user(&self, user: &str) -> Result<Vec<SourcedRule>, StoreError> {
-        let rows = sqlx::query(
+        self.rules_where("$1", user).await
+    }
+
+    /// The rules of the user who owns API token `hash` (none for an unknown token): read
+    /// alongside [`Self::token_owner`] rather than after it, on every API call.
+    pub async fn rules_for_token(&self, hash: &str) -> Result<Vec<SourcedRule>, StoreError> {
+        self.rules_where(
+            "(SELECT user_name FROM api_tokens WHERE token_hash = $1)",
+            hash,
+        )
+        .await
+    }
+
+    /// Rules bound to the user named by the SQL expression `user` (over `$1` = `arg`),
+    /// directly or through a group.
+    async fn rules_where(&self, user: &str, arg: &str) -> Result<Vec<SourcedRule>, StoreError> {
+        let sql = format!(
             "SELECT DISTINCT r.role_name, r.position, r.rule FROM role_rules r \
              JOIN role_bindings b ON b.role_name = r.role_name \
-             WHERE (b.principal_kind = 'user' AND b.principal_name = $1) \
+             WHERE (b.principal_kind = 'user' AND b.principal_name = {user}) \
                 OR (b.principal_kind = 'group' AND b.principal_name IN \
-                    (SELECT group_name FROM group_members WHERE user_name = $1)) \
-             ORDER BY r.role_name, r.position",
-        )
-        .bind(user)
-        .fetch_all(&self.pool)
-        .await?;
+                    (SELECT group_name FROM group_members WHERE user_name = {user})) \
+             ORDER BY r.role_name, r.position"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(arg)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(SourcedRule {
