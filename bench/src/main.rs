@@ -17,7 +17,9 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use postern_cli::session::{client_config, new_client_key, open_session, Session};
+use postern_cli::session::{
+    client_config, new_client_key, open_session, open_session_on, prepared_endpoint, Session,
+};
 use postern_controller::api::types::{Authorization, AuthorizeRequest};
 use postern_proto::session::{ConnOpen, ConnReply, SessionHello, SessionReply};
 use postern_proto::{frame, PROTOCOL_VERSION};
@@ -351,9 +353,13 @@ async fn sessions(api: &ApiArgs, count: usize) -> Result<Value> {
         let t0 = Instant::now();
         let key = new_client_key()?;
         let t1 = Instant::now();
-        let auth = authorize(&http, api, key.spki_b64()).await?;
+        // As `postern connect` does: the endpoint is made while the controller answers.
+        let (auth, prepared) = tokio::join!(authorize(&http, api, key.spki_b64()), async {
+            prepared_endpoint()
+        });
+        let auth = auth?;
         let t2 = Instant::now();
-        let session = open_session(&auth, &key).await?;
+        let session = open_session_on(prepared, &auth, &key).await?;
         let t3 = Instant::now();
         let (addr, serve) = session.listen(0).await?;
         let fb = first_byte(addr).await?;

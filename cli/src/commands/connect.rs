@@ -14,7 +14,7 @@ use postern_controller::api::types::{Authorization, AuthorizeRequest};
 use super::Ctx;
 use crate::args::ConnectArgs;
 use crate::output::relative;
-use crate::session::{new_client_key, open_session, Session};
+use crate::session::{new_client_key, open_session_on, prepared_endpoint, Session};
 
 /// What a session command asks for: `postern connect`, and the wrappers that run a client
 /// through a session (`postern psql`).
@@ -61,18 +61,18 @@ pub(super) async fn run_session(ctx: &Ctx, args: SessionRequest) -> Result<ExitC
     let addr = listener.local_addr().context("reading the local address")?;
     let setup = async {
         let key = new_client_key()?;
-        let auth: Authorization = ctx
-            .api()?
-            .post(
-                &["v1", "targets", &args.target, "authorize"],
-                &AuthorizeRequest {
-                    client_spki: key.spki_b64().to_owned(),
-                    duration_secs: args.duration,
-                    login: args.login.clone(),
-                },
-            )
-            .await?;
-        let session = open_session(&auth, &key).await?;
+        let api = ctx.api()?;
+        // The session's endpoint is made while the controller answers.
+        let path = ["v1", "targets", &args.target, "authorize"];
+        let request = AuthorizeRequest {
+            client_spki: key.spki_b64().to_owned(),
+            duration_secs: args.duration,
+            login: args.login.clone(),
+        };
+        let (auth, prepared) =
+            tokio::join!(api.post(&path, &request), async { prepared_endpoint() });
+        let auth: Authorization = auth?;
+        let session = open_session_on(prepared, &auth, &key).await?;
         anyhow::Ok((auth, session))
     };
     let (auth, session) = tokio::select! {
