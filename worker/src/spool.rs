@@ -218,15 +218,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn survives_a_restart_until_acknowledged() {
+    /// A spool in a fresh directory holding `events` connection closes.
+    fn spool_with(events: u64) -> (PathBuf, Spool) {
         let dir =
             std::env::temp_dir().join(format!("spool-{}", postern_proto::ids::random_base32(6)));
         std::fs::create_dir_all(&dir).expect("dir");
         let spool = Spool::open(&dir).expect("open");
-        for n in 0..5 {
+        for n in 0..events {
             spool.push(closed(n));
         }
+        (dir, spool)
+    }
+
+    #[test]
+    fn survives_a_restart_until_acknowledged() {
+        let (dir, spool) = spool_with(5);
         let batch = spool.next_batch();
         assert_eq!(batch.len(), 5);
         assert!(
@@ -259,13 +265,7 @@ mod tests {
 
     #[test]
     fn acknowledgements_in_and_out_of_order_keep_the_rest() {
-        let dir =
-            std::env::temp_dir().join(format!("spool-{}", postern_proto::ids::random_base32(6)));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let spool = Spool::open(&dir).expect("open");
-        for n in 0..6 {
-            spool.push(closed(n));
-        }
+        let (dir, spool) = spool_with(6);
         let batch = spool.next_batch();
         let id = |i: usize| batch[i].event_id.clone();
         // Out of order (from the middle), then in order (from the front).
