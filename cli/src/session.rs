@@ -397,18 +397,7 @@ async fn accept_loop(listener: TcpListener, conn: Connection) {
 /// answered, so a refused connection loses nothing but its own bytes.
 async fn proxy_one(conn: &Connection, mut tcp: TcpStream) -> Result<(u64, u64), SessionError> {
     let _ = tcp.set_nodelay(true);
-    let (mut send, mut recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| SessionError::Ended(SessionEnd::from_error(&e)))?;
-    write_frame(
-        &mut send,
-        &ConnOpen {
-            version: PROTOCOL_VERSION,
-        },
-        conn,
-    )
-    .await?;
+    let (mut send, mut recv) = send_conn_open(conn).await?;
     let (mut tcp_read, mut tcp_write) = tcp.split();
     let relay_error = |e: PumpError| match conn.close_reason() {
         Some(reason) => SessionError::Ended(SessionEnd::from_error(&reason)),
@@ -424,17 +413,7 @@ async fn proxy_one(conn: &Connection, mut tcp: TcpStream) -> Result<(u64, u64), 
         Ok::<u64, SessionError>(n)
     };
     let down = async {
-        match read_frame::<ConnReply>(&mut recv, conn).await? {
-            ConnReply::Ok => {}
-            ConnReply::Refused { code, message } => {
-                return Err(SessionError::ConnRefused { code, message })
-            }
-            other => {
-                return Err(SessionError::Protocol(format!(
-                    "unexpected reply to a connection open: {other:?}"
-                )))
-            }
-        }
+        read_conn_reply(&mut recv, conn).await?;
         let mut n = 0;
         pump::out_of_stream(&mut recv, &mut tcp_write, &mut n)
             .await
@@ -446,7 +425,14 @@ async fn proxy_one(conn: &Connection, mut tcp: TcpStream) -> Result<(u64, u64), 
 }
 
 async fn open_stream(conn: &Connection) -> Result<(SendStream, RecvStream), SessionError> {
-    let (mut send, mut recv) = conn
+    let (send, mut recv) = send_conn_open(conn).await?;
+    read_conn_reply(&mut recv, conn).await?;
+    Ok((send, recv))
+}
+
+/// A new stream of `conn`, headed by `ConnOpen`.
+async fn send_conn_open(conn: &Connection) -> Result<(SendStream, RecvStream), SessionError> {
+    let (mut send, recv) = conn
         .open_bi()
         .await
         .map_err(|e| SessionError::Ended(SessionEnd::from_error(&e)))?;
@@ -458,8 +444,13 @@ async fn open_stream(conn: &Connection) -> Result<(SendStream, RecvStream), Sess
         conn,
     )
     .await?;
-    match read_frame::<ConnReply>(&mut recv, conn).await? {
-        ConnReply::Ok => Ok((send, recv)),
+    Ok((send, recv))
+}
+
+/// The worker's answer to `ConnOpen`: `Ok` when the connection is open.
+async fn read_conn_reply(recv: &mut RecvStream, conn: &Connection) -> Result<(), SessionError> {
+    match read_frame::<ConnReply>(recv, conn).await? {
+        ConnReply::Ok => Ok(()),
         ConnReply::Refused { code, message } => Err(SessionError::ConnRefused { code, message }),
         other => Err(SessionError::Protocol(format!(
             "unexpected reply to a connection open: {other:?}"

@@ -147,20 +147,8 @@ pub fn pem_fingerprint(pem: &str) -> Result<String> {
         .collect())
 }
 
-/// `sha256:AB:CD…` / `abcd…` → 64 lowercase hex digits.
-pub fn normalize_fingerprint(text: &str) -> Option<String> {
-    let text = text.trim();
-    let text = text
-        .strip_prefix("sha256:")
-        .or_else(|| text.strip_prefix("SHA256:"))
-        .unwrap_or(text);
-    let hex: String = text
-        .chars()
-        .filter(|c| *c != ':')
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
-    (hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit())).then_some(hex)
-}
+/// `sha256:AB:CD…` / `abcd…` → 64 lowercase hex digits (the worker's own parser).
+pub use postern_worker::normalize_fingerprint;
 
 fn colons(hex: &str) -> String {
     hex.as_bytes()

@@ -386,26 +386,16 @@ async fn handle(
                     .await;
             });
         }
-        WorkerMessage::ConnectionClosed {
-            session_id,
-            bytes_up,
-            bytes_down,
-            reason,
-        } => {
-            state.metrics.connection_closed(bytes_up, bytes_down);
-            let _ = state
-                .store
-                .record_connection(session_id.as_str(), bytes_up, bytes_down)
-                .await;
-            let _ = state
-                .audit(
-                    &format!("worker:{worker}"),
-                    "connection.close",
-                    &format!("session:{session_id}"),
-                    "success",
-                    json!({"bytes_up": bytes_up, "bytes_down": bytes_down, "reason": reason}),
-                )
-                .await;
+        msg @ (WorkerMessage::ConnectionClosed { .. } | WorkerMessage::Audit { .. }) => {
+            // Sent outside the spool (a worker without one): stored as spooled events are.
+            let event = SpooledEvent {
+                event_id: postern_proto::ids::random_base32(16),
+                time: postern_proto::unix_now(),
+                message: Box::new(msg),
+            };
+            if let Err(e) = store_events(state, worker, vec![event]).await {
+                tracing::error!(worker, error = %e, "cannot store the worker's report");
+            }
         }
         WorkerMessage::SessionClosed { session_id, reason } => {
             if let Ok(true) = state.store.end_session(session_id.as_str(), &reason).await {
@@ -437,25 +427,6 @@ async fn handle(
                     &format!("session:{session_id}"),
                     "success",
                     json!({"connections_cut": connections_cut, "worker": worker, "reason": reason}),
-                )
-                .await;
-        }
-        WorkerMessage::Audit {
-            session_id,
-            action,
-            details,
-        } => {
-            let actor = match state.store.session(session_id.as_str()).await {
-                Ok(s) => s.user,
-                Err(_) => format!("worker:{worker}"),
-            };
-            let _ = state
-                .audit(
-                    &actor,
-                    &action,
-                    &format!("session:{session_id}"),
-                    "success",
-                    details,
                 )
                 .await;
         }

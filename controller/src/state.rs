@@ -4,10 +4,12 @@ use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::api::types::LoginResponse;
 use crate::audit::AuditLog;
+use crate::auth::new_api_token;
 use crate::cluster::Registry;
 use crate::keys::{Kek, RootKeys};
-use crate::store::{NewEvent, Store, StoreError};
+use crate::store::{now, NewEvent, Store, StoreError};
 
 /// Cheap-to-clone handle on the controller's shared state.
 #[derive(Clone, Debug)]
@@ -71,5 +73,24 @@ impl AppState {
                 actor, action, resource, outcome, details,
             )])
             .await
+    }
+
+    /// Logs `user` in: a new API token, audited as `auth.login` with `details` (how).
+    pub async fn log_in(
+        &self,
+        user: String,
+        details: serde_json::Value,
+    ) -> Result<LoginResponse, StoreError> {
+        let (token, hash) = new_api_token();
+        let expires_at = now() + self.token_ttl.as_secs() as i64;
+        self.store.insert_token(&hash, &user, expires_at).await?;
+        let resource = format!("user:{user}");
+        self.audit(&user, "auth.login", &resource, "success", details)
+            .await?;
+        Ok(LoginResponse {
+            token: token.expose().to_owned(),
+            user,
+            expires_at,
+        })
     }
 }

@@ -57,7 +57,7 @@ pub(crate) fn plain_http_off_loopback(url: &str) -> bool {
 }
 
 /// `sha256:AB:CD…` / `abcd…` → 64 lowercase hex digits.
-pub(crate) fn normalize_fingerprint(text: &str) -> Option<String> {
+pub fn normalize_fingerprint(text: &str) -> Option<String> {
     let text = text.trim();
     let text = text
         .strip_prefix("sha256:")

@@ -43,6 +43,8 @@ mod state;
 mod tls;
 pub mod udp;
 
+pub use controller_http::normalize_fingerprint;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;

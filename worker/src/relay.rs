@@ -6,8 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use postern_proto::cluster::WorkerMessage;
-use postern_proto::session::{close, ConnOpen, ConnReply, RefusalCode};
+use postern_proto::session::{ConnOpen, ConnReply, RefusalCode};
 use postern_proto::PROTOCOL_VERSION;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio::io::AsyncWriteExt as _;
@@ -70,13 +69,7 @@ pub(crate) async fn serve_stream(
     let reason = match outcome {
         Ok(reason) => reason,
         Err(error) => {
-            // When the session or its connection ended, that is the reason, whichever of the
-            // relay or the connection noticed first.
-            let reason = match (session.ended(), conn.close_reason()) {
-                (Some(ended), _) => format!("session ended: {ended}"),
-                (None, Some(closed)) => crate::listener::describe_close(&closed),
-                (None, None) => error,
-            };
+            let reason = why_ended(&session, &conn, error);
             // Dropping a send stream finishes it cleanly; a failed relay must not look
             // like a clean end to the client.
             let _ = send.reset(STREAM_ABORTED);
@@ -85,23 +78,16 @@ pub(crate) async fn serve_stream(
         }
     };
     drop(tcp);
-    tracing::debug!(session = %session.id, up = counts.up, down = counts.down, %reason, "connection closed");
-    shared.report(WorkerMessage::ConnectionClosed {
-        session_id: session.id.clone(),
-        bytes_up: counts.up,
-        bytes_down: counts.down,
-        reason,
-    });
-    drop(guard);
-    // A session whose connection limit is used up ends with its last connection (DESIGN
-    // §3.5): nothing more can happen in it.
-    if session.exhausted() {
-        shared.end_session(
-            &session.id,
-            close::CANCELLED,
-            "connection limit reached",
-            Some("connection limit"),
-        );
+    shared.connection_closed(&session, guard, counts.up, counts.down, reason);
+}
+
+/// Why a connection of `session` on `conn` ended: the session's or the connection's end if
+/// either came, whichever of the relay or the connection noticed first; else `otherwise`.
+pub(crate) fn why_ended(session: &Session, conn: &Connection, otherwise: String) -> String {
+    match (session.ended(), conn.close_reason()) {
+        (Some(ended), _) => format!("session ended: {ended}"),
+        (None, Some(closed)) => crate::listener::describe_close(&closed),
+        (None, None) => otherwise,
     }
 }
 

@@ -216,6 +216,35 @@ impl Shared {
         matches!(*self.link.borrow(), LinkState::Up)
     }
 
+    /// A connection of `session` is over: reports what it carried and why it ended, frees
+    /// its slot (`guard`), and ends the session if its connection limit is used up — nothing
+    /// more can happen in it (DESIGN §3.5).
+    pub(crate) fn connection_closed(
+        &self,
+        session: &Session,
+        guard: StreamGuard,
+        up: u64,
+        down: u64,
+        reason: String,
+    ) {
+        tracing::debug!(session = %session.id, up, down, %reason, "connection closed");
+        self.report(WorkerMessage::ConnectionClosed {
+            session_id: session.id.clone(),
+            bytes_up: up,
+            bytes_down: down,
+            reason,
+        });
+        drop(guard);
+        if session.exhausted() {
+            self.end_session(
+                &session.id,
+                close::CANCELLED,
+                "connection limit reached",
+                Some("connection limit"),
+            );
+        }
+    }
+
     /// Queues a message for the controller; it is sent when the link is (back) up.
     pub(crate) fn report(&self, msg: WorkerMessage) {
         self.metrics.observe(&msg);

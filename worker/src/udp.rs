@@ -88,18 +88,22 @@ pub fn path_ceiling(peer: SocketAddr) -> u16 {
     route.min(cap).clamp(MIN_UDP_PAYLOAD, MAX_UDP_PAYLOAD)
 }
 
-/// `POSTERN_QUIC_MAX_UDP_PAYLOAD`, if set to a number (anything else is reported and ignored).
+/// `POSTERN_QUIC_MAX_UDP_PAYLOAD`, if set to a number (anything else is reported, once, and
+/// ignored). Read once per process.
 fn configured_cap() -> Option<u16> {
-    let raw = std::env::var(MAX_UDP_PAYLOAD_ENV).ok()?;
-    match raw.trim().parse::<u16>() {
-        Ok(v) if v >= MIN_UDP_PAYLOAD => Some(v),
-        _ => {
-            tracing::warn!(
-                "ignoring {MAX_UDP_PAYLOAD_ENV}={raw:?}: expected a number of bytes from {MIN_UDP_PAYLOAD} to 65527"
-            );
-            None
+    static CAP: std::sync::OnceLock<Option<u16>> = std::sync::OnceLock::new();
+    *CAP.get_or_init(|| {
+        let raw = std::env::var(MAX_UDP_PAYLOAD_ENV).ok()?;
+        match raw.trim().parse::<u16>() {
+            Ok(v) if v >= MIN_UDP_PAYLOAD => Some(v),
+            _ => {
+                tracing::warn!(
+                    "ignoring {MAX_UDP_PAYLOAD_ENV}={raw:?}: expected a number of bytes from {MIN_UDP_PAYLOAD} to 65527"
+                );
+                None
+            }
         }
-    }
+    })
 }
 
 /// The UDP payload the kernel's route towards `peer` carries: its MTU (`IP_MTU` of a

@@ -10,10 +10,10 @@ use super::types::{
     Role, Rule, User, WhoAmI,
 };
 use super::{check_name, ApiError, Caller};
-use crate::auth::{dummy_hash, hash_password, new_api_token, verify_password};
+use crate::auth::{dummy_hash, hash_password, verify_password};
 use crate::policy::{validate_action, validate_glob};
 use crate::state::AppState;
-use crate::store::{now, UserRow};
+use crate::store::UserRow;
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
@@ -61,26 +61,11 @@ pub async fn login(
             user.name
         )));
     }
-    let (token, hash) = new_api_token();
-    let expires_at = now() + state.token_ttl.as_secs() as i64;
-    state
-        .store
-        .insert_token(&hash, &user.name, expires_at)
-        .await?;
-    state
-        .audit(
-            &user.name,
-            "auth.login",
-            &format!("user:{}", user.name),
-            "success",
-            json!({"method": "password"}),
-        )
-        .await?;
-    Ok(Json(LoginResponse {
-        token: token.expose().to_owned(),
-        user: user.name,
-        expires_at,
-    }))
+    Ok(Json(
+        state
+            .log_in(user.name, json!({"method": "password"}))
+            .await?,
+    ))
 }
 
 /// `POST /v1/auth/logout`.

@@ -11,7 +11,6 @@ use serde_json::{json, Map, Value};
 use super::claims;
 use super::provider::{Provider, ProviderError};
 use crate::api::types::LoginResponse;
-use crate::auth::new_api_token;
 use crate::state::AppState;
 use crate::store::{now, Claim, StoreError};
 
@@ -107,18 +106,9 @@ pub async fn finish(
         // A group the IdP no longer lists may have been what allowed an open session.
         crate::revoke::reevaluate(state, &format!("oidc:{}", m.name)).await?;
     }
-    let (token, hash) = new_api_token();
-    let expires_at = now() + state.token_ttl.as_secs() as i64;
-    state
-        .store
-        .insert_token(&hash, &user.name, expires_at)
-        .await?;
-    state
-        .audit(
-            &user.name,
-            "auth.login",
-            &format!("user:{}", user.name),
-            "success",
+    Ok(state
+        .log_in(
+            user.name,
             json!({
                 "method": "oidc",
                 "provider": m.name,
@@ -132,12 +122,7 @@ pub async fn finish(
                 "groups_ignored": id.ignored_groups,
             }),
         )
-        .await?;
-    Ok(LoginResponse {
-        token: token.expose().to_owned(),
-        user: user.name,
-        expires_at,
-    })
+        .await?)
 }
 
 /// Seals a finished login's token into its attempt, for the CLI to collect.

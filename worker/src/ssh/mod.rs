@@ -30,7 +30,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use postern_proto::cluster::WorkerMessage;
-use postern_proto::session::close;
 use quinn::{Connection, RecvStream, SendStream};
 use russh::keys::PrivateKey;
 use tokio::sync::oneshot;
@@ -185,28 +184,9 @@ pub(crate) async fn serve(
     let counter = Arc::new(stream::Counter::default());
     let stream = stream::CountedStream::new(tokio::io::join(recv, send), counter.clone());
     let reason = server::run(conn.clone(), session.clone(), shared.clone(), stream).await;
-    let reason = match (session.ended(), conn.close_reason()) {
-        (Some(ended), _) => format!("session ended: {ended}"),
-        (None, Some(closed)) => crate::listener::describe_close(&closed),
-        (None, None) => reason,
-    };
+    let reason = crate::relay::why_ended(&session, &conn, reason);
     let (up, down) = counter.totals();
-    tracing::debug!(session = %session.id, up, down, %reason, "ssh connection closed");
-    shared.report(WorkerMessage::ConnectionClosed {
-        session_id: session.id.clone(),
-        bytes_up: up,
-        bytes_down: down,
-        reason,
-    });
-    drop(guard);
-    if session.exhausted() {
-        shared.end_session(
-            &session.id,
-            close::CANCELLED,
-            "connection limit reached",
-            Some("connection limit"),
-        );
-    }
+    shared.connection_closed(&session, guard, up, down, reason);
 }
 
 /// A fresh Ed25519 key from the operating system's random source.
