@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use postern_cli::session::{
-    client_config, new_client_key, open_session, open_session_on, prepared_endpoint, Session,
+    client_config, new_client_key, open_session, open_session_on, prepare, Session, WorkerHint,
 };
 use postern_controller::api::types::{Authorization, AuthorizeRequest};
 use postern_proto::session::{ConnOpen, ConnReply, SessionHello, SessionReply};
@@ -347,25 +347,32 @@ async fn sessions(api: &ApiArgs, count: usize) -> Result<Value> {
     let http = reqwest::Client::new();
     let (mut key_ms, mut auth_ms, mut hs_ms, mut fb_ms, mut total_ms) =
         (vec![], vec![], vec![], vec![], vec![]);
+    let (mut cold_ms, mut cold_hs_ms) = (vec![], vec![]);
     let (mut open_ms, mut echo_ms) = (vec![], vec![]);
-    // One warm-up session (connection pool, lazy statics) not counted.
-    for i in 0..=count {
+    let mut hint: Option<WorkerHint> = None;
+    // One warm-up session (connection pool, lazy statics) not counted. Then, alternately, a
+    // session as `postern connect` opens one to a target it has used before (the worker it
+    // named last time is dialled while the controller authorizes) and one with no such hint
+    // ("cold": dialled after the authorization).
+    for i in 0..=2 * count {
+        let cold = i % 2 == 0;
         let t0 = Instant::now();
         let key = new_client_key()?;
         let t1 = Instant::now();
-        // As `postern connect` does: the endpoint is made while the controller answers.
+        let use_hint = if cold { None } else { hint.as_ref() };
         let (auth, prepared) = tokio::join!(authorize(&http, api, key.spki_b64()), async {
-            prepared_endpoint()
+            prepare(use_hint, &key)
         });
         let auth = auth?;
         let t2 = Instant::now();
         let session = open_session_on(prepared, &auth, &key).await?;
         let t3 = Instant::now();
+        hint = Some(WorkerHint::of(&auth));
         let (addr, serve) = session.listen(0).await?;
         let fb = first_byte(addr).await?;
         let t4 = Instant::now();
         serve.abort();
-        if i == count {
+        if i == 2 * count {
             // The last session also times new connections inside it, without the local TCP
             // hop: open_stream (ConnOpen → worker dials the target → ConnOk), then one echo.
             for _ in 0..200 {
@@ -378,8 +385,14 @@ async fn sessions(api: &ApiArgs, count: usize) -> Result<Value> {
             }
         }
         session.close().await;
-        if i > 0 {
-            let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        if i == 0 {
+            continue;
+        }
+        if cold {
+            cold_ms.push(ms(t0, t4));
+            cold_hs_ms.push(ms(t2, t3));
+        } else {
             key_ms.push(ms(t0, t1));
             auth_ms.push(ms(t1, t2));
             hs_ms.push(ms(t2, t3));
@@ -390,6 +403,7 @@ async fn sessions(api: &ApiArgs, count: usize) -> Result<Value> {
     Ok(json!({
         "total": summary(total_ms), "keygen": summary(key_ms), "authorize": summary(auth_ms),
         "handshake": summary(hs_ms), "first_byte": summary(fb_ms),
+        "cold_total": summary(cold_ms), "cold_handshake": summary(cold_hs_ms),
         "stream_open": summary(open_ms), "stream_first_echo": summary(echo_ms),
     }))
 }

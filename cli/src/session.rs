@@ -215,46 +215,122 @@ pub async fn open_session(auth: &Authorization, key: &ClientKey) -> Result<Sessi
     open_session_on(None, auth, key).await
 }
 
-/// A QUIC endpoint for a session to an IPv4 worker, made ahead of the authorization: its
-/// socket set-up (~0.3 ms) then overlaps the controller's answer. `None` if it cannot be
-/// made now ([`open_session_on`] makes one itself).
-pub fn prepared_endpoint() -> Option<Endpoint> {
-    postern_worker::udp::endpoint((Ipv4Addr::UNSPECIFIED, 0).into(), None).ok()
+/// Where a target's worker answered last time: the next session to that target dials it
+/// while the controller authorizes, so the QUIC handshake overlaps the authorization. Only
+/// the hello needs the new token; an authorization naming another worker (or address, or
+/// CA) drops the early connection and dials the right one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, Serialize)]
+pub struct WorkerHint {
+    /// The worker's session address (`host:port`).
+    pub addr: String,
+    /// The TLS server name it answers to.
+    pub server_name: String,
+    /// The CA its certificate chains to (PEM).
+    pub ca_pem: String,
 }
 
-/// [`open_session`] on `prepared` (from [`prepared_endpoint`]) when it suits the worker's
-/// address family.
+impl WorkerHint {
+    /// The worker `auth` names.
+    pub fn of(auth: &Authorization) -> Self {
+        WorkerHint {
+            addr: auth.worker.addr.clone(),
+            server_name: auth.worker.server_name.clone(),
+            ca_pem: auth.ca_pem.clone(),
+        }
+    }
+
+    fn names_worker_of(&self, auth: &Authorization) -> bool {
+        self.addr == auth.worker.addr
+            && self.server_name == auth.worker.server_name
+            && self.ca_pem == auth.ca_pem
+    }
+}
+
+/// What a session can set up before its authorization arrives: the QUIC endpoint (~0.3 ms
+/// of socket set-up) and, given a [`WorkerHint`], a handshake with the likely worker.
+#[derive(Debug)]
+pub struct Prepared {
+    endpoint: Endpoint,
+    early: Option<(WorkerHint, quinn::Connecting)>,
+}
+
+/// Prepares a session to an IPv4 worker with `key` (see [`Prepared`]); `None` if no socket
+/// can be made now ([`open_session_on`] then makes one itself). A hint whose address is not
+/// an IPv4 literal is not dialled early.
+pub fn prepare(hint: Option<&WorkerHint>, key: &ClientKey) -> Option<Prepared> {
+    let endpoint = postern_worker::udp::endpoint((Ipv4Addr::UNSPECIFIED, 0).into(), None).ok()?;
+    let early = hint.and_then(|h| {
+        let addr = h
+            .addr
+            .parse::<SocketAddr>()
+            .ok()
+            .filter(SocketAddr::is_ipv4)?;
+        let connecting = dial(&endpoint, addr, &h.server_name, &h.ca_pem, key).ok()?;
+        Some((h.clone(), connecting))
+    });
+    Some(Prepared { endpoint, early })
+}
+
+/// Starts the QUIC handshake with the worker at `addr` as `key`'s holder.
+fn dial(
+    endpoint: &Endpoint,
+    addr: SocketAddr,
+    server_name: &str,
+    ca_pem: &str,
+    key: &ClientKey,
+) -> Result<quinn::Connecting, SessionError> {
+    let mut config = client_config(ca_pem, key)?;
+    let mut transport = transport_config();
+    postern_worker::udp::tune_for_path(&mut transport, addr);
+    config.transport_config(Arc::new(transport));
+    endpoint
+        .connect_with(config, addr, server_name)
+        .map_err(|e| SessionError::BadAuthorization(format!("cannot dial the worker: {e}")))
+}
+
+/// [`open_session`] with what [`prepare`] set up, where it suits the authorization.
 pub async fn open_session_on(
-    prepared: Option<Endpoint>,
+    prepared: Option<Prepared>,
     auth: &Authorization,
     key: &ClientKey,
 ) -> Result<Session, SessionError> {
-    let mut config = client_config(&auth.ca_pem, key)?;
     let unreachable = |detail: String| SessionError::Unreachable {
         worker: auth.worker.name.clone(),
         addr: auth.worker.addr.clone(),
         detail,
     };
-    let addr = tokio::net::lookup_host(&auth.worker.addr)
-        .await
-        .map_err(|e| unreachable(format!("cannot resolve the address: {e}")))?
-        .next()
-        .ok_or_else(|| unreachable("the address resolves to nothing".into()))?;
-    let bind: SocketAddr = if addr.is_ipv6() {
-        (Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (Ipv4Addr::UNSPECIFIED, 0).into()
+    let addr = match auth.worker.addr.parse::<SocketAddr>() {
+        Ok(addr) => addr,
+        Err(_) => tokio::net::lookup_host(&auth.worker.addr)
+            .await
+            .map_err(|e| unreachable(format!("cannot resolve the address: {e}")))?
+            .next()
+            .ok_or_else(|| unreachable("the address resolves to nothing".into()))?,
     };
-    let endpoint = match prepared {
-        Some(e) if e.local_addr().is_ok_and(|a| a.is_ipv4() == addr.is_ipv4()) => e,
-        _ => postern_worker::udp::endpoint(bind, None).map_err(SessionError::Socket)?,
+    let (endpoint, early) = match prepared {
+        Some(p)
+            if p.endpoint
+                .local_addr()
+                .is_ok_and(|a| a.is_ipv4() == addr.is_ipv4()) =>
+        {
+            (p.endpoint, p.early)
+        }
+        _ => {
+            let bind: SocketAddr = if addr.is_ipv6() {
+                (Ipv6Addr::UNSPECIFIED, 0).into()
+            } else {
+                (Ipv4Addr::UNSPECIFIED, 0).into()
+            };
+            let endpoint =
+                postern_worker::udp::endpoint(bind, None).map_err(SessionError::Socket)?;
+            (endpoint, None)
+        }
     };
-    let mut transport = transport_config();
-    postern_worker::udp::tune_for_path(&mut transport, addr);
-    config.transport_config(Arc::new(transport));
-    let connecting = endpoint
-        .connect_with(config, addr, &auth.worker.server_name)
-        .map_err(|e| SessionError::BadAuthorization(format!("cannot dial the worker: {e}")))?;
+    // An early connection to another worker is dropped (and so closed).
+    let connecting = match early {
+        Some((hint, connecting)) if hint.names_worker_of(auth) => connecting,
+        _ => dial(&endpoint, addr, &auth.worker.server_name, &auth.ca_pem, key)?,
+    };
 
     let handshake = async {
         let conn = connecting

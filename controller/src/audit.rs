@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::store::{Backend, NewEvent, Store, StoreError};
+use crate::store::{Backend, NewEvent, NewSession, Store, StoreError};
 
 /// The PostgreSQL channel that announces new audit events between controllers.
 pub const AUDIT_CHANNEL: &str = "postern_audit";
@@ -19,6 +19,8 @@ const MAX_BATCH: usize = 2_000;
 
 struct Pending {
     events: Vec<NewEvent>,
+    /// Session rows stored in the same transaction.
+    sessions: Vec<NewSession>,
     done: oneshot::Sender<Result<(), String>>,
 }
 
@@ -64,9 +66,22 @@ impl AuditLog {
 
     /// Appends events and waits until they are stored.
     pub async fn append(&self, events: Vec<NewEvent>) -> Result<(), StoreError> {
+        self.append_with(events, Vec::new()).await
+    }
+
+    /// Appends events and stores `sessions` in the same transaction; waits until both are.
+    pub async fn append_with(
+        &self,
+        events: Vec<NewEvent>,
+        sessions: Vec<NewSession>,
+    ) -> Result<(), StoreError> {
         let (done, wait) = oneshot::channel();
         self.tx
-            .send(Pending { events, done })
+            .send(Pending {
+                events,
+                sessions,
+                done,
+            })
             .await
             .map_err(|_| StoreError::Unavailable("the audit writer has stopped".into()))?;
         match wait.await {
@@ -117,7 +132,11 @@ async fn write_loop(
             .iter()
             .flat_map(|p| p.events.iter().cloned())
             .collect();
-        let result = store.append_audit(&events).await;
+        let sessions: Vec<NewSession> = batch
+            .iter()
+            .flat_map(|p| p.sessions.iter().cloned())
+            .collect();
+        let result = store.append_audit_with(&events, &sessions).await;
         match &result {
             Ok(stored) => {
                 if let Some(file) = mirror.as_mut() {

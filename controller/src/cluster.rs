@@ -124,6 +124,25 @@ impl Registry {
         sent
     }
 
+    /// Pushes the grant of a session just authorized for `worker`, if this controller holds
+    /// its connection (otherwise the worker asks at the client's hello, as it always may).
+    pub fn session_ready(
+        &self,
+        worker: &str,
+        session_id: &str,
+        expires_at: i64,
+        grant: SessionGrant,
+    ) -> bool {
+        self.lock().get(worker).is_some_and(|l| {
+            l.tx.send(ControllerMessage::SessionReady {
+                session_id: session_id.into(),
+                expires_at,
+                grant,
+            })
+            .is_ok()
+        })
+    }
+
     /// Who revoked `session_id` and why, if this controller pushed its cancellation.
     fn take_cancel(&self, session_id: &str) -> Option<(String, String)> {
         self.pending_cancels().remove(session_id)
@@ -386,6 +405,10 @@ async fn handle(
                     .await;
             });
         }
+        WorkerMessage::SessionStarted { session_id } => {
+            let (state, worker) = (state.clone(), worker.to_owned());
+            tokio::spawn(async move { session_started(&state, &worker, &session_id).await });
+        }
         msg @ (WorkerMessage::ConnectionClosed { .. } | WorkerMessage::Audit { .. }) => {
             // Sent outside the spool (a worker without one): stored as spooled events are.
             let event = SpooledEvent {
@@ -525,7 +548,7 @@ async fn activate(
     );
     let outcome = match refusal.and_then(|r| Ok((r, credential?))) {
         Ok((Some(reason), _)) => Err(reason),
-        Ok((None, credential)) => session_grant(state, &s, credential).map_err(|e| {
+        Ok((None, credential)) => session_grant(state, &s.target, credential).map_err(|e| {
             tracing::error!(error = %e, "cannot prepare the session grant");
             format!("controller cannot prepare the session: {e}")
         }),
@@ -535,6 +558,53 @@ async fn activate(
         }
     };
     (Some(s), outcome)
+}
+
+/// A worker started `session_id` on its pushed grant: the same checks as an activation,
+/// after the fact; a session that may not run after all is ended (and so cut at once).
+async fn session_started(state: &AppState, worker: &str, session_id: &SessionId) {
+    let s = match state.store.session(session_id.as_str()).await {
+        Ok(s) => s,
+        Err(e) => {
+            // The worker only starts sessions this controller pushed: the row exists.
+            tracing::error!(error = %e, session = %session_id, "cannot record a session's start");
+            return;
+        }
+    };
+    let refused = match activation_refusal(state, worker, &s).await {
+        Ok(refused) => refused,
+        Err(e) => {
+            tracing::error!(error = %e, session = %session_id, "cannot check a started session");
+            Some("controller store failure".to_owned())
+        }
+    };
+    let details =
+        json!({"worker": worker, "refused": refused, "target": s.target, "pushed_grant": true});
+    let outcome = if refused.is_some() {
+        "denied"
+    } else {
+        "success"
+    };
+    if let Err(e) = state
+        .audit(
+            &s.user,
+            "session.activate",
+            &format!("session:{session_id}"),
+            outcome,
+            details,
+        )
+        .await
+    {
+        tracing::error!(error = %e, "cannot audit a session's start");
+    }
+    if let Some(reason) = refused {
+        let ended =
+            crate::revoke::end_sessions(state, std::slice::from_ref(&s), &reason, "controller")
+                .await;
+        if let Err(e) = ended {
+            tracing::error!(error = %e, session = %session_id, "cannot end a session that may not run");
+        }
+    }
 }
 
 /// `None` if session `s` may start on this worker now (and it is now marked active), else
@@ -643,9 +713,9 @@ async fn store_events(
 }
 
 /// What the worker needs for an activated session: the target's brokered credential, unsealed.
-fn session_grant(
+pub(crate) fn session_grant(
     state: &AppState,
-    s: &Session,
+    target: &str,
     credential: Option<(String, String, String)>,
 ) -> Result<SessionGrant, String> {
     let Some((kind, username, sealed)) = credential else {
@@ -653,7 +723,7 @@ fn session_grant(
     };
     let secret = state
         .kek
-        .open(&crate::api::credential_purpose(&s.target), &sealed)
+        .open(&crate::api::credential_purpose(target), &sealed)
         .map_err(|e| e.to_string())?;
     let secret =
         Secret(String::from_utf8(secret).map_err(|_| "stored credential is not text".to_string())?);

@@ -9,7 +9,7 @@ use crate::audit::AuditLog;
 use crate::auth::new_api_token;
 use crate::cluster::Registry;
 use crate::keys::{Kek, RootKeys};
-use crate::store::{now, NewEvent, Store, StoreError};
+use crate::store::{now, NewEvent, NewSession, Store, StoreError};
 
 /// Cheap-to-clone handle on the controller's shared state.
 #[derive(Clone, Debug)]
@@ -67,11 +67,26 @@ impl AppState {
         outcome: &str,
         details: serde_json::Value,
     ) -> Result<(), StoreError> {
+        self.audit_with(Vec::new(), actor, action, resource, outcome, details)
+            .await
+    }
+
+    /// [`Self::audit`], storing `sessions` in the same transaction.
+    pub async fn audit_with(
+        &self,
+        sessions: Vec<NewSession>,
+        actor: &str,
+        action: &str,
+        resource: &str,
+        outcome: &str,
+        details: serde_json::Value,
+    ) -> Result<(), StoreError> {
         tracing::info!(target: "postern::audit", actor, action, resource, outcome, %details);
         self.audit_log
-            .append(vec![NewEvent::now(
-                actor, action, resource, outcome, details,
-            )])
+            .append_with(
+                vec![NewEvent::now(actor, action, resource, outcome, details)],
+                sessions,
+            )
             .await
     }
 

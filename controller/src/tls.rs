@@ -249,7 +249,13 @@ pub async fn serve(
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     match listener {
-        ApiListener::Plain(l) => axum::serve(l, router).with_graceful_shutdown(stop).await,
+        ApiListener::Plain(l) => {
+            // As over TLS: a reply's last segment must not wait for the client's ACK.
+            let l = axum::serve::ListenerExt::tap_io(l, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            axum::serve(l, router).with_graceful_shutdown(stop).await
+        }
         ApiListener::Tls(l) => axum::serve(l, router).with_graceful_shutdown(stop).await,
     }
 }

@@ -79,6 +79,14 @@ pub enum WorkerMessage {
         /// Session to activate.
         session_id: SessionId,
     },
+    /// The worker started a session on the grant of a [`ControllerMessage::SessionReady`]
+    /// (without an [`WorkerMessage::Activate`] round trip): the controller marks it active,
+    /// checks it once more against the current policy, and cancels it if it may no longer
+    /// run.
+    SessionStarted {
+        /// The session.
+        session_id: SessionId,
+    },
     /// A proxied connection ended (asynchronous report).
     ConnectionClosed {
         /// Session the connection belonged to.
@@ -181,6 +189,18 @@ pub enum ControllerMessage {
         /// What the worker needs to carry the session (present when not refused).
         #[serde(default)]
         grant: Option<SessionGrant>,
+    },
+    /// A session was just authorized for this worker: its grant, pushed before the client
+    /// has the token, so that the client's hello needs no activation round trip. The worker
+    /// keeps it until the session's expiry or a [`ControllerMessage::CancelSession`], and
+    /// reports its use with [`WorkerMessage::SessionStarted`].
+    SessionReady {
+        /// The session.
+        session_id: SessionId,
+        /// When the session expires (Unix seconds).
+        expires_at: i64,
+        /// What the worker needs to carry the session.
+        grant: SessionGrant,
     },
     /// Answer to [`WorkerMessage::RecordingStart`].
     RecordingStarted {

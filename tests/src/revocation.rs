@@ -422,3 +422,77 @@ async fn cancel_through_a_second_controller_reaches_the_worker() {
     c.stop().await;
     db.drop_db().await;
 }
+
+/// The worker receives a session's grant at authorization and starts it without asking the
+/// controller; what ends or forbids the session before its client arrives still keeps it
+/// from starting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ended_before_its_client_arrives_never_starts() {
+    let c = Cluster::start().await.expect("cluster");
+    let echo = echo_server().await;
+    c.create_target("echo", &echo.to_string(), &[]).await;
+    let erin = user_with_role(&c, "erin").await;
+
+    // Started on the pushed grant: active, and audited as such.
+    let (auth, key) = authorize(&erin, "echo").await.expect("authorized");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let session = open_session(&auth, &key).await.expect("session opens");
+    let (local, _) = session.listen(0).await.expect("listen");
+    let mut traffic = Traffic::start(local).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(traffic.alive(), "traffic flows");
+    let e = audited(&c.admin, "session.activate", |e| {
+        e.resource == format!("session:{}", auth.session_id)
+    })
+    .await;
+    assert_eq!(
+        (e.outcome.as_str(), e.details["pushed_grant"].as_bool()),
+        ("success", Some(true)),
+        "{e:?}"
+    );
+    assert_eq!(
+        session_row(&c.admin, &auth.session_id).await.status,
+        "active"
+    );
+    session.close().await;
+
+    // Cancelled between authorization and the client's hello.
+    let (auth, key) = authorize(&erin, "echo").await.expect("authorized");
+    let _: SessionRow = c
+        .admin
+        .ok(
+            Method::POST,
+            &format!("/v1/sessions/{}/cancel", auth.session_id),
+            None::<&()>,
+        )
+        .await;
+    let err = open_session(&auth, &key)
+        .await
+        .expect_err("a cancelled session must not start");
+    assert!(
+        matches!(err, postern_cli::session::SessionError::Refused { .. })
+            && err.to_string().contains("cancelled"),
+        "{err}"
+    );
+
+    // The user's role unbound in that window.
+    let (auth, key) = authorize(&erin, "echo").await.expect("authorized");
+    let _: serde_json::Value = c
+        .admin
+        .ok(
+            Method::POST,
+            "/v1/roles/erin-role/unbind",
+            Some(&json!({"user": "erin"})),
+        )
+        .await;
+    let err = open_session(&auth, &key)
+        .await
+        .expect_err("a session its policy no longer allows must not start");
+    assert!(
+        matches!(err, postern_cli::session::SessionError::Refused { .. }),
+        "{err}"
+    );
+    let row = session_row(&c.admin, &auth.session_id).await;
+    assert_eq!(row.status, "terminated", "{row:?}");
+    c.stop().await;
+}

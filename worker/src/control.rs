@@ -298,6 +298,11 @@ async fn read_loop(shared: &Shared, recv: &mut RecvStream) -> ControlError {
                 };
                 shared.complete_activation(id, answer);
             }
+            ControllerMessage::SessionReady {
+                session_id,
+                expires_at,
+                grant,
+            } => shared.session_ready(session_id, expires_at, grant),
             ControllerMessage::EventsAck { event_ids } => {
                 if let Some(spool) = shared.spool() {
                     spool.ack(&event_ids);

@@ -233,7 +233,8 @@ async fn check_hello(
     }
     let claims = verify_token(shared, &hello.token, spki)?;
     // A further connection of a session this worker carries (a client reconnecting) joins
-    // it without asking the controller again.
+    // it without asking the controller again. A session authorized moments ago usually has
+    // its grant here already, pushed by the controller at authorization: no round trip.
     let mut activated = None;
     let mut asked = false;
     let session = loop {
@@ -241,13 +242,18 @@ async fn check_hello(
             Ok(session) => break session,
             Err(AttachError::NotActive) if !asked => {
                 asked = true;
-                let grant = shared.activate(&claims.sid).await.map_err(|e| match e {
-                    ActivationError::Refused(reason) => Refusal::new(RefusalCode::Revoked, reason),
-                    ActivationError::Unavailable(why) => Refusal::new(
-                        RefusalCode::ControllerUnavailable,
-                        format!("cannot activate the session: {why}"),
-                    ),
-                })?;
+                let grant = match shared.take_ready(&claims.sid) {
+                    Some(grant) => grant,
+                    None => shared.activate(&claims.sid).await.map_err(|e| match e {
+                        ActivationError::Refused(reason) => {
+                            Refusal::new(RefusalCode::Revoked, reason)
+                        }
+                        ActivationError::Unavailable(why) => Refusal::new(
+                            RefusalCode::ControllerUnavailable,
+                            format!("cannot activate the session: {why}"),
+                        ),
+                    })?,
+                };
                 activated = Some(grant);
             }
             Err(e) => return Err(Refusal::new(RefusalCode::Revoked, e.to_string()).into()),

@@ -15,6 +15,7 @@ use postern_proto::cluster::{SessionGrant, WorkerMessage};
 use postern_proto::ids::SessionId;
 use postern_proto::session::close;
 use postern_proto::token::SessionClaims;
+use postern_proto::unix_now;
 use quinn::VarInt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
@@ -26,6 +27,9 @@ pub(crate) const OUTBOX_CAPACITY: usize = 4096;
 const ACTIVATION_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a cancelled session id is remembered, so a late connection cannot revive it.
 const CANCELLED_MEMORY: Duration = Duration::from_secs(3600);
+/// Grants of authorized sessions whose client has not arrived yet, kept at most (beyond
+/// that, a session activates with a round trip, as if its grant had not come).
+const READY_CAPACITY: usize = 65_536;
 
 /// Keys whose session tokens this worker accepts, from the controller's hello.
 pub(crate) struct TrustedKeys {
@@ -87,6 +91,9 @@ pub(crate) struct Shared {
     keys: RwLock<Option<Arc<TrustedKeys>>>,
     sessions: Mutex<HashMap<SessionId, Arc<Session>>>,
     cancelled: Mutex<HashMap<SessionId, Instant>>,
+    /// Grants pushed at authorization (`SessionReady`), until the client arrives: its
+    /// session's expiry (Unix seconds) and the grant.
+    ready: Mutex<HashMap<SessionId, (i64, SessionGrant)>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Activation>>>,
     next_request: AtomicU64,
     outbox: mpsc::Sender<WorkerMessage>,
@@ -141,6 +148,7 @@ impl Shared {
             keys: RwLock::new(None),
             sessions: Mutex::new(HashMap::new()),
             cancelled: Mutex::new(HashMap::new()),
+            ready: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
             outbox,
@@ -210,6 +218,9 @@ impl Shared {
             LinkState::Down { .. } => false,
         });
         lock(&self.pending).clear();
+        // A cancellation sent while the link was down would not be heard: grants pushed
+        // before it are no longer trusted, and those sessions activate with a round trip.
+        lock(&self.ready).clear();
     }
 
     fn link_is_up(&self) -> bool {
@@ -316,6 +327,37 @@ impl Shared {
                 "the controller did not answer the activation within 5 s",
             )),
         }
+    }
+
+    /// Keeps the grant the controller pushed for a session it just authorized here.
+    pub(crate) fn session_ready(&self, id: SessionId, expires_at: i64, grant: SessionGrant) {
+        if lock(&self.cancelled).contains_key(&id) {
+            return;
+        }
+        let mut ready = lock(&self.ready);
+        if ready.len() >= READY_CAPACITY {
+            let now = unix_now();
+            ready.retain(|_, (exp, _)| *exp > now);
+            if ready.len() >= READY_CAPACITY {
+                tracing::debug!(session = %id, "too many sessions awaiting their client: this one will activate with a round trip");
+                return;
+            }
+        }
+        ready.insert(id, (expires_at, grant));
+    }
+
+    /// Starts session `id` on its pushed grant, if there is one, it has not expired and the
+    /// controller is reachable (to hear of a revocation); the controller is told that it
+    /// started. `None`: ask the controller ([`Self::activate`]).
+    pub(crate) fn take_ready(&self, id: &SessionId) -> Option<SessionGrant> {
+        let (expires_at, grant) = lock(&self.ready).remove(id)?;
+        if expires_at <= unix_now() || !self.link_is_up() {
+            return None;
+        }
+        self.try_report(WorkerMessage::SessionStarted {
+            session_id: id.clone(),
+        })
+        .then_some(grant)
     }
 
     /// Is activation request `id` still awaited? (A request queued while the link was down
@@ -431,6 +473,7 @@ impl Shared {
 
     /// Remembers that the controller cancelled `id`, so that it is not (re)started here.
     pub(crate) fn forget_cancelled(&self, id: &SessionId) {
+        lock(&self.ready).remove(id);
         let mut cancelled = lock(&self.cancelled);
         let now = Instant::now();
         cancelled.retain(|_, at| now.duration_since(*at) < CANCELLED_MEMORY);

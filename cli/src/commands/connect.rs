@@ -14,7 +14,7 @@ use postern_controller::api::types::{Authorization, AuthorizeRequest};
 use super::Ctx;
 use crate::args::ConnectArgs;
 use crate::output::relative;
-use crate::session::{new_client_key, open_session_on, prepared_endpoint, Session};
+use crate::session::{new_client_key, open_session_on, prepare, Session, WorkerHint};
 
 /// What a session command asks for: `postern connect`, and the wrappers that run a client
 /// through a session (`postern psql`).
@@ -69,10 +69,18 @@ pub(super) async fn run_session(ctx: &Ctx, args: SessionRequest) -> Result<ExitC
             duration_secs: args.duration,
             login: args.login.clone(),
         };
-        let (auth, prepared) =
-            tokio::join!(api.post(&path, &request), async { prepared_endpoint() });
+        // While the controller answers: the session's endpoint, and a handshake with the
+        // worker that carried this target last time.
+        let hint = load_hint(ctx, &args.target);
+        let (auth, prepared) = tokio::join!(api.post(&path, &request), async {
+            prepare(hint.as_ref(), &key)
+        });
         let auth: Authorization = auth?;
         let session = open_session_on(prepared, &auth, &key).await?;
+        let seen = WorkerHint::of(&auth);
+        if hint.as_ref() != Some(&seen) {
+            save_hint(ctx, &args.target, seen);
+        }
         anyhow::Ok((auth, session))
     };
     let (auth, session) = tokio::select! {
@@ -87,6 +95,47 @@ pub(super) async fn run_session(ctx: &Ctx, args: SessionRequest) -> Result<ExitC
         wait_for_end(session, &mut signals).await
     } else {
         run_command(session, addr, &args.command, &mut signals).await
+    }
+}
+
+/// Where each target's worker answered last, by controller and target: a cache in the
+/// config dir, so a problem reading or writing it costs only the early dial.
+const HINTS_FILE: &str = "workers.json";
+/// Targets remembered at most.
+const HINTS_KEPT: usize = 64;
+
+fn load_hints(ctx: &Ctx) -> std::collections::HashMap<String, WorkerHint> {
+    std::fs::read(ctx.config_dir.join(HINTS_FILE))
+        .ok()
+        .and_then(|body| serde_json::from_slice(&body).ok())
+        .unwrap_or_default()
+}
+
+fn hint_key(ctx: &Ctx, target: &str) -> String {
+    format!("{} {target}", ctx.addr)
+}
+
+fn load_hint(ctx: &Ctx, target: &str) -> Option<WorkerHint> {
+    load_hints(ctx).remove(&hint_key(ctx, target))
+}
+
+fn save_hint(ctx: &Ctx, target: &str, hint: WorkerHint) {
+    let mut hints = load_hints(ctx);
+    while hints.len() >= HINTS_KEPT {
+        let Some(any) = hints.keys().next().cloned() else {
+            break;
+        };
+        hints.remove(&any);
+    }
+    hints.insert(hint_key(ctx, target), hint);
+    let saved = serde_json::to_vec(&hints)
+        .map_err(anyhow::Error::from)
+        .and_then(|body| {
+            crate::profile::create_private_dir(&ctx.config_dir)?;
+            crate::profile::write_private_file(&ctx.config_dir.join(HINTS_FILE), &body)
+        });
+    if let Err(e) = saved {
+        tracing::debug!("cannot remember the target's worker: {e:#}");
     }
 }
 

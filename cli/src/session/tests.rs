@@ -20,8 +20,10 @@ enum Script {
     RefuseConnections,
 }
 
-/// What the fake worker saw: the client key's thumbprint and the token.
+/// What the fake worker saw: the client key's thumbprint and the token, and how many
+/// connections it had accepted by then.
 struct Seen {
+    accepted: usize,
     thumbprint: String,
     token: String,
     conn: quinn::Connection,
@@ -121,7 +123,9 @@ async fn fake_worker(script: Script) -> (Authorization, mpsc::UnboundedReceiver<
 
     let (seen_tx, seen_rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
+        let mut accepted = 0;
         while let Some(incoming) = endpoint.accept().await {
+            accepted += 1;
             let seen_tx = seen_tx.clone();
             tokio::spawn(async move {
                 let Ok(conn) = incoming.await else { return };
@@ -131,9 +135,12 @@ async fn fake_worker(script: Script) -> (Authorization, mpsc::UnboundedReceiver<
                     .expect("client certificate");
                 let (_, x509) = x509_parser::parse_x509_certificate(&certs[0]).expect("x509");
                 let thumbprint = postern_proto::token::spki_thumbprint(x509.public_key().raw);
-                let (mut send, mut recv) = conn.accept_bi().await.expect("hello stream");
+                let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+                    return; // a client that dropped its connection before the hello
+                };
                 let hello: SessionHello = read_frame(&mut recv, &conn).await.expect("hello");
                 let _ = seen_tx.send(Seen {
+                    accepted,
                     thumbprint,
                     token: hello.token,
                     conn: conn.clone(),
@@ -285,4 +292,37 @@ async fn a_worker_with_another_ca_is_not_trusted() {
     let key = new_client_key().expect("key");
     let err = open_session(&auth, &key).await.expect_err("untrusted");
     assert!(matches!(err, SessionError::Unreachable { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn an_early_dial_is_used_when_its_hint_names_the_worker() {
+    let (auth, mut seen) = fake_worker(Script::Accept).await;
+    // The hint names the worker of the authorization: its connection, made before the
+    // authorization arrived, carries the session.
+    let key = new_client_key().expect("key");
+    let prepared = prepare(Some(&WorkerHint::of(&auth)), &key).expect("prepared");
+    assert!(
+        prepared.early.is_some(),
+        "a literal IPv4 hint is dialled early"
+    );
+    let session = open_session_on(Some(prepared), &auth, &key)
+        .await
+        .expect("session opens on the early connection");
+    assert_eq!(seen.recv().await.expect("hello").accepted, 1);
+    session.close().await;
+
+    // A hint naming another address (where nothing answers): that dial is dropped, and the
+    // authorization's worker is dialled.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let stale = WorkerHint {
+        addr: silent.local_addr().expect("addr").to_string(),
+        ..WorkerHint::of(&auth)
+    };
+    let key = new_client_key().expect("key");
+    let session = open_session_on(prepare(Some(&stale), &key), &auth, &key)
+        .await
+        .expect("session opens despite a stale hint");
+    assert_eq!(seen.recv().await.expect("hello").accepted, 2);
+    session.close().await;
+    assert!(seen.try_recv().is_err(), "one connection per session");
 }

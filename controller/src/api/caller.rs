@@ -38,11 +38,7 @@ impl FromRequestParts<AppState> for Caller {
             ApiError::Unauthenticated("expected 'Authorization: Bearer <token>'".into())
         })?;
         let token_hash = hash_token(token.trim());
-        // The owner and their rules at once: two reads, one wait.
-        let (owner, rules) = tokio::try_join!(
-            state.store.token_owner(&token_hash),
-            state.store.rules_for_token(&token_hash)
-        )?;
+        let owner = state.store.token_owner(&token_hash).await?;
         let owner = owner.ok_or_else(|| {
             ApiError::Unauthenticated(
                 "your API token is invalid or expired: run `postern login`".into(),
@@ -58,7 +54,7 @@ impl FromRequestParts<AppState> for Caller {
             user: owner.user,
             token_hash,
             token_expires_at: owner.expires_at,
-            rules,
+            rules: owner.rules,
         })
     }
 }

@@ -173,7 +173,11 @@ pub async fn authorize(
     Json(req): Json<AuthorizeRequest>,
 ) -> ApiResult<Authorization> {
     // Independent reads at once (each is a round trip to the store's threads).
-    let (target, workers) = tokio::try_join!(state.store.target(&name), state.store.workers())?;
+    let (target, workers, credential) = tokio::try_join!(
+        state.store.target(&name),
+        state.store.workers(),
+        state.store.credential(&name)
+    )?;
     let resource = format!("target:{}", target.name);
     if let Err(denied) = crate::policy::check(&caller.rules, "connect", Some(target_ref(&target))) {
         state
@@ -213,13 +217,11 @@ pub async fn authorize(
     // A login other than the brokered credential's own user must be permitted by name.
     if let Some(login) = &req.login {
         // A per-session-role admin credential is never a login of its own.
-        let own = state
-            .store
-            .credential(&target.name)
-            .await?
+        let own = credential
+            .as_ref()
             .filter(|(kind, _, _)| kind != "postgres_admin")
             .map(|(_, user, _)| user);
-        if own.as_deref() != Some(login.as_str()) {
+        if own != Some(login) {
             if let Err(denied) =
                 crate::policy::check_login(&caller.rules, target_ref(&target), login)
             {
@@ -271,18 +273,17 @@ pub async fn authorize(
         },
     };
     let signed = token::sign(&claims, &state.keys.session_key);
+    // The session row commits with its `session.authorize` event.
+    let row = NewSession {
+        id: session_id.as_str().to_owned(),
+        user: caller.name().to_owned(),
+        target: target.name.clone(),
+        worker: worker.name.clone(),
+        expires_at: claims.exp,
+    };
     state
-        .store
-        .insert_session(&NewSession {
-            id: session_id.as_str(),
-            user: caller.name(),
-            target: &target.name,
-            worker: &worker.name,
-            expires_at: claims.exp,
-        })
-        .await?;
-    state
-        .audit(
+        .audit_with(
+            vec![row],
             caller.name(),
             "session.authorize",
             &resource,
@@ -290,6 +291,18 @@ pub async fn authorize(
             json!({"session": session_id, "worker": worker.name, "expires_at": claims.exp, "login": req.login}),
         )
         .await?;
+    // The worker gets the session's grant now, so that the client's hello needs no
+    // activation round trip (the worker reports the start; the checks then run again).
+    match crate::cluster::session_grant(&state, &target.name, credential) {
+        Ok(grant) => {
+            state
+                .workers
+                .session_ready(&worker.name, session_id.as_str(), claims.exp, grant);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot prepare the session grant: the worker will ask at activation")
+        }
+    }
     Ok(Json(Authorization {
         session_id: session_id.0,
         token: signed,

@@ -7,10 +7,12 @@
 //! that appends from any connection or controller form one chain. Events that carry an
 //! `event_id` (from workers, which resend until acknowledged) are stored once.
 
+use std::collections::HashSet;
+
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 
-use super::{json_col, now, Store, StoreError};
+use super::{json_col, now, NewSession, Store, StoreError};
 use crate::api::types::{AuditEvent, AuditQuery, AuditVerification};
 
 /// An event to append.
@@ -116,23 +118,41 @@ impl Store {
         &self,
         events: &[NewEvent],
     ) -> Result<Vec<(i64, NewEvent)>, StoreError> {
+        self.append_audit_with(events, &[]).await
+    }
+
+    /// [`Self::append_audit`], storing `sessions` in the same transaction first (a session
+    /// row and the event that authorized it commit together).
+    pub async fn append_audit_with(
+        &self,
+        events: &[NewEvent],
+        sessions: &[NewSession],
+    ) -> Result<Vec<(i64, NewEvent)>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        // First a write: it takes the lock that serializes appends (see the module doc).
-        sqlx::query("UPDATE audit_head SET seq = seq WHERE id = 1")
-            .execute(&mut *tx)
-            .await?;
-        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+        // First a write: it takes the lock that serializes appends (see the module doc), and
+        // reads the head under it.
+        let head = sqlx::query("UPDATE audit_head SET seq = seq WHERE id = 1 RETURNING seq, hash")
             .fetch_one(&mut *tx)
             .await?;
+        for s in sessions {
+            s.insert(&mut tx).await?;
+        }
         let (mut seq, mut hash): (i64, String) = (head.try_get("seq")?, head.try_get("hash")?);
+        // Producer ids already stored (resent events): one read per batch, under the lock.
+        let ids: Vec<&str> = events
+            .iter()
+            .filter_map(|e| e.event_id.as_deref())
+            .collect();
+        let mut seen = if ids.is_empty() {
+            HashSet::new()
+        } else {
+            stored_event_ids_on(&mut tx, &ids).await?
+        };
+        let mut rows = Vec::with_capacity(events.len());
         let mut stored = Vec::with_capacity(events.len());
         for e in events {
             if let Some(id) = &e.event_id {
-                let dup = sqlx::query("SELECT 1 AS one FROM audit_events WHERE event_id = $1")
-                    .bind(id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                if dup.is_some() {
+                if !seen.insert(id.clone()) {
                     continue;
                 }
             }
@@ -150,26 +170,38 @@ impl Store {
                 &details,
                 &hash,
             );
-            sqlx::query(
-                "INSERT INTO audit_events (seq, time, actor, action, resource, outcome, session_id, event_id, details, prev_hash, hash) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            )
-            .bind(next)
-            .bind(e.time)
-            .bind(&e.actor)
-            .bind(&e.action)
-            .bind(&e.resource)
-            .bind(&e.outcome)
-            .bind(e.session_id.as_deref())
-            .bind(e.event_id.as_deref())
-            .bind(&details)
-            .bind(&hash)
-            .bind(&h)
-            .execute(&mut *tx)
-            .await?;
+            rows.push((next, e, details, std::mem::replace(&mut hash, h.clone()), h));
             seq = next;
-            hash = h;
             stored.push((seq, e.clone()));
+        }
+        // Many rows per statement: one round trip for a batch, not one per event.
+        for chunk in rows.chunks(INSERT_ROWS) {
+            let values: Vec<String> = (0..chunk.len())
+                .map(|r| {
+                    let p: Vec<String> = (1..=11).map(|c| format!("${}", r * 11 + c)).collect();
+                    format!("({})", p.join(", "))
+                })
+                .collect();
+            let sql = format!(
+                "INSERT INTO audit_events (seq, time, actor, action, resource, outcome, session_id, event_id, details, prev_hash, hash) VALUES {}",
+                values.join(", ")
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (next, e, details, prev, h) in chunk {
+                query = query
+                    .bind(*next)
+                    .bind(e.time)
+                    .bind(&e.actor)
+                    .bind(&e.action)
+                    .bind(&e.resource)
+                    .bind(&e.outcome)
+                    .bind(e.session_id.as_deref())
+                    .bind(e.event_id.as_deref())
+                    .bind(details)
+                    .bind(prev)
+                    .bind(h);
+            }
+            query.execute(&mut *tx).await?;
         }
         sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
             .bind(seq)
@@ -233,23 +265,9 @@ impl Store {
     pub async fn stored_event_ids(
         &self,
         event_ids: &[&str],
-    ) -> Result<std::collections::HashSet<String>, StoreError> {
-        let mut stored = std::collections::HashSet::new();
-        for chunk in event_ids.chunks(500) {
-            let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-            let sql = format!(
-                "SELECT event_id FROM audit_events WHERE event_id IN ({})",
-                placeholders.join(", ")
-            );
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for id in chunk {
-                query = query.bind(*id);
-            }
-            for row in query.fetch_all(&self.pool).await? {
-                stored.insert(row.try_get::<String, _>("event_id")?);
-            }
-        }
-        Ok(stored)
+    ) -> Result<HashSet<String>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        stored_event_ids_on(&mut conn, event_ids).await
     }
 
     /// The newest `seq` stored.
@@ -371,4 +389,31 @@ fn event_from(r: &sqlx::any::AnyRow) -> Result<AuditEvent, StoreError> {
         details: json_col(r, "details")?,
         hash: r.try_get::<Option<String>, _>("hash")?.unwrap_or_default(),
     })
+}
+
+/// Events appended per `INSERT` statement (11 parameters each: within SQLite's 32,766 and
+/// PostgreSQL's 65,535).
+const INSERT_ROWS: usize = 1_000;
+
+/// [`Store::stored_event_ids`] through `conn` (a transaction's, say).
+async fn stored_event_ids_on(
+    conn: &mut sqlx::AnyConnection,
+    event_ids: &[&str],
+) -> Result<HashSet<String>, StoreError> {
+    let mut stored = HashSet::new();
+    for chunk in event_ids.chunks(500) {
+        let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT event_id FROM audit_events WHERE event_id IN ({})",
+            placeholders.join(", ")
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for id in chunk {
+            query = query.bind(*id);
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            stored.insert(row.try_get::<String, _>("event_id")?);
+        }
+    }
+    Ok(stored)
 }

@@ -26,6 +26,8 @@ pub struct TokenOwner {
     pub user: UserRow,
     /// Token expiry.
     pub expires_at: i64,
+    /// Rules of every role bound to the user, directly or through a group.
+    pub rules: Vec<SourcedRule>,
 }
 
 fn user_from(row: &sqlx::any::AnyRow) -> Result<UserRow, StoreError> {
@@ -158,16 +160,27 @@ impl Store {
     /// The owner of an unexpired token, recording its use.
     pub async fn token_owner(&self, hash: &str) -> Result<Option<TokenOwner>, StoreError> {
         let t = now();
-        let row = sqlx::query(
-            "SELECT u.name, u.password_hash, u.locked, u.created_at, t.expires_at, t.last_used_at \
+        // The owner and their rules in one read (every API call makes it): a row per rule,
+        // or one row with no rule.
+        let rows = sqlx::query(
+            "SELECT u.name, u.password_hash, u.locked, u.created_at, t.expires_at, t.last_used_at, \
+                    r.role_name, r.position, r.rule \
              FROM api_tokens t JOIN users u ON u.name = t.user_name \
-             WHERE t.token_hash = $1 AND t.expires_at > $2",
+             LEFT JOIN role_rules r ON r.role_name IN \
+                 (SELECT b.role_name FROM role_bindings b \
+                  WHERE (b.principal_kind = 'user' AND b.principal_name = u.name) \
+                     OR (b.principal_kind = 'group' AND b.principal_name IN \
+                         (SELECT group_name FROM group_members WHERE user_name = u.name))) \
+             WHERE t.token_hash = $1 AND t.expires_at > $2 \
+             ORDER BY r.role_name, r.position",
         )
         .bind(hash)
         .bind(t)
-        .fetch_optional(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
-        let Some(row) = row else { return Ok(None) };
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
         // Record last use at minute granularity: one write per token per minute, not per call.
         let last: Option<i64> = row.try_get("last_used_at")?;
         if last.is_none_or(|l| t - l >= 60) {
@@ -177,9 +190,20 @@ impl Store {
                 .execute(&self.pool)
                 .await?;
         }
+        let mut rules = Vec::with_capacity(rows.len());
+        for r in &rows {
+            if let Some(role) = r.try_get::<Option<String>, _>("role_name")? {
+                rules.push(SourcedRule {
+                    role,
+                    position: r.try_get("position")?,
+                    rule: json_col(r, "rule")?,
+                });
+            }
+        }
         Ok(Some(TokenOwner {
-            user: user_from(&row)?,
+            user: user_from(row)?,
             expires_at: row.try_get("expires_at")?,
+            rules,
         }))
     }
 
@@ -452,16 +476,6 @@ impl Store {
     /// 1-based position, in a stable order: what the policy engine evaluates.
     pub async fn rules_for_user(&self, user: &str) -> Result<Vec<SourcedRule>, StoreError> {
         self.rules_where("$1", user).await
-    }
-
-    /// The rules of the user who owns API token `hash` (none for an unknown token): read
-    /// alongside [`Self::token_owner`] rather than after it, on every API call.
-    pub async fn rules_for_token(&self, hash: &str) -> Result<Vec<SourcedRule>, StoreError> {
-        self.rules_where(
-            "(SELECT user_name FROM api_tokens WHERE token_hash = $1)",
-            hash,
-        )
-        .await
     }
 
     /// Rules bound to the user named by the SQL expression `user` (over `$1` = `arg`),

@@ -115,6 +115,9 @@ impl Store {
                 let memory = url.contains(":memory:");
                 options
                     .max_connections(if memory { 1 } else { 8 })
+                    // A local file: no ping round trip before each use (sqlx still pings a
+                    // connection as it returns to the pool, off the caller's path).
+                    .test_before_acquire(false)
                     .after_connect(|conn, _| {
                         Box::pin(async move {
                             sqlx::query("PRAGMA busy_timeout = 10000")

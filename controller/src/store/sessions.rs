@@ -7,17 +7,36 @@ use crate::api::types::{Session, SessionQuery};
 
 /// A session about to be stored.
 #[derive(Debug, Clone)]
-pub struct NewSession<'a> {
+pub struct NewSession {
     /// Id.
-    pub id: &'a str,
+    pub id: String,
     /// User.
-    pub user: &'a str,
+    pub user: String,
     /// Target.
-    pub target: &'a str,
+    pub target: String,
     /// Worker.
-    pub worker: &'a str,
+    pub worker: String,
     /// Expiry.
     pub expires_at: i64,
+}
+
+impl NewSession {
+    /// Stores it as a pending session through `conn` (a transaction's, say).
+    pub(crate) async fn insert(&self, conn: &mut sqlx::AnyConnection) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO sessions (id, user_name, target_name, worker_name, status, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, 'pending', $5, $6)",
+        )
+        .bind(&self.id)
+        .bind(&self.user)
+        .bind(&self.target)
+        .bind(&self.worker)
+        .bind(now())
+        .bind(self.expires_at)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
 }
 
 /// A stored session (the API type is the row).
@@ -45,20 +64,9 @@ fn session_from(row: &sqlx::any::AnyRow) -> Result<Session, StoreError> {
 
 impl Store {
     /// Stores a pending session.
-    pub async fn insert_session(&self, s: &NewSession<'_>) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO sessions (id, user_name, target_name, worker_name, status, created_at, expires_at) \
-             VALUES ($1, $2, $3, $4, 'pending', $5, $6)",
-        )
-        .bind(s.id)
-        .bind(s.user)
-        .bind(s.target)
-        .bind(s.worker)
-        .bind(now())
-        .bind(s.expires_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+    pub async fn insert_session(&self, s: &NewSession) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        s.insert(&mut conn).await
     }
 
     /// Looks a session up.

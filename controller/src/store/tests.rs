@@ -239,7 +239,7 @@ async fn targets_workers_and_sessions() {
         s.worker_disconnected("w1", "other").await.expect("noop");
         assert!(s.worker("w1").await.expect("w").connected_to.is_some(), "only the holder disconnects");
 
-        let new = NewSession { id: "s_1", user: "bob", target: "pg-prod", worker: "w1", expires_at: now() + 60 };
+        let new = NewSession { id: "s_1".into(), user: "bob".into(), target: "pg-prod".into(), worker: "w1".into(), expires_at: now() + 60 };
         s.insert_session(&new).await.expect("session");
         assert!(s.activate_session("s_1").await.expect("activate"));
         assert!(s.activate_session("s_1").await.expect("again"), "idempotent");
@@ -345,13 +345,34 @@ async fn audit_chain_verifies_and_names_tampering() {
             1
         );
         assert_eq!(
-            s.append_audit(&[e]).await.expect("append").len(),
+            s.append_audit(std::slice::from_ref(&e))
+                .await
+                .expect("append")
+                .len(),
             0,
             "duplicate stored"
         );
         let ok = s.verify_audit().await.expect("verify");
         assert!(ok.ok, "{ok:?}");
         assert_eq!(ok.checked, 21);
+
+        // One batch larger than an INSERT statement's rows, resending an id stored before
+        // and holding another id twice: each id stored once, in order, chained.
+        let mut batch = vec![e.clone()];
+        batch.extend((0..1_500).map(|i| NewEvent {
+            event_id: Some(format!("batch-{}", i.min(1_498))),
+            ..e.clone()
+        }));
+        let stored = s.append_audit(&batch).await.expect("append batch");
+        assert_eq!(stored.len(), 1_499, "ev-1 and one batch-1498 skipped");
+        assert_eq!(
+            (stored[0].0, stored[1_498].0),
+            (22, 1_520),
+            "consecutive seq"
+        );
+        let ok = s.verify_audit().await.expect("verify");
+        assert!(ok.ok, "{ok:?}");
+        assert_eq!(ok.checked, 1_520);
 
         // Edit one row behind the store's back: verify names it.
         sqlx::query("UPDATE audit_events SET details = '{\"n\":999}' WHERE seq = 7")
