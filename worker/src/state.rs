@@ -29,7 +29,7 @@ const ACTIVATION_TIMEOUT: Duration = Duration::from_secs(5);
 const CANCELLED_MEMORY: Duration = Duration::from_secs(3600);
 /// Grants of authorized sessions whose client has not arrived yet, kept at most (beyond
 /// that, a session activates with a round trip, as if its grant had not come).
-const READY_CAPACITY: usize = 65_536;
+const READY_CAPACITY: usize = 16_384;
 
 /// Keys whose session tokens this worker accepts, from the controller's hello.
 pub(crate) struct TrustedKeys {
