@@ -646,6 +646,7 @@ async fn tunnel(api: &ApiArgs, port: u16, t: Tuning) -> Result<Value> {
     let quic_ms = t0.elapsed().as_secs_f64() * 1e3;
     let (mut hs, mut hr) = conn.open_bi().await?;
     hs.write_all(&frame::encode(&SessionHello {
+        grant_pushed: false,
         version: PROTOCOL_VERSION,
         token: auth.token.clone(),
     })?)

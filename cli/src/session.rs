@@ -341,6 +341,7 @@ pub async fn open_session_on(
             .await
             .map_err(|e| unreachable(connection_error_text(&e)))?;
         let hello = SessionHello {
+            grant_pushed: auth.grant_pushed,
             version: PROTOCOL_VERSION,
             token: auth.token.clone(),
         };

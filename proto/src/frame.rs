@@ -66,6 +66,7 @@ mod tests {
     #[test]
     fn round_trip() {
         let hello = SessionHello {
+            grant_pushed: false,
             version: 1,
             token: "abc".into(),
         };

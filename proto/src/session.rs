@@ -17,6 +17,10 @@ pub struct SessionHello {
     pub version: u32,
     /// The signed session authorization.
     pub token: String,
+    /// The controller said it pushed this session's grant to the worker
+    /// (`Authorization::grant_pushed`): the worker waits briefly for it rather than ask.
+    #[serde(default)]
+    pub grant_pushed: bool,
 }
 
 /// The worker's answer to [`SessionHello`].

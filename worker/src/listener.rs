@@ -232,6 +232,7 @@ async fn check_hello(
         .into());
     }
     let claims = verify_token(shared, &hello.token, spki)?;
+    let grant_pushed = hello.grant_pushed;
     // A further connection of a session this worker carries (a client reconnecting) joins
     // it without asking the controller again. A session authorized moments ago usually has
     // its grant here already, pushed by the controller at authorization: no round trip.
@@ -242,7 +243,7 @@ async fn check_hello(
             Ok(session) => break session,
             Err(AttachError::NotActive) if !asked => {
                 asked = true;
-                let grant = match shared.take_ready(&claims.sid) {
+                let grant = match shared.take_ready(&claims.sid, grant_pushed).await {
                     Some(grant) => grant,
                     None => shared.activate(&claims.sid).await.map_err(|e| match e {
                         ActivationError::Refused(reason) => {

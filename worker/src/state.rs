@@ -30,6 +30,9 @@ const CANCELLED_MEMORY: Duration = Duration::from_secs(3600);
 /// Grants of authorized sessions whose client has not arrived yet, kept at most (beyond
 /// that, a session activates with a round trip, as if its grant had not come).
 const READY_CAPACITY: usize = 16_384;
+/// How long a hello whose client was told the grant was pushed waits for it to arrive (it
+/// races the client's hello on another connection; it normally lands within a millisecond).
+const READY_WAIT: Duration = Duration::from_millis(50);
 
 /// Keys whose session tokens this worker accepts, from the controller's hello.
 pub(crate) struct TrustedKeys {
@@ -94,6 +97,8 @@ pub(crate) struct Shared {
     /// Grants pushed at authorization (`SessionReady`), until the client arrives: its
     /// session's expiry (Unix seconds) and the grant.
     ready: Mutex<HashMap<SessionId, (i64, SessionGrant)>>,
+    /// Woken when a grant is pushed or a session cancelled.
+    ready_changed: tokio::sync::Notify,
     pending: Mutex<HashMap<u64, oneshot::Sender<Activation>>>,
     next_request: AtomicU64,
     outbox: mpsc::Sender<WorkerMessage>,
@@ -149,6 +154,7 @@ impl Shared {
             sessions: Mutex::new(HashMap::new()),
             cancelled: Mutex::new(HashMap::new()),
             ready: Mutex::new(HashMap::new()),
+            ready_changed: tokio::sync::Notify::new(),
             pending: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
             outbox,
@@ -344,13 +350,29 @@ impl Shared {
             }
         }
         ready.insert(id, (expires_at, grant));
+        drop(ready);
+        self.ready_changed.notify_waiters();
     }
 
     /// Starts session `id` on its pushed grant, if there is one, it has not expired and the
     /// controller is reachable (to hear of a revocation); the controller is told that it
-    /// started. `None`: ask the controller ([`Self::activate`]).
-    pub(crate) fn take_ready(&self, id: &SessionId) -> Option<SessionGrant> {
-        let (expires_at, grant) = lock(&self.ready).remove(id)?;
+    /// started. With `pushed` (the controller told the client it pushed the grant), waits
+    /// up to [`READY_WAIT`] for it. `None`: ask the controller ([`Self::activate`]).
+    pub(crate) async fn take_ready(&self, id: &SessionId, pushed: bool) -> Option<SessionGrant> {
+        let deadline = Instant::now() + if pushed { READY_WAIT } else { Duration::ZERO };
+        let (expires_at, grant) = loop {
+            let changed = self.ready_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(found) = lock(&self.ready).remove(id) {
+                break found;
+            }
+            if lock(&self.cancelled).contains_key(id)
+                || tokio::time::timeout_at(deadline, changed).await.is_err()
+            {
+                return None;
+            }
+        };
         if expires_at <= unix_now() || !self.link_is_up() {
             return None;
         }
@@ -474,10 +496,13 @@ impl Shared {
     /// Remembers that the controller cancelled `id`, so that it is not (re)started here.
     pub(crate) fn forget_cancelled(&self, id: &SessionId) {
         lock(&self.ready).remove(id);
-        let mut cancelled = lock(&self.cancelled);
-        let now = Instant::now();
-        cancelled.retain(|_, at| now.duration_since(*at) < CANCELLED_MEMORY);
-        cancelled.insert(id.clone(), now);
+        {
+            let mut cancelled = lock(&self.cancelled);
+            let now = Instant::now();
+            cancelled.retain(|_, at| now.duration_since(*at) < CANCELLED_MEMORY);
+            cancelled.insert(id.clone(), now);
+        }
+        self.ready_changed.notify_waiters();
     }
 
     /// Ends session `id`: closes its QUIC connections with `code` and `reason` (which also

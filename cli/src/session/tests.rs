@@ -204,6 +204,7 @@ async fn fake_worker(script: Script) -> (Authorization, mpsc::UnboundedReceiver<
         connection_limit: None,
         login: None,
         ssh: None,
+        grant_pushed: false,
     };
     (auth, seen_rx)
 }

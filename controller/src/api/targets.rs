@@ -293,16 +293,17 @@ pub async fn authorize(
         .await?;
     // The worker gets the session's grant now, so that the client's hello needs no
     // activation round trip (the worker reports the start; the checks then run again).
-    match crate::cluster::session_grant(&state, &target.name, credential) {
+    let grant_pushed = match crate::cluster::session_grant(&state, &target.name, credential) {
         Ok(grant) => {
             state
                 .workers
-                .session_ready(&worker.name, session_id.as_str(), claims.exp, grant);
+                .session_ready(&worker.name, session_id.as_str(), claims.exp, grant)
         }
         Err(e) => {
-            tracing::warn!(error = %e, "cannot prepare the session grant: the worker will ask at activation")
+            tracing::warn!(error = %e, "cannot prepare the session grant: the worker will ask at activation");
+            false
         }
-    }
+    };
     Ok(Json(Authorization {
         session_id: session_id.0,
         token: signed,
@@ -318,6 +319,7 @@ pub async fn authorize(
         connection_limit: target.connection_limit,
         login: req.login,
         ssh,
+        grant_pushed,
     }))
 }
 
