@@ -433,9 +433,13 @@ async fn a_session_ended_before_its_client_arrives_never_starts() {
     c.create_target("echo", &echo.to_string(), &[]).await;
     let erin = user_with_role(&c, "erin").await;
 
-    // Started on the pushed grant: active, and audited as such.
+    // Started on the pushed grant (the hello, sent at once, may arrive before the push: the
+    // worker waits for it): active, and audited as such.
     let (auth, key) = authorize(&erin, "echo").await.expect("authorized");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        auth.grant_pushed,
+        "the controller holds the worker's connection"
+    );
     let session = open_session(&auth, &key).await.expect("session opens");
     let (local, _) = session.listen(0).await.expect("listen");
     let mut traffic = Traffic::start(local).await;
