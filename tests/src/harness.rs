@@ -161,6 +161,16 @@ impl Api {
         Ok((auth, key))
     }
 
+    /// Cancels session `id` (`POST /v1/sessions/ID/cancel`), expecting success.
+    pub async fn cancel_session(&self, id: &str) -> postern_controller::api::types::Session {
+        self.ok(
+            reqwest::Method::POST,
+            &format!("/v1/sessions/{id}/cancel"),
+            None::<&()>,
+        )
+        .await
+    }
+
     /// `call` for tests that expect success.
     pub async fn ok<T: DeserializeOwned, B: Serialize>(
         &self,

@@ -12,7 +12,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use postern_cli::session::{new_client_key, open_session, ClientKey, SessionError};
-use postern_controller::api::types::{Authorization, CreatedWorker, Session as SessionRow, Worker};
+use postern_controller::api::types::{Authorization, CreatedWorker, Worker};
 use postern_proto::cluster::WorkerMode;
 use postern_proto::session::RefusalCode;
 use postern_worker::{WorkerConfig, WorkerHandle};
@@ -172,14 +172,7 @@ async fn outbound_only_worker_is_reached_through_the_controller_relay() {
     // A cancel cuts the relayed connection.
     let traffic = Traffic::start(local).await;
     let t0 = Instant::now();
-    let _: SessionRow = c
-        .admin
-        .ok(
-            Method::POST,
-            &format!("/v1/sessions/{}/cancel", auth.session_id),
-            None::<&()>,
-        )
-        .await;
+    c.admin.cancel_session(&auth.session_id).await;
     let cut = traffic
         .wait_cut(CUT_BOUND * 5)
         .await

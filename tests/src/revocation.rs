@@ -132,14 +132,7 @@ async fn revocations_cut_open_connections() {
     let alice = user_with_role(&c, "alice").await;
     let (s, t, id) = live_session(&alice, "echo").await;
     assert_cut(&c, s, t, &id, "cancelled by admin admin", async {
-        let _: SessionRow = c
-            .admin
-            .ok(
-                Method::POST,
-                &format!("/v1/sessions/{id}/cancel"),
-                None::<&()>,
-            )
-            .await;
+        c.admin.cancel_session(&id).await;
     })
     .await;
     let e = audited(&c.admin, "session.connections_cut", |e| {
@@ -400,13 +393,7 @@ async fn cancel_through_a_second_controller_reaches_the_worker() {
 
     let (session, traffic, id) = live_session(&c.admin, "echo").await;
     let t0 = Instant::now();
-    let _: SessionRow = admin2
-        .ok(
-            Method::POST,
-            &format!("/v1/sessions/{id}/cancel"),
-            None::<&()>,
-        )
-        .await;
+    admin2.cancel_session(&id).await;
     let cut = traffic
         .wait_cut(CUT_BOUND * 5)
         .await
@@ -462,14 +449,7 @@ async fn a_session_ended_before_its_client_arrives_never_starts() {
 
     // Cancelled between authorization and the client's hello.
     let (auth, key) = authorize(&erin, "echo").await.expect("authorized");
-    let _: SessionRow = c
-        .admin
-        .ok(
-            Method::POST,
-            &format!("/v1/sessions/{}/cancel", auth.session_id),
-            None::<&()>,
-        )
-        .await;
+    c.admin.cancel_session(&auth.session_id).await;
     let err = open_session(&auth, &key)
         .await
         .expect_err("a cancelled session must not start");

@@ -480,14 +480,7 @@ async fn cancelling_the_session_ends_the_shell() {
             .await;
     assert_eq!(sessions.len(), 1, "{sessions:?}");
     let cancelled = Instant::now();
-    let _: serde_json::Value =
-        s.c.admin
-            .ok(
-                Method::POST,
-                &format!("/v1/sessions/{}/cancel", sessions[0].id),
-                None::<&()>,
-            )
-            .await;
+    s.c.admin.cancel_session(&sessions[0].id).await;
     tmux.wait_gone().await;
     assert!(cancelled.elapsed() < Duration::from_secs(10));
     s.c.stop().await;

@@ -128,7 +128,7 @@ impl Store {
         events: &[NewEvent],
         sessions: &[NewSession],
     ) -> Result<Vec<(i64, NewEvent)>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         // First a write: it takes the lock that serializes appends (see the module doc), and
         // reads the head under it.
         let head = sqlx::query("UPDATE audit_head SET seq = seq WHERE id = 1 RETURNING seq, hash")

@@ -89,7 +89,7 @@ impl Store {
     /// Deletes a user with their tokens, memberships and bindings.
     pub async fn delete_user(&self, name: &str) -> Result<(), StoreError> {
         self.user(name).await?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("DELETE FROM api_tokens WHERE user_name = $1")
             .bind(name)
             .execute(&mut *tx)
@@ -265,7 +265,7 @@ impl Store {
     /// Deletes a group with its memberships and bindings.
     pub async fn delete_group(&self, name: &str) -> Result<(), StoreError> {
         self.require_group(name).await?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("DELETE FROM group_members WHERE group_name = $1")
             .bind(name)
             .execute(&mut *tx)
@@ -394,7 +394,7 @@ impl Store {
     /// Deletes a role with its rules and bindings.
     pub async fn delete_role(&self, name: &str) -> Result<(), StoreError> {
         self.require_role(name).await?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("DELETE FROM role_rules WHERE role_name = $1")
             .bind(name)
             .execute(&mut *tx)
@@ -414,7 +414,7 @@ impl Store {
     /// Appends a rule to a role.
     pub async fn add_rule(&self, role: &str, rule: &Rule) -> Result<(), StoreError> {
         self.require_role(role).await?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let next: i64 = sqlx::query(
             "SELECT COALESCE(MAX(position), 0) + 1 AS next FROM role_rules WHERE role_name = $1",
         )

@@ -271,7 +271,7 @@ impl Store {
         groups: &[String],
     ) -> Result<(Vec<String>, Vec<String>), StoreError> {
         let t = now();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         // Forget IdP-sourced memberships that an admin removed or whose group is gone.
         sqlx::query(
             "DELETE FROM oidc_group_members WHERE user_name = $1 AND NOT EXISTS \

@@ -184,7 +184,7 @@ impl Store {
     /// Deletes a target and its credential.
     pub async fn delete_target(&self, name: &str) -> Result<(), StoreError> {
         self.target(name).await?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("DELETE FROM credentials WHERE target_name = $1")
             .bind(name)
             .execute(&mut *tx)
@@ -206,7 +206,7 @@ impl Store {
         sealed: &str,
     ) -> Result<(), StoreError> {
         self.target(target).await?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("DELETE FROM credentials WHERE target_name = $1")
             .bind(target)
             .execute(&mut *tx)

@@ -176,13 +176,7 @@ async fn metrics_move_with_sessions_and_parse_as_prometheus_text() {
     assert!(w1.contains_key("postern_connections_active"));
 
     // Revoke it: the controller counts the revocation and, once acknowledged, its latency.
-    admin
-        .ok::<serde_json::Value, ()>(
-            Method::POST,
-            &format!("/v1/sessions/{}/cancel", auth.session_id),
-            None,
-        )
-        .await;
+    admin.cancel_session(&auth.session_id).await;
     let end = tokio::time::timeout(Duration::from_secs(10), session.closed())
         .await
         .expect("session cut");
