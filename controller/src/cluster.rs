@@ -384,25 +384,18 @@ async fn handle(
                     Ok(grant) => (None, Some(grant)),
                     Err(reason) => (Some(reason), None),
                 };
-                let outcome = if refused.is_some() {
-                    "denied"
-                } else {
-                    "success"
-                };
-                let details = json!({"worker": worker, "refused": refused, "target": session.as_ref().map(|s| &s.target)});
                 // The answer goes first: it waits on nothing but the session row, which is
                 // already committed (`active`, `activated_at`); the event follows at once.
-                let _ = tx.send(ControllerMessage::Activated { id, refused, grant });
+                let _ = tx.send(ControllerMessage::Activated {
+                    id,
+                    refused: refused.clone(),
+                    grant,
+                });
+                let details = json!({"worker": worker, "refused": refused, "target": session.as_ref().map(|s| &s.target)});
                 let user = session.map(|s| s.user);
-                let _ = state
-                    .audit(
-                        user.as_deref().unwrap_or("unknown"),
-                        "session.activate",
-                        &format!("session:{session_id}"),
-                        outcome,
-                        details,
-                    )
-                    .await;
+                let user = user.as_deref().unwrap_or("unknown");
+                let _ =
+                    audit_activation(&state, user, &session_id, refused.is_some(), details).await;
             });
         }
         WorkerMessage::SessionStarted { session_id } => {
@@ -580,21 +573,7 @@ async fn session_started(state: &AppState, worker: &str, session_id: &SessionId)
     };
     let details =
         json!({"worker": worker, "refused": refused, "target": s.target, "pushed_grant": true});
-    let outcome = if refused.is_some() {
-        "denied"
-    } else {
-        "success"
-    };
-    if let Err(e) = state
-        .audit(
-            &s.user,
-            "session.activate",
-            &format!("session:{session_id}"),
-            outcome,
-            details,
-        )
-        .await
-    {
+    if let Err(e) = audit_activation(state, &s.user, session_id, refused.is_some(), details).await {
         tracing::error!(error = %e, "cannot audit a session's start");
     }
     if let Some(reason) = refused {
@@ -605,6 +584,21 @@ async fn session_started(state: &AppState, worker: &str, session_id: &SessionId)
             tracing::error!(error = %e, session = %session_id, "cannot end a session that may not run");
         }
     }
+}
+
+/// The `session.activate` event of `session_id`, by `user`.
+async fn audit_activation(
+    state: &AppState,
+    user: &str,
+    session_id: &SessionId,
+    refused: bool,
+    details: serde_json::Value,
+) -> Result<(), StoreError> {
+    let outcome = if refused { "denied" } else { "success" };
+    let resource = format!("session:{session_id}");
+    state
+        .audit(user, "session.activate", &resource, outcome, details)
+        .await
 }
 
 /// `None` if session `s` may start on this worker now (and it is now marked active), else

@@ -38,8 +38,7 @@ impl FromRequestParts<AppState> for Caller {
             ApiError::Unauthenticated("expected 'Authorization: Bearer <token>'".into())
         })?;
         let token_hash = hash_token(token.trim());
-        let owner = state.store.token_owner(&token_hash).await?;
-        let owner = owner.ok_or_else(|| {
+        let owner = state.store.token_owner(&token_hash).await?.ok_or_else(|| {
             ApiError::Unauthenticated(
                 "your API token is invalid or expired: run `postern login`".into(),
             )

@@ -370,11 +370,11 @@ pub struct Authorization {
     /// The login the session was authorized for, if one was asked for.
     #[serde(default)]
     pub login: Option<String>,
-    /// For `ssh` targets: what `postern ssh` needs to reach the worker's SSH endpoint.
     /// Whether the controller pushed the session's grant to the worker as it answered
     /// (the client tells the worker in its hello; see `SessionHello::grant_pushed`).
     #[serde(default)]
     pub grant_pushed: bool,
+    /// For `ssh` targets: what `postern ssh` needs to reach the worker's SSH endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh: Option<SshAccess>,
 }

@@ -30,6 +30,17 @@ pub struct TokenOwner {
     pub rules: Vec<SourcedRule>,
 }
 
+/// The roles bound to the user named by the SQL expression `user`, directly or through a
+/// group: a subquery, for `role_name IN …`.
+fn roles_bound_to(user: &str) -> String {
+    format!(
+        "(SELECT b.role_name FROM role_bindings b \
+          WHERE (b.principal_kind = 'user' AND b.principal_name = {user}) \
+             OR (b.principal_kind = 'group' AND b.principal_name IN \
+                 (SELECT group_name FROM group_members WHERE user_name = {user})))"
+    )
+}
+
 fn user_from(row: &sqlx::any::AnyRow) -> Result<UserRow, StoreError> {
     Ok(UserRow {
         name: row.try_get("name")?,
@@ -162,22 +173,20 @@ impl Store {
         let t = now();
         // The owner and their rules in one read (every API call makes it): a row per rule,
         // or one row with no rule.
-        let rows = sqlx::query(
+        let sql = format!(
             "SELECT u.name, u.password_hash, u.locked, u.created_at, t.expires_at, t.last_used_at, \
                     r.role_name, r.position, r.rule \
              FROM api_tokens t JOIN users u ON u.name = t.user_name \
-             LEFT JOIN role_rules r ON r.role_name IN \
-                 (SELECT b.role_name FROM role_bindings b \
-                  WHERE (b.principal_kind = 'user' AND b.principal_name = u.name) \
-                     OR (b.principal_kind = 'group' AND b.principal_name IN \
-                         (SELECT group_name FROM group_members WHERE user_name = u.name))) \
+             LEFT JOIN role_rules r ON r.role_name IN {} \
              WHERE t.token_hash = $1 AND t.expires_at > $2 \
              ORDER BY r.role_name, r.position",
-        )
-        .bind(hash)
-        .bind(t)
-        .fetch_all(&self.pool)
-        .await?;
+            roles_bound_to("u.name")
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(hash)
+            .bind(t)
+            .fetch_all(&self.pool)
+            .await?;
         let Some(row) = rows.first() else {
             return Ok(None);
         };
@@ -475,22 +484,13 @@ impl Store {
     /// Every rule that applies to `user` (directly or through a group), with its role name and
     /// 1-based position, in a stable order: what the policy engine evaluates.
     pub async fn rules_for_user(&self, user: &str) -> Result<Vec<SourcedRule>, StoreError> {
-        self.rules_where("$1", user).await
-    }
-
-    /// Rules bound to the user named by the SQL expression `user` (over `$1` = `arg`),
-    /// directly or through a group.
-    async fn rules_where(&self, user: &str, arg: &str) -> Result<Vec<SourcedRule>, StoreError> {
         let sql = format!(
-            "SELECT DISTINCT r.role_name, r.position, r.rule FROM role_rules r \
-             JOIN role_bindings b ON b.role_name = r.role_name \
-             WHERE (b.principal_kind = 'user' AND b.principal_name = {user}) \
-                OR (b.principal_kind = 'group' AND b.principal_name IN \
-                    (SELECT group_name FROM group_members WHERE user_name = {user})) \
-             ORDER BY r.role_name, r.position"
+            "SELECT r.role_name, r.position, r.rule FROM role_rules r \
+             WHERE r.role_name IN {} ORDER BY r.role_name, r.position",
+            roles_bound_to("$1")
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(arg)
+            .bind(user)
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
@@ -506,16 +506,14 @@ impl Store {
 
     /// Names of the roles bound to `user` directly or through a group.
     pub async fn roles_for_user(&self, user: &str) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT DISTINCT role_name FROM role_bindings \
-             WHERE (principal_kind = 'user' AND principal_name = $1) \
-                OR (principal_kind = 'group' AND principal_name IN \
-                    (SELECT group_name FROM group_members WHERE user_name = $1)) \
-             ORDER BY role_name",
-        )
-        .bind(user)
-        .fetch_all(&self.pool)
-        .await?;
+        let sql = format!(
+            "SELECT DISTINCT role_name FROM {} AS bound ORDER BY role_name",
+            roles_bound_to("$1")
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(user)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(|r| Ok(r.try_get("role_name")?)).collect()
     }
 }
