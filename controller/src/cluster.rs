@@ -640,6 +640,8 @@ async fn store_events(
     let mut users: HashMap<String, String> = HashMap::new();
     let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
     let stored = state.store.stored_event_ids(&ids).await?;
+    // Closed connections per session (count, bytes up, bytes down): one update per session.
+    let mut closed: HashMap<String, (u64, u64, u64)> = HashMap::new();
     for e in events {
         if stored.contains(&e.event_id) {
             continue;
@@ -652,10 +654,10 @@ async fn store_events(
                 reason,
             } => {
                 state.metrics.connection_closed(bytes_up, bytes_down);
-                state
-                    .store
-                    .record_connection(session_id.as_str(), bytes_up, bytes_down)
-                    .await?;
+                let figures = closed.entry(session_id.as_str().to_owned()).or_default();
+                figures.0 += 1;
+                figures.1 += bytes_up;
+                figures.2 += bytes_down;
                 (
                     format!("worker:{worker}"),
                     "connection.close".to_owned(),
@@ -699,6 +701,12 @@ async fn store_events(
             session_id: Some(session_id.0),
             details,
         });
+    }
+    for (session, (connections, up, down)) in closed {
+        state
+            .store
+            .record_connections(&session, connections, up, down)
+            .await?;
     }
     if batch.is_empty() {
         return Ok(());

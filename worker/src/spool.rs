@@ -8,6 +8,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use postern_proto::cluster::{SpooledEvent, WorkerMessage};
 use postern_proto::frame::MAX_FRAME;
@@ -18,6 +19,8 @@ const SPOOL_FILE: &str = "audit-spool.jsonl";
 const COMPACT_AFTER: usize = 2_000;
 /// Room left in a frame for the envelope around the events.
 const FRAME_BUDGET: usize = MAX_FRAME - 1_024;
+/// How long a sent batch may wait for its acknowledgement before the next is sent anyway.
+const ACK_WAIT: Duration = Duration::from_secs(1);
 
 /// A line recording acknowledgements (until the next rewrite drops the events).
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -37,6 +40,8 @@ struct Inner {
     events: VecDeque<(SpooledEvent, usize)>,
     /// How many at the front were sent on the current control connection.
     sent: usize,
+    /// When the unacknowledged batch went, if one is out.
+    in_flight: Option<Instant>,
     /// Events acknowledged since the file was last rewritten.
     stale: usize,
     file: Option<File>,
@@ -65,6 +70,7 @@ impl Spool {
             inner: Mutex::new(Inner {
                 events,
                 sent: 0,
+                in_flight: None,
                 stale: 0,
                 file: None,
             }),
@@ -103,13 +109,24 @@ impl Spool {
 
     /// A new control connection: everything unacknowledged must be sent again.
     pub(crate) fn restart(&self) {
-        self.lock().sent = 0;
+        let mut inner = self.lock();
+        inner.sent = 0;
+        inner.in_flight = None;
+        drop(inner);
         self.notify.notify_one();
     }
 
     /// The next batch not yet sent on this connection (fits one frame), marked as sent.
+    ///
+    /// Empty while the previous batch awaits its acknowledgement (up to [`ACK_WAIT`]): the
+    /// controller stores one batch at a time, so what arrives meanwhile goes as one batch,
+    /// one transaction, instead of one transaction per event (a burst of short connections
+    /// kept the controller's store busy long after it ended).
     pub(crate) fn next_batch(&self) -> Vec<SpooledEvent> {
         let mut inner = self.lock();
+        if inner.sent > 0 && inner.in_flight.is_some_and(|t| t.elapsed() < ACK_WAIT) {
+            return Vec::new();
+        }
         let mut batch = Vec::new();
         let mut size = 0;
         while let Some((event, len)) = inner.events.get(inner.sent) {
@@ -119,6 +136,9 @@ impl Spool {
             size += len + 1;
             batch.push(event.clone());
             inner.sent += 1;
+        }
+        if !batch.is_empty() {
+            inner.in_flight = Some(Instant::now());
         }
         batch
     }
@@ -154,6 +174,9 @@ impl Spool {
                 inner.sent -= removed_sent;
             }
             inner.stale += before - inner.events.len();
+            if inner.sent == 0 {
+                inner.in_flight = None;
+            }
             // Record the acknowledgement, so a restart does not send these again.
             let line = serde_json::to_string(&AckLine {
                 acked: ids.iter().map(|s| (*s).to_owned()).collect(),
@@ -164,13 +187,27 @@ impl Spool {
                     .write_all(format!("{line}\n").as_bytes())
                     .and_then(|()| file.flush());
             }
-            inner.stale >= COMPACT_AFTER || (inner.events.is_empty() && inner.stale > 0)
+            // Nothing left to send: empty the file in place. No rewrite and no fsync, so a
+            // steady trickle of connections does not cost one each: whatever a crash leaves
+            // of the file (the old lines, or nothing) holds no unacknowledged event, and the
+            // controller stores a resent one once.
+            if inner.events.is_empty() {
+                if let Some(file) = inner.file.as_mut() {
+                    match file.set_len(0) {
+                        Ok(()) => inner.stale = 0,
+                        Err(e) => tracing::warn!(error = %e, "cannot empty the audit spool"),
+                    }
+                }
+            }
+            inner.stale >= COMPACT_AFTER
         };
         if compact {
             if let Err(e) = self.rewrite() {
                 tracing::warn!(error = %e, "cannot compact the audit spool");
             }
         }
+        // What waited for this acknowledgement may go now.
+        self.notify.notify_one();
     }
 
     /// Events waiting for an acknowledgement.
@@ -272,14 +309,24 @@ mod tests {
         spool.ack(&[id(3)]);
         spool.ack(&[id(1), id(0)]);
         assert_eq!(spool.len(), 3);
-        // Nothing already sent goes again on this connection; a new event does.
+        // A new event waits while sent ones are unacknowledged (nothing already sent goes
+        // twice on one connection).
         spool.push(closed(6));
-        let next = spool.next_batch();
-        assert_eq!(next.len(), 1);
+        assert!(spool.next_batch().is_empty(), "a batch is still in flight");
         // After a reconnect, exactly the unacknowledged ones, in order.
         spool.restart();
         let left: Vec<_> = spool.next_batch().into_iter().map(|e| e.event_id).collect();
-        assert_eq!(left, vec![id(2), id(4), id(5), next[0].event_id.clone()]);
+        assert_eq!(left[..3], [id(2), id(4), id(5)]);
+        assert_eq!(left.len(), 4);
+        // Once they are acknowledged, the next event goes at once, alone.
+        spool.push(closed(7));
+        assert!(
+            spool.next_batch().is_empty(),
+            "the resent batch is in flight"
+        );
+        spool.ack(&left);
+        assert_eq!(spool.next_batch().len(), 1);
+        assert_eq!(spool.len(), 1);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -118,16 +118,18 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Adds a closed connection's figures to its session.
-    pub async fn record_connection(
+    /// Adds closed connections (how many, and their bytes) to their session's figures.
+    pub async fn record_connections(
         &self,
         id: &str,
+        connections: u64,
         bytes_up: u64,
         bytes_down: u64,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE sessions SET connections = connections + 1, bytes_up = bytes_up + $1, bytes_down = bytes_down + $2 WHERE id = $3",
+            "UPDATE sessions SET connections = connections + $1, bytes_up = bytes_up + $2, bytes_down = bytes_down + $3 WHERE id = $4",
         )
+        .bind(connections as i64)
         .bind(bytes_up as i64)
         .bind(bytes_down as i64)
         .bind(id)

@@ -243,11 +243,11 @@ async fn targets_workers_and_sessions() {
         s.insert_session(&new).await.expect("session");
         assert!(s.activate_session("s_1").await.expect("activate"));
         assert!(s.activate_session("s_1").await.expect("again"), "idempotent");
-        s.record_connection("s_1", 10, 20).await.expect("conn");
-        s.record_connection("s_1", 1, 2).await.expect("conn");
+        s.record_connections("s_1", 1, 10, 20).await.expect("conn");
+        s.record_connections("s_1", 2, 1, 2).await.expect("conn");
         let active = s.sessions(&SessionQuery { active: Some(true), ..Default::default() }).await.expect("list");
         assert_eq!(active.len(), 1);
-        assert_eq!((active[0].connections, active[0].bytes_up, active[0].bytes_down), (2, 11, 22));
+        assert_eq!((active[0].connections, active[0].bytes_up, active[0].bytes_down), (3, 11, 22));
         assert!(s.end_session("s_1", "client closed").await.expect("end"));
         assert!(!s.end_session("s_1", "again").await.expect("end"), "ends once");
         assert!(!s.activate_session("s_1").await.expect("activate"), "ended sessions stay ended");
