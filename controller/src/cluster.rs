@@ -405,7 +405,7 @@ async fn handle(
         msg @ (WorkerMessage::ConnectionClosed { .. } | WorkerMessage::Audit { .. }) => {
             // Sent outside the spool (a worker without one): stored as spooled events are.
             let event = SpooledEvent {
-                event_id: postern_proto::ids::random_base32(16),
+                event_id: postern_proto::ids::time_ordered_id(),
                 time: postern_proto::unix_now(),
                 message: Box::new(msg),
             };

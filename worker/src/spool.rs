@@ -21,6 +21,10 @@ const COMPACT_AFTER: usize = 2_000;
 const FRAME_BUDGET: usize = MAX_FRAME - 1_024;
 /// How long a sent batch may wait for its acknowledgement before the next is sent anyway.
 const ACK_WAIT: Duration = Duration::from_secs(1);
+/// Least time between the starts of two batches, unless a frame's worth is waiting: a busy
+/// statement audit then reaches the controller in batches of tens to hundreds of events,
+/// and each event waits at most this long (it is in the spool file already).
+const MIN_GAP: Duration = Duration::from_millis(10);
 
 /// A line recording acknowledgements (until the next rewrite drops the events).
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -42,9 +46,31 @@ struct Inner {
     sent: usize,
     /// When the unacknowledged batch went, if one is out.
     in_flight: Option<Instant>,
+    /// When the last batch went (acknowledged or not).
+    last_batch: Option<Instant>,
     /// Events acknowledged since the file was last rewritten.
     stale: usize,
     file: Option<File>,
+}
+
+impl Inner {
+    /// How long unsent events should wait for [`MIN_GAP`] to end; `None` if they may go now,
+    /// or if there are none, or if a batch is in flight (its acknowledgement wakes the
+    /// sender).
+    fn hold(&self) -> Option<Duration> {
+        if self.events.len() <= self.sent || self.in_flight.is_some() {
+            return None;
+        }
+        let left = MIN_GAP.checked_sub(self.last_batch?.elapsed())?;
+        let mut waiting = 0;
+        for (_, len) in self.events.iter().skip(self.sent) {
+            waiting += len + 1;
+            if waiting > FRAME_BUDGET {
+                return None;
+            }
+        }
+        Some(left)
+    }
 }
 
 impl Spool {
@@ -71,6 +97,7 @@ impl Spool {
                 events,
                 sent: 0,
                 in_flight: None,
+                last_batch: None,
                 stale: 0,
                 file: None,
             }),
@@ -83,7 +110,7 @@ impl Spool {
     /// Spools an auditable message (durably, before it is sent).
     pub(crate) fn push(&self, message: WorkerMessage) {
         let event = SpooledEvent {
-            event_id: postern_proto::ids::random_base32(16),
+            event_id: postern_proto::ids::time_ordered_id(),
             time: postern_proto::unix_now(),
             message: Box::new(message),
         };
@@ -104,7 +131,11 @@ impl Spool {
 
     /// Waits until there may be something new to send.
     pub(crate) async fn changed(&self) {
-        self.notify.notified().await;
+        let hold = self.lock().hold();
+        match hold {
+            Some(left) => tokio::time::sleep(left).await,
+            None => self.notify.notified().await,
+        }
     }
 
     /// A new control connection: everything unacknowledged must be sent again.
@@ -112,6 +143,7 @@ impl Spool {
         let mut inner = self.lock();
         inner.sent = 0;
         inner.in_flight = None;
+        inner.last_batch = None;
         drop(inner);
         self.notify.notify_one();
     }
@@ -121,10 +153,14 @@ impl Spool {
     /// Empty while the previous batch awaits its acknowledgement (up to [`ACK_WAIT`]): the
     /// controller stores one batch at a time, so what arrives meanwhile goes as one batch,
     /// one transaction, instead of one transaction per event (a burst of short connections
-    /// kept the controller's store busy long after it ended).
+    /// kept the controller's store busy long after it ended). Empty too, unless a frame's
+    /// worth is waiting, until [`MIN_GAP`] has passed since the previous batch went.
     pub(crate) fn next_batch(&self) -> Vec<SpooledEvent> {
         let mut inner = self.lock();
         if inner.sent > 0 && inner.in_flight.is_some_and(|t| t.elapsed() < ACK_WAIT) {
+            return Vec::new();
+        }
+        if inner.hold().is_some() {
             return Vec::new();
         }
         let mut batch = Vec::new();
@@ -138,7 +174,9 @@ impl Spool {
             inner.sent += 1;
         }
         if !batch.is_empty() {
-            inner.in_flight = Some(Instant::now());
+            let now = Instant::now();
+            inner.in_flight = Some(now);
+            inner.last_batch = Some(now);
         }
         batch
     }
@@ -325,8 +363,56 @@ mod tests {
             "the resent batch is in flight"
         );
         spool.ack(&left);
-        assert_eq!(spool.next_batch().len(), 1);
         assert_eq!(spool.len(), 1);
+        // ... and goes alone once the least gap between batches has passed.
+        std::thread::sleep(MIN_GAP);
+        assert_eq!(spool.next_batch().len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn batches_keep_a_least_gap_unless_a_frame_is_waiting() {
+        let (dir, spool) = spool_with(1);
+        let first = spool.next_batch();
+        assert_eq!(first.len(), 1, "a first event goes at once");
+        spool.ack(&[first[0].event_id.clone()]);
+        spool.push(closed(1));
+        spool.push(closed(2));
+        assert!(spool.next_batch().is_empty(), "held for the gap");
+        // The sender's wait ends when the gap does, with no other wake-up.
+        let waited = Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), spool.changed())
+            .await
+            .expect("the wait ends after the gap");
+        assert!(waited.elapsed() <= MIN_GAP + Duration::from_millis(500));
+        let second = spool.next_batch();
+        let second_went = Instant::now();
+        assert_eq!(second.len(), 2, "what waited goes as one batch");
+        spool.ack(
+            &second
+                .iter()
+                .map(|e| e.event_id.clone())
+                .collect::<Vec<_>>(),
+        );
+        // More than a frame's worth waiting goes without waiting for the gap.
+        let big = "x".repeat(4_096);
+        let mut n = 0;
+        while spool.lock().hold().is_some() || n == 0 {
+            spool.push(WorkerMessage::ConnectionClosed {
+                session_id: SessionId::from("s_x"),
+                bytes_up: n,
+                bytes_down: n,
+                reason: big.clone(),
+            });
+            n += 1;
+            assert!(n < 1_000, "a frame's worth never lifted the hold");
+        }
+        // (~16 events of 4 KiB fill a frame; fewer only if the gap ran out meanwhile.)
+        assert!(
+            n >= 15 || second_went.elapsed() >= MIN_GAP,
+            "the hold lifted after {n} events, before a frame's worth was waiting"
+        );
+        assert!(!spool.next_batch().is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
