@@ -454,7 +454,7 @@ async fn handle(
                     let _ = tx.send(ControllerMessage::EventsAck { event_ids: ids });
                 }
                 Err(e) => {
-                    tracing::error!(worker, error = %e, "cannot store the worker's events; it will send them again")
+                    tracing::error!(worker, error = %e, "cannot store the worker's events; it sends them again when no acknowledgement comes")
                 }
             }
         }

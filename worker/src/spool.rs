@@ -19,7 +19,9 @@ const SPOOL_FILE: &str = "audit-spool.jsonl";
 const COMPACT_AFTER: usize = 2_000;
 /// Room left in a frame for the envelope around the events.
 const FRAME_BUDGET: usize = MAX_FRAME - 1_024;
-/// How long a sent batch may wait for its acknowledgement before the next is sent anyway.
+/// How long a sent batch may wait for its acknowledgement; then everything unacknowledged
+/// goes again (the controller stores each event id once; it answers nothing for a batch it
+/// could not store).
 const ACK_WAIT: Duration = Duration::from_secs(1);
 /// Least time between the starts of two batches, unless a frame's worth is waiting: a busy
 /// statement audit then reaches the controller in batches of tens to hundreds of events,
@@ -131,10 +133,22 @@ impl Spool {
 
     /// Waits until there may be something new to send.
     pub(crate) async fn changed(&self) {
-        let hold = self.lock().hold();
-        match hold {
-            Some(left) => tokio::time::sleep(left).await,
-            None => self.notify.notified().await,
+        let (hold, ack_due) = {
+            let inner = self.lock();
+            let due = inner
+                .in_flight
+                .map(|t| ACK_WAIT.saturating_sub(t.elapsed()));
+            (inner.hold(), due)
+        };
+        match (hold, ack_due) {
+            (Some(left), _) => tokio::time::sleep(left).await,
+            (None, Some(left)) => {
+                tokio::select! {
+                    () = self.notify.notified() => {}
+                    () = tokio::time::sleep(left) => {}
+                }
+            }
+            (None, None) => self.notify.notified().await,
         }
     }
 
@@ -150,15 +164,20 @@ impl Spool {
 
     /// The next batch not yet sent on this connection (fits one frame), marked as sent.
     ///
-    /// Empty while the previous batch awaits its acknowledgement (up to [`ACK_WAIT`]): the
+    /// Empty while the previous batch awaits its acknowledgement (up to [`ACK_WAIT`], after
+    /// which everything unacknowledged is sent again): the
     /// controller stores one batch at a time, so what arrives meanwhile goes as one batch,
     /// one transaction, instead of one transaction per event (a burst of short connections
     /// kept the controller's store busy long after it ended). Empty too, unless a frame's
     /// worth is waiting, until [`MIN_GAP`] has passed since the previous batch went.
     pub(crate) fn next_batch(&self) -> Vec<SpooledEvent> {
         let mut inner = self.lock();
-        if inner.sent > 0 && inner.in_flight.is_some_and(|t| t.elapsed() < ACK_WAIT) {
-            return Vec::new();
+        if inner.sent > 0 {
+            if inner.in_flight.is_some_and(|t| t.elapsed() < ACK_WAIT) {
+                return Vec::new();
+            }
+            // No acknowledgement in time: the controller could not store the batch.
+            inner.sent = 0;
         }
         if inner.hold().is_some() {
             return Vec::new();
@@ -367,6 +386,36 @@ mod tests {
         // ... and goes alone once the least gap between batches has passed.
         std::thread::sleep(MIN_GAP);
         assert_eq!(spool.next_batch().len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_batch_left_unacknowledged_goes_again() {
+        let (dir, spool) = spool_with(3);
+        let batch = spool.next_batch();
+        spool.ack(&[batch[1].event_id.clone()]);
+        spool.push(closed(3));
+        assert!(spool.next_batch().is_empty(), "in flight");
+        // The sender's loop: wakes (when the acknowledgement is overdue at the latest), asks.
+        let waited = Instant::now();
+        let again = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let next = spool.next_batch();
+                if !next.is_empty() {
+                    return next;
+                }
+                spool.changed().await;
+            }
+        })
+        .await
+        .expect("the unacknowledged batch goes again");
+        assert!(waited.elapsed() >= ACK_WAIT - Duration::from_millis(50));
+        let again: Vec<_> = again.into_iter().map(|e| e.event_id).collect();
+        assert_eq!(again.len(), 3);
+        assert_eq!(
+            again[..2],
+            [batch[0].event_id.clone(), batch[2].event_id.clone()]
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
