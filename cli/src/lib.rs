@@ -55,16 +55,21 @@ where
 
     // A session client is one relay loop: on one thread it wakes no second one per packet
     // (the benchmark measured 46% of a small-query session's CPU in cross-thread wake-ups).
-    // `postern dev` runs a controller and a worker, which want every core.
-    let single = !matches!(cli.command, args::Command::Dev(_));
-    let built = if single {
-        tokio::runtime::Builder::new_current_thread()
+    // `postern dev` too runs its controller and worker on one runtime thread (SQLite and
+    // blocking work have threads of their own): on two cores, a second runtime thread cost
+    // the worker a third more CPU per small query in wake-ups between the two.
+    // `TOKIO_WORKER_THREADS` gives it more.
+    let built = match cli.command {
+        args::Command::Dev(_) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+                builder.worker_threads(1);
+            }
+            builder.enable_all().build()
+        }
+        _ => tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
+            .build(),
     };
     let runtime = match built {
         Ok(rt) => rt,
