@@ -702,16 +702,18 @@ async fn store_events(
             details,
         });
     }
+    if !batch.is_empty() {
+        state.audit_log.append(batch).await?;
+    }
+    // After the events are stored: a batch whose append failed is sent again and must not
+    // have been counted already (one that is stored is skipped above when resent).
     for (session, (connections, up, down)) in closed {
         state
             .store
             .record_connections(&session, connections, up, down)
             .await?;
     }
-    if batch.is_empty() {
-        return Ok(());
-    }
-    state.audit_log.append(batch).await
+    Ok(())
 }
 
 /// What the worker needs for an activated session: the target's brokered credential, unsealed.
