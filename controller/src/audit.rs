@@ -129,19 +129,20 @@ async fn write_loop(
             }
         }
         let events: Vec<NewEvent> = batch
-            .iter()
-            .flat_map(|p| p.events.iter().cloned())
+            .iter_mut()
+            .flat_map(|p| std::mem::take(&mut p.events))
             .collect();
         let sessions: Vec<NewSession> = batch
-            .iter()
-            .flat_map(|p| p.sessions.iter().cloned())
+            .iter_mut()
+            .flat_map(|p| std::mem::take(&mut p.sessions))
             .collect();
         let result = store.append_audit_with(&events, &sessions).await;
         match &result {
             Ok(stored) => {
                 if let Some(file) = mirror.as_mut() {
                     let mut lines = Vec::new();
-                    for (seq, e) in stored {
+                    for &(seq, index) in stored {
+                        let e = &events[index];
                         let line = serde_json::json!({
                             "seq": seq, "time": e.time, "actor": e.actor, "action": e.action,
                             "resource": e.resource, "outcome": e.outcome, "session_id": e.session_id,

@@ -113,11 +113,9 @@ impl Store {
     }
 
     /// Appends events to the chain in one transaction; an event whose `event_id` is stored
-    /// already is skipped. Returns the events actually stored, with their `seq`.
-    pub async fn append_audit(
-        &self,
-        events: &[NewEvent],
-    ) -> Result<Vec<(i64, NewEvent)>, StoreError> {
+    /// already is skipped. Returns, for each event actually stored, its `seq` and its index in
+    /// `events`.
+    pub async fn append_audit(&self, events: &[NewEvent]) -> Result<Vec<(i64, usize)>, StoreError> {
         self.append_audit_with(events, &[]).await
     }
 
@@ -127,7 +125,7 @@ impl Store {
         &self,
         events: &[NewEvent],
         sessions: &[NewSession],
-    ) -> Result<Vec<(i64, NewEvent)>, StoreError> {
+    ) -> Result<Vec<(i64, usize)>, StoreError> {
         let mut tx = self.begin_write().await?;
         // First a write: it takes the lock that serializes appends (see the module doc), and
         // reads the head under it.
@@ -150,7 +148,7 @@ impl Store {
         };
         let mut rows = Vec::with_capacity(events.len());
         let mut stored = Vec::with_capacity(events.len());
-        for e in events {
+        for (index, e) in events.iter().enumerate() {
             if let Some(id) = &e.event_id {
                 if !seen.insert(id.clone()) {
                     continue;
@@ -172,7 +170,7 @@ impl Store {
             );
             rows.push((next, e, details, std::mem::replace(&mut hash, h.clone()), h));
             seq = next;
-            stored.push((seq, e.clone()));
+            stored.push((seq, index));
         }
         // Many rows per statement: one round trip for a batch, not one per event.
         for chunk in rows.chunks(INSERT_ROWS) {
