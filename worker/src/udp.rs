@@ -13,8 +13,14 @@
 //! 1,452-byte ceiling; towards a loopback address (65,536) it starts there. `POSTERN_QUIC_MAX_UDP_PAYLOAD` caps it
 //! (1452 gives the figures of a 1500-byte path).
 
+use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 
 /// Socket buffer size asked for (the kernel caps it at `net.core.{r,w}mem_max`).
 const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
@@ -54,7 +60,94 @@ pub fn endpoint(
     config
         .max_udp_payload_size(accepted)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
-    quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
+    socket.set_nonblocking(true)?;
+    let socket = Arc::new(Socket::new(socket, state)?);
+    quinn::Endpoint::new_with_abstract_socket(config, server, socket, Arc::new(quinn::TokioRuntime))
+}
+
+/// quinn's tokio socket, less one system call per wake-up: after a receive that returned
+/// fewer datagrams than it had room for, the socket is known to be drained and waits for
+/// the next readiness event instead of asking the kernel again to hear `EAGAIN` (that
+/// empty `recvmmsg` was one in three receive calls under a request/response load).
+#[derive(Debug)]
+struct Socket {
+    io: AsyncFd<std::net::UdpSocket>,
+    state: quinn::udp::UdpSocketState,
+}
+
+impl Socket {
+    /// Registers `socket` (non-blocking) with the runtime's reactor.
+    fn new(socket: std::net::UdpSocket, state: quinn::udp::UdpSocketState) -> io::Result<Self> {
+        // `AsyncFd::new` is deprecated for types whose descriptor might change or close
+        // under it (tokio#8587); a `std::net::UdpSocket` owns its descriptor for as long as it
+        // lives, which is the contract of the `unsafe` replacement this crate does not use.
+        #[allow(deprecated)]
+        let io = AsyncFd::new(socket)?;
+        Ok(Socket { io, state })
+    }
+}
+
+impl quinn::AsyncUdpSocket for Socket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn quinn::UdpPoller>> {
+        Box::pin(Writable(self))
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> io::Result<()> {
+        self.io.try_io(Interest::WRITABLE, |socket| {
+            self.state.send(socket.into(), transmit)
+        })
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let mut guard = ready!(self.io.poll_read_ready(cx))?;
+            match guard.try_io(|fd| self.state.recv(fd.get_ref().into(), bufs, meta)) {
+                Ok(Ok(n)) => {
+                    if n < bufs.len() {
+                        // Readiness that arrived since this guard was taken is kept.
+                        guard.clear_ready();
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                // `EAGAIN`: readiness was cleared; wait for the next event.
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.io.get_ref().local_addr()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.state.may_fragment()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.state.gro_segments()
+    }
+}
+
+/// Waits for [`Socket`] to turn writable after a send hit `EAGAIN`.
+#[derive(Debug)]
+struct Writable(Arc<Socket>);
+
+impl quinn::UdpPoller for Writable {
+    fn poll_writable(self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
+        // Readiness is kept: `try_send` clears it when a send hits `EAGAIN`.
+        ready!(self.0.io.poll_write_ready(cx))?.retain_ready();
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// Sizes `transport`'s packets for the path to `peer`: MTU discovery up to what the route
@@ -143,5 +236,48 @@ mod tests {
         tune_for_path(&mut transport, peer); // must accept whatever the route says
                                              // IPv6 keeps quinn's default.
         assert_eq!(route_payload("[::1]:9".parse().expect("addr")), None);
+    }
+
+    /// Receives into `slots` buffers; how many datagrams came.
+    async fn recv(socket: &Socket, slots: usize) -> usize {
+        use quinn::AsyncUdpSocket as _;
+        let mut bufs = vec![[0u8; 2048]; slots];
+        let mut iovs: Vec<io::IoSliceMut<'_>> =
+            bufs.iter_mut().map(|b| io::IoSliceMut::new(b)).collect();
+        let mut meta = vec![quinn::udp::RecvMeta::default(); slots];
+        let n = std::future::poll_fn(|cx| socket.poll_recv(cx, &mut iovs, &mut meta));
+        tokio::time::timeout(std::time::Duration::from_secs(5), n)
+            .await
+            .expect("a datagram within 5 s")
+            .expect("receive")
+    }
+
+    #[tokio::test]
+    async fn a_drained_socket_wakes_for_the_next_datagram_and_a_full_batch_reads_on() {
+        let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        std_socket.set_nonblocking(true).expect("non-blocking");
+        let state = quinn::udp::UdpSocketState::new((&std_socket).into()).expect("state");
+        let socket = Socket::new(std_socket, state).expect("socket");
+        let to = socket.io.get_ref().local_addr().expect("addr");
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind peer");
+
+        // One datagram, room for four: drained, readiness cleared.
+        peer.send_to(&[1; 100], to).expect("send");
+        assert_eq!(recv(&socket, 4).await, 1);
+        // The next one, sent while the receiver waits, still wakes it.
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            peer.send_to(&[2; 101], to).expect("send");
+            peer
+        });
+        assert_eq!(recv(&socket, 4).await, 1);
+        let peer = late.join().expect("sender");
+        // Six (of different sizes, so none are coalesced), room for four: a full batch
+        // leaves readiness set, and the next call reads the other two.
+        for size in 102..108 {
+            peer.send_to(&vec![3; size], to).expect("send");
+        }
+        assert_eq!(recv(&socket, 4).await, 4);
+        assert_eq!(recv(&socket, 4).await, 2);
     }
 }
