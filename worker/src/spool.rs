@@ -46,9 +46,8 @@ struct Inner {
     events: VecDeque<(SpooledEvent, usize)>,
     /// How many at the front were sent on the current control connection.
     sent: usize,
-    /// When the unacknowledged batch went, if one is out.
-    in_flight: Option<Instant>,
-    /// When the last batch went (acknowledged or not).
+    /// When the last batch went on this connection (acknowledged or not; while `sent > 0`,
+    /// the batch awaiting its acknowledgement).
     last_batch: Option<Instant>,
     /// Events acknowledged since the file was last rewritten.
     stale: usize,
@@ -60,12 +59,12 @@ impl Inner {
     /// or if there are none, or if a batch is in flight (its acknowledgement wakes the
     /// sender).
     fn hold(&self) -> Option<Duration> {
-        if self.events.len() <= self.sent || self.in_flight.is_some() {
+        if self.sent > 0 || self.events.is_empty() {
             return None;
         }
         let left = MIN_GAP.checked_sub(self.last_batch?.elapsed())?;
         let mut waiting = 0;
-        for (_, len) in self.events.iter().skip(self.sent) {
+        for (_, len) in &self.events {
             waiting += len + 1;
             if waiting > FRAME_BUDGET {
                 return None;
@@ -98,7 +97,6 @@ impl Spool {
             inner: Mutex::new(Inner {
                 events,
                 sent: 0,
-                in_flight: None,
                 last_batch: None,
                 stale: 0,
                 file: None,
@@ -136,7 +134,8 @@ impl Spool {
         let (hold, ack_due) = {
             let inner = self.lock();
             let due = inner
-                .in_flight
+                .last_batch
+                .filter(|_| inner.sent > 0)
                 .map(|t| ACK_WAIT.saturating_sub(t.elapsed()));
             (inner.hold(), due)
         };
@@ -156,7 +155,6 @@ impl Spool {
     pub(crate) fn restart(&self) {
         let mut inner = self.lock();
         inner.sent = 0;
-        inner.in_flight = None;
         inner.last_batch = None;
         drop(inner);
         self.notify.notify_one();
@@ -173,7 +171,7 @@ impl Spool {
     pub(crate) fn next_batch(&self) -> Vec<SpooledEvent> {
         let mut inner = self.lock();
         if inner.sent > 0 {
-            if inner.in_flight.is_some_and(|t| t.elapsed() < ACK_WAIT) {
+            if inner.last_batch.is_some_and(|t| t.elapsed() < ACK_WAIT) {
                 return Vec::new();
             }
             // No acknowledgement in time: the controller could not store the batch.
@@ -193,9 +191,7 @@ impl Spool {
             inner.sent += 1;
         }
         if !batch.is_empty() {
-            let now = Instant::now();
-            inner.in_flight = Some(now);
-            inner.last_batch = Some(now);
+            inner.last_batch = Some(Instant::now());
         }
         batch
     }
@@ -231,9 +227,6 @@ impl Spool {
                 inner.sent -= removed_sent;
             }
             inner.stale += before - inner.events.len();
-            if inner.sent == 0 {
-                inner.in_flight = None;
-            }
             // Record the acknowledgement, so a restart does not send these again.
             let line = serde_json::to_string(&AckLine {
                 acked: ids.iter().map(|s| (*s).to_owned()).collect(),

@@ -42,13 +42,13 @@ pub fn endpoint(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
 ) -> std::io::Result<quinn::Endpoint> {
-    let socket = std::net::UdpSocket::bind(addr)?;
-    let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+    let socket = Socket::new(std::net::UdpSocket::bind(addr)?)?;
+    let (state, fd) = (&socket.state, socket.io.get_ref());
     // Best effort: a smaller buffer still works, only less well under load.
-    if let Err(e) = state.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER) {
+    if let Err(e) = state.set_recv_buffer_size(fd.into(), SOCKET_BUFFER) {
         tracing::debug!("cannot enlarge the UDP receive buffer: {e}");
     }
-    if let Err(e) = state.set_send_buffer_size((&socket).into(), SOCKET_BUFFER) {
+    if let Err(e) = state.set_send_buffer_size(fd.into(), SOCKET_BUFFER) {
         tracing::debug!("cannot enlarge the UDP send buffer: {e}");
     }
     let mut config = quinn::EndpointConfig::default();
@@ -60,9 +60,12 @@ pub fn endpoint(
     config
         .max_udp_payload_size(accepted)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
-    socket.set_nonblocking(true)?;
-    let socket = Arc::new(Socket::new(socket, state)?);
-    quinn::Endpoint::new_with_abstract_socket(config, server, socket, Arc::new(quinn::TokioRuntime))
+    quinn::Endpoint::new_with_abstract_socket(
+        config,
+        server,
+        Arc::new(socket),
+        Arc::new(quinn::TokioRuntime),
+    )
 }
 
 /// quinn's tokio socket, less one system call per wake-up: after a receive that returned
@@ -76,8 +79,10 @@ struct Socket {
 }
 
 impl Socket {
-    /// Registers `socket` (non-blocking) with the runtime's reactor.
-    fn new(socket: std::net::UdpSocket, state: quinn::udp::UdpSocketState) -> io::Result<Self> {
+    /// Prepares `socket` for quinn (which also makes it non-blocking) and registers it with
+    /// the runtime's reactor.
+    fn new(socket: std::net::UdpSocket) -> io::Result<Self> {
+        let state = quinn::udp::UdpSocketState::new((&socket).into())?;
         // `AsyncFd::new` is deprecated for types whose descriptor might change or close
         // under it (tokio#8587); a `std::net::UdpSocket` owns its descriptor for as long as it
         // lives, which is the contract of the `unsafe` replacement this crate does not use.
@@ -255,9 +260,7 @@ mod tests {
     #[tokio::test]
     async fn a_drained_socket_wakes_for_the_next_datagram_and_a_full_batch_reads_on() {
         let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-        std_socket.set_nonblocking(true).expect("non-blocking");
-        let state = quinn::udp::UdpSocketState::new((&std_socket).into()).expect("state");
-        let socket = Socket::new(std_socket, state).expect("socket");
+        let socket = Socket::new(std_socket).expect("socket");
         let to = socket.io.get_ref().local_addr().expect("addr");
         let peer = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind peer");
 
