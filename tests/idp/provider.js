@@ -35,7 +35,9 @@ function newSigningKey() {
   const jwk = privateKey.export({ format: 'jwk' });
   return { ...jwk, kid: crypto.randomBytes(8).toString('hex'), alg: 'RS256', use: 'sig' };
 }
+const started = Date.now();
 const signingJwk = newSigningKey();
+console.error(`signing key generated in ${Date.now() - started} ms`);
 
 const b64url = (buf) => Buffer.from(buf).toString('base64url');
 
