@@ -94,13 +94,31 @@ pub fn random_base32(n: usize) -> String {
 }
 
 /// A unique id that sorts by creation time: the microseconds since the Unix epoch in 14 hex
-/// digits, then 80 random bits. Stored ids that arrive in time order land next to each other
-/// in a B-tree index (one page written per batch, not one per id, as random ids cost).
+/// digits, then 80 bits in base32: 48 random bits drawn once per process and a 32-bit
+/// counter (from a random start) that makes ids of one process distinct. Stored ids that
+/// arrive in time order land next to each other in a B-tree index (one page written per
+/// batch, not one per id, as random ids cost); a statement audit makes one per statement,
+/// where asking the OS for random bytes each time cost a system call.
 pub fn time_ordered_id() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::OnceLock;
+    static PROCESS: OnceLock<([u8; 6], AtomicU32)> = OnceLock::new();
+    let (tag, counter) = PROCESS.get_or_init(|| {
+        let mut bytes = [0u8; 10];
+        // The OS random source failing is not recoverable in any useful way.
+        getrandom::fill(&mut bytes).expect("the operating system's random source failed");
+        let mut tag = [0u8; 6];
+        tag.copy_from_slice(&bytes[..6]);
+        let start = u32::from_be_bytes([bytes[6], bytes[7], bytes[8], bytes[9]]);
+        (tag, AtomicU32::new(start))
+    });
     let micros = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros());
-    format!("{micros:014x}{}", random_base32(10))
+    let mut unique = [0u8; 10];
+    unique[..6].copy_from_slice(tag);
+    unique[6..].copy_from_slice(&counter.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    format!("{micros:014x}{}", base32(&unique))
 }
 
 fn base32(bytes: &[u8]) -> String {

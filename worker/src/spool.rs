@@ -114,17 +114,17 @@ impl Spool {
             time: postern_proto::unix_now(),
             message: Box::new(message),
         };
-        let line = serde_json::to_string(&event).unwrap_or_default();
+        let mut line = serde_json::to_vec(&event).unwrap_or_default();
+        let len = line.len();
+        line.push(b'\n');
         {
             let mut inner = self.lock();
             if let Some(file) = inner.file.as_mut() {
-                let mut bytes = line.clone().into_bytes();
-                bytes.push(b'\n');
-                if let Err(e) = file.write_all(&bytes).and_then(|()| file.flush()) {
+                if let Err(e) = file.write_all(&line) {
                     tracing::error!(error = %e, "cannot write the audit spool; the event is kept in memory only");
                 }
             }
-            inner.events.push_back((event, line.len()));
+            inner.events.push_back((event, len));
         }
         self.notify.notify_one();
     }

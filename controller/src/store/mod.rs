@@ -50,6 +50,30 @@ pub enum Backend {
     Postgres,
 }
 
+impl Backend {
+    /// `count` bind parameters, comma-separated, the first being number `first` (from 1):
+    /// `$first, …` on PostgreSQL; anonymous `?` on SQLite, where sqlx looks each named
+    /// parameter up by its index and SQLite's lookup walks the statement's whole list, so a
+    /// statement of N named parameters costs N² to bind (13% of an audit append's CPU at
+    /// 700 parameters). Anonymous ones bind in order of appearance.
+    pub(crate) fn params(self, first: usize, count: usize) -> String {
+        let mut out = String::with_capacity(count * 6);
+        for i in first..first + count {
+            if i > first {
+                out.push_str(", ");
+            }
+            match self {
+                Backend::Sqlite => out.push('?'),
+                Backend::Postgres => {
+                    out.push('$');
+                    out.push_str(&i.to_string());
+                }
+            }
+        }
+        out
+    }
+}
+
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
