@@ -336,7 +336,14 @@ async fn control_loop(
         }
     });
     let result = loop {
-        match read_frame::<WorkerMessage>(&mut recv).await {
+        let frame = match read_body(&mut recv).await {
+            Ok(Some(body)) => WorkerMessage::decode_frame(&body)
+                .map(Some)
+                .map_err(ClusterError::from),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        match frame {
             Ok(Some(msg)) => {
                 let load = match &msg {
                     WorkerMessage::Heartbeat {
@@ -760,6 +767,14 @@ fn peer_fingerprint(conn: &quinn::Connection) -> Option<String> {
 async fn read_frame<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
 ) -> Result<Option<T>, ClusterError> {
+    match read_body(recv).await? {
+        Some(body) => Ok(Some(frame::decode(&body)?)),
+        None => Ok(None),
+    }
+}
+
+/// One frame's body; `None` if the stream finished between frames.
+async fn read_body(recv: &mut quinn::RecvStream) -> Result<Option<Vec<u8>>, ClusterError> {
     let mut header = [0u8; 4];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
@@ -771,7 +786,7 @@ async fn read_frame<T: DeserializeOwned>(
     recv.read_exact(&mut body)
         .await
         .map_err(|e| ClusterError::Stream(e.to_string()))?;
-    Ok(Some(frame::decode(&body)?))
+    Ok(Some(body))
 }
 
 async fn write_frame<T: serde::Serialize>(

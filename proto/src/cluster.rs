@@ -175,6 +175,24 @@ pub enum WorkerMessage {
     },
 }
 
+impl WorkerMessage {
+    /// Decodes a frame body from a worker. An `Events` frame, which a busy statement audit
+    /// sends many of, is read as a plain struct: serde reads an internally tagged enum by
+    /// first copying the whole message into a buffer of its own, then reading that, which
+    /// for a frame of hundreds of events was a second parse of all of them.
+    pub fn decode_frame(body: &[u8]) -> Result<WorkerMessage, crate::frame::FrameError> {
+        #[derive(Deserialize)]
+        struct EventsBody {
+            events: Vec<SpooledEvent>,
+        }
+        if body.starts_with(br#"{"type":"events","#) {
+            let b: EventsBody = crate::frame::decode(body)?;
+            return Ok(WorkerMessage::Events { events: b.events });
+        }
+        crate::frame::decode(body)
+    }
+}
+
 /// Frames from the controller after the hello.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -335,4 +353,38 @@ pub struct SpooledEvent {
     pub time: i64,
     /// The event.
     pub message: Box<WorkerMessage>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame;
+
+    #[test]
+    fn worker_frames_decode_alike_on_either_path() {
+        let events = WorkerMessage::Events {
+            events: vec![SpooledEvent {
+                event_id: "e1".into(),
+                time: 7,
+                message: Box::new(WorkerMessage::Audit {
+                    session_id: SessionId::from("s_1"),
+                    action: "postgres.query".into(),
+                    details: serde_json::json!({"statement": "SELECT 1"}),
+                }),
+            }],
+        };
+        let heartbeat = WorkerMessage::Heartbeat {
+            sessions: 2,
+            connections: 3,
+        };
+        for msg in [events, heartbeat] {
+            let body = &frame::encode(&msg).expect("encode")[4..];
+            let fast = WorkerMessage::decode_frame(body).expect("decode");
+            let slow: WorkerMessage = frame::decode(body).expect("decode");
+            assert_eq!(format!("{fast:?}"), format!("{slow:?}"));
+        }
+        // Not an `Events` message after all: refused, not misread.
+        assert!(WorkerMessage::decode_frame(br#"{"type":"events","evts":[]}"#).is_err());
+        assert!(WorkerMessage::decode_frame(br#"{"type":"events","events":[{}]}"#).is_err());
+    }
 }

@@ -361,7 +361,10 @@ async fn write_loop(
                 if events.is_empty() {
                     break;
                 }
-                write_frame(send, &WorkerMessage::Events { events }).await?;
+                let frame = crate::spool::events_frame(&events).map_err(WriteFrameError::from)?;
+                send.write_all(&frame)
+                    .await
+                    .map_err(WriteFrameError::from)?;
             }
         }
         let spooled = async {

@@ -7,11 +7,11 @@ use std::collections::{HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use postern_proto::cluster::{SpooledEvent, WorkerMessage};
-use postern_proto::frame::MAX_FRAME;
+use postern_proto::frame::{FrameError, MAX_FRAME};
 use tokio::sync::Notify;
 
 const SPOOL_FILE: &str = "audit-spool.jsonl";
@@ -34,6 +34,39 @@ struct AckLine {
     acked: Vec<String>,
 }
 
+/// One spooled event as it is stored and sent: its id and its JSON text (a
+/// [`SpooledEvent`]), serialized once when it is spooled; the `Events` frame is put together
+/// from these texts instead of cloning and serializing each event again.
+#[derive(Debug, Clone)]
+pub(crate) struct Spooled {
+    pub(crate) event_id: String,
+    line: Arc<[u8]>,
+}
+
+/// The frame (length prefix included) of `WorkerMessage::Events` carrying `batch`: the same
+/// bytes as `frame::encode(&WorkerMessage::Events { events })`.
+pub(crate) fn events_frame(batch: &[Spooled]) -> Result<Vec<u8>, FrameError> {
+    const HEAD: &[u8] = br#"{"type":"events","events":["#;
+    const TAIL: &[u8] = b"]}";
+    let body_len = HEAD.len() + TAIL.len() + batch.iter().map(|e| e.line.len() + 1).sum::<usize>();
+    let mut out = Vec::with_capacity(4 + body_len);
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(HEAD);
+    for (i, e) in batch.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&e.line);
+    }
+    out.extend_from_slice(TAIL);
+    let len = out.len() - 4;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    out[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(out)
+}
+
 /// The spool of one worker.
 pub(crate) struct Spool {
     path: PathBuf,
@@ -43,7 +76,7 @@ pub(crate) struct Spool {
 
 struct Inner {
     /// Unacknowledged events, oldest first.
-    events: VecDeque<(SpooledEvent, usize)>,
+    events: VecDeque<Spooled>,
     /// How many at the front were sent on the current control connection.
     sent: usize,
     /// When the last batch went on this connection (acknowledged or not; while `sent > 0`,
@@ -64,8 +97,8 @@ impl Inner {
         }
         let left = MIN_GAP.checked_sub(self.last_batch?.elapsed())?;
         let mut waiting = 0;
-        for (_, len) in &self.events {
-            waiting += len + 1;
+        for e in &self.events {
+            waiting += e.line.len() + 1;
             if waiting > FRAME_BUDGET {
                 return None;
             }
@@ -85,13 +118,16 @@ impl Spool {
                 let line = line?;
                 // A torn last line (crash mid-write) is skipped, not fatal.
                 if let Ok(e) = serde_json::from_str::<SpooledEvent>(&line) {
-                    events.push_back((e, line.len()));
+                    events.push_back(Spooled {
+                        event_id: e.event_id,
+                        line: line.into_bytes().into(),
+                    });
                 } else if let Ok(a) = serde_json::from_str::<AckLine>(&line) {
                     acked.extend(a.acked);
                 }
             }
         }
-        events.retain(|(e, _)| !acked.contains(&e.event_id));
+        events.retain(|e: &Spooled| !acked.contains(&e.event_id));
         let spool = Spool {
             path,
             inner: Mutex::new(Inner {
@@ -115,7 +151,6 @@ impl Spool {
             message: Box::new(message),
         };
         let mut line = serde_json::to_vec(&event).unwrap_or_default();
-        let len = line.len();
         line.push(b'\n');
         {
             let mut inner = self.lock();
@@ -124,7 +159,11 @@ impl Spool {
                     tracing::error!(error = %e, "cannot write the audit spool; the event is kept in memory only");
                 }
             }
-            inner.events.push_back((event, len));
+            line.pop();
+            inner.events.push_back(Spooled {
+                event_id: event.event_id,
+                line: line.into(),
+            });
         }
         self.notify.notify_one();
     }
@@ -168,7 +207,7 @@ impl Spool {
     /// one transaction, instead of one transaction per event (a burst of short connections
     /// kept the controller's store busy long after it ended). Empty too, unless a frame's
     /// worth is waiting, until [`MIN_GAP`] has passed since the previous batch went.
-    pub(crate) fn next_batch(&self) -> Vec<SpooledEvent> {
+    pub(crate) fn next_batch(&self) -> Vec<Spooled> {
         let mut inner = self.lock();
         if inner.sent > 0 {
             if inner.last_batch.is_some_and(|t| t.elapsed() < ACK_WAIT) {
@@ -182,7 +221,8 @@ impl Spool {
         }
         let mut batch = Vec::new();
         let mut size = 0;
-        while let Some((event, len)) = inner.events.get(inner.sent) {
+        while let Some(event) = inner.events.get(inner.sent) {
+            let len = event.line.len();
             if !batch.is_empty() && size + len + 1 > FRAME_BUDGET {
                 break;
             }
@@ -205,7 +245,7 @@ impl Spool {
             // Batches are sent and acknowledged in order, so acknowledged events are the
             // oldest: take them off the front. (Scanning the whole backlog for every
             // acknowledgement made a busy statement audit quadratic.)
-            while let Some((e, _)) = inner.events.front() {
+            while let Some(e) = inner.events.front() {
                 if !pending.remove(e.event_id.as_str()) {
                     break;
                 }
@@ -216,7 +256,7 @@ impl Spool {
                 let mut removed_sent = 0;
                 let sent = inner.sent;
                 let mut index = 0;
-                inner.events.retain(|(e, _)| {
+                inner.events.retain(|e| {
                     let keep = !pending.contains(e.event_id.as_str());
                     if !keep && index < sent {
                         removed_sent += 1;
@@ -271,10 +311,9 @@ impl Spool {
         let tmp = self.path.with_extension("jsonl.tmp");
         {
             let mut f = File::create(&tmp)?;
-            for (e, _) in &inner.events {
-                let mut line = serde_json::to_vec(e).unwrap_or_default();
-                line.push(b'\n');
-                f.write_all(&line)?;
+            for e in &inner.events {
+                f.write_all(&e.line)?;
+                f.write_all(b"\n")?;
             }
             f.sync_all()?;
         }
@@ -315,6 +354,40 @@ mod tests {
             spool.push(closed(n));
         }
         (dir, spool)
+    }
+
+    #[test]
+    fn the_events_frame_is_what_the_controller_decodes() {
+        let (dir, spool) = spool_with(3);
+        spool.push(WorkerMessage::Audit {
+            session_id: SessionId::from("s_y"),
+            action: "postgres.query".into(),
+            details: serde_json::json!({"statement": "SELECT '\"é\n'", "truncated": false}),
+        });
+        let batch = spool.next_batch();
+        let frame = events_frame(&batch).expect("fits");
+        let len = postern_proto::frame::check(&frame)
+            .expect("valid")
+            .expect("whole");
+        assert_eq!(len, frame.len());
+        let WorkerMessage::Events { events } =
+            postern_proto::frame::decode(&frame[4..]).expect("decodes")
+        else {
+            panic!("not an Events frame");
+        };
+        let ids: Vec<_> = events.iter().map(|e| e.event_id.clone()).collect();
+        let want: Vec<_> = batch.iter().map(|e| e.event_id.clone()).collect();
+        assert_eq!(ids, want);
+        // Byte for byte what encoding the decoded message gives.
+        assert_eq!(
+            postern_proto::frame::encode(&WorkerMessage::Events { events }).expect("encode"),
+            frame
+        );
+        assert!(
+            events_frame(&[]).is_ok(),
+            "an empty batch is a valid frame too"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
