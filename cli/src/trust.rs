@@ -141,10 +141,7 @@ pub fn pem_fingerprint(pem: &str) -> Result<String> {
         .next()
         .and_then(Result::ok)
         .ok_or_else(|| anyhow!("no PEM certificate in the controller's CA answer"))?;
-    Ok(Sha256::digest(der.as_ref())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(postern_proto::hex(&Sha256::digest(der.as_ref())))
 }
 
 /// `sha256:AB:CD…` / `abcd…` → 64 lowercase hex digits (the worker's own parser).

@@ -336,13 +336,11 @@ async fn control_loop(
         }
     });
     let result = loop {
-        let frame = match read_body(&mut recv).await {
-            Ok(Some(body)) => WorkerMessage::decode_frame(&body)
-                .map(Some)
-                .map_err(ClusterError::from),
-            Ok(None) => Ok(None),
-            Err(e) => Err(e),
-        };
+        let frame = read_body(&mut recv).await.and_then(|body| {
+            body.map(|b| WorkerMessage::decode_frame(&b))
+                .transpose()
+                .map_err(ClusterError::from)
+        });
         match frame {
             Ok(Some(msg)) => {
                 let load = match &msg {

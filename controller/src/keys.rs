@@ -268,10 +268,7 @@ impl RootKeys {
 
 /// Hex SHA-256 of a certificate's DER: how a worker's certificate is recognised.
 pub fn fingerprint(der: &[u8]) -> String {
-    Sha256::digest(der)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    postern_proto::hex(&Sha256::digest(der))
 }
 
 fn pem_to_der(pem: &str) -> Option<CertificateDer<'static>> {

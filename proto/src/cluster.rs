@@ -175,7 +175,29 @@ pub enum WorkerMessage {
     },
 }
 
+/// How the body of an `Events` frame begins: serde writes an internally tagged enum's tag
+/// first, then the variant's fields.
+const EVENTS_TAG: &[u8] = br#"{"type":"events","#;
+
 impl WorkerMessage {
+    /// The frame of an `Events` message whose events are given as their JSON texts (each a
+    /// serialized [`SpooledEvent`], as a worker spools it): the same bytes as encoding
+    /// `WorkerMessage::Events { events }`, without parsing and serializing them again.
+    pub fn events_frame<'a>(
+        events: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Vec<u8>, crate::frame::FrameError> {
+        let mut body = EVENTS_TAG.to_vec();
+        body.extend_from_slice(br#""events":["#);
+        for (i, e) in events.into_iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(e);
+        }
+        body.extend_from_slice(b"]}");
+        crate::frame::prefixed(&body)
+    }
+
     /// Decodes a frame body from a worker. An `Events` frame, which a busy statement audit
     /// sends many of, is read as a plain struct: serde reads an internally tagged enum by
     /// first copying the whole message into a buffer of its own, then reading that, which
@@ -185,7 +207,7 @@ impl WorkerMessage {
         struct EventsBody {
             events: Vec<SpooledEvent>,
         }
-        if body.starts_with(br#"{"type":"events","#) {
+        if body.starts_with(EVENTS_TAG) {
             let b: EventsBody = crate::frame::decode(body)?;
             return Ok(WorkerMessage::Events { events: b.events });
         }

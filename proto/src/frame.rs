@@ -24,12 +24,17 @@ pub enum FrameError {
 /// Encodes `msg` as one frame (length prefix included).
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let body = serde_json::to_vec(msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    prefixed(&body)
+}
+
+/// One frame (length prefix included) of an already encoded body.
+pub fn prefixed(body: &[u8]) -> Result<Vec<u8>, FrameError> {
     if body.len() > MAX_FRAME {
         return Err(FrameError::TooLarge(body.len()));
     }
     let mut out = Vec::with_capacity(4 + body.len());
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    out.extend_from_slice(&body);
+    out.extend_from_slice(body);
     Ok(out)
 }
 

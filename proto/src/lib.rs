@@ -28,6 +28,17 @@ pub const ALPN_CLUSTER: &[u8] = b"postern-cluster/1";
 /// Version carried in every hello; bumped together with the ALPN names on breaking changes.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// Lowercase hex of `bytes` (certificate fingerprints, hash-chain links, MD5 passwords).
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    out
+}
+
 /// The DNS name a worker's certificate carries, and that clients and controllers verify.
 pub fn worker_server_name(worker_name: &str) -> String {
     format!("{worker_name}.worker.postern.internal")

@@ -361,7 +361,7 @@ async fn write_loop(
                 if events.is_empty() {
                     break;
                 }
-                let frame = crate::spool::events_frame(&events).map_err(WriteFrameError::from)?;
+                let frame = crate::spool::Spooled::frame(&events).map_err(WriteFrameError::from)?;
                 send.write_all(&frame)
                     .await
                     .map_err(WriteFrameError::from)?;

@@ -72,10 +72,7 @@ pub fn normalize_fingerprint(text: &str) -> Option<String> {
 }
 
 fn hex_sha256(der: &[u8]) -> String {
-    Sha256::digest(der)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    postern_proto::hex(&Sha256::digest(der))
 }
 
 /// A client of the controller API with the trust described in the module docs.

@@ -36,35 +36,18 @@ struct AckLine {
 
 /// One spooled event as it is stored and sent: its id and its JSON text (a
 /// [`SpooledEvent`]), serialized once when it is spooled; the `Events` frame is put together
-/// from these texts instead of cloning and serializing each event again.
+/// from these texts ([`Spooled::frame`]) instead of cloning and serializing each event again.
 #[derive(Debug, Clone)]
 pub(crate) struct Spooled {
     pub(crate) event_id: String,
     line: Arc<[u8]>,
 }
 
-/// The frame (length prefix included) of `WorkerMessage::Events` carrying `batch`: the same
-/// bytes as `frame::encode(&WorkerMessage::Events { events })`.
-pub(crate) fn events_frame(batch: &[Spooled]) -> Result<Vec<u8>, FrameError> {
-    const HEAD: &[u8] = br#"{"type":"events","events":["#;
-    const TAIL: &[u8] = b"]}";
-    let body_len = HEAD.len() + TAIL.len() + batch.iter().map(|e| e.line.len() + 1).sum::<usize>();
-    let mut out = Vec::with_capacity(4 + body_len);
-    out.extend_from_slice(&[0; 4]);
-    out.extend_from_slice(HEAD);
-    for (i, e) in batch.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(&e.line);
+impl Spooled {
+    /// The `Events` frame (length prefix included) carrying `batch`.
+    pub(crate) fn frame(batch: &[Spooled]) -> Result<Vec<u8>, FrameError> {
+        WorkerMessage::events_frame(batch.iter().map(|e| &*e.line))
     }
-    out.extend_from_slice(TAIL);
-    let len = out.len() - 4;
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge(len));
-    }
-    out[..4].copy_from_slice(&(len as u32).to_be_bytes());
-    Ok(out)
 }
 
 /// The spool of one worker.
@@ -365,7 +348,7 @@ mod tests {
             details: serde_json::json!({"statement": "SELECT '\"é\n'", "truncated": false}),
         });
         let batch = spool.next_batch();
-        let frame = events_frame(&batch).expect("fits");
+        let frame = Spooled::frame(&batch).expect("fits");
         let len = postern_proto::frame::check(&frame)
             .expect("valid")
             .expect("whole");
@@ -384,7 +367,7 @@ mod tests {
             frame
         );
         assert!(
-            events_frame(&[]).is_ok(),
+            Spooled::frame(&[]).is_ok(),
             "an empty batch is a valid frame too"
         );
         let _ = std::fs::remove_dir_all(&dir);

@@ -88,18 +88,7 @@ fn chain_hash(
         seq, time, actor, action, resource, outcome, session_id, event_id, details, prev_hash,
     ))
     .unwrap_or_default();
-    hex(&Sha256::digest(&canonical))
-}
-
-/// Lowercase hex.
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 15)] as char);
-    }
-    out
+    postern_proto::hex(&Sha256::digest(&canonical))
 }
 
 const EVENT_COLS: &str = "id, seq, time, actor, action, resource, outcome, session_id, event_id, details, prev_hash, hash";

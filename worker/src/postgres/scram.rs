@@ -212,21 +212,11 @@ pub fn verifier(password: &str, salt: &[u8], iterations: NonZeroU32) -> String {
 
 /// The answer to an MD5 challenge: `"md5" || hex(md5(hex(md5(password || user)) || salt))`.
 pub fn md5_password(user: &str, password: &str, salt: [u8; 4]) -> String {
-    let inner = hex(&Md5::digest(
+    let inner = postern_proto::hex(&Md5::digest(
         [password.as_bytes(), user.as_bytes()].concat(),
     ));
-    let outer = hex(&Md5::digest([inner.as_bytes(), &salt].concat()));
+    let outer = postern_proto::hex(&Md5::digest([inner.as_bytes(), &salt].concat()));
     format!("md5{outer}")
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 0xf)] as char);
-    }
-    out
 }
 
 #[cfg(test)]
