@@ -21,7 +21,9 @@ struct Pending {
     events: Vec<NewEvent>,
     /// Session rows stored in the same transaction.
     sessions: Vec<NewSession>,
-    done: oneshot::Sender<Result<(), String>>,
+    /// The indices (in `events`) of the events stored: an event whose `event_id` is stored
+    /// already is not stored again.
+    done: oneshot::Sender<Result<Vec<usize>, String>>,
 }
 
 /// Handle on the audit writer; cheap to clone.
@@ -64,17 +66,19 @@ impl AuditLog {
         Ok((AuditLog { tx, head }, task))
     }
 
-    /// Appends events and waits until they are stored.
-    pub async fn append(&self, events: Vec<NewEvent>) -> Result<(), StoreError> {
+    /// Appends events and waits until they are stored; returns the indices of those stored
+    /// now (not those whose `event_id` was stored before).
+    pub async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<usize>, StoreError> {
         self.append_with(events, Vec::new()).await
     }
 
     /// Appends events and stores `sessions` in the same transaction; waits until both are.
+    /// Returns what [`Self::append`] does.
     pub async fn append_with(
         &self,
         events: Vec<NewEvent>,
         sessions: Vec<NewSession>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<usize>, StoreError> {
         let (done, wait) = oneshot::channel();
         self.tx
             .send(Pending {
@@ -85,7 +89,7 @@ impl AuditLog {
             .await
             .map_err(|_| StoreError::Unavailable("the audit writer has stopped".into()))?;
         match wait.await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(stored)) => Ok(stored),
             Ok(Err(e)) => Err(StoreError::Unavailable(format!("audit append failed: {e}"))),
             Err(_) => Err(StoreError::Unavailable(
                 "the audit writer has stopped".into(),
@@ -110,6 +114,20 @@ impl AuditLog {
     }
 }
 
+/// A line of the audit file (keys in alphabetical order, as the log's JSON objects have them).
+#[derive(serde::Serialize)]
+struct MirrorLine<'a> {
+    action: &'a str,
+    actor: &'a str,
+    details: &'a serde_json::value::RawValue,
+    event_id: Option<&'a str>,
+    outcome: &'a str,
+    resource: &'a str,
+    seq: i64,
+    session_id: Option<&'a str>,
+    time: i64,
+}
+
 async fn write_loop(
     store: Store,
     mut rx: mpsc::Receiver<Pending>,
@@ -128,6 +146,14 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
+        // Where each caller's events end in `events`.
+        let ends: Vec<usize> = batch
+            .iter()
+            .scan(0, |end, p| {
+                *end += p.events.len();
+                Some(*end)
+            })
+            .collect();
         let events: Vec<NewEvent> = batch
             .iter_mut()
             .flat_map(|p| std::mem::take(&mut p.events))
@@ -143,13 +169,20 @@ async fn write_loop(
                     let mut lines = Vec::new();
                     for &(seq, index) in stored {
                         let e = &events[index];
-                        let line = serde_json::json!({
-                            "seq": seq, "time": e.time, "actor": e.actor, "action": e.action,
-                            "resource": e.resource, "outcome": e.outcome, "session_id": e.session_id,
-                            "event_id": e.event_id, "details": e.details,
-                        });
-                        lines.extend_from_slice(line.to_string().as_bytes());
-                        lines.push(b'\n');
+                        let line = MirrorLine {
+                            action: &e.action,
+                            actor: &e.actor,
+                            details: &e.details,
+                            event_id: e.event_id.as_deref(),
+                            outcome: &e.outcome,
+                            resource: &e.resource,
+                            seq,
+                            session_id: e.session_id.as_deref(),
+                            time: e.time,
+                        };
+                        if serde_json::to_writer(&mut lines, &line).is_ok() {
+                            lines.push(b'\n');
+                        }
                     }
                     if let Err(e) = file.write_all(&lines) {
                         tracing::error!(error = %e, "cannot mirror audit events to the audit file");
@@ -171,9 +204,24 @@ async fn write_loop(
             }
             Err(e) => tracing::error!(error = %e, events = events.len(), "audit append failed"),
         }
-        let outcome = result.map(|_| ()).map_err(|e| e.to_string());
-        for p in batch {
-            let _ = p.done.send(outcome.clone());
+        // Each caller learns which of its own events were stored.
+        let mut stored_of: Vec<Vec<usize>> = vec![Vec::new(); batch.len()];
+        if let Ok(stored) = &result {
+            let mut owner = 0;
+            for &(_, index) in stored {
+                while index >= ends[owner] {
+                    owner += 1;
+                }
+                let start = if owner == 0 { 0 } else { ends[owner - 1] };
+                stored_of[owner].push(index - start);
+            }
+        }
+        let error = result.err().map(|e| e.to_string());
+        for (p, stored) in batch.into_iter().zip(stored_of) {
+            let _ = p.done.send(match &error {
+                Some(e) => Err(e.clone()),
+                None => Ok(stored),
+            });
         }
     }
 }

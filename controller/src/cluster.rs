@@ -16,8 +16,8 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use postern_proto::cluster::{
-    ControllerHello, ControllerMessage, Credential, SessionGrant, SpooledEvent, WorkerHello,
-    WorkerMessage, WorkerMode,
+    raw_json, ControllerHello, ControllerMessage, Credential, ReceivedEvent, ReceivedMessage,
+    SessionGrant, WorkerFrame, WorkerHello, WorkerMessage, WorkerMode,
 };
 use postern_proto::frame;
 use postern_proto::ids::{Secret, SessionId};
@@ -60,7 +60,12 @@ pub struct Registry {
     /// Cancellations pushed and not yet acknowledged: session id → (who, why).
     cancels: Mutex<HashMap<String, (String, String)>>,
     generation: AtomicU64,
+    /// Users of sessions whose events workers sent: session id → user (never changes).
+    session_users: Mutex<HashMap<String, String>>,
 }
+
+/// Most session users remembered; then the memory starts afresh.
+const SESSION_USERS: usize = 10_000;
 
 #[derive(Debug)]
 struct Link {
@@ -141,6 +146,20 @@ impl Registry {
             })
             .is_ok()
         })
+    }
+
+    /// The user of `session_id`, if remembered.
+    fn session_user(&self, session_id: &str) -> Option<String> {
+        let users = self.session_users.lock().unwrap_or_else(|p| p.into_inner());
+        users.get(session_id).cloned()
+    }
+
+    fn remember_session_user(&self, session_id: &str, user: &str) {
+        let mut users = self.session_users.lock().unwrap_or_else(|p| p.into_inner());
+        if users.len() >= SESSION_USERS {
+            users.clear();
+        }
+        users.insert(session_id.to_owned(), user.to_owned());
     }
 
     /// Who revoked `session_id` and why, if this controller pushed its cancellation.
@@ -342,7 +361,11 @@ async fn control_loop(
                 .map_err(ClusterError::from)
         });
         match frame {
-            Ok(Some(msg)) => {
+            Ok(Some(WorkerFrame::Events(events))) => {
+                state.metrics.worker_contact(name, None);
+                events_received(state, name, events, &tx).await
+            }
+            Ok(Some(WorkerFrame::Message(msg))) => {
                 let load = match &msg {
                     WorkerMessage::Heartbeat {
                         sessions,
@@ -409,10 +432,10 @@ async fn handle(
         }
         msg @ (WorkerMessage::ConnectionClosed { .. } | WorkerMessage::Audit { .. }) => {
             // Sent outside the spool (a worker without one): stored as spooled events are.
-            let event = SpooledEvent {
+            let event = ReceivedEvent {
                 event_id: postern_proto::ids::time_ordered_id(),
                 time: postern_proto::unix_now(),
-                message: Box::new(msg),
+                message: ReceivedMessage::from(msg),
             };
             if let Err(e) = store_events(state, worker, vec![event]).await {
                 tracing::error!(worker, error = %e, "cannot store the worker's report");
@@ -452,16 +475,8 @@ async fn handle(
                 .await;
         }
         WorkerMessage::Events { events } => {
-            let ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
-            match store_events(state, worker, events).await {
-                // Acknowledged only once stored: until then the worker keeps them.
-                Ok(()) => {
-                    let _ = tx.send(ControllerMessage::EventsAck { event_ids: ids });
-                }
-                Err(e) => {
-                    tracing::error!(worker, error = %e, "cannot store the worker's events; it sends them again when no acknowledgement comes")
-                }
-            }
+            let events = events.into_iter().map(ReceivedEvent::from).collect();
+            events_received(state, worker, events, tx).await
         }
         WorkerMessage::Heartbeat {
             sessions,
@@ -635,60 +650,65 @@ async fn activation_refusal(
     Ok(None)
 }
 
+/// Stores a batch of spooled events and acknowledges them once stored (until then the worker
+/// keeps them).
+async fn events_received(
+    state: &AppState,
+    worker: &str,
+    events: Vec<ReceivedEvent>,
+    tx: &mpsc::UnboundedSender<ControllerMessage>,
+) {
+    let ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
+    match store_events(state, worker, events).await {
+        Ok(()) => {
+            let _ = tx.send(ControllerMessage::EventsAck { event_ids: ids });
+        }
+        Err(e) => {
+            tracing::error!(worker, error = %e, "cannot store the worker's events; it sends them again when no acknowledgement comes")
+        }
+    }
+}
+
 /// Stores a batch of spooled worker events, each once (by event id), in one append.
 async fn store_events(
     state: &AppState,
     worker: &str,
-    events: Vec<SpooledEvent>,
+    events: Vec<ReceivedEvent>,
 ) -> Result<(), StoreError> {
     let mut batch = Vec::with_capacity(events.len());
-    let mut users: HashMap<String, String> = HashMap::new();
-    let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
-    let stored = state.store.stored_event_ids(&ids).await?;
-    // Closed connections per session (count, bytes up, bytes down): one update per session.
-    let mut closed: HashMap<String, (u64, u64, u64)> = HashMap::new();
+    // Closed connections (session, bytes up, bytes down) by their index in `batch`: counted
+    // once the append says which events it stored (a resent one is not stored again).
+    let mut closed: HashMap<usize, (String, u64, u64)> = HashMap::new();
     for e in events {
-        if stored.contains(&e.event_id) {
-            continue;
-        }
-        let (actor, action, session_id, details) = match *e.message {
-            WorkerMessage::ConnectionClosed {
+        let (actor, action, session_id, details) = match e.message {
+            ReceivedMessage::Other(WorkerMessage::ConnectionClosed {
                 session_id,
                 bytes_up,
                 bytes_down,
                 reason,
-            } => {
-                state.metrics.connection_closed(bytes_up, bytes_down);
-                let figures = closed.entry(session_id.as_str().to_owned()).or_default();
-                figures.0 += 1;
-                figures.1 += bytes_up;
-                figures.2 += bytes_down;
+            }) => {
+                closed.insert(
+                    batch.len(),
+                    (session_id.as_str().to_owned(), bytes_up, bytes_down),
+                );
                 (
                     format!("worker:{worker}"),
                     "connection.close".to_owned(),
                     session_id,
-                    json!({"bytes_up": bytes_up, "bytes_down": bytes_down, "reason": reason, "worker": worker}),
+                    raw_json(
+                        &json!({"bytes_up": bytes_up, "bytes_down": bytes_down, "reason": reason, "worker": worker}),
+                    ),
                 )
             }
-            WorkerMessage::Audit {
+            ReceivedMessage::Audit {
                 session_id,
                 action,
                 details,
             } => {
-                let user = match users.get(session_id.as_str()) {
-                    Some(u) => u.clone(),
-                    None => {
-                        let u = match state.store.session(session_id.as_str()).await {
-                            Ok(s) => s.user,
-                            Err(_) => format!("worker:{worker}"),
-                        };
-                        users.insert(session_id.as_str().to_owned(), u.clone());
-                        u
-                    }
-                };
+                let user = session_user(state, worker, &session_id).await;
                 (user, action, session_id, details)
             }
-            other => {
+            ReceivedMessage::Other(other) => {
                 tracing::warn!(
                     worker,
                     "ignoring a spooled message that is not an event: {other:?}"
@@ -707,18 +727,47 @@ async fn store_events(
             details,
         });
     }
-    if !batch.is_empty() {
-        state.audit_log.append(batch).await?;
+    if batch.is_empty() {
+        return Ok(());
     }
+    let stored = state.audit_log.append(batch).await?;
     // After the events are stored: a batch whose append failed is sent again and must not
-    // have been counted already (one that is stored is skipped above when resent).
-    for (session, (connections, up, down)) in closed {
+    // have been counted already. Closed connections per session: one update per session.
+    let mut per_session: HashMap<String, (u64, u64, u64)> = HashMap::new();
+    for index in stored {
+        if let Some((session, up, down)) = closed.remove(&index) {
+            state.metrics.connection_closed(up, down);
+            let figures = per_session.entry(session).or_default();
+            figures.0 += 1;
+            figures.1 += up;
+            figures.2 += down;
+        }
+    }
+    for (session, (connections, up, down)) in per_session {
         state
             .store
             .record_connections(&session, connections, up, down)
             .await?;
     }
     Ok(())
+}
+
+/// The user of a session, the actor of its events (a worker's name if the session is
+/// unknown). Remembered: a statement audit asks for every batch, and a session's user never
+/// changes.
+async fn session_user(state: &AppState, worker: &str, session: &SessionId) -> String {
+    if let Some(user) = state.workers.session_user(session.as_str()) {
+        return user;
+    }
+    match state.store.session(session.as_str()).await {
+        Ok(s) => {
+            state
+                .workers
+                .remember_session_user(session.as_str(), &s.user);
+            s.user
+        }
+        Err(_) => format!("worker:{worker}"),
+    }
 }
 
 /// What the worker needs for an activated session: the target's brokered credential, unsealed.

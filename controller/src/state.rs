@@ -88,6 +88,7 @@ impl AppState {
                 sessions,
             )
             .await
+            .map(|_| ())
     }
 
     /// Logs `user` in: a new API token, audited as `auth.login` with `details` (how).

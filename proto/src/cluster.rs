@@ -199,20 +199,141 @@ impl WorkerMessage {
     }
 
     /// Decodes a frame body from a worker. An `Events` frame, which a busy statement audit
-    /// sends many of, is read as a plain struct: serde reads an internally tagged enum by
-    /// first copying the whole message into a buffer of its own, then reading that, which
-    /// for a frame of hundreds of events was a second parse of all of them.
-    pub fn decode_frame(body: &[u8]) -> Result<WorkerMessage, crate::frame::FrameError> {
+    /// sends many of, is read as a plain struct into [`ReceivedEvent`]s: serde reads an
+    /// internally tagged enum by first copying the whole message into a buffer of its own,
+    /// then reading that (a second parse of every event), and an `Audit` event's details are
+    /// kept as the worker's JSON text, which the controller stores as it is.
+    pub fn decode_frame(body: &[u8]) -> Result<WorkerFrame, crate::frame::FrameError> {
         #[derive(Deserialize)]
-        struct EventsBody {
-            events: Vec<SpooledEvent>,
+        struct EventsBody<'a> {
+            #[serde(borrow)]
+            events: Vec<WireEvent<'a>>,
         }
         if body.starts_with(EVENTS_TAG) {
-            let b: EventsBody = crate::frame::decode(body)?;
-            return Ok(WorkerMessage::Events { events: b.events });
+            let b: EventsBody<'_> = serde_json::from_slice(body).map_err(malformed)?;
+            let events = b
+                .events
+                .into_iter()
+                .map(ReceivedEvent::from_wire)
+                .collect::<Result<_, _>>()
+                .map_err(malformed)?;
+            return Ok(WorkerFrame::Events(events));
         }
-        crate::frame::decode(body)
+        crate::frame::decode(body).map(WorkerFrame::Message)
     }
+}
+
+fn malformed(e: serde_json::Error) -> crate::frame::FrameError {
+    crate::frame::FrameError::Malformed(e.to_string())
+}
+
+/// A frame from a worker as the controller reads it ([`WorkerMessage::decode_frame`]).
+#[derive(Debug)]
+pub enum WorkerFrame {
+    /// A [`WorkerMessage::Events`] frame.
+    Events(Vec<ReceivedEvent>),
+    /// Any other message.
+    Message(WorkerMessage),
+}
+
+/// A spooled event as the controller receives it.
+#[derive(Debug)]
+pub struct ReceivedEvent {
+    /// Unique id, chosen by the worker.
+    pub event_id: String,
+    /// When it happened (Unix seconds).
+    pub time: i64,
+    /// The event.
+    pub message: ReceivedMessage,
+}
+
+/// What a [`ReceivedEvent`] carries.
+#[derive(Debug)]
+pub enum ReceivedMessage {
+    /// A [`WorkerMessage::Audit`], its details as the worker's JSON text.
+    Audit {
+        /// The session.
+        session_id: SessionId,
+        /// Action name.
+        action: String,
+        /// Details, as JSON text.
+        details: Box<serde_json::value::RawValue>,
+    },
+    /// Any other message (a [`WorkerMessage::ConnectionClosed`]).
+    Other(WorkerMessage),
+}
+
+/// How a serialized `Audit` message begins (the tag first, as serde writes it).
+const AUDIT_TAG: &str = r#"{"type":"audit","#;
+
+/// A [`SpooledEvent`] on the wire, its message not yet read.
+#[derive(Deserialize)]
+struct WireEvent<'a> {
+    event_id: String,
+    time: i64,
+    #[serde(borrow)]
+    message: &'a serde_json::value::RawValue,
+}
+
+impl ReceivedEvent {
+    fn from_wire(w: WireEvent<'_>) -> Result<Self, serde_json::Error> {
+        #[derive(Deserialize)]
+        struct AuditBody {
+            session_id: SessionId,
+            action: String,
+            details: Box<serde_json::value::RawValue>,
+        }
+        let text = w.message.get();
+        let message = if text.starts_with(AUDIT_TAG) {
+            let b: AuditBody = serde_json::from_str(text)?;
+            ReceivedMessage::Audit {
+                session_id: b.session_id,
+                action: b.action,
+                details: b.details,
+            }
+        } else {
+            ReceivedMessage::from(serde_json::from_str::<WorkerMessage>(text)?)
+        };
+        Ok(ReceivedEvent {
+            event_id: w.event_id,
+            time: w.time,
+            message,
+        })
+    }
+}
+
+impl From<WorkerMessage> for ReceivedMessage {
+    fn from(msg: WorkerMessage) -> Self {
+        match msg {
+            WorkerMessage::Audit {
+                session_id,
+                action,
+                details,
+            } => ReceivedMessage::Audit {
+                session_id,
+                action,
+                details: raw_json(&details),
+            },
+            other => ReceivedMessage::Other(other),
+        }
+    }
+}
+
+impl From<SpooledEvent> for ReceivedEvent {
+    fn from(e: SpooledEvent) -> Self {
+        ReceivedEvent {
+            event_id: e.event_id,
+            time: e.time,
+            message: ReceivedMessage::from(*e.message),
+        }
+    }
+}
+
+/// `value` as JSON text.
+pub fn raw_json(value: &serde_json::Value) -> Box<serde_json::value::RawValue> {
+    // A `Value` always serializes (its map keys are strings).
+    serde_json::value::to_raw_value(value)
+        .unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned())
 }
 
 /// Frames from the controller after the hello.
@@ -377,36 +498,119 @@ pub struct SpooledEvent {
     pub message: Box<WorkerMessage>,
 }
 
+/// A [`SpooledEvent`] serialized from borrowed parts: the same JSON, its message any
+/// `Serialize` (an [`AuditRef`]) instead of an owned [`WorkerMessage`].
+#[derive(Serialize)]
+pub struct SpooledRef<'a, M: Serialize + ?Sized> {
+    /// Unique id, chosen by the worker.
+    pub event_id: &'a str,
+    /// When it happened (Unix seconds).
+    pub time: i64,
+    /// The event.
+    pub message: &'a M,
+}
+
+/// A [`WorkerMessage::Audit`] serialized from borrowed parts, its details any `Serialize`:
+/// a statement's details go from the worker's own struct to JSON with no `Value` between.
+#[derive(Serialize)]
+#[serde(tag = "type", rename = "audit")]
+pub struct AuditRef<'a, D: Serialize + ?Sized> {
+    /// The session.
+    pub session_id: &'a str,
+    /// Action name.
+    pub action: &'a str,
+    /// Details.
+    pub details: &'a D,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::frame;
 
+    fn audit(details: serde_json::Value) -> WorkerMessage {
+        WorkerMessage::Audit {
+            session_id: SessionId::from("s_1"),
+            action: "postgres.query".into(),
+            details,
+        }
+    }
+
     #[test]
-    fn worker_frames_decode_alike_on_either_path() {
-        let events = WorkerMessage::Events {
-            events: vec![SpooledEvent {
+    fn events_frames_decode_as_the_general_decoder_reads_them() {
+        let details = serde_json::json!({"statement": "SELECT 'é\n\"'", "n": 1});
+        let closed = WorkerMessage::ConnectionClosed {
+            session_id: SessionId::from("s_2"),
+            bytes_up: 5,
+            bytes_down: 6,
+            reason: "closed".into(),
+        };
+        let events = vec![
+            SpooledEvent {
                 event_id: "e1".into(),
                 time: 7,
-                message: Box::new(WorkerMessage::Audit {
-                    session_id: SessionId::from("s_1"),
-                    action: "postgres.query".into(),
-                    details: serde_json::json!({"statement": "SELECT 1"}),
-                }),
-            }],
+                message: Box::new(audit(details.clone())),
+            },
+            SpooledEvent {
+                event_id: "e2".into(),
+                time: 8,
+                message: Box::new(closed.clone()),
+            },
+        ];
+        let msg = WorkerMessage::Events {
+            events: events.clone(),
         };
+        let body = &frame::encode(&msg).expect("encode")[4..];
+        let WorkerFrame::Events(got) = WorkerMessage::decode_frame(body).expect("decode") else {
+            panic!("an Events frame read as another message");
+        };
+        let want: Vec<ReceivedEvent> = events.into_iter().map(ReceivedEvent::from).collect();
+        assert_eq!(format!("{got:?}"), format!("{want:?}"));
+        let ReceivedMessage::Audit { details: raw, .. } = &got[0].message else {
+            panic!("not an audit event: {:?}", got[0]);
+        };
+        let parsed: serde_json::Value = serde_json::from_str(raw.get()).expect("JSON");
+        assert_eq!(parsed, details);
+
         let heartbeat = WorkerMessage::Heartbeat {
             sessions: 2,
             connections: 3,
         };
-        for msg in [events, heartbeat] {
-            let body = &frame::encode(&msg).expect("encode")[4..];
-            let fast = WorkerMessage::decode_frame(body).expect("decode");
-            let slow: WorkerMessage = frame::decode(body).expect("decode");
-            assert_eq!(format!("{fast:?}"), format!("{slow:?}"));
-        }
+        let body = &frame::encode(&heartbeat).expect("encode")[4..];
+        assert!(matches!(
+            WorkerMessage::decode_frame(body),
+            Ok(WorkerFrame::Message(WorkerMessage::Heartbeat {
+                sessions: 2,
+                connections: 3
+            }))
+        ));
         // Not an `Events` message after all: refused, not misread.
         assert!(WorkerMessage::decode_frame(br#"{"type":"events","evts":[]}"#).is_err());
         assert!(WorkerMessage::decode_frame(br#"{"type":"events","events":[{}]}"#).is_err());
+        let bad_audit = br#"{"type":"events","events":[{"event_id":"e","time":1,"message":{"type":"audit","action":"x"}}]}"#;
+        assert!(WorkerMessage::decode_frame(bad_audit).is_err());
+    }
+
+    #[test]
+    fn borrowed_events_serialize_as_owned_ones() {
+        let details = serde_json::json!({"statement": "SELECT 1", "truncated": false});
+        let owned = SpooledEvent {
+            event_id: "e1".into(),
+            time: 7,
+            message: Box::new(audit(details.clone())),
+        };
+        let borrowed = SpooledRef {
+            event_id: "e1",
+            time: 7,
+            message: &AuditRef {
+                session_id: "s_1",
+                action: "postgres.query",
+                details: &details,
+            },
+        };
+        assert_eq!(
+            serde_json::to_string(&borrowed).expect("serializes"),
+            serde_json::to_string(&owned).expect("serializes")
+        );
     }
 }

@@ -195,6 +195,19 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
     );
     let (listener_stop, listener_stop_rx) = watch::channel(false);
     let (control_stop, control_stop_rx) = watch::channel(false);
+    // Spooled events reach the file in groups; the last group when the worker stops.
+    tokio::spawn({
+        let shared = shared.clone();
+        let mut stop = control_stop_rx.clone();
+        async move {
+            if let Some(spool) = shared.spool() {
+                tokio::select! {
+                    () = spool.write_loop() => {}
+                    _ = stop.changed() => spool.write_now(),
+                }
+            }
+        }
+    });
 
     let listener = tokio::spawn(listener::accept_loop(
         endpoint.clone(),

@@ -126,6 +126,11 @@ impl WorkerMetrics {
     }
 
     /// Counts what a report to the controller says happened.
+    /// An audit event was reported.
+    pub(crate) fn audit_event(&self) {
+        self.audit_events.inc();
+    }
+
     pub(crate) fn observe(&self, msg: &WorkerMessage) {
         match msg {
             WorkerMessage::ConnectionClosed {
@@ -147,9 +152,7 @@ impl WorkerMetrics {
             WorkerMessage::CancelAck { .. } => {
                 self.revocations.inc();
             }
-            WorkerMessage::Audit { .. } => {
-                self.audit_events.inc();
-            }
+            WorkerMessage::Audit { .. } => self.audit_event(),
             _ => {}
         }
     }

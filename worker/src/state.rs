@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::VerifyingKey;
-use postern_proto::cluster::{SessionGrant, WorkerMessage};
+use postern_proto::cluster::{AuditRef, SessionGrant, WorkerMessage};
 use postern_proto::ids::SessionId;
 use postern_proto::session::close;
 use postern_proto::token::SessionClaims;
@@ -271,11 +271,39 @@ impl Shared {
                 msg @ (WorkerMessage::ConnectionClosed { .. } | WorkerMessage::Audit { .. }),
                 Some(spool),
             ) => {
-                spool.push(msg);
+                spool.push(&msg);
                 return;
             }
             (msg, _) => msg,
         };
+        self.send(msg);
+    }
+
+    /// Reports an audit event of `session` (a [`WorkerMessage::Audit`]) whose details are
+    /// serialized from `details` straight into the spool's JSON text.
+    pub(crate) fn audit<D: serde::Serialize + ?Sized>(
+        &self,
+        session: &SessionId,
+        action: &str,
+        details: &D,
+    ) {
+        let Some(spool) = &self.spool else {
+            let details = serde_json::to_value(details).unwrap_or_default();
+            return self.report(WorkerMessage::Audit {
+                session_id: session.clone(),
+                action: action.to_owned(),
+                details,
+            });
+        };
+        self.metrics.audit_event();
+        spool.push(&AuditRef {
+            session_id: session.as_str(),
+            action,
+            details,
+        });
+    }
+
+    fn send(&self, msg: WorkerMessage) {
         if let Err(e) = self.outbox.try_send(msg) {
             let why = e.to_string();
             tracing::warn!(

@@ -9,6 +9,8 @@
 
 use std::collections::HashSet;
 
+use postern_proto::cluster::raw_json;
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 
@@ -32,8 +34,8 @@ pub struct NewEvent {
     pub outcome: String,
     /// The session it belongs to, if any.
     pub session_id: Option<String>,
-    /// Details.
-    pub details: serde_json::Value,
+    /// Details, as JSON text (what is stored and hashed).
+    pub details: Box<RawValue>,
 }
 
 impl NewEvent {
@@ -63,7 +65,7 @@ impl NewEvent {
             resource: resource.to_owned(),
             outcome: outcome.to_owned(),
             session_id,
-            details,
+            details: raw_json(&details),
         }
     }
 }
@@ -156,7 +158,7 @@ impl Store {
                     continue;
                 }
             }
-            let details = e.details.to_string();
+            let details = e.details.get();
             let next = seq + 1;
             let h = chain_hash(
                 next,
@@ -167,24 +169,23 @@ impl Store {
                 &e.outcome,
                 e.session_id.as_deref(),
                 e.event_id.as_deref(),
-                &details,
+                details,
                 &hash,
             );
             rows.push((next, e, details, std::mem::replace(&mut hash, h.clone()), h));
             seq = next;
             stored.push((seq, index));
         }
-        // Many rows per statement: a few round trips for a batch, not one per event.
+        // One statement per INSERT_ROWS events, not one per event.
         let mut rest = &rows[..];
         while !rest.is_empty() {
-            let (chunk, tail) = rest.split_at(rows_per_statement(rest.len()));
+            let (chunk, tail) = rest.split_at(rest.len().min(INSERT_ROWS));
             rest = tail;
-            let values: Vec<String> = (0..chunk.len())
-                .map(|r| format!("({})", self.backend().params(r * 11 + 1, 11)))
-                .collect();
+            let size = statement_rows(chunk.len());
             let sql = format!(
-                "INSERT INTO audit_events (seq, time, actor, action, resource, outcome, session_id, event_id, details, prev_hash, hash) VALUES {}",
-                values.join(", ")
+                "INSERT INTO audit_events (seq, time, actor, action, resource, outcome, session_id, event_id, details, prev_hash, hash) \
+                 SELECT * FROM (VALUES {}) AS v WHERE column1 IS NOT NULL",
+                self.backend().rows(size, 11)
             );
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (next, e, details, prev, h) in chunk {
@@ -200,6 +201,13 @@ impl Store {
                     .bind(details)
                     .bind(prev)
                     .bind(h);
+            }
+            // Padding rows: all NULL, typed as their columns, filtered out by the `WHERE`.
+            for _ in chunk.len()..size {
+                query = query.bind(None::<i64>).bind(None::<i64>);
+                for _ in 0..9 {
+                    query = query.bind(None::<&str>);
+                }
             }
             query.execute(&mut *tx).await?;
         }
@@ -258,16 +266,6 @@ impl Store {
             out.reverse();
         }
         Ok(out)
-    }
-
-    /// Which of these producer ids are already stored (a query per up to 256 ids, not per id:
-    /// a worker's statement audit arrives in batches of thousands).
-    pub async fn stored_event_ids(
-        &self,
-        event_ids: &[&str],
-    ) -> Result<HashSet<String>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        stored_event_ids_on(&mut conn, self.backend(), event_ids).await
     }
 
     /// The newest `seq` stored.
@@ -395,19 +393,18 @@ fn event_from(r: &sqlx::any::AnyRow) -> Result<AuditEvent, StoreError> {
 /// per event: within SQLite's 32,766 and PostgreSQL's 65,535).
 const INSERT_ROWS: usize = 256;
 
-/// How many of `left` rows (or ids) the next statement takes: [`INSERT_ROWS`], or the
-/// largest power of two that fits. Statements of only these nine sizes exist, so each connection prepares
-/// each once and then finds it in its statement cache; a statement for every batch size
-/// was prepared anew for most batches (a fifth of SQLite's work in a statement audit).
-fn rows_per_statement(left: usize) -> usize {
-    if left >= INSERT_ROWS {
-        INSERT_ROWS
-    } else {
-        1 << left.max(1).ilog2()
-    }
+/// How many rows (or ids) a statement for `n` of them has: the next power of two, the rest
+/// padding. Statements of only nine sizes exist (up to [`INSERT_ROWS`]), so each connection
+/// prepares each once and then finds it in its statement cache (a statement for every batch
+/// size was prepared anew for most batches: a fifth of SQLite's work in a statement audit),
+/// and a batch takes one statement, not one per power of two in its size (each a round trip
+/// to the store's thread).
+fn statement_rows(n: usize) -> usize {
+    n.clamp(1, INSERT_ROWS).next_power_of_two()
 }
 
-/// [`Store::stored_event_ids`] through `conn` (a transaction's, say).
+/// Which of these producer ids are already stored, read through `conn` (the append's
+/// transaction): a query per up to 256 ids, not per id.
 async fn stored_event_ids_on(
     conn: &mut sqlx::AnyConnection,
     backend: Backend,
@@ -416,16 +413,19 @@ async fn stored_event_ids_on(
     let mut stored = HashSet::new();
     let mut rest = event_ids;
     while !rest.is_empty() {
-        // Few distinct statements, as for the inserts (see `rows_per_statement`).
-        let (chunk, tail) = rest.split_at(rows_per_statement(rest.len()));
+        // One statement for up to INSERT_ROWS ids, of as few distinct sizes as the inserts
+        // (`statement_rows`): the list is padded by repeating its last id, which changes
+        // nothing in an `IN`.
+        let (chunk, tail) = rest.split_at(rest.len().min(INSERT_ROWS));
         rest = tail;
+        let size = statement_rows(chunk.len());
         let sql = format!(
             "SELECT event_id FROM audit_events WHERE event_id IN ({})",
-            backend.params(1, chunk.len())
+            backend.params(1, size)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for id in chunk {
-            query = query.bind(*id);
+        for i in 0..size {
+            query = query.bind(chunk[i.min(chunk.len() - 1)]);
         }
         for row in query.fetch_all(&mut *conn).await? {
             stored.insert(row.try_get::<String, _>("event_id")?);
@@ -441,19 +441,10 @@ mod tests {
     #[test]
     fn statement_sizes_are_few_and_cover_any_batch() {
         let mut sizes = HashSet::new();
-        for n in 1..=1_100 {
-            let (mut left, mut statements) = (n, 0);
-            while left > 0 {
-                let k = rows_per_statement(left);
-                assert!(k >= 1 && k <= left, "{n}: {k} of {left}");
-                sizes.insert(k);
-                left -= k;
-                statements += 1;
-            }
-            assert!(
-                statements <= n / INSERT_ROWS + 8,
-                "{n} rows in {statements}"
-            );
+        for n in 1..=INSERT_ROWS {
+            let k = statement_rows(n);
+            assert!(k >= n && k < 2 * n, "{n} rows in a statement of {k}");
+            sizes.insert(k);
         }
         assert_eq!(sizes.len(), 9, "{sizes:?}");
     }

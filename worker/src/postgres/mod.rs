@@ -29,11 +29,11 @@ mod relay;
 mod scram;
 mod startup;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use postern_proto::cluster::WorkerMessage;
 use postern_proto::ids::SessionId;
 use quinn::{RecvStream, SendStream};
 use serde::Deserialize;
@@ -308,45 +308,54 @@ impl Auditor {
             map.insert("database".into(), self.database.clone().into());
             map.insert("db_user".into(), self.db_user.clone().into());
         }
-        self.shared.report(WorkerMessage::Audit {
-            session_id: self.session_id.clone(),
-            action: action.to_owned(),
-            details,
-        });
+        self.shared.audit(&self.session_id, action, &details);
     }
 
     /// A statement (`postgres.query` or `postgres.parse`), cut at the configured length.
+    /// Its details are serialized from a struct straight into the spool: one per statement.
     fn statement(&self, action: &str, name: Option<&[u8]>, sql: &[u8]) {
         let (text, truncated) = truncate(sql, self.limit);
-        let mut details = json!({
-            "statement": text,
-            "truncated": truncated,
-            "statement_bytes": sql.len(),
-        });
-        if let (Some(name), Some(map)) = (name, details.as_object_mut()) {
-            map.insert(
-                "statement_name".into(),
-                String::from_utf8_lossy(name).into_owned().into(),
-            );
-        }
-        self.event(action, details);
+        let details = StatementDetails {
+            database: &self.database,
+            db_user: &self.db_user,
+            statement: &text,
+            statement_bytes: sql.len(),
+            statement_name: name.map(String::from_utf8_lossy),
+            target: &self.target,
+            truncated,
+        };
+        self.shared.audit(&self.session_id, action, &details);
     }
 }
 
+/// A statement's audit details (in the key order a JSON object of them has in the log).
+#[derive(serde::Serialize)]
+struct StatementDetails<'a> {
+    database: &'a str,
+    db_user: &'a str,
+    statement: &'a str,
+    statement_bytes: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    statement_name: Option<Cow<'a, str>>,
+    target: &'a str,
+    truncated: bool,
+}
+
 /// `sql` as text of at most `limit` bytes, cut at a character boundary; and whether it was cut.
-fn truncate(sql: &[u8], limit: usize) -> (String, bool) {
+fn truncate(sql: &[u8], limit: usize) -> (Cow<'_, str>, bool) {
     // Decode a few bytes past the limit only: a cut character decodes as a replacement.
     let head = &sql[..sql.len().min(limit.saturating_add(4))];
-    let mut text = String::from_utf8_lossy(head).into_owned();
+    let text = String::from_utf8_lossy(head);
     if sql.len() <= limit {
         return (text, false);
     }
+    let mut text = text.into_owned();
     let mut end = limit.min(text.len());
     while !text.is_char_boundary(end) {
         end -= 1;
     }
     text.truncate(end);
-    (text, true)
+    (Cow::Owned(text), true)
 }
 
 /// The cancel keys handed to clients: the client sees the server's process id with a secret
@@ -411,8 +420,32 @@ mod tests {
         // "é" is two bytes: a cut inside it drops it whole.
         assert_eq!(truncate("aé".as_bytes(), 2), ("a".into(), true));
         assert_eq!(truncate("aé".as_bytes(), 3), ("aé".into(), false));
-        assert_eq!(truncate(b"\xff\xfe", 1), (String::new(), true));
-        assert_eq!(truncate(b"", 0), (String::new(), false));
+        assert_eq!(truncate(b"\xff\xfe", 1), ("".into(), true));
+        assert_eq!(truncate(b"", 0), ("".into(), false));
+    }
+
+    #[test]
+    fn statement_details_are_the_json_object_they_replace() {
+        for name in [None, Some("s1")] {
+            let details = StatementDetails {
+                database: "db",
+                db_user: "u",
+                statement: "select '\"é'",
+                statement_bytes: 12,
+                statement_name: name.map(Cow::from),
+                target: "t",
+                truncated: false,
+            };
+            let mut object = json!({"statement": "select '\"é'", "truncated": false,
+                "statement_bytes": 12, "target": "t", "database": "db", "db_user": "u"});
+            if let Some(name) = name {
+                object["statement_name"] = name.into();
+            }
+            assert_eq!(
+                serde_json::to_string(&details).expect("serializes"),
+                object.to_string()
+            );
+        }
     }
 
     #[test]

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use postern_proto::cluster::WorkerMessage;
 use quinn::Connection;
 use russh::server::{self, Auth, ChannelOpenHandle, Msg, PublicKeyOffer, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet, Pty, Sig};
@@ -45,11 +44,7 @@ pub(crate) struct Ctx {
 impl Ctx {
     /// Sends an audit event for this session.
     pub(crate) fn audit(&self, action: &str, details: serde_json::Value) {
-        self.shared.report(WorkerMessage::Audit {
-            session_id: self.session.id.clone(),
-            action: action.to_owned(),
-            details,
-        });
+        self.shared.audit(&self.session.id, action, &details);
     }
 }
 
