@@ -49,6 +49,8 @@ struct AckLine {
 pub(crate) struct Spooled {
     pub(crate) event_id: String,
     line: Arc<[u8]>,
+    /// Its place in the order of spooling (this process's).
+    seq: u64,
 }
 
 impl Spooled {
@@ -80,6 +82,8 @@ struct Inner {
     file: Option<File>,
     /// Lines of spooled events not yet written to the file.
     unwritten: Vec<u8>,
+    /// The `seq` of the next event spooled.
+    next_seq: u64,
 }
 
 impl Inner {
@@ -129,6 +133,7 @@ impl Spool {
                     events.push_back(Spooled {
                         event_id: e.event_id,
                         line: line.into_bytes().into(),
+                        seq: events.len() as u64,
                     });
                 } else if let Ok(a) = serde_json::from_str::<AckLine>(&line) {
                     acked.extend(a.acked);
@@ -136,10 +141,12 @@ impl Spool {
             }
         }
         events.retain(|e: &Spooled| !acked.contains(&e.event_id));
+        let next_seq = events.back().map_or(0, |e| e.seq + 1);
         let spool = Spool {
             path,
             inner: Mutex::new(Inner {
                 events,
+                next_seq,
                 sent: 0,
                 last_batch: None,
                 stale: 0,
@@ -175,9 +182,12 @@ impl Spool {
             let write = inner.unwritten.is_empty();
             inner.unwritten.extend_from_slice(&line);
             line.pop();
+            let seq = inner.next_seq;
+            inner.next_seq += 1;
             inner.events.push_back(Spooled {
                 event_id,
                 line: line.into(),
+                seq,
             });
             // While a batch awaits its acknowledgement the sender has nothing to do: the
             // acknowledgement wakes it. (Waking it for every statement of a busy audit
@@ -347,22 +357,37 @@ impl Spool {
         self.lock().events.len()
     }
 
-    /// Rewrites the file with the unacknowledged events only (write a temp file, rename).
+    /// Rewrites the file with the unacknowledged events only (write a temp file, sync it,
+    /// rename). The writing and the sync happen without the lock: events go on being spooled
+    /// meanwhile (a statement audit spools from the connections' tasks, which the sync must
+    /// not stall), and those go into the new file too before it replaces the old one.
     fn rewrite(&self) -> std::io::Result<()> {
-        let mut inner = self.lock();
         let tmp = self.path.with_extension("jsonl.tmp");
-        {
-            let mut f = File::create(&tmp)?;
-            for e in &inner.events {
-                f.write_all(&e.line)?;
-                f.write_all(b"\n")?;
-            }
-            f.sync_all()?;
+        let (lines, next) = {
+            let inner = self.lock();
+            let lines: Vec<Arc<[u8]>> = inner.events.iter().map(|e| e.line.clone()).collect();
+            (lines, inner.next_seq)
+        };
+        let mut out = Vec::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
+        for line in &lines {
+            out.extend_from_slice(line);
+            out.push(b'\n');
         }
+        let mut f = File::create(&tmp)?;
+        f.write_all(&out)?;
+        f.sync_all()?;
+        let mut inner = self.lock();
+        out.clear();
+        for e in inner.events.iter().filter(|e| e.seq >= next) {
+            out.extend_from_slice(&e.line);
+            out.push(b'\n');
+        }
+        f.write_all(&out)?;
         std::fs::rename(&tmp, &self.path)?;
         inner.file = Some(OpenOptions::new().append(true).open(&self.path)?);
         inner.stale = 0;
-        // Every event's line is in the new file.
+        // Every event's line is in the new file (an event acknowledged meanwhile may be too:
+        // resent after a restart, it is stored once).
         inner.unwritten.clear();
         Ok(())
     }
@@ -468,6 +493,44 @@ mod tests {
         let batch = spool.next_batch();
         let text = std::fs::read_to_string(&file).expect("read");
         assert!(batch.iter().all(|e| text.contains(&e.event_id)), "{text}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Behind an event never acknowledged, acknowledged ones pile up until the file is
+    /// rewritten with the unacknowledged ones only; they survive a restart.
+    #[test]
+    fn compaction_keeps_exactly_the_unacknowledged() {
+        let (dir, spool) = spool_with(1);
+        let stuck = spool.next_batch();
+        assert_eq!(stuck.len(), 1);
+        spool.restart();
+        let mut rounds = 0;
+        while spool.lock().stale > 0 || rounds == 0 {
+            for n in 0..100 {
+                spool.push(&closed(n));
+            }
+            let batch = spool.next_batch();
+            let acked: Vec<String> = batch[1..].iter().map(|e| e.event_id.clone()).collect();
+            spool.ack(&acked);
+            spool.restart();
+            rounds += 1;
+            assert!(rounds < 100, "never compacted");
+        }
+        assert!(
+            rounds * 100 >= COMPACT_AFTER,
+            "compacted after {rounds} rounds"
+        );
+        spool.push(&closed(7));
+        drop(spool);
+        let lines = std::fs::read_to_string(dir.join(SPOOL_FILE))
+            .expect("read")
+            .lines()
+            .count();
+        assert!(lines < 200, "{lines} lines left after compaction");
+        let spool = Spool::open(&dir).expect("reopen");
+        let left = spool.next_batch();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert_eq!(left[0].event_id, stuck[0].event_id);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
