@@ -326,6 +326,26 @@ async fn audit_chain_verifies_and_names_tampering() {
             .await
             .expect("append");
         }
+        // Text that JSON escapes is stored exactly as it was hashed, and reads back as it was.
+        let tricky = "quote \" backslash \\ newline \n tab \t control \u{1} é 🦀 \u{2028}";
+        s.audit(
+            tricky,
+            "postgres.query",
+            "session:s_x",
+            "success",
+            &serde_json::json!({"statement": tricky}),
+        )
+        .await
+        .expect("append");
+        let read = s
+            .audit_events(&crate::api::types::AuditQuery {
+                actor: Some(tricky.into()),
+                ..Default::default()
+            })
+            .await
+            .expect("read");
+        assert_eq!(read.len(), 1);
+        assert_eq!(read[0].details["statement"], tricky);
         // A worker's resent event is stored once.
         let e = NewEvent {
             event_id: Some("ev-1".into()),
@@ -354,7 +374,7 @@ async fn audit_chain_verifies_and_names_tampering() {
         );
         let ok = s.verify_audit().await.expect("verify");
         assert!(ok.ok, "{ok:?}");
-        assert_eq!(ok.checked, 21);
+        assert_eq!(ok.checked, 22);
 
         // One batch larger than an INSERT statement's rows, resending an id stored before
         // and holding another id twice: each id stored once, in order, chained.
@@ -367,12 +387,12 @@ async fn audit_chain_verifies_and_names_tampering() {
         assert_eq!(stored.len(), 1_499, "ev-1 and one batch-1498 skipped");
         assert_eq!(
             (stored[0].0, stored[1_498].0),
-            (22, 1_520),
+            (23, 1_521),
             "consecutive seq"
         );
         let ok = s.verify_audit().await.expect("verify");
         assert!(ok.ok, "{ok:?}");
-        assert_eq!(ok.checked, 1_520);
+        assert_eq!(ok.checked, 1_521);
 
         // Edit one row behind the store's back: verify names it.
         sqlx::query("UPDATE audit_events SET details = '{\"n\":999}' WHERE seq = 7")
