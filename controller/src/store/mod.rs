@@ -50,49 +50,6 @@ pub enum Backend {
     Postgres,
 }
 
-impl Backend {
-    /// `count` bind parameters, comma-separated, the first being number `first` (from 1):
-    /// `$first, …` on PostgreSQL; anonymous `?` on SQLite, where sqlx looks each named
-    /// parameter up by its index and SQLite's lookup walks the statement's whole list, so a
-    /// statement of N named parameters costs N² to bind (13% of an audit append's CPU at
-    /// 700 parameters). Anonymous ones bind in order of appearance.
-    pub(crate) fn params(self, first: usize, count: usize) -> String {
-        let mut out = String::with_capacity(count * 6);
-        self.push_params(&mut out, first, count);
-        out
-    }
-
-    /// `rows` parenthesized groups of `per_row` parameters, comma-separated (the `VALUES`
-    /// of a multi-row insert), numbered from 1.
-    pub(crate) fn rows(self, rows: usize, per_row: usize) -> String {
-        let mut out = String::with_capacity(rows * (per_row * 6 + 4));
-        for r in 0..rows {
-            if r > 0 {
-                out.push_str(", ");
-            }
-            out.push('(');
-            self.push_params(&mut out, r * per_row + 1, per_row);
-            out.push(')');
-        }
-        out
-    }
-
-    fn push_params(self, out: &mut String, first: usize, count: usize) {
-        use std::fmt::Write as _;
-        for i in first..first + count {
-            if i > first {
-                out.push_str(", ");
-            }
-            match self {
-                Backend::Sqlite => out.push('?'),
-                Backend::Postgres => {
-                    let _ = write!(out, "${i}");
-                }
-            }
-        }
-    }
-}
-
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

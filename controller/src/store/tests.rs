@@ -440,11 +440,3 @@ async fn audit_chain_verifies_and_names_tampering() {
     })
     .await;
 }
-
-#[test]
-fn bind_parameters_per_backend() {
-    assert_eq!(Backend::Postgres.params(12, 3), "$12, $13, $14");
-    assert_eq!(Backend::Sqlite.params(12, 3), "?, ?, ?");
-    assert_eq!(Backend::Sqlite.params(1, 1), "?");
-    assert_eq!(Backend::Postgres.params(1, 0), "");
-}
