@@ -160,8 +160,9 @@ impl Spool {
         Ok(spool)
     }
 
-    /// Spools an auditable message (durably, before it is sent): a [`WorkerMessage`], or an
-    /// [`postern_proto::cluster::AuditRef`] that serializes as one.
+    /// Spools an auditable message (a [`WorkerMessage`], or an
+    /// [`postern_proto::cluster::AuditRef`] that serializes as one): kept until acknowledged,
+    /// and in the file within [`WRITE_DELAY`] and before it is sent.
     pub(crate) fn push<M: serde::Serialize + ?Sized>(&self, message: &M) {
         let event_id = postern_proto::ids::time_ordered_id();
         let event = SpooledRef {
