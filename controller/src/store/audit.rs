@@ -70,31 +70,9 @@ impl NewEvent {
     }
 }
 
-/// The chain hash of one event, from its stored fields.
-#[allow(clippy::too_many_arguments)]
-fn chain_hash(
-    seq: i64,
-    time: i64,
-    actor: &str,
-    action: &str,
-    resource: &str,
-    outcome: &str,
-    session_id: Option<&str>,
-    event_id: Option<&str>,
-    details: &str,
-    prev_hash: &str,
-) -> String {
-    // A tuple serializes as the JSON array `[seq, time, …]`, byte for byte what
-    // `json!([…]).to_string()` gives, without building a `Value` first.
-    let canonical = serde_json::to_vec(&(
-        seq, time, actor, action, resource, outcome, session_id, event_id, details, prev_hash,
-    ))
-    .unwrap_or_default();
-    postern_proto::hex(&Sha256::digest(&canonical))
-}
-
 /// What an event's hash covers: seq, time, actor, action, resource, outcome, session_id,
-/// event_id, details, prev_hash (serialized as a JSON array).
+/// event_id, details, prev_hash. A tuple serializes as the JSON array `[seq, time, …]`, byte
+/// for byte what `json!([…]).to_string()` gives, without building a `Value` first.
 type Canonical<'a> = (
     i64,
     i64,
@@ -108,13 +86,24 @@ type Canonical<'a> = (
     &'a str,
 );
 
-/// The canonical text of an event (see [`chain_hash`]) appended to `rows`, then its hash
-/// added as the array's last element; returns the hash.
-fn push_chained_row(rows: &mut Vec<u8>, canonical: Canonical<'_>) -> Result<String, StoreError> {
-    let start = rows.len();
-    serde_json::to_writer(&mut *rows, &canonical)
+/// Appends an event's canonical text to `out` and returns its chain hash (the SHA-256 of
+/// that text, lowercase hex).
+fn write_canonical(out: &mut Vec<u8>, canonical: Canonical<'_>) -> Result<String, StoreError> {
+    let start = out.len();
+    serde_json::to_writer(&mut *out, &canonical)
         .map_err(|e| StoreError::Corrupt(format!("cannot serialize an audit event: {e}")))?;
-    let hash = postern_proto::hex(&Sha256::digest(&rows[start..]));
+    Ok(postern_proto::hex(&Sha256::digest(&out[start..])))
+}
+
+/// The chain hash of one event, from its stored fields.
+fn chain_hash(canonical: Canonical<'_>) -> Result<String, StoreError> {
+    write_canonical(&mut Vec::with_capacity(512), canonical)
+}
+
+/// The canonical text of an event appended to `rows`, then its hash added as the array's
+/// last element; returns the hash.
+fn push_chained_row(rows: &mut Vec<u8>, canonical: Canonical<'_>) -> Result<String, StoreError> {
+    let hash = write_canonical(rows, canonical)?;
     rows.pop(); // the closing bracket
     rows.extend_from_slice(b",\"");
     rows.extend_from_slice(hash.as_bytes());
@@ -357,7 +346,7 @@ impl Store {
                 let stored_prev: Option<String> = r.try_get("prev_hash")?;
                 let stored_hash: Option<String> = r.try_get("hash")?;
                 let details: String = r.try_get("details")?;
-                let computed = chain_hash(
+                let computed = chain_hash((
                     seq,
                     r.try_get("time")?,
                     &r.try_get::<String, _>("actor")?,
@@ -368,7 +357,7 @@ impl Store {
                     r.try_get::<Option<String>, _>("event_id")?.as_deref(),
                     &details,
                     stored_prev.as_deref().unwrap_or_default(),
-                );
+                ))?;
                 if stored_prev.as_deref() != Some(prev.as_str()) {
                     return Ok(broken(seq, Some(id), format!("event #{seq} (id {id}) does not follow event #{}: its previous-hash differs", seq - 1)));
                 }
@@ -470,7 +459,7 @@ mod tests {
                 .iter()
                 .map(|b| format!("{b:02x}"))
                 .collect::<String>();
-            let got = chain_hash(
+            let got = chain_hash((
                 7,
                 -3,
                 actor,
@@ -481,7 +470,8 @@ mod tests {
                 event,
                 details,
                 "prev",
-            );
+            ))
+            .expect("serializes");
             assert_eq!(got, want, "{actor:?}");
         }
     }
