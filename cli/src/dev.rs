@@ -27,6 +27,47 @@ pub const DEMO_TARGET: &str = "demo-postgres";
 const DEMO_ADDRESS: &str = "127.0.0.1:5432";
 /// User name of the bootstrap admin when the controller did not just create it.
 const DEFAULT_ADMIN: &str = "admin";
+
+/// The runtime the dev worker runs on: a thread of its own, as if it were its own process
+/// (as it is in production). On one runtime thread with the controller, each audited
+/// statement's storing (decoding, chaining, the SQLite commit's bookkeeping) queued on the
+/// thread that relays the next statement.
+struct WorkerRuntime(tokio::runtime::Runtime);
+
+impl WorkerRuntime {
+    fn new() -> Result<WorkerRuntime> {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+            builder.worker_threads(1);
+        }
+        let runtime = builder
+            .thread_name("postern-worker")
+            .enable_all()
+            .build()
+            .context("cannot start the worker's runtime")?;
+        Ok(WorkerRuntime(runtime))
+    }
+
+    async fn start(
+        &self,
+        config: postern_worker::WorkerConfig,
+    ) -> Result<postern_worker::WorkerHandle> {
+        self.0
+            .spawn(postern_worker::start(config))
+            .await
+            .context("the worker's runtime stopped")?
+            .map_err(Into::into)
+    }
+
+    async fn shutdown(&self, worker: postern_worker::WorkerHandle) {
+        let _ = self.0.spawn(worker.shutdown()).await;
+    }
+
+    /// Stops the runtime's thread without waiting (allowed inside the main runtime).
+    fn stop(self) {
+        self.0.shutdown_background();
+    }
+}
 /// How long a worker with a saved identity gets to reconnect before it is registered afresh.
 const RECONNECT_WAIT: Duration = Duration::from_secs(5);
 /// How long a freshly registered worker gets to connect before a warning.
@@ -60,6 +101,13 @@ pub async fn run(args: DevArgs, json: bool) -> Result<ExitCode> {
         .await
         .context("starting the controller")?;
     let api_url = format!("http://{}", controller.api_addr());
+    let runtime = match WorkerRuntime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            controller.shutdown().await;
+            return Err(e);
+        }
+    };
 
     let started = async {
         let (admin, password) = admin_credentials(&data_dir, controller.bootstrap())?;
@@ -81,12 +129,13 @@ pub async fn run(args: DevArgs, json: bool) -> Result<ExitCode> {
 
         let api = ApiClient::new(&api_url, Some(login.token))?;
         ensure_demo_target(&api).await?;
-        let worker = start_worker(&api, &api_url, &data_dir).await?;
+        let worker = start_worker(&runtime, &api, &api_url, &data_dir).await?;
         anyhow::Ok((admin, password, worker))
     };
     let (admin, password, worker) = match started.await {
         Ok(x) => x,
         Err(e) => {
+            runtime.stop();
             controller.shutdown().await;
             return Err(e);
         }
@@ -108,7 +157,8 @@ pub async fn run(args: DevArgs, json: bool) -> Result<ExitCode> {
 
     wait_for_shutdown_signal().await;
     eprintln!("Stopping...");
-    worker.shutdown().await;
+    runtime.shutdown(worker).await;
+    runtime.stop();
     controller.shutdown().await;
     eprintln!("Stopped.");
     Ok(ExitCode::SUCCESS)
@@ -168,16 +218,17 @@ async fn ensure_demo_target(api: &ApiClient) -> Result<()> {
 /// when the saved one no longer gets it connected (the controller's database or cluster port
 /// changed, or the worker was deleted).
 async fn start_worker(
+    runtime: &WorkerRuntime,
     api: &ApiClient,
     api_url: &str,
     data_dir: &Path,
 ) -> Result<postern_worker::WorkerHandle> {
     let worker_dir: PathBuf = data_dir.join("worker");
     if worker_dir.join("cert.pem").exists() {
-        match postern_worker::start(worker_config(api_url, &worker_dir, None)).await {
+        match runtime.start(worker_config(api_url, &worker_dir, None)).await {
             Ok(worker) if wait_connected(api, RECONNECT_WAIT).await => return Ok(worker),
             Ok(worker) => {
-                worker.shutdown().await;
+                runtime.shutdown(worker).await;
                 eprintln!("note: {DEV_WORKER} did not reconnect with its saved identity; registering it afresh");
             }
             Err(e) => eprintln!(
@@ -204,7 +255,8 @@ async fn start_worker(
         .await
         .context("creating the dev worker")?;
     let config = worker_config(api_url, &worker_dir, Some(created.activation_token));
-    let worker = postern_worker::start(config)
+    let worker = runtime
+        .start(config)
         .await
         .context("starting the dev worker")?;
     if !wait_connected(api, REGISTER_WAIT).await {

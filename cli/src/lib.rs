@@ -55,10 +55,11 @@ where
 
     // A session client is one relay loop: on one thread it wakes no second one per packet
     // (the benchmark measured 46% of a small-query session's CPU in cross-thread wake-ups).
-    // `postern dev` too runs its controller and worker on one runtime thread (SQLite and
-    // blocking work have threads of their own): on two cores, a second runtime thread cost
-    // the worker a third more CPU per small query in wake-ups between the two.
-    // `TOKIO_WORKER_THREADS` gives it more.
+    // `postern dev` runs its controller on one runtime thread and its worker on another
+    // (`dev::WorkerRuntime`), as two processes would (SQLite and blocking work have threads
+    // of their own): on two cores, one runtime of two threads, whose tasks hop between
+    // them, cost the worker a third more CPU per small query in wake-ups.
+    // `TOKIO_WORKER_THREADS` gives each more.
     let built = match cli.command {
         args::Command::Dev(_) => {
             let mut builder = tokio::runtime::Builder::new_multi_thread();
