@@ -33,8 +33,10 @@ const ACK_WAIT: Duration = Duration::from_secs(1);
 /// statement audit then reaches the controller in batches of tens to hundreds of events,
 /// and each event waits at most this long (it is in the spool file already).
 const MIN_GAP: Duration = Duration::from_millis(10);
-/// Most time between an event's spooling and its line's write to the file.
-pub(crate) const WRITE_DELAY: Duration = Duration::from_millis(1);
+/// Most time between an event's spooling and its line's write to the file: [`MIN_GAP`], so
+/// that a busy audit's writes and batches keep one pace (at 1 ms, the writer's wake-ups and
+/// `write`s cost the worker's thread more than the batches did).
+pub(crate) const WRITE_DELAY: Duration = MIN_GAP;
 
 /// A line recording acknowledgements (until the next rewrite drops the events).
 #[derive(serde::Serialize, serde::Deserialize)]
