@@ -63,7 +63,7 @@ impl Store {
         .bind(name)
         .bind(password_hash)
         .bind(now())
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await
         .map_err(|e| conflict(e, || format!("a user named '{name}' already exists")))?;
         self.user(name).await
@@ -129,12 +129,12 @@ impl Store {
         sqlx::query("UPDATE users SET locked = $1 WHERE name = $2")
             .bind(i64::from(locked))
             .bind(name)
-            .execute(&self.pool)
+            .execute(&mut *self.writer().await?)
             .await?;
         if locked {
             sqlx::query("DELETE FROM api_tokens WHERE user_name = $1")
                 .bind(name)
-                .execute(&self.pool)
+                .execute(&mut *self.writer().await?)
                 .await?;
         }
         self.user(name).await
@@ -146,7 +146,7 @@ impl Store {
         sqlx::query("UPDATE users SET password_hash = $1 WHERE name = $2")
             .bind(hash)
             .bind(name)
-            .execute(&self.pool)
+            .execute(&mut *self.writer().await?)
             .await?;
         Ok(())
     }
@@ -163,7 +163,7 @@ impl Store {
             .bind(user)
             .bind(now())
             .bind(expires_at)
-            .execute(&self.pool)
+            .execute(&mut *self.writer().await?)
             .await?;
         Ok(())
     }
@@ -196,7 +196,7 @@ impl Store {
             sqlx::query("UPDATE api_tokens SET last_used_at = $1 WHERE token_hash = $2")
                 .bind(t)
                 .bind(hash)
-                .execute(&self.pool)
+                .execute(&mut *self.writer().await?)
                 .await?;
         }
         let mut rules = Vec::with_capacity(rows.len());
@@ -220,7 +220,7 @@ impl Store {
     pub async fn delete_token(&self, hash: &str) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM api_tokens WHERE token_hash = $1")
             .bind(hash)
-            .execute(&self.pool)
+            .execute(&mut *self.writer().await?)
             .await?;
         Ok(())
     }
@@ -230,7 +230,7 @@ impl Store {
         sqlx::query("INSERT INTO groups (name, created_at) VALUES ($1, $2)")
             .bind(name)
             .bind(now())
-            .execute(&self.pool)
+            .execute(&mut *self.writer().await?)
             .await
             .map_err(|e| conflict(e, || format!("a group named '{name}' already exists")))?;
         Ok(())
@@ -300,7 +300,7 @@ impl Store {
         sqlx::query("INSERT INTO group_members (group_name, user_name) VALUES ($1, $2)")
             .bind(group)
             .bind(user)
-            .execute(&self.pool)
+            .execute(&mut *self.writer().await?)
             .await
             .map_err(|e| conflict(e, || format!("'{user}' is already a member of '{group}'")))?;
         Ok(())
@@ -313,7 +313,7 @@ impl Store {
             sqlx::query("DELETE FROM group_members WHERE group_name = $1 AND user_name = $2")
                 .bind(group)
                 .bind(user)
-                .execute(&self.pool)
+                .execute(&mut *self.writer().await?)
                 .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound {
@@ -341,7 +341,7 @@ impl Store {
         sqlx::query("INSERT INTO roles (name, created_at) VALUES ($1, $2)")
             .bind(name)
             .bind(now())
-            .execute(&self.pool)
+            .execute(&mut *self.writer().await?)
             .await
             .map_err(|e| conflict(e, || format!("a role named '{name}' already exists")))?;
         Ok(())
@@ -453,7 +453,7 @@ impl Store {
             .bind(role)
             .bind(kind)
             .bind(name)
-            .execute(&self.pool)
+            .execute(&mut *self.writer().await?)
             .await
             .map_err(|e| conflict(e, || format!("role '{role}' is already bound to {kind} '{name}'")))?;
         Ok(())
@@ -469,7 +469,7 @@ impl Store {
         .bind(role)
         .bind(kind)
         .bind(name)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound {

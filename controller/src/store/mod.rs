@@ -12,11 +12,15 @@ mod sessions;
 mod ssh;
 
 use std::borrow::Cow;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::pool::PoolConnection;
 use sqlx::{AnyPool, Row};
+use tokio::sync::OwnedMutexGuard;
 
 pub use audit::NewEvent;
 pub use identity::{TokenOwner, UserRow};
@@ -89,6 +93,56 @@ pub enum StoreError {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// On SQLite, the turn to write: one writer at a time, queued here. SQLite lets one
+    /// connection write at a time and makes the others poll for the lock, sleeping 1, 2,
+    /// 5, … ms between tries (its busy handler): a session's authorization that met the
+    /// previous session's end in the store slept milliseconds.
+    writes: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A write transaction ([`Store::begin_write`]), holding the turn to write until it ends.
+pub(crate) struct WriteTx {
+    tx: sqlx::Transaction<'static, sqlx::Any>,
+    _turn: Option<OwnedMutexGuard<()>>,
+}
+
+impl WriteTx {
+    pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+}
+
+impl Deref for WriteTx {
+    type Target = sqlx::AnyConnection;
+    fn deref(&self) -> &sqlx::AnyConnection {
+        &self.tx
+    }
+}
+
+impl DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut sqlx::AnyConnection {
+        &mut self.tx
+    }
+}
+
+/// A connection for one write outside a transaction ([`Store::writer`]), holding the turn
+/// to write while it lives.
+pub(crate) struct WriteConn {
+    conn: PoolConnection<sqlx::Any>,
+    _turn: Option<OwnedMutexGuard<()>>,
+}
+
+impl Deref for WriteConn {
+    type Target = sqlx::AnyConnection;
+    fn deref(&self) -> &sqlx::AnyConnection {
+        &self.conn
+    }
+}
+
+impl DerefMut for WriteConn {
+    fn deref_mut(&mut self) -> &mut sqlx::AnyConnection {
+        &mut self.conn
+    }
 }
 
 impl Store {
@@ -139,7 +193,11 @@ impl Store {
                 .execute(&pool)
                 .await?;
         }
-        let store = Store { pool, backend };
+        let store = Store {
+            pool,
+            backend,
+            writes: Arc::default(),
+        };
         store.migrator().run(&store.pool).await?;
         Ok(store)
     }
@@ -148,10 +206,28 @@ impl Store {
     /// (`BEGIN IMMEDIATE`): a deferred transaction that reads first cannot upgrade after
     /// another connection's commit (`SQLITE_BUSY`, without waiting), whereas this one waits
     /// its turn under the busy timeout. PostgreSQL's row locks need no such care.
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+    /// On SQLite it also waits for the process's turn to write first (see `writes`).
+    async fn begin_write(&self) -> Result<WriteTx, sqlx::Error> {
+        let turn = self.turn().await;
+        let tx = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        };
+        Ok(WriteTx { tx, _turn: turn })
+    }
+
+    /// A connection for a write outside a transaction; on SQLite, once it is this one's turn
+    /// to write.
+    async fn writer(&self) -> Result<WriteConn, sqlx::Error> {
+        let turn = self.turn().await;
+        let conn = self.pool.acquire().await?;
+        Ok(WriteConn { conn, _turn: turn })
+    }
+
+    async fn turn(&self) -> Option<OwnedMutexGuard<()>> {
         match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
-            Backend::Postgres => self.pool.begin().await,
+            Backend::Sqlite => Some(self.writes.clone().lock_owned().await),
+            Backend::Postgres => None,
         }
     }
 
@@ -194,7 +270,7 @@ impl Store {
         )
         .bind(&candidate)
         .bind(now())
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         let row = sqlx::query("SELECT cluster_id FROM cluster WHERE id = 1")
             .fetch_one(&self.pool)
@@ -226,7 +302,7 @@ impl Store {
         .bind(sealed)
         .bind(public)
         .bind(now())
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         self.root_key(purpose)
             .await?

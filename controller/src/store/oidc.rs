@@ -88,7 +88,7 @@ impl Store {
         let t = now();
         sqlx::query("DELETE FROM oidc_attempts WHERE expires_at < $1")
             .bind(t - 3600)
-            .execute(&self.pool)
+            .execute(&mut *self.writer().await?)
             .await?;
         sqlx::query(
             "INSERT INTO oidc_attempts (id, method, flow, state_hash, nonce, pkce_verifier, status, created_at, expires_at) \
@@ -102,7 +102,7 @@ impl Store {
         .bind(a.pkce_verifier)
         .bind(t)
         .bind(a.expires_at)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(())
     }
@@ -140,7 +140,7 @@ impl Store {
         )
         .bind(id)
         .bind(t)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         if done.rows_affected() == 1 {
             return Ok(Claim::Claimed);
@@ -168,7 +168,7 @@ impl Store {
         .bind(user)
         .bind(token_sealed)
         .bind(token_expires_at)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(())
     }
@@ -181,7 +181,7 @@ impl Store {
         )
         .bind(id)
         .bind(message)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -199,7 +199,7 @@ impl Store {
              WHERE id = $1 AND status = 'done'",
         )
         .bind(id)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok((done.rows_affected() == 1).then_some(row))
     }
@@ -256,7 +256,7 @@ impl Store {
         .bind(user)
         .bind(method)
         .bind(t)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(())
     }

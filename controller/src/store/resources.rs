@@ -111,7 +111,7 @@ impl Store {
         .bind(t.connection_limit.map(i64::from))
         .bind(to_json(&t.worker_filter))
         .bind(now())
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await
         .map_err(|e| conflict(e, || format!("a target named '{}' already exists", t.name)))?;
         self.target(&t.name).await
@@ -176,7 +176,7 @@ impl Store {
         .bind(to_json(&t.worker_filter))
         .bind(i64::from(t.enabled))
         .bind(name)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(t)
     }
@@ -247,7 +247,7 @@ impl Store {
     pub async fn delete_credential(&self, target: &str) -> Result<bool, StoreError> {
         let done = sqlx::query("DELETE FROM credentials WHERE target_name = $1")
             .bind(target)
-            .execute(&self.pool)
+            .execute(&mut *self.writer().await?)
             .await?;
         Ok(done.rows_affected() > 0)
     }
@@ -268,7 +268,7 @@ impl Store {
         .bind(activation_hash)
         .bind(activation_expires_at)
         .bind(now())
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await
         .map_err(|e| conflict(e, || format!("a worker named '{name}' already exists")))?;
         self.worker(name).await
@@ -301,7 +301,7 @@ impl Store {
         self.worker(name).await?;
         sqlx::query("DELETE FROM workers WHERE name = $1")
             .bind(name)
-            .execute(&self.pool)
+            .execute(&mut *self.writer().await?)
             .await?;
         Ok(())
     }
@@ -320,7 +320,7 @@ impl Store {
         .bind(cert_fingerprint)
         .bind(activation_hash)
         .bind(now())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.writer().await?)
         .await?;
         Ok(match row {
             Some(r) => ActivationOutcome::Registered(r.try_get("name")?),
@@ -375,7 +375,7 @@ impl Store {
         .bind(now())
         .bind(mode)
         .bind(name)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(())
     }
@@ -395,7 +395,7 @@ impl Store {
         .bind(i64::from(sessions))
         .bind(i64::from(connections))
         .bind(name)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(())
     }
@@ -405,7 +405,7 @@ impl Store {
         sqlx::query("UPDATE workers SET last_seen = $1 WHERE name = $2")
             .bind(now())
             .bind(name)
-            .execute(&self.pool)
+            .execute(&mut *self.writer().await?)
             .await?;
         Ok(())
     }
@@ -415,7 +415,7 @@ impl Store {
         sqlx::query("UPDATE workers SET connected_to = NULL WHERE name = $1 AND connected_to = $2")
             .bind(name)
             .bind(instance)
-            .execute(&self.pool)
+            .execute(&mut *self.writer().await?)
             .await?;
         Ok(())
     }

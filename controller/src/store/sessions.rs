@@ -65,7 +65,7 @@ fn session_from(row: &sqlx::any::AnyRow) -> Result<Session, StoreError> {
 impl Store {
     /// Stores a pending session.
     pub async fn insert_session(&self, s: &NewSession) -> Result<(), StoreError> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.writer().await?;
         s.insert(&mut conn).await
     }
 
@@ -113,7 +113,7 @@ impl Store {
         )
         .bind(t)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -133,7 +133,7 @@ impl Store {
         .bind(bytes_up as i64)
         .bind(bytes_down as i64)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(())
     }
@@ -147,7 +147,7 @@ impl Store {
         .bind(now())
         .bind(reason)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -159,7 +159,7 @@ impl Store {
              WHERE status <> 'terminated' AND expires_at <= $1",
         )
         .bind(now)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(done.rows_affected())
     }
@@ -170,7 +170,7 @@ impl Store {
             sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(channel)
                 .bind(payload)
-                .execute(&self.pool)
+                .execute(&mut *self.writer().await?)
                 .await?;
         }
         Ok(())

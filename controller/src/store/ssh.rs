@@ -31,7 +31,7 @@ impl Store {
         sqlx::query("UPDATE workers SET ssh_host_key = $1 WHERE name = $2")
             .bind(key)
             .bind(worker)
-            .execute(&self.pool)
+            .execute(&mut *self.writer().await?)
             .await?;
         Ok(())
     }
@@ -67,7 +67,7 @@ impl Store {
         .bind(r.started_at)
         .bind(cast.len() as i64)
         .bind(&cast)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await
         .map_err(|e| super::conflict(e, || format!("recording '{}' exists already", r.id)))?;
         Ok(())
@@ -89,7 +89,7 @@ impl Store {
         .bind(lines.len() as i64)
         .bind(id)
         .bind(worker)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -102,7 +102,7 @@ impl Store {
         .bind(now())
         .bind(id)
         .bind(worker)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(())
     }
