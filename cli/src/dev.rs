@@ -36,15 +36,8 @@ struct WorkerRuntime(tokio::runtime::Runtime);
 
 impl WorkerRuntime {
     fn new() -> Result<WorkerRuntime> {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-            builder.worker_threads(1);
-        }
-        let runtime = builder
-            .thread_name("postern-worker")
-            .enable_all()
-            .build()
-            .context("cannot start the worker's runtime")?;
+        let runtime =
+            crate::dev_runtime("postern-worker").context("cannot start the worker's runtime")?;
         Ok(WorkerRuntime(runtime))
     }
 

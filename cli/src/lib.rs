@@ -61,13 +61,7 @@ where
     // them, cost the worker a third more CPU per small query in wake-ups.
     // `TOKIO_WORKER_THREADS` gives each more.
     let built = match cli.command {
-        args::Command::Dev(_) => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-                builder.worker_threads(1);
-            }
-            builder.enable_all().build()
-        }
+        args::Command::Dev(_) => dev_runtime("postern-controller"),
         _ => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),
@@ -112,4 +106,13 @@ fn init_tracing(verbose: u8) {
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();
+}
+
+/// A runtime of `postern dev`: one thread (`TOKIO_WORKER_THREADS` gives more), named.
+pub(crate) fn dev_runtime(thread_name: &str) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        builder.worker_threads(1);
+    }
+    builder.thread_name(thread_name).enable_all().build()
 }

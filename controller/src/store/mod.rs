@@ -100,46 +100,30 @@ pub struct Store {
     writes: Arc<tokio::sync::Mutex<()>>,
 }
 
-/// A write transaction ([`Store::begin_write`]), holding the turn to write until it ends.
-pub(crate) struct WriteTx {
-    tx: sqlx::Transaction<'static, sqlx::Any>,
+/// A connection writing with the process's turn to write, held until it is dropped
+/// ([`Store::begin_write`], [`Store::writer`]).
+pub(crate) struct Writing<C> {
+    conn: C,
     _turn: Option<OwnedMutexGuard<()>>,
 }
+
+/// A write transaction.
+pub(crate) type WriteTx = Writing<sqlx::Transaction<'static, sqlx::Any>>;
 
 impl WriteTx {
     pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
-        self.tx.commit().await
+        self.conn.commit().await
     }
 }
 
-impl Deref for WriteTx {
-    type Target = sqlx::AnyConnection;
-    fn deref(&self) -> &sqlx::AnyConnection {
-        &self.tx
-    }
-}
-
-impl DerefMut for WriteTx {
-    fn deref_mut(&mut self) -> &mut sqlx::AnyConnection {
-        &mut self.tx
-    }
-}
-
-/// A connection for one write outside a transaction ([`Store::writer`]), holding the turn
-/// to write while it lives.
-pub(crate) struct WriteConn {
-    conn: PoolConnection<sqlx::Any>,
-    _turn: Option<OwnedMutexGuard<()>>,
-}
-
-impl Deref for WriteConn {
+impl<C: Deref<Target = sqlx::AnyConnection>> Deref for Writing<C> {
     type Target = sqlx::AnyConnection;
     fn deref(&self) -> &sqlx::AnyConnection {
         &self.conn
     }
 }
 
-impl DerefMut for WriteConn {
+impl<C: DerefMut<Target = sqlx::AnyConnection>> DerefMut for Writing<C> {
     fn deref_mut(&mut self) -> &mut sqlx::AnyConnection {
         &mut self.conn
     }
@@ -213,15 +197,18 @@ impl Store {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => self.pool.begin().await?,
         };
-        Ok(WriteTx { tx, _turn: turn })
+        Ok(Writing {
+            conn: tx,
+            _turn: turn,
+        })
     }
 
     /// A connection for a write outside a transaction; on SQLite, once it is this one's turn
     /// to write.
-    async fn writer(&self) -> Result<WriteConn, sqlx::Error> {
+    async fn writer(&self) -> Result<Writing<PoolConnection<sqlx::Any>>, sqlx::Error> {
         let turn = self.turn().await;
         let conn = self.pool.acquire().await?;
-        Ok(WriteConn { conn, _turn: turn })
+        Ok(Writing { conn, _turn: turn })
     }
 
     async fn turn(&self) -> Option<OwnedMutexGuard<()>> {
