@@ -125,12 +125,12 @@ impl WorkerMetrics {
         }
     }
 
-    /// Counts what a report to the controller says happened.
     /// An audit event was reported.
     pub(crate) fn audit_event(&self) {
         self.audit_events.inc();
     }
 
+    /// Counts what a report to the controller says happened.
     pub(crate) fn observe(&self, msg: &WorkerMessage) {
         match msg {
             WorkerMessage::ConnectionClosed {
