@@ -12,15 +12,12 @@ mod sessions;
 mod ssh;
 
 use std::borrow::Cow;
-use std::ops::{Deref, DerefMut};
-use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::pool::PoolConnection;
 use sqlx::{AnyPool, Row};
-use tokio::sync::OwnedMutexGuard;
 
 pub use audit::NewEvent;
 pub use identity::{TokenOwner, UserRow};
@@ -91,42 +88,42 @@ pub enum StoreError {
 /// A handle on the store; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
+    /// Reads.
     pool: AnyPool,
+    /// Writes. On SQLite, one connection: the process's turn to write, queued fairly, on a
+    /// connection whose page cache stays valid between writes. (SQLite lets one connection
+    /// write at a time and makes the others poll for the lock, sleeping 1, 2, 5, … ms between
+    /// tries (its busy handler): a session's authorization that met the previous session's
+    /// end in the store slept milliseconds. And a connection's cache is dropped whenever
+    /// another one has written, so writes taking turns on eight connections re-read the
+    /// tables' pages from the file each time.) On PostgreSQL, the same pool as reads.
+    writes: AnyPool,
     backend: Backend,
-    /// On SQLite, the turn to write: one writer at a time, queued here. SQLite lets one
-    /// connection write at a time and makes the others poll for the lock, sleeping 1, 2,
-    /// 5, … ms between tries (its busy handler): a session's authorization that met the
-    /// previous session's end in the store slept milliseconds.
-    writes: Arc<tokio::sync::Mutex<()>>,
 }
 
-/// A connection writing with the process's turn to write, held until it is dropped
-/// ([`Store::begin_write`], [`Store::writer`]).
-pub(crate) struct Writing<C> {
-    conn: C,
-    _turn: Option<OwnedMutexGuard<()>>,
-}
+/// A write transaction ([`Store::begin_write`]).
+pub(crate) type WriteTx = sqlx::Transaction<'static, sqlx::Any>;
 
-/// A write transaction.
-pub(crate) type WriteTx = Writing<sqlx::Transaction<'static, sqlx::Any>>;
-
-impl WriteTx {
-    pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
-        self.conn.commit().await
-    }
-}
-
-impl<C: Deref<Target = sqlx::AnyConnection>> Deref for Writing<C> {
-    type Target = sqlx::AnyConnection;
-    fn deref(&self) -> &sqlx::AnyConnection {
-        &self.conn
-    }
-}
-
-impl<C: DerefMut<Target = sqlx::AnyConnection>> DerefMut for Writing<C> {
-    fn deref_mut(&mut self) -> &mut sqlx::AnyConnection {
-        &mut self.conn
-    }
+/// Pool options for `n` connections to a SQLite file.
+fn sqlite_pool(n: u32) -> AnyPoolOptions {
+    AnyPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(10))
+        .max_connections(n)
+        // A local file: no ping round trip before each use (sqlx still pings a connection as
+        // it returns to the pool, off the caller's path).
+        .test_before_acquire(false)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                // A writer of another process (or the migration's) still makes this one wait.
+                sqlx::query("PRAGMA busy_timeout = 10000")
+                    .execute(&mut *conn)
+                    .await?;
+                sqlx::query("PRAGMA synchronous = NORMAL")
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(())
+            })
+        })
 }
 
 impl Store {
@@ -140,49 +137,41 @@ impl Store {
         } else {
             return Err(StoreError::BadUrl(url.to_owned()));
         };
-        let options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
-        let pool = match backend {
+        let (pool, writes) = match backend {
             Backend::Sqlite => {
-                // One writer at a time in SQLite: a busy timeout turns contention into waiting,
-                // WAL lets readers go on while one connection writes.
+                // WAL lets readers go on while the one writer writes.
                 let url = if url.contains('?') || url.contains(":memory:") {
                     url.to_owned()
                 } else {
                     format!("{url}?mode=rwc")
                 };
-                let memory = url.contains(":memory:");
-                options
-                    .max_connections(if memory { 1 } else { 8 })
-                    // A local file: no ping round trip before each use (sqlx still pings a
-                    // connection as it returns to the pool, off the caller's path).
-                    .test_before_acquire(false)
-                    .after_connect(|conn, _| {
-                        Box::pin(async move {
-                            sqlx::query("PRAGMA busy_timeout = 10000")
-                                .execute(&mut *conn)
-                                .await?;
-                            sqlx::query("PRAGMA synchronous = NORMAL")
-                                .execute(&mut *conn)
-                                .await?;
-                            Ok(())
-                        })
-                    })
-                    .connect(&url)
-                    .await?
+                if url.contains(":memory:") {
+                    // One connection is the whole database.
+                    let pool = sqlite_pool(1).connect(&url).await?;
+                    (pool.clone(), pool)
+                } else {
+                    let writes = sqlite_pool(1).connect(&url).await?;
+                    sqlx::query("PRAGMA journal_mode = WAL")
+                        .execute(&writes)
+                        .await?;
+                    (sqlite_pool(8).connect(&url).await?, writes)
+                }
             }
-            Backend::Postgres => options.max_connections(16).connect(url).await?,
+            Backend::Postgres => {
+                let pool = AnyPoolOptions::new()
+                    .acquire_timeout(Duration::from_secs(10))
+                    .max_connections(16)
+                    .connect(url)
+                    .await?;
+                (pool.clone(), pool)
+            }
         };
-        if backend == Backend::Sqlite && !url.contains(":memory:") {
-            sqlx::query("PRAGMA journal_mode = WAL")
-                .execute(&pool)
-                .await?;
-        }
         let store = Store {
             pool,
+            writes,
             backend,
-            writes: Arc::default(),
         };
-        store.migrator().run(&store.pool).await?;
+        store.migrator().run(&store.writes).await?;
         Ok(store)
     }
 
@@ -190,32 +179,17 @@ impl Store {
     /// (`BEGIN IMMEDIATE`): a deferred transaction that reads first cannot upgrade after
     /// another connection's commit (`SQLITE_BUSY`, without waiting), whereas this one waits
     /// its turn under the busy timeout. PostgreSQL's row locks need no such care.
-    /// On SQLite it also waits for the process's turn to write first (see `writes`).
     async fn begin_write(&self) -> Result<WriteTx, sqlx::Error> {
-        let turn = self.turn().await;
-        let tx = match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
-        };
-        Ok(Writing {
-            conn: tx,
-            _turn: turn,
-        })
-    }
-
-    /// A connection for a write outside a transaction; on SQLite, once it is this one's turn
-    /// to write.
-    async fn writer(&self) -> Result<Writing<PoolConnection<sqlx::Any>>, sqlx::Error> {
-        let turn = self.turn().await;
-        let conn = self.pool.acquire().await?;
-        Ok(Writing { conn, _turn: turn })
-    }
-
-    async fn turn(&self) -> Option<OwnedMutexGuard<()>> {
         match self.backend {
-            Backend::Sqlite => Some(self.writes.clone().lock_owned().await),
-            Backend::Postgres => None,
+            Backend::Sqlite => self.writes.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.writes.begin().await,
         }
+    }
+
+    /// A connection for a write outside a transaction (on SQLite, the writer, once it is this
+    /// one's turn).
+    async fn writer(&self) -> Result<PoolConnection<sqlx::Any>, sqlx::Error> {
+        self.writes.acquire().await
     }
 
     /// The backend in use.
@@ -226,6 +200,7 @@ impl Store {
     /// Closes every pooled connection.
     pub async fn close(&self) {
         self.pool.close().await;
+        self.writes.close().await;
     }
 
     fn migrator(&self) -> Migrator {
