@@ -355,11 +355,13 @@ async fn control_loop(
         }
     });
     let result = loop {
-        let frame = read_body(&mut recv).await.and_then(|body| {
-            body.map(|b| WorkerMessage::decode_frame(&b))
-                .transpose()
-                .map_err(ClusterError::from)
-        });
+        let frame = read_body(&mut recv, frame::MAX_CONTROL_FRAME)
+            .await
+            .and_then(|body| {
+                body.map(|b| WorkerMessage::decode_frame(&b))
+                    .transpose()
+                    .map_err(ClusterError::from)
+            });
         match frame {
             Ok(Some(WorkerFrame::Events(events))) => {
                 state.metrics.worker_contact(name, None);
@@ -814,21 +816,24 @@ fn peer_fingerprint(conn: &quinn::Connection) -> Option<String> {
 async fn read_frame<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
 ) -> Result<Option<T>, ClusterError> {
-    match read_body(recv).await? {
+    match read_body(recv, frame::MAX_FRAME).await? {
         Some(body) => Ok(Some(frame::decode(&body)?)),
         None => Ok(None),
     }
 }
 
-/// One frame's body; `None` if the stream finished between frames.
-async fn read_body(recv: &mut quinn::RecvStream) -> Result<Option<Vec<u8>>, ClusterError> {
+/// One frame's body of at most `limit` bytes; `None` if the stream finished between frames.
+async fn read_body(
+    recv: &mut quinn::RecvStream,
+    limit: usize,
+) -> Result<Option<Vec<u8>>, ClusterError> {
     let mut header = [0u8; 4];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
         Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
         Err(e) => return Err(ClusterError::Stream(e.to_string())),
     }
-    let len = frame::body_len(header)?;
+    let len = frame::body_len_within(header, limit)?;
     let mut body = vec![0u8; len];
     recv.read_exact(&mut body)
         .await

@@ -182,7 +182,8 @@ const EVENTS_TAG: &[u8] = br#"{"type":"events","#;
 impl WorkerMessage {
     /// The frame of an `Events` message whose events are given as their JSON texts (each a
     /// serialized [`SpooledEvent`], as a worker spools it): the same bytes as encoding
-    /// `WorkerMessage::Events { events }`, without parsing and serializing them again.
+    /// `WorkerMessage::Events { events }`, without parsing and serializing them again. Up to
+    /// [`crate::frame::MAX_CONTROL_FRAME`]: it goes on the worker's control stream.
     pub fn events_frame<'a>(
         events: impl IntoIterator<Item = &'a [u8]>,
     ) -> Result<Vec<u8>, crate::frame::FrameError> {
@@ -195,7 +196,7 @@ impl WorkerMessage {
             body.extend_from_slice(e);
         }
         body.extend_from_slice(b"]}");
-        crate::frame::prefixed(&body)
+        crate::frame::prefixed_within(&body, crate::frame::MAX_CONTROL_FRAME)
     }
 
     /// Decodes a frame body from a worker. An `Events` frame, which a busy statement audit

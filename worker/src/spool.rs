@@ -17,21 +17,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use postern_proto::cluster::{SpooledEvent, SpooledRef, WorkerMessage};
-use postern_proto::frame::{FrameError, MAX_FRAME};
+use postern_proto::frame::{FrameError, MAX_CONTROL_FRAME};
 use tokio::sync::Notify;
 
 const SPOOL_FILE: &str = "audit-spool.jsonl";
 /// Rewrite the file once this many acknowledged events are still in it.
 const COMPACT_AFTER: usize = 2_000;
 /// Room left in a frame for the envelope around the events.
-const FRAME_BUDGET: usize = MAX_FRAME - 1_024;
+const FRAME_BUDGET: usize = MAX_CONTROL_FRAME - 1_024;
 /// How long a sent batch may wait for its acknowledgement; then everything unacknowledged
 /// goes again (the controller stores each event id once; it answers nothing for a batch it
 /// could not store).
 const ACK_WAIT: Duration = Duration::from_secs(1);
 /// Least time between the starts of two batches, unless a frame's worth is waiting: a busy
-/// statement audit then reaches the controller in batches of hundreds of events (a frame's
-/// worth, ~20 ms of `pgbench -S`), and each event waits at most this long (it is in the
+/// statement audit then reaches the controller in batches of hundreds of events (a control
+/// frame holds ~50 ms of `pgbench -S`), and each event waits at most this long (it is in the
 /// spool file already). Each batch costs the controller a transaction and the worker a
 /// frame and its acknowledgement whatever its size: at 10 ms, the controller's two threads
 /// and the worker's spent ~3 µs more per audited `pgbench -S` statement (4 of 4 interleaved
@@ -675,9 +675,9 @@ mod tests {
             n += 1;
             assert!(n < 1_000, "a frame's worth never lifted the hold");
         }
-        // (~16 events of 4 KiB fill a frame; fewer only if the gap ran out meanwhile.)
+        // (~60 events of 4 KiB fill a frame; fewer only if the gap ran out meanwhile.)
         assert!(
-            n >= 15 || second_went.elapsed() >= MIN_GAP,
+            n >= 60 || second_went.elapsed() >= MIN_GAP,
             "the hold lifted after {n} events, before a frame's worth was waiting"
         );
         assert!(!spool.next_batch().is_empty());
