@@ -6,7 +6,7 @@
 
 use serde::{de::DeserializeOwned, Serialize};
 
-/// The largest frame body accepted or produced, but on a worker's control stream.
+/// The largest frame body accepted or produced, except on a worker's control stream.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// The largest frame body a worker's control stream carries to its controller (both ends
 /// authenticated by the cluster's certificates): its audit batches (`Events`), up to 50 ms

@@ -104,11 +104,16 @@ pub struct Store {
 /// A write transaction ([`Store::begin_write`]).
 pub(crate) type WriteTx = sqlx::Transaction<'static, sqlx::Any>;
 
-/// Pool options for `n` connections to a SQLite file.
-fn sqlite_pool(n: u32) -> AnyPoolOptions {
+/// Pool options for `n` connections.
+fn pool_of(n: u32) -> AnyPoolOptions {
     AnyPoolOptions::new()
         .acquire_timeout(Duration::from_secs(10))
         .max_connections(n)
+}
+
+/// Pool options for `n` connections to a SQLite file.
+fn sqlite_pool(n: u32) -> AnyPoolOptions {
+    pool_of(n)
         // A local file: no ping round trip before each use (sqlx still pings a connection as
         // it returns to the pool, off the caller's path).
         .test_before_acquire(false)
@@ -140,12 +145,13 @@ impl Store {
         let (pool, writes) = match backend {
             Backend::Sqlite => {
                 // WAL lets readers go on while the one writer writes.
-                let url = if url.contains('?') || url.contains(":memory:") {
+                let memory = url.contains(":memory:");
+                let url = if url.contains('?') || memory {
                     url.to_owned()
                 } else {
                     format!("{url}?mode=rwc")
                 };
-                if url.contains(":memory:") {
+                if memory {
                     // One connection is the whole database.
                     let pool = sqlite_pool(1).connect(&url).await?;
                     (pool.clone(), pool)
@@ -158,11 +164,7 @@ impl Store {
                 }
             }
             Backend::Postgres => {
-                let pool = AnyPoolOptions::new()
-                    .acquire_timeout(Duration::from_secs(10))
-                    .max_connections(16)
-                    .connect(url)
-                    .await?;
+                let pool = pool_of(16).connect(url).await?;
                 (pool.clone(), pool)
             }
         };
