@@ -548,8 +548,7 @@ pub fn client_config(ca_pem: &str, key: &ClientKey) -> Result<quinn::ClientConfi
             "the authorization carries no worker CA certificate".into(),
         ));
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let mut tls = rustls::ClientConfig::builder_with_provider(postern_worker::session_crypto())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_client_auth_cert(vec![key.cert.clone()], key.private_key())?;
