@@ -143,8 +143,10 @@ impl WorkerConfig {
         self.apply_env_from(|var| std::env::var(var).ok())
     }
 
-    /// Checks what parsing alone cannot: the controller URL, the CA fingerprint.
+    /// Checks what parsing alone cannot: the controller URL, the CA fingerprint, the
+    /// statement limit.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.postgres.validate()?;
         crate::controller_http::validate(self)
     }
 
@@ -309,5 +311,27 @@ mod tests {
         assert_eq!(c.session_listen.port(), 0);
         let bad = c.apply_env_from(|v| (v == "POSTERN_GRACE_PERIOD").then(|| "soon".into()));
         assert!(matches!(bad, Err(ConfigError::Env { .. })));
+    }
+
+    #[test]
+    fn the_statement_limit_is_bounded() {
+        let with = |limit: &str| {
+            let mut c: WorkerConfig =
+                toml::from_str("controller_url = \"http://127.0.0.1:9200\"\ndata_dir = \"d\"\n")
+                    .expect("parses");
+            c.apply_env_from(|v| {
+                (v == "POSTERN_POSTGRES_AUDIT_STATEMENT_LIMIT").then(|| limit.to_owned())
+            })
+            .expect("a number");
+            c.validate()
+        };
+        assert!(with("0").is_ok(), "no statement text at all is a choice");
+        assert!(with("16384").is_ok());
+        let err = with("16385").expect_err("too long to fit an event");
+        assert!(
+            err.to_string()
+                .contains("invalid setting [postgres] audit_statement_limit: 16385"),
+            "{err}"
+        );
     }
 }

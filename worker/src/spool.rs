@@ -17,14 +17,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use postern_proto::cluster::{SpooledEvent, SpooledRef, WorkerMessage};
-use postern_proto::frame::{FrameError, MAX_CONTROL_FRAME};
+use postern_proto::frame::{FrameError, MAX_CONTROL_FRAME, MAX_FRAME};
 use tokio::sync::Notify;
 
 const SPOOL_FILE: &str = "audit-spool.jsonl";
 /// Rewrite the file once this many acknowledged events are still in it.
 const COMPACT_AFTER: usize = 2_000;
 /// Room left in a frame for the envelope around the events.
-const FRAME_BUDGET: usize = MAX_CONTROL_FRAME - 1_024;
+const FRAME_BUDGET: usize = MAX_CONTROL_FRAME - ENVELOPE;
+/// The envelope of an `Events` frame, with room to spare.
+const ENVELOPE: usize = 1_024;
+/// The longest event: alone, it fits a frame that every controller reads (64 KiB). A
+/// longer one (an `ssh` exec command of 100 KiB, say) could never be sent: it would come
+/// first in every batch after each reconnect and hold back everything spooled after it.
+const MAX_LINE: usize = MAX_FRAME - ENVELOPE;
 /// How long a sent batch may wait for its acknowledgement; then everything unacknowledged
 /// goes again (the controller stores each event id once; it answers nothing for a batch it
 /// could not store).
@@ -127,6 +133,31 @@ impl Inner {
     }
 }
 
+/// An audit event of more than [`MAX_LINE`] bytes (its spooled `line`) with its details
+/// replaced by how large they were: what happened, to which session, stays in the log.
+/// `None` if it is no audit event.
+fn without_details(line: &[u8]) -> Option<Vec<u8>> {
+    let mut event: SpooledEvent = serde_json::from_slice(line).ok()?;
+    let WorkerMessage::Audit {
+        session_id, action, ..
+    } = *event.message
+    else {
+        return None;
+    };
+    tracing::warn!(
+        session = %session_id,
+        action = %action,
+        bytes = line.len(),
+        "an audit event too large to send keeps its action but not its details"
+    );
+    *event.message = WorkerMessage::Audit {
+        session_id,
+        action,
+        details: serde_json::json!({ "details_omitted": { "bytes": line.len() } }),
+    };
+    serde_json::to_vec(&event).ok()
+}
+
 impl Spool {
     /// Opens the spool in `dir`, loading the events a previous run did not get acknowledged.
     pub(crate) fn open(dir: &Path) -> std::io::Result<Spool> {
@@ -179,7 +210,17 @@ impl Spool {
             message,
         };
         let mut line = match serde_json::to_vec(&event) {
-            Ok(line) => line,
+            Ok(line) if line.len() <= MAX_LINE => line,
+            Ok(line) => match without_details(&line) {
+                Some(shorter) => shorter,
+                None => {
+                    tracing::error!(
+                        bytes = line.len(),
+                        "an event too large to send to the controller is not spooled"
+                    );
+                    return;
+                }
+            },
             Err(e) => {
                 tracing::error!(error = %e, "cannot serialize an audit event; it is not spooled");
                 return;
@@ -471,6 +512,42 @@ mod tests {
             Spooled::frame(&[]).is_ok(),
             "an empty batch is a valid frame too"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_event_too_large_for_a_frame_goes_without_its_details() {
+        let (dir, spool) = spool_with(0);
+        spool.push(&WorkerMessage::Audit {
+            session_id: SessionId::from("s_big"),
+            action: "ssh.exec".into(),
+            details: serde_json::json!({"command": "x".repeat(300 * 1024)}),
+        });
+        spool.push(&closed(1));
+        let batch = spool.next_batch();
+        assert_eq!(batch.len(), 2, "the event after it is not held back");
+        let frame = Spooled::frame(&batch).expect("fits");
+        assert!(frame.len() <= MAX_FRAME, "{} bytes", frame.len());
+        let WorkerMessage::Events { events } =
+            postern_proto::frame::decode(&frame[4..]).expect("decodes")
+        else {
+            panic!("not an Events frame");
+        };
+        let WorkerMessage::Audit {
+            session_id,
+            action,
+            details,
+        } = &*events[0].message
+        else {
+            panic!("not the audit event: {:?}", events[0]);
+        };
+        assert_eq!(
+            (session_id.as_str(), action.as_str()),
+            ("s_big", "ssh.exec")
+        );
+        let omitted = details["details_omitted"]["bytes"].as_u64().expect("size");
+        assert!(omitted > 300 * 1024, "{details}");
+        assert_eq!(events[0].event_id, batch[0].event_id);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

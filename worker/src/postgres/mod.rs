@@ -49,6 +49,12 @@ pub(crate) use ephemeral::EphemeralRoles;
 
 /// Statement text kept in an audit event unless configured otherwise (4 KiB).
 const DEFAULT_STATEMENT_LIMIT: usize = 4096;
+/// The most `audit_statement_limit` may be: a statement's event must fit the 64 KiB frame
+/// that carries it to the controller, and 16 KiB leaves room for JSON's escapes (a quote or
+/// a backslash doubles) and the other details. An event that still does not fit (a
+/// statement made mostly of control characters, six bytes each) keeps its action and
+/// session but not its details ([`crate::spool`]).
+const MAX_STATEMENT_LIMIT: usize = 16 * 1024;
 
 /// SQLSTATE of protocol violations.
 const PROTOCOL_VIOLATION: &str = "08P01";
@@ -79,6 +85,21 @@ impl Default for PostgresConfig {
 
 fn default_statement_limit() -> usize {
     DEFAULT_STATEMENT_LIMIT
+}
+
+impl PostgresConfig {
+    pub(crate) fn validate(&self) -> Result<(), crate::ConfigError> {
+        if self.audit_statement_limit > MAX_STATEMENT_LIMIT {
+            return Err(crate::ConfigError::Invalid {
+                key: "[postgres] audit_statement_limit",
+                message: format!(
+                    "{} bytes is more than an audit event carries; at most {MAX_STATEMENT_LIMIT}",
+                    self.audit_statement_limit
+                ),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// What the postgres proxy keeps across connections: its settings, the cancel keys handed
