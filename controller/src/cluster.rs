@@ -330,6 +330,7 @@ async fn control_loop(
         )],
         issuer: state.issuer.clone(),
         cancel,
+        max_frame: u32::try_from(frame::MAX_CONTROL_FRAME).ok(),
     };
     write_frame(&mut send, &reply).await?;
     let (tx, mut rx) = mpsc::unbounded_channel::<ControllerMessage>();

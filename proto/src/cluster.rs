@@ -64,6 +64,23 @@ pub struct ControllerHello {
     pub issuer: String,
     /// Of `active_sessions` in the hello, those no longer valid: end them now.
     pub cancel: Vec<SessionId>,
+    /// The largest frame body the controller reads on this control stream
+    /// ([`crate::frame::MAX_CONTROL_FRAME`]). A controller that does not say (one from before
+    /// the larger control frames) reads [`crate::frame::MAX_FRAME`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_frame: Option<u32>,
+}
+
+impl ControllerHello {
+    /// The largest frame body the worker may send on this control stream: what the
+    /// controller said, within what workers send ([`crate::frame::MAX_FRAME`] to
+    /// [`crate::frame::MAX_CONTROL_FRAME`]).
+    pub fn frame_limit(&self) -> usize {
+        use crate::frame::{MAX_CONTROL_FRAME, MAX_FRAME};
+        self.max_frame.map_or(MAX_FRAME, |n| {
+            usize::try_from(n).map_or(MAX_CONTROL_FRAME, |n| n.clamp(MAX_FRAME, MAX_CONTROL_FRAME))
+        })
+    }
 }
 
 /// Frames from the worker after the hello.
@@ -613,5 +630,30 @@ mod tests {
             serde_json::to_string(&borrowed).expect("serializes"),
             serde_json::to_string(&owned).expect("serializes")
         );
+    }
+
+    #[test]
+    fn the_control_frame_limit_is_what_the_controller_says_within_bounds() {
+        let hello = |max_frame| ControllerHello {
+            version: crate::PROTOCOL_VERSION,
+            worker: WorkerName::from("w"),
+            session_keys: vec![],
+            issuer: "i".into(),
+            cancel: vec![],
+            max_frame,
+        };
+        assert_eq!(hello(None).frame_limit(), frame::MAX_FRAME);
+        let said = u32::try_from(frame::MAX_CONTROL_FRAME).expect("fits");
+        assert_eq!(hello(Some(said)).frame_limit(), frame::MAX_CONTROL_FRAME);
+        assert_eq!(hello(Some(100)).frame_limit(), frame::MAX_FRAME);
+        assert_eq!(
+            hello(Some(u32::MAX)).frame_limit(),
+            frame::MAX_CONTROL_FRAME
+        );
+        // What a new controller sends, an old worker (which ignores unknown fields) reads,
+        // and a new worker reads back the same.
+        let text = serde_json::to_string(&hello(Some(said))).expect("encodes");
+        let back: ControllerHello = serde_json::from_str(&text).expect("decodes");
+        assert_eq!(back.frame_limit(), frame::MAX_CONTROL_FRAME);
     }
 }

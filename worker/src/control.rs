@@ -169,7 +169,7 @@ impl ControlTask {
         let result = match hello {
             None => Ok(Served::Stopped),
             Some(Err(e)) => Err(e),
-            Some(Ok((send, recv))) => Ok(self.serve(send, recv).await),
+            Some(Ok((send, recv, frame_limit))) => Ok(self.serve(send, recv, frame_limit).await),
         };
         if let Some(task) = relayed {
             task.abort();
@@ -184,8 +184,12 @@ impl ControlTask {
         result
     }
 
-    /// Opens the control stream and exchanges hellos.
-    async fn hello(&self, conn: &Connection) -> Result<(SendStream, RecvStream), ControlError> {
+    /// Opens the control stream and exchanges hellos; returns the stream and the largest
+    /// frame the controller reads on it.
+    async fn hello(
+        &self,
+        conn: &Connection,
+    ) -> Result<(SendStream, RecvStream, usize), ControlError> {
         let (mut send, mut recv) = timeout(CONNECT_TIMEOUT, conn.open_bi())
             .await
             .map_err(|_| ControlError::Timeout("opening the control stream"))??;
@@ -200,18 +204,24 @@ impl ControlTask {
         let answer: ControllerHello = timeout(CONNECT_TIMEOUT, read_frame(&mut recv))
             .await
             .map_err(|_| ControlError::Timeout("waiting for the controller's hello"))??;
+        let frame_limit = answer.frame_limit();
         self.accept_hello(answer)?;
         tracing::info!(remote = %conn.remote_address(), "connected to the controller");
-        Ok((send, recv))
+        Ok((send, recv, frame_limit))
     }
 
     /// Carries messages both ways until the connection fails or the worker stops.
-    async fn serve(&mut self, mut send: SendStream, mut recv: RecvStream) -> Served {
+    async fn serve(
+        &mut self,
+        mut send: SendStream,
+        mut recv: RecvStream,
+        frame_limit: usize,
+    ) -> Served {
         let since = Instant::now();
         let shared = self.shared.clone();
         let error = tokio::select! {
             e = read_loop(&shared, &mut recv) => e,
-            r = write_loop(&shared, &mut send, &mut self.outbox, &mut self.stop) => match r {
+            r = write_loop(&shared, &mut send, &mut self.outbox, &mut self.stop, frame_limit) => match r {
                 Ok(()) => {
                     let _ = send.finish();
                     // Give the controller a moment to read what was flushed.
@@ -347,12 +357,13 @@ async fn write_loop(
     send: &mut SendStream,
     outbox: &mut mpsc::Receiver<WorkerMessage>,
     stop: &mut watch::Receiver<bool>,
+    frame_limit: usize,
 ) -> Result<(), ControlError> {
     let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // A new connection: every event not yet acknowledged goes (again).
     if let Some(spool) = shared.spool() {
-        spool.restart();
+        spool.restart(frame_limit);
     }
     loop {
         if let Some(spool) = shared.spool() {

@@ -17,14 +17,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use postern_proto::cluster::{SpooledEvent, SpooledRef, WorkerMessage};
-use postern_proto::frame::{FrameError, MAX_CONTROL_FRAME, MAX_FRAME};
+use postern_proto::frame::{FrameError, MAX_FRAME};
 use tokio::sync::Notify;
 
 const SPOOL_FILE: &str = "audit-spool.jsonl";
 /// Rewrite the file once this many acknowledged events are still in it.
 const COMPACT_AFTER: usize = 2_000;
-/// Room left in a frame for the envelope around the events.
-const FRAME_BUDGET: usize = MAX_CONTROL_FRAME - ENVELOPE;
 /// The envelope of an `Events` frame, with room to spare.
 const ENVELOPE: usize = 1_024;
 /// The longest event: alone, it fits a frame that every controller reads (64 KiB). A
@@ -98,6 +96,9 @@ struct Inner {
     unwritten: Vec<u8>,
     /// The `seq` of the next event spooled.
     next_seq: u64,
+    /// The most event text a batch holds: what the controller's frames carry, less the
+    /// envelope ([`Spool::restart`]).
+    budget: usize,
 }
 
 impl Inner {
@@ -125,7 +126,7 @@ impl Inner {
         let mut waiting = 0;
         for e in &self.events {
             waiting += e.line.len() + 1;
-            if waiting > FRAME_BUDGET {
+            if waiting > self.budget {
                 return None;
             }
         }
@@ -191,6 +192,7 @@ impl Spool {
                 stale: 0,
                 file: None,
                 unwritten: Vec::new(),
+                budget: MAX_FRAME - ENVELOPE,
             }),
             notify: Notify::new(),
             write_wanted: Notify::new(),
@@ -289,11 +291,13 @@ impl Spool {
         }
     }
 
-    /// A new control connection: everything unacknowledged must be sent again.
-    pub(crate) fn restart(&self) {
+    /// A new control connection: everything unacknowledged must be sent again, in frames of
+    /// up to `frame_limit` bytes (what its controller reads).
+    pub(crate) fn restart(&self, frame_limit: usize) {
         let mut inner = self.lock();
         inner.sent = 0;
         inner.last_batch = None;
+        inner.budget = frame_limit.max(MAX_FRAME) - ENVELOPE;
         drop(inner);
         self.notify.notify_one();
     }
@@ -324,7 +328,7 @@ impl Spool {
         let mut size = 0;
         while let Some(event) = inner.events.get(inner.sent) {
             let len = event.line.len();
-            if !batch.is_empty() && size + len + 1 > FRAME_BUDGET {
+            if !batch.is_empty() && size + len + 1 > inner.budget {
                 break;
             }
             size += len + 1;
@@ -458,6 +462,8 @@ impl Drop for Spool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use postern_proto::cluster::ControllerHello;
+    use postern_proto::frame::MAX_CONTROL_FRAME;
     use postern_proto::ids::SessionId;
 
     fn closed(n: u64) -> WorkerMessage {
@@ -589,7 +595,7 @@ mod tests {
         let (dir, spool) = spool_with(1);
         let stuck = spool.next_batch();
         assert_eq!(stuck.len(), 1);
-        spool.restart();
+        spool.restart(MAX_CONTROL_FRAME);
         let mut rounds = 0;
         while spool.lock().stale > 0 || rounds == 0 {
             for n in 0..100 {
@@ -598,7 +604,7 @@ mod tests {
             let batch = spool.next_batch();
             let acked: Vec<String> = batch[1..].iter().map(|e| e.event_id.clone()).collect();
             spool.ack(&acked);
-            spool.restart();
+            spool.restart(MAX_CONTROL_FRAME);
             rounds += 1;
             assert!(rounds < 100, "never compacted");
         }
@@ -645,7 +651,7 @@ mod tests {
                 .collect::<Vec<_>>()
         );
         // A reconnect resends what was not acknowledged.
-        spool.restart();
+        spool.restart(MAX_CONTROL_FRAME);
         assert_eq!(spool.next_batch().len(), 3);
         spool.ack(&ids);
         assert_eq!(spool.len(), 0);
@@ -667,7 +673,7 @@ mod tests {
         spool.push(&closed(6));
         assert!(spool.next_batch().is_empty(), "a batch is still in flight");
         // After a reconnect, exactly the unacknowledged ones, in order.
-        spool.restart();
+        spool.restart(MAX_CONTROL_FRAME);
         let left: Vec<_> = spool.next_batch().into_iter().map(|e| e.event_id).collect();
         assert_eq!(left[..3], [id(2), id(4), id(5)]);
         assert_eq!(left.len(), 4);
@@ -752,12 +758,57 @@ mod tests {
             n += 1;
             assert!(n < 1_000, "a frame's worth never lifted the hold");
         }
-        // (~60 events of 4 KiB fill a frame; fewer only if the gap ran out meanwhile.)
+        // (~15 events of 4 KiB fill a 64 KiB frame, the size a spool starts with; fewer
+        // only if the gap ran out meanwhile.)
         assert!(
-            n >= 60 || second_went.elapsed() >= MIN_GAP,
+            n >= 15 || second_went.elapsed() >= MIN_GAP,
             "the hold lifted after {n} events, before a frame's worth was waiting"
         );
         assert!(!spool.next_batch().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Batches fill the frames the connection's controller reads: 64 KiB for one that does
+    /// not say (a controller from before the larger control frames), 256 KiB for one that
+    /// says so.
+    #[test]
+    fn batches_fit_the_frames_the_controller_reads() {
+        let (dir, spool) = spool_with(0);
+        for n in 0..200 {
+            spool.push(&WorkerMessage::ConnectionClosed {
+                session_id: SessionId::from("s_x"),
+                bytes_up: n,
+                bytes_down: n,
+                reason: "x".repeat(4_096),
+            });
+        }
+        let ids = |batch: &[Spooled]| batch.iter().map(|e| e.event_id.clone()).collect::<Vec<_>>();
+        let old_controller = ControllerHello::frame_limit(
+            &serde_json::from_str(
+                r#"{"version":1,"worker":"w","session_keys":[],"issuer":"i","cancel":[]}"#,
+            )
+            .expect("a hello without max_frame"),
+        );
+        assert_eq!(old_controller, MAX_FRAME);
+        spool.restart(old_controller);
+        let small = spool.next_batch();
+        let frame = Spooled::frame(&small).expect("fits");
+        assert!(frame.len() <= MAX_FRAME + 4, "{} bytes", frame.len());
+        assert!(
+            small.len() >= 14,
+            "{} events: the frame is not filled",
+            small.len()
+        );
+        spool.ack(&ids(&small));
+        spool.restart(MAX_CONTROL_FRAME);
+        let large = spool.next_batch();
+        let frame = Spooled::frame(&large).expect("fits");
+        assert!(frame.len() > 3 * MAX_FRAME, "{} bytes", frame.len());
+        assert!(
+            frame.len() <= MAX_CONTROL_FRAME + 4,
+            "{} bytes",
+            frame.len()
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
