@@ -42,6 +42,7 @@ IDLE = int(os.environ.get("BENCH_IDLE_CONNS", "10000"))
 PG_SCALE = int(os.environ.get("BENCH_PG_SCALE", "10"))
 ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
 PG_DB = "postern_bench"
+CTL_DB = "postern_bench_controller"  # the second controller's store (authorizations)
 
 PEERS = ["ssh", "ssh-aes128gcm", "socat", "rathole-tls", "rathole-noise", "rathole-plain"]
 ENCRYPTED = ["ssh", "ssh-aes128gcm", "rathole-tls", "rathole-noise"]
@@ -57,6 +58,7 @@ LABELS = {
     "postern-1500": "Postern tcp, QUIC packets capped for a 1500-byte path MTU",
     "postern-pg": "Postern postgres (wire proxy, statement audit on)",
     "controller": "Postern controller (postern dev, SQLite)",
+    "controller-pg": "Postern controller (postern dev --database-url, PostgreSQL)",
 }
 
 procs = []  # every process we started: stopped at exit
@@ -93,7 +95,8 @@ def cleanup():
     for p in reversed(list(procs)):
         stop(p)
     try:
-        psql("DROP DATABASE IF EXISTS " + PG_DB, db="postgres", check=False)
+        for db in (PG_DB, CTL_DB):
+            psql("DROP DATABASE IF EXISTS " + db, db="postgres", check=False)
     except Exception:  # noqa: BLE001 - best effort at exit
         pass
 
@@ -202,6 +205,7 @@ class Env:
         self.api = None
         self.token = None
         self.postern_env = None
+        self.controllers = {}  # config ("controller", "controller-pg") -> (api, token)
         self.ssh_base = None
         self.roots = {"direct": []}  # config -> pids whose process trees carry its traffic
 
@@ -341,27 +345,32 @@ LogLevel ERROR
                 log(f"{name} unavailable: {e}")
 
     # Postern
-    def start_postern(self):
-        d = os.path.join(RUN, "postern")
+    def start_dev(self, name, extra=()):
+        """A `postern dev` in RUN/NAME; returns its process, API address, token and env."""
+        d = os.path.join(RUN, name)
         os.makedirs(d)
         api_port = free_port()
         env = dict(os.environ, POSTERN_CONFIG_DIR=f"{d}/config", RUST_LOG="warn")
-        self.postern_env = env
-        out = open(os.path.join(RUN, "postern-dev.out"), "w+")
+        out = open(os.path.join(RUN, f"{name}-dev.out"), "w+")
         p = start([POSTERN, "dev", "--data-dir", f"{d}/data", "--api-addr",
-                   f"127.0.0.1:{api_port}"], "postern-dev", env=env, stdout=out)
+                   f"127.0.0.1:{api_port}", *extra], f"{name}-dev", env=env, stdout=out)
         deadline = time.time() + 120
         while True:
             out.seek(0)
             if "Ctrl-C" in out.read():
                 break
             if p.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"postern dev did not start; see {RUN}/postern-dev.log")
+                raise RuntimeError(f"postern dev did not start; see {RUN}/{name}-dev.log")
             time.sleep(0.1)
-        self.postern_pid = p.pid
         with open(f"{d}/config/profile.json") as f:
             prof = json.load(f)
-        self.api, self.token = prof["addr"], prof["token"]
+        return p, prof["addr"], prof["token"], env
+
+    def start_postern(self):
+        p, self.api, self.token, env = self.start_dev("postern")
+        self.postern_env = env
+        self.postern_pid = p.pid
+        self.controllers["controller"] = (self.api, self.token)
         for key in ("iperf", "echo", "pg"):
             run([POSTERN, "targets", "create", f"bench-{key}", "--type", "tcp", "--address",
                  self.target_addr(key)], 30, env=env)
@@ -400,11 +409,23 @@ LogLevel ERROR
         wait_port(lp, pc)
         self.tunnels["postern-pg"] = {"pg": lp}
 
-    def bench_env(self):
-        return dict(os.environ, POSTERN_BENCH_TOKEN=self.token)
+    def start_postern_pg_controller(self):
+        """A second `postern dev` whose controller keeps its state in PostgreSQL (a fresh
+        database), with the echo target: what authorizations cost on that store."""
+        psql("DROP DATABASE IF EXISTS " + CTL_DB)
+        psql("CREATE DATABASE " + CTL_DB)
+        _, api, token, env = self.start_dev(
+            "postern-pgstore",
+            ["--database-url", f"postgres://postgres@127.0.0.1:5432/{CTL_DB}"])
+        run([POSTERN, "targets", "create", "bench-echo", "--type", "tcp", "--address",
+             self.target_addr("echo")], 30, env=env)
+        self.controllers["controller-pg"] = (api, token)
 
-    def api_args(self, target):
-        return ["--api", self.api, "--target", target]
+    def bench_env(self, token=None):
+        return dict(os.environ, POSTERN_BENCH_TOKEN=token or self.token)
+
+    def api_args(self, target, api=None):
+        return ["--api", api or self.api, "--target", target]
 
 
 # ----------------------------------------------------------------------------------------
@@ -435,7 +456,7 @@ GROUPS = [
      True),
     ("pgSC", f"pgbench -S -C -c 4 -j 2 -T {PGBENCH_SECS} (new connection per transaction)",
      "TPS", True),
-    ("authz", f"Controller authorizations (SQLite, {AUTHZ} calls, 8 concurrent clients)",
+    ("authz", f"Controller authorizations ({AUTHZ} calls, 8 concurrent clients)",
      "per s", True),
     ("idle", f"{IDLE} concurrent idle connections through one worker (postern dev process)",
      "", False),
@@ -535,17 +556,18 @@ def measure_sessions(env, res):
         log(f"ssh login failed: {e}")
 
 
-def measure_authz(env, res):
-    try:
-        r = run([PBENCH, "authz", *env.api_args("bench-echo"), "--count", str(AUTHZ),
-                 "--concurrency", "8"], timeout=300, env=env.bench_env())
-        a = json.loads(r.stdout)
-        res.add("authz", "controller", a["per_sec"])
-        res.add("authz-latency", "controller", a["latency"]["median"])
-        if a["errors"]:
-            notes.append(f"authz: {a['errors']} errors in a round")
-    except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:
-        log(f"authz bench failed: {e}")
+def measure_authz(env, res, rnd):
+    for config, (api, token) in order(list(env.controllers.items()), rnd):
+        try:
+            r = run([PBENCH, "authz", *env.api_args("bench-echo", api), "--count", str(AUTHZ),
+                     "--concurrency", "8"], timeout=300, env=env.bench_env(token))
+            a = json.loads(r.stdout)
+            res.add("authz", config, a["per_sec"])
+            res.add("authz-latency", config, a["latency"]["median"])
+            if a["errors"]:
+                notes.append(f"authz ({config}): {a['errors']} errors in a round")
+        except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:
+            log(f"authz bench ({config}) failed: {e}")
 
 
 def measure_audit(res):
@@ -670,10 +692,12 @@ def report(env, res, idle, elapsed):
                              "session, 200 each)")
                 grp["postern_phases_ms"] = ph
         if gkey == "authz":
-            lat = [v for (g, c), s in res.rows.items() if g == "authz-latency" for v in s]
+            lat = {c: statistics.median(s) for (g, c), s in res.rows.items()
+                   if g == "authz-latency"}
             if lat:
-                lines.append(f"    per-call latency (median of round medians): "
-                             f"{statistics.median(lat):.2f} ms")
+                lines.append("    per-call latency (median of round medians): " + ", ".join(
+                    f"{'PostgreSQL' if c == 'controller-pg' else 'SQLite'} {v:.2f} ms"
+                    for c, v in lat.items()))
         out["groups"][gkey] = grp
     # idle
     lines.append("")
@@ -706,8 +730,6 @@ def report(env, res, idle, elapsed):
         lines.append("Audit append throughput, hash chain on (events/s, 64 concurrent "
                      "writers, group commit): " + ", ".join(f"{c} {v:,.0f}" for c, v in aud.items()))
         out["groups"]["audit"] = aud
-    lines.append("Controller authorizations on PostgreSQL: n/a (bench uses `postern dev`, "
-                 "SQLite only)")
 
     # targets
     def m(g, c):
@@ -832,6 +854,12 @@ def main():
             failures[f"rathole-{t}"] = RATHOLE_NOTE or "rathole not installed"
     log("starting Postern (postern dev, postern connect)")
     env.start_postern()
+    if not ONLY or "authz" in ONLY:
+        log("starting a second postern dev on PostgreSQL (authorizations)")
+        try:
+            env.start_postern_pg_controller()
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            failures["controller-pg"] = str(e)[-300:]
 
     configs = ["direct"] + [c for c in PEERS if c in env.tunnels] + ["postern"]
 
@@ -858,7 +886,7 @@ def main():
                 res.add("pgS", c, pgbench(env, c, False))
                 res.add("pgSC", c, pgbench(env, c, True))
         if want("authz"):
-            measure_authz(env, res)
+            measure_authz(env, res, rnd)
         if want("revoke"):
             measure_revoke(env, res)
         if want("audit"):

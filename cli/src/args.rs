@@ -625,6 +625,12 @@ pub struct DevArgs {
     /// Address of the HTTP API; must be a loopback address.
     #[arg(long, default_value = "127.0.0.1:9200", value_name = "ADDR")]
     pub api_addr: SocketAddr,
+    /// Keep the controller's state in this PostgreSQL database
+    /// (postgres://USER@HOST:PORT/DB) instead of SQLite in the data directory. Its stored
+    /// keys are sealed with the data directory's key: use the database with that directory
+    /// only.
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
 }
 
 /// Parses `KEY=VALUE`.

@@ -1,5 +1,5 @@
-//! `postern dev`: a controller and a worker in this process, on loopback, with SQLite and
-//! generated keys under one data directory; it logs the bootstrap admin in, saves the profile,
+//! `postern dev`: a controller and a worker in this process, on loopback, with SQLite (or
+//! the PostgreSQL database of `--database-url`) and generated keys under one data directory; it logs the bootstrap admin in, saves the profile,
 //! and makes a demo target, so that `postern ...` works at once in another terminal.
 
 use std::net::SocketAddr;
@@ -90,6 +90,15 @@ pub async fn run(args: DevArgs, json: bool) -> Result<ExitCode> {
     ensure_tcp_port_free(args.api_addr).await?;
     let mut config = postern_controller::config::ControllerConfig::dev(&data_dir, args.api_addr);
     config.cluster_listen = cluster_listen(args.api_addr);
+    if let Some(url) = args.database_url {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            bail!(
+                "--database-url takes a PostgreSQL URL (postgres://USER@HOST:PORT/DB); \
+                 without it `postern dev` keeps SQLite in its data directory"
+            );
+        }
+        config.database_url = url;
+    }
     let controller = postern_controller::start(config)
         .await
         .context("starting the controller")?;

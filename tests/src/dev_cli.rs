@@ -34,10 +34,15 @@ impl Drop for Dev {
 }
 
 fn start_dev(dir: &TempDir) -> (Dev, String) {
+    start_dev_with(dir, &[])
+}
+
+fn start_dev_with(dir: &TempDir, extra: &[&str]) -> (Dev, String) {
     let mut child = Command::new(postern_bin())
         .args(["dev", "--data-dir"])
         .arg(dir.path().join("data"))
         .args(["--api-addr", "127.0.0.1:0"])
+        .args(extra)
         .env("POSTERN_CONFIG_DIR", dir.path().join("config"))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -155,6 +160,78 @@ fn dev_then_connect_runs_real_psql_through_the_worker() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("did you mean 'demo-postgres'"), "{stderr}");
+}
+
+/// `postern dev --database-url`: the same dev stack with the controller's state in
+/// PostgreSQL; a session through it lands in that database.
+#[test]
+fn dev_keeps_its_state_in_postgresql_when_asked() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let db = rt.block_on(crate::harness::PgDb::create());
+    let dir = TempDir::new("postern-dev-pg");
+    {
+        let (_dev, _) = start_dev_with(&dir, &["--database-url", &db.url]);
+        let out = postern(
+            &dir,
+            &[
+                "connect",
+                "demo-postgres",
+                "--",
+                "psql",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                "{port}",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-Atc",
+                "select 2",
+            ],
+        );
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "connect failed: {stdout}\n{stderr}");
+        assert_eq!(stdout.trim(), "2", "{stderr}");
+        let sessions: i64 = rt.block_on(async {
+            let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&db.url)
+                .await
+                .expect("connect to the dev database");
+            sqlx::Row::get(
+                &sqlx::query(
+                    "SELECT COUNT(*) AS n FROM sessions WHERE target_name = 'demo-postgres'",
+                )
+                .fetch_one(&mut conn)
+                .await
+                .expect("count sessions"),
+                "n",
+            )
+        });
+        assert_eq!(sessions, 1, "the session is stored in PostgreSQL");
+    }
+    rt.block_on(db.drop_db());
+
+    // Anything but a PostgreSQL URL is refused, clearly.
+    let out = Command::new(postern_bin())
+        .args([
+            "dev",
+            "--api-addr",
+            "127.0.0.1:0",
+            "--database-url",
+            "mysql://x/y",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("data2"))
+        .env("POSTERN_CONFIG_DIR", dir.path().join("config2"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run postern dev");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("takes a PostgreSQL URL"), "{stderr}");
 }
 
 #[test]
