@@ -218,16 +218,28 @@ pub async fn start(mut config: ControllerConfig) -> Result<ControllerHandle, Sta
                 .map_err(|e| StartError::Io(e.to_string()))?,
         )
     };
-    // Only once both listeners are bound: a one-time admin password must not be printed
-    // by a start that then fails.
+    let oidc = oidc::Oidc::new(&config.oidc, api_addr).map_err(|e| {
+        StartError::Config(config::ConfigError::Invalid {
+            key: "oidc".into(),
+            message: e.to_string(),
+        })
+    })?;
+    let (audit_log, audit_task) =
+        audit::AuditLog::start(store.clone(), config.audit_file.clone()).await?;
+    // Last of what can fail: a one-time admin password must not be made (and printed) by a
+    // start that then fails, since the next start finds the admin and makes none (a bad
+    // `audit_file` left an admin nobody had the password of).
     let bootstrap = if config.bootstrap_admin {
-        bootstrap_admin(&store).await?
+        match bootstrap_admin(&store, &audit_log).await {
+            Ok(b) => b,
+            Err(e) => {
+                audit_task.abort();
+                return Err(e);
+            }
+        }
     } else {
         None
     };
-
-    let (audit_log, audit_task) =
-        audit::AuditLog::start(store.clone(), config.audit_file.clone()).await?;
     let state = AppState::new(Inner {
         audit_log,
         metrics: metrics::ControllerMetrics::new(),
@@ -245,12 +257,7 @@ pub async fn start(mut config: ControllerConfig) -> Result<ControllerHandle, Sta
                 .unwrap_or_else(|| bound.to_string())
         }),
         workers: Default::default(),
-        oidc: oidc::Oidc::new(&config.oidc, api_addr).map_err(|e| {
-            StartError::Config(config::ConfigError::Invalid {
-                key: "oidc".into(),
-                message: e.to_string(),
-            })
-        })?,
+        oidc,
     });
     let (shutdown, mut shutdown_rx) = tokio::sync::watch::channel(false);
     let api = tokio::spawn({
@@ -345,7 +352,10 @@ pub fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<
 }
 
 /// Creates `admin` with role `admin` (`allow *`) if the store has no users yet.
-async fn bootstrap_admin(store: &Store) -> Result<Option<Bootstrap>, StartError> {
+async fn bootstrap_admin(
+    store: &Store,
+    audit_log: &audit::AuditLog,
+) -> Result<Option<Bootstrap>, StartError> {
     if !store.users().await?.is_empty() {
         return Ok(None);
     }
@@ -370,14 +380,14 @@ async fn bootstrap_admin(store: &Store) -> Result<Option<Bootstrap>, StartError>
     store
         .bind_role("admin", &Principal::User("admin".into()))
         .await?;
-    store
-        .audit(
+    audit_log
+        .append(vec![store::NewEvent::now(
             "system",
             "user.bootstrap",
             "user:admin",
             "success",
-            &json!({"role": "admin"}),
-        )
+            json!({"role": "admin"}),
+        )])
         .await?;
     Ok(Some(Bootstrap {
         user: "admin".into(),

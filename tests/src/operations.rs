@@ -130,6 +130,32 @@ async fn wait_worker(admin: &Api) {
     panic!("the worker did not connect within 15 s");
 }
 
+/// A start that fails (here: an audit file that cannot be opened) makes no bootstrap admin:
+/// the next start makes one and hands out its password, which logs in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_start_leaves_no_admin_without_a_password() {
+    let dir = TempDir::new("postern-bootstrap");
+    let mut config = controller_config(dir.path(), &ClusterOptions::default());
+    config.audit_file = Some(dir.path().join("no-such-dir").join("audit.jsonl"));
+    let err = postern_controller::start(config)
+        .await
+        .err()
+        .expect("an audit file in a missing directory fails the start");
+    assert!(err.to_string().contains("cannot open audit file"), "{err}");
+
+    let config = controller_config(dir.path(), &ClusterOptions::default());
+    let controller = postern_controller::start(config).await.expect("start");
+    let boot = controller
+        .bootstrap()
+        .cloned()
+        .expect("the admin is made by the start that succeeds");
+    crate::harness::Api::new(&controller.api_url())
+        .login(&boot.user, &boot.password)
+        .await
+        .expect("its password logs in");
+    controller.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_controller_pins_its_ca_at_login_and_carries_a_session() {
     let dir = TempDir::new("postern-tls");
