@@ -172,3 +172,52 @@ async fn refusals_are_explained_audited_and_deny_wins() {
     assert!(err.message.contains("client_spki"), "{}", err.message);
     c.stop().await;
 }
+
+/// As deleting or locking yourself is refused, so is taking role management away from
+/// yourself: nobody could bind it back. Another admin may do it.
+#[tokio::test]
+async fn an_admin_cannot_take_role_management_from_themselves() {
+    let c = Cluster::start().await.expect("cluster");
+    let me = json!({"user": "admin"});
+    let err = c
+        .admin
+        .call::<serde_json::Value, _>(Method::POST, "/v1/roles/admin/unbind", Some(&me))
+        .await
+        .expect_err("unbinding the caller's own admin role");
+    assert_eq!(err.status, 409);
+    assert!(err.message.contains("lock you out"), "{}", err.message);
+    let err = c
+        .admin
+        .call::<serde_json::Value, ()>(Method::DELETE, "/v1/roles/admin", None)
+        .await
+        .expect_err("deleting the caller's own admin role");
+    assert_eq!(err.status, 409);
+    assert!(err.message.contains("lock you out"), "{}", err.message);
+    // Nothing changed: the admin still manages roles.
+    let role: serde_json::Value = c
+        .admin
+        .ok(Method::GET, "/v1/roles/admin", None::<&()>)
+        .await;
+    assert_eq!(role["bindings"], json!([{"user": "admin"}]), "{role}");
+
+    // A second admin may take the role from the first.
+    let carol = c.user("carol").await;
+    let _: serde_json::Value = c
+        .admin
+        .ok(
+            Method::POST,
+            "/v1/roles/admin/bind",
+            Some(&json!({"user": "carol"})),
+        )
+        .await;
+    let _: serde_json::Value = carol
+        .ok(Method::POST, "/v1/roles/admin/unbind", Some(&me))
+        .await;
+    let err = c
+        .admin
+        .call::<serde_json::Value, _>(Method::POST, "/v1/users", Some(&json!({"name": "eve"})))
+        .await
+        .expect_err("admin is no admin any more");
+    assert_eq!(err.status, 403);
+    c.stop().await;
+}

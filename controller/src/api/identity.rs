@@ -11,7 +11,7 @@ use super::types::{
 };
 use super::{check_name, ApiError, Caller};
 use crate::auth::{dummy_hash, hash_password, verify_password};
-use crate::policy::{validate_action, validate_glob};
+use crate::policy::{self, validate_action, validate_glob};
 use crate::state::AppState;
 use crate::store::UserRow;
 
@@ -392,6 +392,17 @@ pub async fn delete_role(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     caller.require(&state, "roles:write", None).await?;
+    // As with deleting or locking yourself: the role must not be what lets you manage roles
+    // (the last admin deleting `admin` could never bind it back).
+    let mut kept = state.store.rules_for_user(caller.name()).await?;
+    kept.retain(|r| r.role != name);
+    if policy::check(&kept, "roles:write", None).is_err() {
+        return Err(ApiError::Conflict(format!(
+            "role '{name}' is what lets you manage roles: deleting it would lock you out of \
+             role management (have another admin delete it, or bind yourself a role that \
+             allows roles:write first)"
+        )));
+    }
     state.store.delete_role(&name).await?;
     // Open sessions the change no longer allows end now, not at their expiry.
     crate::revoke::reevaluate(&state, caller.name()).await?;
@@ -472,6 +483,17 @@ pub async fn unbind(
 ) -> ApiResult<Role> {
     caller.require(&state, "roles:write", None).await?;
     state.store.unbind_role(&name, &who).await?;
+    // As with deleting or locking yourself: an unbinding that takes role management away
+    // from the caller (the last admin unbinding `admin` from themselves, or from a group of
+    // theirs) is undone and refused; nobody could bind the role back.
+    let rules = state.store.rules_for_user(caller.name()).await?;
+    if policy::check(&rules, "roles:write", None).is_err() {
+        state.store.bind_role(&name, &who).await?;
+        return Err(ApiError::Conflict(format!(
+            "unbinding role '{name}' would lock you out of role management (have another \
+             admin do it, or bind yourself a role that allows roles:write first)"
+        )));
+    }
     // Open sessions the change no longer allows end now, not at their expiry.
     crate::revoke::reevaluate(&state, caller.name()).await?;
     state
