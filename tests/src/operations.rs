@@ -137,10 +137,9 @@ async fn a_failed_start_leaves_no_admin_without_a_password() {
     let dir = TempDir::new("postern-bootstrap");
     let mut config = controller_config(dir.path(), &ClusterOptions::default());
     config.audit_file = Some(dir.path().join("no-such-dir").join("audit.jsonl"));
-    let err = postern_controller::start(config)
-        .await
-        .err()
-        .expect("an audit file in a missing directory fails the start");
+    let Err(err) = postern_controller::start(config).await else {
+        panic!("an audit file in a missing directory must fail the start");
+    };
     assert!(err.to_string().contains("cannot open audit file"), "{err}");
 
     let config = controller_config(dir.path(), &ClusterOptions::default());
