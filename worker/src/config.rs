@@ -146,6 +146,15 @@ impl WorkerConfig {
     /// Checks what parsing alone cannot: the controller URL, the CA fingerprint, the
     /// statement limit.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.grace_period > MAX_GRACE_PERIOD {
+            return Err(ConfigError::Invalid {
+                key: "grace_period",
+                message: format!(
+                    "{} is longer than the most sessions may outlive their controller (30 days)",
+                    humantime::format_duration(self.grace_period)
+                ),
+            });
+        }
         self.postgres.validate()?;
         crate::controller_http::validate(self)
     }
@@ -253,6 +262,9 @@ fn default_session_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], DEFAULT_SESSION_PORT))
 }
 
+/// The longest `grace_period`.
+const MAX_GRACE_PERIOD: Duration = Duration::from_secs(30 * 24 * 3600);
+
 fn default_grace_period() -> Duration {
     DEFAULT_GRACE_PERIOD
 }
@@ -311,6 +323,24 @@ mod tests {
         assert_eq!(c.session_listen.port(), 0);
         let bad = c.apply_env_from(|v| (v == "POSTERN_GRACE_PERIOD").then(|| "soon".into()));
         assert!(matches!(bad, Err(ConfigError::Env { .. })));
+    }
+
+    #[test]
+    fn the_grace_period_is_bounded() {
+        let with = |grace: &str| {
+            let mut c: WorkerConfig =
+                toml::from_str("controller_url = \"http://127.0.0.1:9200\"\ndata_dir = \"d\"\n")
+                    .expect("parses");
+            c.apply_env_from(|v| (v == "POSTERN_GRACE_PERIOD").then(|| grace.to_owned()))
+                .expect("a duration");
+            c.validate()
+        };
+        assert!(with("30days").is_ok());
+        let err = with("5000000000000000h").expect_err("absurd");
+        assert!(
+            err.to_string().contains("invalid setting grace_period"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -436,7 +436,8 @@ pub(crate) async fn fail_closed(
         let state = *link.borrow_and_update();
         let deadline = match state {
             LinkState::Up => None,
-            LinkState::Down { since } => Some(since + grace),
+            // (An instant beyond the clock's range is never reached.)
+            LinkState::Down { since } => since.checked_add(grace),
         };
         let expired = async {
             match deadline {
