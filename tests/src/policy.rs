@@ -221,3 +221,82 @@ async fn an_admin_cannot_take_role_management_from_themselves() {
     assert_eq!(err.status, 403);
     c.stop().await;
 }
+
+/// A target's limits are checked as they are set: session lengths from 1 s to a year, a
+/// default within the maximum, a connection limit of at least 1 on create (0 on update
+/// removes it), each with a clear 400 and nothing stored.
+#[tokio::test]
+async fn target_limits_are_checked_when_set() {
+    let c = Cluster::start().await.expect("cluster");
+    let create = |extra: serde_json::Value| {
+        let mut body = json!({"name": "t1", "type": "tcp", "address": "127.0.0.1:5432"});
+        body.as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
+        body
+    };
+    for (extra, says) in [
+        (json!({"max_duration_secs": 0}), "at least 1 s"),
+        (
+            json!({"max_duration_secs": 14_400_000_000_000_000_u64}),
+            "longer than a year",
+        ),
+        (
+            json!({"default_duration_secs": 32_400, "max_duration_secs": 3_600}),
+            "longer than the max duration",
+        ),
+        (json!({"connection_limit": 0}), "at least 1"),
+    ] {
+        let err = c
+            .admin
+            .call::<serde_json::Value, _>(Method::POST, "/v1/targets", Some(&create(extra.clone())))
+            .await
+            .expect_err("refused");
+        assert_eq!(err.status, 400, "{extra}: {}", err.message);
+        assert!(err.message.contains(says), "{extra}: {}", err.message);
+    }
+    let err = c
+        .admin
+        .call::<serde_json::Value, ()>(Method::GET, "/v1/targets/t1", None)
+        .await
+        .expect_err("nothing was created");
+    assert_eq!(err.status, 404);
+
+    let t: serde_json::Value = c
+        .admin
+        .ok(
+            Method::POST,
+            "/v1/targets",
+            Some(&create(json!({"connection_limit": 2}))),
+        )
+        .await;
+    assert_eq!(t["connection_limit"], 2);
+    let err = c
+        .admin
+        .call::<serde_json::Value, _>(
+            Method::PATCH,
+            "/v1/targets/t1",
+            Some(&json!({"default_duration_secs": 400 * 24 * 3600})),
+        )
+        .await
+        .expect_err("a default longer than the maximum");
+    assert_eq!(err.status, 400, "{}", err.message);
+    // A lower maximum alone takes the default down with it; 0 removes the connection limit.
+    let t: serde_json::Value = c
+        .admin
+        .ok(
+            Method::PATCH,
+            "/v1/targets/t1",
+            Some(&json!({"max_duration_secs": 60, "connection_limit": 0})),
+        )
+        .await;
+    assert_eq!(
+        (
+            t["max_duration_secs"].clone(),
+            t["default_duration_secs"].clone()
+        ),
+        (json!(60), json!(60))
+    );
+    assert!(t["connection_limit"].is_null(), "{t}");
+    c.stop().await;
+}

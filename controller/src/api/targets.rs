@@ -80,6 +80,36 @@ pub async fn show(
     Ok(Json(t))
 }
 
+/// The longest session a target may allow (a year).
+const MAX_SESSION_SECS: u64 = 365 * 24 * 3600;
+
+/// A target's session lengths: each from 1 s to a year, the default within the maximum.
+fn check_durations(default: Option<u64>, max: Option<u64>) -> Result<(), ApiError> {
+    for (what, secs) in [("default duration", default), ("max duration", max)] {
+        match secs {
+            Some(0) => {
+                return Err(ApiError::BadRequest(format!(
+                    "the {what} must be at least 1 s"
+                )))
+            }
+            Some(s) if s > MAX_SESSION_SECS => {
+                return Err(ApiError::BadRequest(format!(
+                    "the {what} of {s} s is longer than a year ({MAX_SESSION_SECS} s)"
+                )))
+            }
+            _ => {}
+        }
+    }
+    if let (Some(d), Some(m)) = (default, max) {
+        if d > m {
+            return Err(ApiError::BadRequest(format!(
+                "the default duration ({d} s) is longer than the max duration ({m} s)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// `POST /v1/targets`.
 pub async fn create(
     State(state): State<AppState>,
@@ -90,9 +120,10 @@ pub async fn create(
     check_name("target", &req.name)?;
     check_kind(req.kind)?;
     check_address(&req.address)?;
-    if req.max_duration_secs == Some(0) || req.default_duration_secs == Some(0) {
+    check_durations(req.default_duration_secs, req.max_duration_secs)?;
+    if req.connection_limit == Some(0) {
         return Err(ApiError::BadRequest(
-            "session durations must be at least 1 s".into(),
+            "a connection limit must be at least 1 (leave it out for no limit)".into(),
         ));
     }
     let t = state.store.create_target(&req).await?;
@@ -119,10 +150,13 @@ pub async fn update(
     if let Some(a) = &req.address {
         check_address(a)?;
     }
-    if req.max_duration_secs == Some(0) || req.default_duration_secs == Some(0) {
-        return Err(ApiError::BadRequest(
-            "session durations must be at least 1 s".into(),
-        ));
+    if req.default_duration_secs.is_some() || req.max_duration_secs.is_some() {
+        // A lower maximum alone lowers the default with it; a default asked for must fit.
+        let now = state.store.target(&name).await?;
+        check_durations(
+            req.default_duration_secs,
+            Some(req.max_duration_secs.unwrap_or(now.max_duration_secs)),
+        )?;
     }
     let t = state.store.update_target(&name, &req).await?;
     if !t.enabled {
@@ -213,7 +247,8 @@ pub async fn authorize(
     let duration = req
         .duration_secs
         .unwrap_or(target.default_duration_secs)
-        .clamp(1, target.max_duration_secs);
+        // (Targets stored before durations were bounded may hold any maximum.)
+        .clamp(1, target.max_duration_secs.clamp(1, MAX_SESSION_SECS));
     // A login other than the brokered credential's own user must be permitted by name.
     if let Some(login) = &req.login {
         // A per-session-role admin credential is never a login of its own.
