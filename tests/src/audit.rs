@@ -280,6 +280,20 @@ async fn filters_export_verify_and_permissions() {
             .collect();
         assert_eq!(got, expected, "{path}");
     }
+    // A limit outside 1..=100000 is refused, not quietly changed.
+    for bad in ["0", "-5", "100001"] {
+        let err = c
+            .admin
+            .call::<Vec<AuditEvent>, ()>(Method::GET, &format!("/v1/audit?limit={bad}"), None)
+            .await
+            .expect_err("refused");
+        assert_eq!(err.status, 400, "limit={bad}: {}", err.message);
+        assert!(
+            err.message.contains("expected 1 to 100000"),
+            "{}",
+            err.message
+        );
+    }
     // The target filter also finds the events inside the target's sessions.
     let echo_events: Vec<AuditEvent> = c
         .admin

@@ -132,6 +132,11 @@ pub async fn audit(
     Query(q): Query<AuditQuery>,
 ) -> ApiResult<Vec<AuditEvent>> {
     caller.require(&state, "audit:read", None).await?;
+    if let Some(n) = q.limit.filter(|n| !(1..=100_000).contains(n)) {
+        return Err(ApiError::BadRequest(format!(
+            "limit {n}: expected 1 to 100000 events"
+        )));
+    }
     let wait = q.wait.unwrap_or(0).min(60);
     if q.after_seq.is_none() || wait == 0 {
         return Ok(Json(state.store.audit_events(&q).await?));
