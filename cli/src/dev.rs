@@ -84,6 +84,10 @@ pub async fn run(args: DevArgs, json: bool) -> Result<ExitCode> {
     let data_dir = std::path::absolute(&data_dir)
         .with_context(|| format!("cannot resolve {}", data_dir.display()))?;
     create_private_dir(&data_dir)?;
+    // One `postern dev` per data directory: a second one shares the worker's identity and
+    // takes its registration over, and the first one's worker stays disconnected. Held until
+    // this process exits.
+    let _lock = lock_data_dir(&data_dir)?;
 
     // The controller creates the admin before it binds its listeners: a busy port found
     // only then would lose the admin's one-time password. Check the ports first.
@@ -164,6 +168,28 @@ pub async fn run(args: DevArgs, json: bool) -> Result<ExitCode> {
     controller.shutdown().await;
     eprintln!("Stopped.");
     Ok(ExitCode::SUCCESS)
+}
+
+/// An exclusive lock on `DIR/dev.lock`, or why not.
+fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File> {
+    let path = data_dir.join("dev.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "another `postern dev` is running with the data directory {}; stop it first, or \
+             pass --data-dir DIR (and --api-addr) for a second one",
+            data_dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
 }
 
 /// The admin's name and password: just created (saved for next time, 0600), or saved by an

@@ -284,3 +284,33 @@ fn an_interrupted_connect_closes_its_session() {
         "session left open after SIGTERM: {last}"
     );
 }
+
+/// A second `postern dev` on the same data directory is refused, and the first carries on
+/// (it used to take the worker's registration over and leave the first one's worker
+/// disconnected).
+#[test]
+fn a_second_dev_on_the_same_data_dir_is_refused() {
+    let dir = TempDir::new("postern-dev-twice");
+    let (_dev, _) = start_dev(&dir);
+    let out = Command::new(postern_bin())
+        .args(["dev", "--api-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("POSTERN_CONFIG_DIR", dir.path().join("config2"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run a second postern dev");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("another `postern dev` is running"),
+        "{stderr}"
+    );
+    let out = postern(&dir, &["--json", "workers", "list"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let workers: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(workers[0]["connected"], true, "{workers}");
+}
