@@ -300,3 +300,35 @@ async fn target_limits_are_checked_when_set() {
     assert!(t["connection_limit"].is_null(), "{t}");
     c.stop().await;
 }
+
+/// "Did you mean" names only targets the caller may see: a user with no role learns no
+/// target's name from a typo.
+#[tokio::test]
+async fn suggestions_name_only_targets_the_caller_may_see() {
+    let c = Cluster::start().await.expect("cluster");
+    c.create_target("pg-prod", "127.0.0.1:5432", &[]).await;
+    let bob = c.user("bob").await;
+    for path in ["/v1/targets/pg-prd", "/v1/targets/pg-prd/credential"] {
+        let err = bob
+            .call::<serde_json::Value, ()>(Method::GET, path, None)
+            .await
+            .expect_err("no such target");
+        assert_eq!(err.status, 404, "{path}");
+        assert!(!err.message.contains("pg-prod"), "{path}: {}", err.message);
+    }
+    let err = authorize(&bob, "pg-prd").await.expect_err("no such target");
+    assert_eq!(err.status, 404);
+    assert!(!err.message.contains("pg-prod"), "{}", err.message);
+    // The admin, who sees it, gets the suggestion.
+    let err = c
+        .admin
+        .call::<serde_json::Value, ()>(Method::GET, "/v1/targets/pg-prd", None)
+        .await
+        .expect_err("no such target");
+    assert!(
+        err.message.contains("did you mean 'pg-prod'"),
+        "{}",
+        err.message
+    );
+    c.stop().await;
+}

@@ -17,7 +17,7 @@ use super::types::{
 use super::{check_name, ApiError, Caller};
 use crate::policy::TargetRef;
 use crate::state::AppState;
-use crate::store::{now, NewSession, WorkerRow};
+use crate::store::{closest, now, NewSession, StoreError, WorkerRow};
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
@@ -58,13 +58,38 @@ fn check_kind(kind: TargetType) -> Result<(), ApiError> {
 pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Vec<Target>> {
     let all = state.store.targets().await?;
     Ok(Json(
-        all.into_iter()
-            .filter(|t| {
-                caller.may("read", Some(target_ref(t)))
-                    || caller.may("connect", Some(target_ref(t)))
-            })
-            .collect(),
+        all.into_iter().filter(|t| visible(&caller, t)).collect(),
     ))
+}
+
+/// The target named `name`. If there is none, the "did you mean" names only a target the
+/// caller may see (read or connect to): a suggestion from all targets told a user with no
+/// role the names that `targets list` hid from them.
+async fn find_target(state: &AppState, caller: &Caller, name: &str) -> Result<Target, ApiError> {
+    match state.store.target(name).await {
+        Err(StoreError::NotFound { kind, name, .. }) => {
+            let visible: Vec<String> = state
+                .store
+                .targets()
+                .await?
+                .into_iter()
+                .filter(|t| visible(caller, t))
+                .map(|t| t.name)
+                .collect();
+            Err(StoreError::NotFound {
+                kind,
+                suggestion: closest(&name, &visible),
+                name,
+            }
+            .into())
+        }
+        other => Ok(other?),
+    }
+}
+
+/// Whether `caller` may see `t` (in lists, and in suggestions).
+fn visible(caller: &Caller, t: &Target) -> bool {
+    caller.may("read", Some(target_ref(t))) || caller.may("connect", Some(target_ref(t)))
 }
 
 /// `GET /v1/targets/{name}`.
@@ -73,7 +98,7 @@ pub async fn show(
     caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<Target> {
-    let t = state.store.target(&name).await?;
+    let t = find_target(&state, &caller, &name).await?;
     if !caller.may("connect", Some(target_ref(&t))) {
         caller.require(&state, "read", Some(target_ref(&t))).await?;
     }
@@ -208,9 +233,9 @@ pub async fn authorize(
 ) -> ApiResult<Authorization> {
     // Independent reads at once (each is a round trip to the store's threads).
     let (target, workers, credential) = tokio::try_join!(
-        state.store.target(&name),
-        state.store.workers(),
-        state.store.credential(&name)
+        find_target(&state, &caller, &name),
+        async { Ok(state.store.workers().await?) },
+        async { Ok(state.store.credential(&name).await?) }
     )?;
     let resource = format!("target:{}", target.name);
     if let Err(denied) = crate::policy::check(&caller.rules, "connect", Some(target_ref(&target))) {
@@ -477,7 +502,7 @@ pub async fn show_credential(
     caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<CredentialInfo> {
-    let t = state.store.target(&name).await?;
+    let t = find_target(&state, &caller, &name).await?;
     caller.require(&state, "read", Some(target_ref(&t))).await?;
     let (kind, username, _) = state.store.credential(&name).await?.ok_or_else(|| {
         ApiError::NotFound(format!(
