@@ -379,6 +379,19 @@ pub enum UsersCmd {
         #[arg(long)]
         password_stdin: bool,
     },
+    /// Set a user's password (with users:write), or change your own with --current. The
+    /// user's other logins (API tokens) end.
+    SetPassword {
+        /// User name.
+        name: String,
+        /// Read the password(s) from stdin instead of asking: the current one first with
+        /// --current, then the new one, one per line.
+        #[arg(long)]
+        password_stdin: bool,
+        /// Give the current password too: how a user without users:write changes their own.
+        #[arg(long)]
+        current: bool,
+    },
     /// Delete a user.
     Delete {
         /// User name.

@@ -332,3 +332,84 @@ async fn suggestions_name_only_targets_the_caller_may_see() {
     );
     c.stop().await;
 }
+
+/// Passwords can be set after all: an admin resets anyone's (their logins end), a user
+/// changes their own with the current one; every refusal is clear and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_are_reset_by_admins_and_changed_by_their_users() {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+
+    let c = Cluster::start().await.expect("cluster");
+    let bob = c.user("bob").await;
+    let old = "pw-bob-long-enough";
+    let set = |password: &str, current: Option<&str>| json!({"password": password, "current_password": current});
+    for (body, status, says) in [
+        (set("new-pw-bob-1", None), 403, "users:write"),
+        (
+            set("new-pw-bob-1", Some("wrong-one")),
+            403,
+            "current password is wrong",
+        ),
+        (set("short", Some(old)), 400, "too short"),
+    ] {
+        let err = bob
+            .call::<serde_json::Value, _>(Method::POST, "/v1/users/bob/password", Some(&body))
+            .await
+            .expect_err("refused");
+        assert_eq!(err.status, status, "{body}: {}", err.message);
+        assert!(err.message.contains(says), "{body}: {}", err.message);
+    }
+    bob.login("bob", old).await.expect("nothing changed yet");
+    let _: serde_json::Value = bob
+        .ok(
+            Method::POST,
+            "/v1/users/bob/password",
+            Some(&set("new-pw-bob-1", Some(old))),
+        )
+        .await;
+    let _: serde_json::Value = bob.ok(Method::GET, "/v1/whoami", None::<&()>).await;
+    assert!(
+        bob.login("bob", old).await.is_err(),
+        "the old password is gone"
+    );
+    bob.login("bob", "new-pw-bob-1")
+        .await
+        .expect("the new one logs in");
+
+    // An admin's reset, through the CLI: bob's logins end, the new password works.
+    let mut child = Command::new(crate::dev_cli::postern_bin())
+        .args(["users", "set-password", "bob", "--password-stdin"])
+        .env("POSTERN_ADDR", &c.admin.base)
+        .env(
+            "POSTERN_TOKEN",
+            c.admin.token.as_deref().unwrap_or_default(),
+        )
+        .env("POSTERN_CONFIG_DIR", c.dir.path().join("cli"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("postern users set-password");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"reset-by-admin-2\n")
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = bob
+        .call::<serde_json::Value, ()>(Method::GET, "/v1/whoami", None)
+        .await
+        .expect_err("bob's token ended with the reset");
+    assert_eq!(err.status, 401);
+    bob.login("bob", "reset-by-admin-2")
+        .await
+        .expect("the reset password logs in");
+    c.stop().await;
+}

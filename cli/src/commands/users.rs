@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 
-use postern_controller::api::types::{CreateUser, User};
+use postern_controller::api::types::{CreateUser, SetPassword, User};
 
 use super::targets::yes_no;
 use super::{ok, Ctx};
@@ -58,9 +58,57 @@ pub async fn run(ctx: &Ctx, cmd: UsersCmd) -> Result<ExitCode> {
                 let how = if user.has_password {
                     "with a password"
                 } else {
-                    "without a password (SSO only, or set one later)"
+                    "without a password (SSO only, or set one later with `postern users set-password`)"
                 };
                 println!("Created user {} {how}.", user.name);
+            }
+            show(ctx, &user)?;
+        }
+        UsersCmd::SetPassword {
+            name,
+            password_stdin,
+            current,
+        } => {
+            let (current_password, password) = if password_stdin {
+                let current = if current {
+                    Some(prompt::read_line().await?)
+                } else {
+                    None
+                };
+                (current, prompt::read_line().await?)
+            } else if prompt::stdin_is_tty() {
+                let current = if current {
+                    Some(prompt::ask_password("Current password: ").await?)
+                } else {
+                    None
+                };
+                let new = prompt::ask_password(&format!("New password for {name}: ")).await?;
+                if prompt::ask_password("Again: ").await? != new {
+                    bail!("the two passwords differ; nothing was changed");
+                }
+                (current, new)
+            } else {
+                bail!(
+                    "stdin is not a terminal: pass --password-stdin to read the password from it"
+                );
+            };
+            if password.is_empty() {
+                bail!("no new password given; nothing was changed");
+            }
+            let user: User = api
+                .post(
+                    &["v1", "users", &name, "password"],
+                    &SetPassword {
+                        password,
+                        current_password,
+                    },
+                )
+                .await?;
+            if !ctx.json {
+                println!(
+                    "Set the password of {}; their other logins have ended.",
+                    user.name
+                );
             }
             show(ctx, &user)?;
         }

@@ -7,7 +7,7 @@ use serde_json::json;
 
 use super::types::{
     AddMember, CreateGroup, CreateRole, CreateUser, Group, LoginRequest, LoginResponse, Principal,
-    Role, Rule, User, WhoAmI,
+    Role, Rule, SetPassword, User, WhoAmI,
 };
 use super::{check_name, ApiError, Caller};
 use crate::auth::{dummy_hash, hash_password, verify_password};
@@ -157,6 +157,67 @@ pub async fn create_user(
         )
         .await?;
     Ok(Json(user_view(&state, u).await?))
+}
+
+/// `POST /v1/users/{name}/password`: with `users:write`, sets anyone's password (a reset);
+/// a user changes their own by giving the current one. The user's API tokens end with the
+/// old password (but the one of a user changing their own).
+pub async fn set_password(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Json(req): Json<SetPassword>,
+) -> ApiResult<User> {
+    let own = name == caller.name();
+    let current = req.current_password.filter(|_| own);
+    if current.is_none() {
+        caller.require(&state, "users:write", None).await?;
+    }
+    if req.password.chars().count() < MIN_PASSWORD {
+        return Err(ApiError::BadRequest(format!(
+            "password too short: use at least {MIN_PASSWORD} characters"
+        )));
+    }
+    let user = state.store.user(&name).await?;
+    if let Some(current) = current {
+        let hash = user.password_hash.clone();
+        let ok = tokio::task::spawn_blocking(move || {
+            verify_password(&current, hash.as_deref().unwrap_or(dummy_hash()))
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        if !(ok && user.password_hash.is_some()) {
+            state
+                .audit(
+                    caller.name(),
+                    "user.password",
+                    &format!("user:{name}"),
+                    "denied",
+                    json!({"reason": "wrong current password"}),
+                )
+                .await?;
+            return Err(ApiError::Forbidden("the current password is wrong".into()));
+        }
+    }
+    let password = req.password;
+    let hash = tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(ApiError::Internal)?;
+    let keep = own.then_some(caller.token_hash.as_str());
+    state.store.set_password(&name, &hash, keep).await?;
+    state
+        .audit(
+            caller.name(),
+            "user.password",
+            &format!("user:{name}"),
+            "success",
+            json!({"own": own}),
+        )
+        .await?;
+    Ok(Json(
+        user_view(&state, state.store.user(&name).await?).await?,
+    ))
 }
 
 /// `DELETE /v1/users/{name}`.

@@ -48,6 +48,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/users/{name}",
             get(identity::show_user).delete(identity::delete_user),
         )
+        .route("/v1/users/{name}/password", post(identity::set_password))
         .route("/v1/users/{name}/lock", post(identity::lock_user))
         .route("/v1/users/{name}/unlock", post(identity::unlock_user))
         .route(

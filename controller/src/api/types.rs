@@ -79,6 +79,17 @@ pub struct CreateUser {
     pub password: Option<String>,
 }
 
+/// `POST /v1/users/{name}/password`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetPassword {
+    /// The new password (at least 8 characters).
+    pub password: String,
+    /// The current one: what lets a user without `users:write` change their own.
+    #[serde(default)]
+    pub current_password: Option<String>,
+}
+
 /// A group and its members.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Group {

@@ -140,14 +140,27 @@ impl Store {
         self.user(name).await
     }
 
-    /// Sets a user's password hash.
-    pub async fn set_password(&self, name: &str, hash: &str) -> Result<(), StoreError> {
+    /// Sets a user's password hash and ends their API tokens but `keep` (the hash of the
+    /// token of the user changing their own password), in one transaction.
+    pub async fn set_password(
+        &self,
+        name: &str,
+        hash: &str,
+        keep: Option<&str>,
+    ) -> Result<(), StoreError> {
         self.user(name).await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("UPDATE users SET password_hash = $1 WHERE name = $2")
             .bind(hash)
             .bind(name)
-            .execute(&mut *self.writer().await?)
+            .execute(&mut *tx)
             .await?;
+        sqlx::query("DELETE FROM api_tokens WHERE user_name = $1 AND token_hash <> $2")
+            .bind(name)
+            .bind(keep.unwrap_or(""))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 
