@@ -317,6 +317,7 @@ async fn authorize(http: &reqwest::Client, api: &ApiArgs, spki: &str) -> Result<
             client_spki: spki.to_owned(),
             duration_secs: None,
             login: None,
+            target_type: None,
         },
     )
     .await

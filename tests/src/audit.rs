@@ -154,6 +154,7 @@ async fn sigkilled_controller_loses_no_event_and_stores_none_twice() {
                 client_spki: key.spki_b64().into(),
                 duration_secs: None,
                 login: None,
+                target_type: None,
             }),
         )
         .await;
@@ -235,6 +236,7 @@ async fn filters_export_verify_and_permissions() {
         client_spki: key.spki_b64().into(),
         duration_secs: None,
         login: None,
+        target_type: None,
     };
     assert!(bob
         .call::<Authorization, _>(Method::POST, "/v1/targets/other/authorize", Some(&body))

@@ -150,6 +150,7 @@ impl Api {
             client_spki: key.spki_b64().into(),
             duration_secs: None,
             login: login.map(str::to_owned),
+            target_type: None,
         };
         let auth = self
             .call(

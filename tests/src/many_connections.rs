@@ -30,6 +30,7 @@ async fn fifty_parallel_connections_keep_their_bytes() {
                 client_spki: key.spki_b64().into(),
                 duration_secs: None,
                 login: None,
+                target_type: None,
             }),
         )
         .await;

@@ -413,3 +413,45 @@ async fn passwords_are_reset_by_admins_and_changed_by_their_users() {
         .expect("the reset password logs in");
     c.stop().await;
 }
+
+/// A client that can use only one type of target (`postern ssh`) says so, and a target of
+/// another type is refused before a session is made (it used to leave a pending session).
+#[tokio::test]
+async fn a_target_of_another_type_is_refused_before_a_session_is_made() {
+    use postern_controller::api::types::{AuthorizeRequest, TargetType};
+
+    let c = Cluster::start().await.expect("cluster");
+    c.create_target("pg", "127.0.0.1:5432", &[]).await;
+    let key = postern_cli::session::new_client_key().expect("client key");
+    let mut body = AuthorizeRequest {
+        client_spki: key.spki_b64().into(),
+        duration_secs: None,
+        login: None,
+        target_type: Some(TargetType::Ssh),
+    };
+    let err = c
+        .admin
+        .call::<serde_json::Value, _>(Method::POST, "/v1/targets/pg/authorize", Some(&body))
+        .await
+        .expect_err("a tcp target for postern ssh");
+    assert_eq!(err.status, 400);
+    assert!(
+        err.message
+            .contains("'pg' is a tcp target, not ssh: use `postern connect pg`"),
+        "{}",
+        err.message
+    );
+    let sessions: Vec<serde_json::Value> =
+        c.admin.ok(Method::GET, "/v1/sessions", None::<&()>).await;
+    assert!(sessions.is_empty(), "{sessions:?}");
+    // Asking for the right type (or none) makes one.
+    body.target_type = Some(TargetType::Tcp);
+    let _: serde_json::Value = c
+        .admin
+        .ok(Method::POST, "/v1/targets/pg/authorize", Some(&body))
+        .await;
+    let sessions: Vec<serde_json::Value> =
+        c.admin.ok(Method::GET, "/v1/sessions", None::<&()>).await;
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    c.stop().await;
+}

@@ -26,6 +26,7 @@ async fn authorize(c: &Cluster, key: &ClientKey) -> Authorization {
                 client_spki: key.spki_b64().into(),
                 duration_secs: None,
                 login: None,
+                target_type: None,
             }),
         )
         .await

@@ -68,6 +68,7 @@ pub(super) async fn run_session(ctx: &Ctx, args: SessionRequest) -> Result<ExitC
             client_spki: key.spki_b64().to_owned(),
             duration_secs: args.duration,
             login: args.login.clone(),
+            target_type: None,
         };
         // While the controller answers: the session's endpoint, and a handshake with the
         // worker that carried this target last time.

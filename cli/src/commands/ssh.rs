@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use tokio::net::TcpListener;
 
-use postern_controller::api::types::{Authorization, AuthorizeRequest, SshAccess};
+use postern_controller::api::types::{Authorization, AuthorizeRequest, SshAccess, TargetType};
 
 use super::connect::{supervise, Signals};
 use super::Ctx;
@@ -40,6 +40,7 @@ pub async fn run(ctx: &Ctx, args: SshArgs) -> Result<ExitCode> {
                     client_spki: key.spki_b64().to_owned(),
                     duration_secs: args.duration,
                     login: args.login.clone(),
+                    target_type: Some(TargetType::Ssh),
                 },
             )
             .await?;

@@ -260,6 +260,15 @@ pub async fn authorize(
             target.name
         )));
     }
+    if let Some(wanted) = req.target_type.filter(|t| *t != target.kind) {
+        return Err(ApiError::BadRequest(format!(
+            "target '{}' is a {} target, not {}: use `postern connect {}`",
+            target.name,
+            target.kind.as_str(),
+            wanted.as_str(),
+            target.name
+        )));
+    }
     let spki = B64
         .decode(req.client_spki.trim())
         .ok()

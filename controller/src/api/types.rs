@@ -182,7 +182,7 @@ pub struct CreateRole {
 pub enum TargetType {
     /// Plain TCP.
     Tcp,
-    /// SSH (credential injection; not yet implemented on the worker).
+    /// SSH (the worker terminates it: brokered login, recorded shells, audited commands).
     Ssh,
     /// PostgreSQL (wire-protocol proxy: brokered login, statement audit).
     Postgres,
@@ -346,6 +346,10 @@ pub struct AuthorizeRequest {
     /// absent. Must be permitted by a rule's `logins`.
     #[serde(default)]
     pub login: Option<String>,
+    /// The type of target the client can use (`postern ssh` asks for `ssh`): one of another
+    /// type is refused before a session is made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_type: Option<TargetType>,
 }
 
 /// Where and how to reach the worker that carries the session.

@@ -67,6 +67,7 @@ async fn authorize(
             client_spki: key.spki_b64().into(),
             duration_secs: None,
             login: None,
+            target_type: None,
         }),
     )
     .await

@@ -306,6 +306,7 @@ async fn a_full_run_logs_no_secret() {
                 client_spki: key.spki_b64().into(),
                 duration_secs: None,
                 login: None,
+                target_type: None,
             }),
         )
         .await;
