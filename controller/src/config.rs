@@ -233,6 +233,37 @@ impl ControllerConfig {
                 ),
             });
         }
+        let url = self.database_url.as_str();
+        if !["sqlite:", "postgres://", "postgresql://"]
+            .iter()
+            .any(|scheme| url.starts_with(scheme))
+        {
+            return Err(ConfigError::Invalid {
+                key: "database_url".into(),
+                message: format!("{url:?}: expected sqlite://PATH or postgres://USER@HOST:PORT/DB"),
+            });
+        }
+        if let Some(kek) = self.kek_file.as_deref().filter(|p| p.is_dir()) {
+            return Err(ConfigError::Invalid {
+                key: "kek_file".into(),
+                message: format!("{} is a directory, not a key file", kek.display()),
+            });
+        }
+        if let Some(file) = &self.audit_file {
+            let dir = file
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if file.is_dir() || !dir.is_dir() {
+                return Err(ConfigError::Invalid {
+                    key: "audit_file".into(),
+                    message: format!(
+                        "{}: expected a file in an existing directory",
+                        file.display()
+                    ),
+                });
+            }
+        }
         crate::tls::validate(self)?;
         crate::oidc::config::validate(&self.oidc)?;
         if self.token_ttl.as_secs() < 60 {
@@ -258,6 +289,34 @@ mod tests {
         assert_eq!(ok.token_ttl, Duration::from_secs(7200));
         assert!(ok.validate().is_ok());
         assert!(toml::from_str::<ControllerConfig>("database_url = \"x\"\nbogus = 1\n").is_err());
+    }
+
+    #[test]
+    fn store_key_and_audit_paths_are_checked() {
+        let dir = std::env::temp_dir();
+        let base = || ControllerConfig::dev(&dir, "127.0.0.1:9200".parse().expect("addr"));
+        let key_of = |c: ControllerConfig| match c.validate() {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("{other:?}"),
+        };
+        assert!(base().validate().is_ok());
+        let mut c = base();
+        c.database_url = "mysql://x/y".into();
+        assert_eq!(key_of(c), "database_url");
+        let mut c = base();
+        c.database_url = "postgres://postgres@127.0.0.1:5432/postern".into();
+        assert!(c.validate().is_ok());
+        let mut c = base();
+        c.kek_file = Some(dir.clone());
+        assert_eq!(key_of(c), "kek_file");
+        for bad in [dir.join("no-such-dir").join("audit.jsonl"), dir.clone()] {
+            let mut c = base();
+            c.audit_file = Some(bad);
+            assert_eq!(key_of(c), "audit_file");
+        }
+        let mut c = base();
+        c.audit_file = Some(dir.join("audit.jsonl"));
+        assert!(c.validate().is_ok());
     }
 
     #[test]

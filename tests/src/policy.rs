@@ -150,11 +150,12 @@ async fn refusals_are_explained_audited_and_deny_wins() {
     assert!(d.allowed, "{}", d.reason);
     assert!(d.reason.contains("role 'dev' rule #1"), "{}", d.reason);
 
-    // A typo gets a suggestion, not a bare 404.
-    let err = authorize(&bob, "pg-prd").await.expect_err("no such target");
+    // A typo gets a suggestion, not a bare 404 (among the targets bob may see: pg-prod,
+    // denied to him, is not one).
+    let err = authorize(&bob, "pg-stagin").await.expect_err("no such target");
     assert_eq!(err.status, 404);
     assert!(
-        err.message.contains("did you mean 'pg-prod'"),
+        err.message.contains("did you mean 'pg-staging'"),
         "{}",
         err.message
     );

@@ -155,6 +155,23 @@ impl WorkerConfig {
                 ),
             });
         }
+        if self.data_dir.exists() && !self.data_dir.is_dir() {
+            return Err(ConfigError::Invalid {
+                key: "data_dir",
+                message: format!("{} exists and is not a directory", self.data_dir.display()),
+            });
+        }
+        if let Some(addr) = &self.public_addr {
+            let port = addr
+                .rsplit_once(':')
+                .map(|(host, port)| (host, port.parse::<u16>()));
+            if !matches!(port, Some((host, Ok(p))) if !host.is_empty() && p != 0) {
+                return Err(ConfigError::Invalid {
+                    key: "public_addr",
+                    message: format!("{addr:?}: expected HOST:PORT with a port from 1 to 65535"),
+                });
+            }
+        }
         self.postgres.validate()?;
         crate::controller_http::validate(self)
     }
@@ -323,6 +340,41 @@ mod tests {
         assert_eq!(c.session_listen.port(), 0);
         let bad = c.apply_env_from(|v| (v == "POSTERN_GRACE_PERIOD").then(|| "soon".into()));
         assert!(matches!(bad, Err(ConfigError::Env { .. })));
+    }
+
+    #[test]
+    fn paths_and_addresses_are_checked() {
+        let base = || -> WorkerConfig {
+            toml::from_str("controller_url = \"http://127.0.0.1:9200\"\ndata_dir = \"/tmp/w\"\n")
+                .expect("parses")
+        };
+        let file = std::env::temp_dir().join(format!(
+            "postern-cfg-{}",
+            postern_proto::ids::random_base32(6)
+        ));
+        std::fs::write(&file, "not a certificate\n").expect("write");
+        let key_of = |c: WorkerConfig| match c.validate() {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("{other:?}"),
+        };
+        let mut c = base();
+        c.data_dir = file.clone();
+        assert_eq!(key_of(c), "data_dir");
+        for bad in ["host:99999", "host", ":443", "host:0"] {
+            let mut c = base();
+            c.public_addr = Some(bad.into());
+            assert_eq!(key_of(c), "public_addr", "{bad}");
+        }
+        let mut c = base();
+        c.public_addr = Some("[::1]:9203".into());
+        assert!(c.validate().is_ok());
+        let mut c = base();
+        c.controller_ca_file = Some(file.clone());
+        assert_eq!(key_of(c), "controller_ca_file");
+        let mut c = base();
+        c.controller_ca_file = Some(file.with_extension("missing"));
+        assert_eq!(key_of(c), "controller_ca_file");
+        let _ = std::fs::remove_file(&file);
     }
 
     #[test]

@@ -27,6 +27,27 @@ pub(crate) fn validate(config: &WorkerConfig) -> Result<(), ConfigError> {
             message: "expected https://HOST:PORT (or http:// on loopback)".into(),
         });
     }
+    if let Some(path) = &config.controller_ca_file {
+        let pem = std::fs::read(path).map_err(|e| ConfigError::Invalid {
+            key: "controller_ca_file",
+            message: format!("cannot read {}: {e}", path.display()),
+        })?;
+        match reqwest::Certificate::from_pem_bundle(&pem) {
+            Ok(certs) if !certs.is_empty() => {}
+            Ok(_) => {
+                return Err(ConfigError::Invalid {
+                    key: "controller_ca_file",
+                    message: format!("{} holds no PEM certificate", path.display()),
+                })
+            }
+            Err(e) => {
+                return Err(ConfigError::Invalid {
+                    key: "controller_ca_file",
+                    message: format!("{}: {e}", path.display()),
+                })
+            }
+        }
+    }
     if let Some(fp) = &config.controller_ca_fingerprint {
         if normalize_fingerprint(fp).is_none() {
             return Err(ConfigError::Invalid {
