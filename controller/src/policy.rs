@@ -222,6 +222,9 @@ fn selects(rule: &Rule, target: TargetRef<'_>) -> bool {
 
 /// Validates a glob at rule creation so evaluation never meets a bad one.
 pub fn validate_glob(glob: &str) -> Result<(), String> {
+    if glob.trim().is_empty() {
+        return Err("an empty target pattern matches no target (leave it out for all)".into());
+    }
     globset::Glob::new(glob)
         .map(|_| ())
         .map_err(|e| e.to_string())
@@ -236,32 +239,47 @@ fn glob_matches(glob: &str, name: &str) -> bool {
 /// Actions a rule may name.
 pub fn validate_action(action: &str) -> Result<(), String> {
     const TARGET: &[&str] = &["connect", "read"];
-    const NOUNS: &[&str] = &[
-        "users",
-        "groups",
-        "roles",
-        "targets",
-        "workers",
-        "sessions",
-        "audit",
-        "recordings",
+    /// Each noun with the verbs the API checks.
+    const NOUNS: &[(&str, &[&str])] = &[
+        ("users", &["read", "write", "lock"]),
+        ("groups", &["read", "write"]),
+        ("roles", &["read", "write"]),
+        ("targets", &["write"]),
+        ("workers", &["read", "write"]),
+        ("sessions", &["read", "cancel"]),
+        ("audit", &["read"]),
+        ("recordings", &["read"]),
     ];
     if action == "*" || TARGET.contains(&action) {
         return Ok(());
     }
-    match action.split_once(':') {
-        Some((noun, verb))
-            if NOUNS.contains(&noun)
-                && !verb.is_empty()
-                && verb.chars().all(|c| c.is_ascii_lowercase() || c == '*') =>
-        {
-            Ok(())
-        }
-        _ => Err(format!(
+    let Some((noun, verb)) = action.split_once(':') else {
+        return Err(format!(
             "unknown action '{action}': use connect, read, *, or NOUN:VERB with NOUN one of {}",
-            NOUNS.join(", ")
-        )),
+            NOUNS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+        ));
+    };
+    let Some((_, verbs)) = NOUNS.iter().find(|(n, _)| *n == noun) else {
+        return Err(format!(
+            "unknown action '{action}': '{noun}' is not one of {}",
+            NOUNS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+        ));
+    };
+    // A pattern (`*`, `r*`) must match a verb; a misspelt verb would match nothing, silently.
+    if verb.chars().all(|c| c.is_ascii_lowercase() || c == '*')
+        && verbs.iter().any(|v| glob_matches(verb, v))
+    {
+        return Ok(());
     }
+    Err(format!(
+        "unknown action '{action}': {noun} takes {}",
+        verbs
+            .iter()
+            .map(|v| format!("{noun}:{v}"))
+            .chain([format!("{noun}:*")])
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
 }
 
 #[cfg(test)]

@@ -152,7 +152,9 @@ async fn refusals_are_explained_audited_and_deny_wins() {
 
     // A typo gets a suggestion, not a bare 404 (among the targets bob may see: pg-prod,
     // denied to him, is not one).
-    let err = authorize(&bob, "pg-stagin").await.expect_err("no such target");
+    let err = authorize(&bob, "pg-stagin")
+        .await
+        .expect_err("no such target");
     assert_eq!(err.status, 404);
     assert!(
         err.message.contains("did you mean 'pg-staging'"),

@@ -126,14 +126,32 @@ fn action_validation() {
         "users:*",
         "sessions:cancel",
         "audit:read",
+        "users:lock",
+        "roles:w*",
     ] {
         assert!(validate_action(ok).is_ok(), "{ok}");
     }
-    for bad in ["", "conect", "users:", "bogus:read", "users:Write"] {
+    for bad in [
+        "",
+        "conect",
+        "users:",
+        "bogus:read",
+        "users:Write",
+        "targets:wrte",
+        "audit:write",
+        "roles:x*",
+    ] {
         assert!(validate_action(bad).is_err(), "{bad}");
     }
+    let err = validate_action("targets:wrte").expect_err("misspelt");
+    assert!(
+        err.contains("targets takes targets:write, targets:*"),
+        "{err}"
+    );
     assert!(validate_glob("pg-[").is_err());
     assert!(validate_glob("pg-*").is_ok());
+    assert!(validate_glob("").is_err());
+    assert!(validate_glob("  ").is_err());
 }
 
 #[test]
