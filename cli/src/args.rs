@@ -464,6 +464,13 @@ pub enum RolesCmd {
     Allow(RuleArgs),
     /// Add a deny rule (deny wins over allow).
     Deny(RuleArgs),
+    /// Remove a role's rule by its number (as `roles show` numbers them).
+    RemoveRule {
+        /// Role name.
+        name: String,
+        /// The rule's number (1 is the first).
+        number: i64,
+    },
     /// Bind a role to a user or a group.
     Bind(BindArgs),
     /// Remove a role's binding to a user or a group.

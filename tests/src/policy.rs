@@ -458,3 +458,69 @@ async fn a_target_of_another_type_is_refused_before_a_session_is_made() {
     assert_eq!(sessions.len(), 1, "{sessions:?}");
     c.stop().await;
 }
+
+/// One rule can be taken out of a role; the rules after it move up, and the policy reads the
+/// new numbering. Not the rule that lets the caller manage roles, and not one that is not there.
+#[tokio::test]
+async fn a_rule_can_be_removed_by_its_number() {
+    let c = Cluster::start().await.expect("cluster");
+    let _: serde_json::Value = c
+        .admin
+        .ok(Method::POST, "/v1/roles", Some(&json!({"name": "dev"})))
+        .await;
+    for targets in ["a-*", "b-*", "c-*"] {
+        let _: serde_json::Value = c
+            .admin
+            .ok(
+                Method::POST,
+                "/v1/roles/dev/rules",
+                Some(&json!({"effect": "allow", "actions": ["connect"], "targets": targets})),
+            )
+            .await;
+    }
+    let role: serde_json::Value = c
+        .admin
+        .ok(Method::DELETE, "/v1/roles/dev/rules/2", None::<&()>)
+        .await;
+    let globs: Vec<&str> = role["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .filter_map(|r| r["targets"].as_str())
+        .collect();
+    assert_eq!(globs, ["a-*", "c-*"]);
+    // The policy numbers what is left 1, 2.
+    c.create_target("c-1", "127.0.0.1:5432", &[]).await;
+    let _bob = c.user("bob").await;
+    let _: serde_json::Value = c
+        .admin
+        .ok(
+            Method::POST,
+            "/v1/roles/dev/bind",
+            Some(&json!({"user": "bob"})),
+        )
+        .await;
+    let d: Decision = c
+        .admin
+        .ok(
+            Method::GET,
+            "/v1/policy/check?user=bob&target=c-1",
+            None::<&()>,
+        )
+        .await;
+    assert!(d.allowed, "{}", d.reason);
+    assert!(d.reason.contains("role 'dev' rule #2"), "{}", d.reason);
+    let err = c
+        .admin
+        .call::<serde_json::Value, ()>(Method::DELETE, "/v1/roles/dev/rules/3", None)
+        .await
+        .expect_err("there is no third rule now");
+    assert_eq!(err.status, 404, "{}", err.message);
+    let err = c
+        .admin
+        .call::<serde_json::Value, ()>(Method::DELETE, "/v1/roles/admin/rules/1", None)
+        .await
+        .expect_err("the admin's own rule");
+    assert_eq!(err.status, 409, "{}", err.message);
+    c.stop().await;
+}

@@ -50,6 +50,13 @@ pub async fn run(ctx: &Ctx, cmd: RolesCmd) -> Result<ExitCode> {
         }
         RolesCmd::Allow(a) => add_rule(&api, Effect::Allow, a).await?,
         RolesCmd::Deny(a) => add_rule(&api, Effect::Deny, a).await?,
+        RolesCmd::RemoveRule { name, number } => {
+            let r: Role = api
+                .delete_json(&["v1", "roles", &name, "rules", &number.to_string()])
+                .await?;
+            let done = format!("Removed rule #{number} of role {}.", r.name);
+            (r, done)
+        }
         RolesCmd::Bind(b) => bind(&api, "bind", b).await?,
         RolesCmd::Unbind(b) => bind(&api, "unbind", b).await?,
     };

@@ -514,6 +514,38 @@ pub async fn add_rule(
     Ok(Json(role_view(&state, &name).await?))
 }
 
+/// `DELETE /v1/roles/{name}/rules/{position}`: removes one rule (1-based, as `roles show`
+/// numbers them); the rules after it move up.
+pub async fn remove_rule(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((name, position)): Path<(String, i64)>,
+) -> ApiResult<Role> {
+    caller.require(&state, "roles:write", None).await?;
+    // As with unbinding: not the rule that lets the caller manage roles.
+    let mut kept = state.store.rules_for_user(caller.name()).await?;
+    kept.retain(|r| !(r.role == name && r.position == position));
+    if policy::check(&kept, "roles:write", None).is_err() {
+        return Err(ApiError::Conflict(format!(
+            "rule #{position} of role '{name}' is what lets you manage roles: removing it would \
+             lock you out of role management"
+        )));
+    }
+    let rule = state.store.remove_rule(&name, position).await?;
+    // Open sessions the change no longer allows end now, not at their expiry.
+    crate::revoke::reevaluate(&state, caller.name()).await?;
+    state
+        .audit(
+            caller.name(),
+            "role.remove_rule",
+            &format!("role:{name}"),
+            "success",
+            json!({"position": position, "rule": rule}),
+        )
+        .await?;
+    Ok(Json(role_view(&state, &name).await?))
+}
+
 /// `POST /v1/roles/{name}/bind`.
 pub async fn bind(
     State(state): State<AppState>,

@@ -12,7 +12,7 @@ mod worker_choice;
 mod workers;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 
 pub use caller::Caller;
@@ -73,6 +73,10 @@ pub fn router(state: AppState) -> Router {
             get(identity::show_role).delete(identity::delete_role),
         )
         .route("/v1/roles/{name}/rules", post(identity::add_rule))
+        .route(
+            "/v1/roles/{name}/rules/{position}",
+            delete(identity::remove_rule),
+        )
         .route("/v1/roles/{name}/bind", post(identity::bind))
         .route("/v1/roles/{name}/unbind", post(identity::unbind))
         .route("/v1/targets", get(targets::list).post(targets::create))

@@ -454,6 +454,43 @@ impl Store {
         Ok(())
     }
 
+    /// Removes the rule at `position` (1-based) of `role`; the rules after it move up one, so
+    /// positions stay 1..=n. Returns the rule removed.
+    pub async fn remove_rule(&self, role: &str, position: i64) -> Result<Rule, StoreError> {
+        self.require_role(role).await?;
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query("SELECT rule FROM role_rules WHERE role_name = $1 AND position = $2")
+            .bind(role)
+            .bind(position)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "rule",
+                name: format!("#{position} of role '{role}'"),
+                suggestion: None,
+            })?;
+        let rule: Rule = json_col(&row, "rule")?;
+        sqlx::query("DELETE FROM role_rules WHERE role_name = $1 AND position = $2")
+            .bind(role)
+            .bind(position)
+            .execute(&mut *tx)
+            .await?;
+        // Through negative positions: a unique key checked row by row must never see two
+        // rules at one position while they move.
+        for sql in [
+            "UPDATE role_rules SET position = -position WHERE role_name = $1 AND position > $2",
+            "UPDATE role_rules SET position = -position - 1 WHERE role_name = $1 AND position < 0",
+        ] {
+            sqlx::query(sql)
+                .bind(role)
+                .bind(position)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(rule)
+    }
+
     /// Binds a role to a user or group (which must exist).
     pub async fn bind_role(&self, role: &str, who: &Principal) -> Result<(), StoreError> {
         self.require_role(role).await?;
