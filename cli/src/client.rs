@@ -55,6 +55,12 @@ pub enum ApiError {
         /// The controller's explanation.
         message: String,
     },
+    /// A name in the request's path is empty (`postern targets show ''`).
+    #[error("an empty name was given{}: name what you mean", after.as_deref().map(|a| format!(" after '{a}'")).unwrap_or_default())]
+    EmptyName {
+        /// The path segment before it (`targets`, `users`, ...).
+        after: Option<String>,
+    },
     /// The answer was not what the API promises.
     #[error("unexpected answer from the controller ({context}): {detail}")]
     BadResponse {
@@ -226,6 +232,13 @@ impl ApiClient {
         query: &[(&str, String)],
         body: Option<&B>,
     ) -> Result<reqwest::Response, ApiError> {
+        // An empty segment would ask for another route (`/v1/targets/` is the list), which
+        // answers with a bare 404 or, worse, something else.
+        if let Some(i) = path.iter().position(|s| s.trim().is_empty()) {
+            return Err(ApiError::EmptyName {
+                after: i.checked_sub(1).map(|j| path[j].to_owned()),
+            });
+        }
         let url = self.url(path, query)?;
         let mut req = self.http.request(method, url);
         // Only the login calls go without a token; every other route needs one.
@@ -340,4 +353,27 @@ fn root_cause(e: &dyn std::error::Error) -> String {
         cur = next;
     }
     cur.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_empty_name_is_refused_before_any_request() {
+        // Nothing listens on port 9: only a check made before sending can answer.
+        let api = ApiClient::new("http://127.0.0.1:9", Some("token".into())).expect("client");
+        let err = api
+            .get::<serde_json::Value>(&["v1", "targets", " "], &[])
+            .await
+            .expect_err("empty name");
+        assert!(
+            matches!(&err, ApiError::EmptyName { after: Some(a) } if a == "targets"),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "an empty name was given after 'targets': name what you mean"
+        );
+    }
 }
