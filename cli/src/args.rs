@@ -662,8 +662,18 @@ pub fn parse_kv(s: &str) -> Result<(String, String), String> {
 }
 
 /// Collects `KEY=VALUE` pairs into a map.
-pub fn kv_map(pairs: &[(String, String)]) -> BTreeMap<String, String> {
-    pairs.iter().cloned().collect()
+/// A key given twice with different values is refused (`--label env=a --label env=b`
+/// would otherwise keep one of them silently).
+pub fn kv_map(pairs: &[(String, String)]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut map = BTreeMap::new();
+    for (k, v) in pairs {
+        if let Some(old) = map.insert(k.clone(), v.clone()) {
+            if &old != v {
+                anyhow::bail!("{k} is given twice ({k}={old} and {k}={v}): give it once");
+            }
+        }
+    }
+    Ok(map)
 }
 
 /// Parses a duration such as `90s`, `15m`, `8h`, `1h30m` or a bare number of seconds.
@@ -709,6 +719,19 @@ pub fn parse_actions(s: &str) -> Result<Actions, String> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn a_key_given_twice_with_two_values_is_refused() {
+        let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        let map = kv_map(&[pair("env", "dev"), pair("team", "a"), pair("env", "dev")])
+            .expect("the same value twice is harmless");
+        assert_eq!(map.len(), 2);
+        let err = kv_map(&[pair("env", "a"), pair("env", "b")]).expect_err("two values");
+        assert_eq!(
+            err.to_string(),
+            "env is given twice (env=a and env=b): give it once"
+        );
+    }
 
     #[test]
     fn cli_definition_is_consistent() {

@@ -80,7 +80,7 @@ async fn add_rule(
         effect,
         actions: a.actions.0,
         targets: a.targets,
-        labels: kv_map(&a.labels),
+        labels: kv_map(&a.labels)?,
         logins: a.logins,
     };
     let done = format!("Added to role {}: {}.", a.role, describe_rule(&rule));

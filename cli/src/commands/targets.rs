@@ -44,11 +44,11 @@ pub async fn run(ctx: &Ctx, cmd: TargetsCmd) -> Result<ExitCode> {
                 name: a.name,
                 kind: kind(a.kind),
                 address: a.address,
-                labels: kv_map(&a.common.labels),
+                labels: kv_map(&a.common.labels)?,
                 default_duration_secs: a.common.default_duration,
                 max_duration_secs: a.common.max_duration,
                 connection_limit: a.common.connection_limit,
-                worker_filter: kv_map(&a.common.worker_filter),
+                worker_filter: kv_map(&a.common.worker_filter)?,
             };
             let target: Target = api.post(&["v1", "targets"], &body).await?;
             if !ctx.json {
@@ -60,11 +60,15 @@ pub async fn run(ctx: &Ctx, cmd: TargetsCmd) -> Result<ExitCode> {
             let c = a.common;
             let body = UpdateTarget {
                 address: a.address,
-                labels: (!c.labels.is_empty()).then(|| kv_map(&c.labels)),
+                labels: (!c.labels.is_empty())
+                    .then(|| kv_map(&c.labels))
+                    .transpose()?,
                 default_duration_secs: c.default_duration,
                 max_duration_secs: c.max_duration,
                 connection_limit: c.connection_limit,
-                worker_filter: (!c.worker_filter.is_empty()).then(|| kv_map(&c.worker_filter)),
+                worker_filter: (!c.worker_filter.is_empty())
+                    .then(|| kv_map(&c.worker_filter))
+                    .transpose()?,
                 enabled: match (a.enable, a.disable) {
                     (true, _) => Some(true),
                     (_, true) => Some(false),

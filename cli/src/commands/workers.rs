@@ -21,7 +21,7 @@ pub async fn run(ctx: &Ctx, cmd: WorkersCmd) -> Result<ExitCode> {
                     &["v1", "workers"],
                     &CreateWorker {
                         name,
-                        tags: kv_map(&tags),
+                        tags: kv_map(&tags)?,
                     },
                 )
                 .await?;
