@@ -160,6 +160,17 @@ fn dev_then_connect_runs_real_psql_through_the_worker() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("did you mean 'demo-postgres'"), "{stderr}");
+
+    // A filter naming nobody says so, with the suggestion, rather than only "nothing".
+    for args in [
+        &["sessions", "list", "--user", "admn"][..],
+        &["audit", "list", "--target", "demo-postgre"][..],
+    ] {
+        let out = postern(&dir, args);
+        assert!(out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("did you mean"), "{args:?}: {stderr}");
+    }
 }
 
 /// `postern dev --database-url`: the same dev stack with the controller's state in

@@ -23,6 +23,10 @@ pub async fn run(ctx: &Ctx, cmd: AuditCmd) -> Result<ExitCode> {
     match cmd {
         AuditCmd::List(filter) => {
             let events: Vec<AuditEvent> = api.get(&["v1", "audit"], &query(&filter)).await?;
+            if events.is_empty() {
+                super::unknown_filter_names(&api, filter.user.as_deref(), filter.target.as_deref())
+                    .await;
+            }
             show(ctx, &events, "No audit events match.")
         }
         AuditCmd::Tail { follow, mut filter } => {

@@ -141,3 +141,20 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
 fn ok() -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
+
+/// After a filtered list came back empty: why, if a filter names a user or a target that
+/// does not exist — the controller's "no user named …, did you mean …" — so that a typo is
+/// not read as "nothing happened". Names the caller may not look up are left alone.
+async fn unknown_filter_names(api: &ApiClient, user: Option<&str>, target: Option<&str>) {
+    let named = [("users", user), ("targets", target)];
+    for (kind, name) in named {
+        let Some(name) = name.filter(|n| !n.trim().is_empty()) else {
+            continue;
+        };
+        if let Err(e) = api.get::<serde_json::Value>(&["v1", kind, name], &[]).await {
+            if e.is_not_found() {
+                eprintln!("note: {e}");
+            }
+        }
+    }
+}

@@ -23,13 +23,16 @@ pub async fn run(ctx: &Ctx, cmd: SessionsCmd) -> Result<ExitCode> {
             if active {
                 query.push(("active", "true".to_owned()));
             }
-            if let Some(u) = user {
-                query.push(("user", u));
+            if let Some(u) = &user {
+                query.push(("user", u.clone()));
             }
-            if let Some(t) = target {
-                query.push(("target", t));
+            if let Some(t) = &target {
+                query.push(("target", t.clone()));
             }
             let sessions: Vec<Session> = api.get(&["v1", "sessions"], &query).await?;
+            if sessions.is_empty() {
+                super::unknown_filter_names(&api, user.as_deref(), target.as_deref()).await;
+            }
             if ctx.json {
                 print_json(&sessions)?;
                 return ok();
