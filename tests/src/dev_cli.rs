@@ -21,6 +21,27 @@ pub fn postern_bin() -> PathBuf {
     bin
 }
 
+/// `postern connect TARGET -- psql … -Atc SQL` against the local server's `postgres`
+/// database through the session's port: the arguments after `postern`.
+pub fn connect_psql<'a>(target: &'a str, sql: &'a str) -> [&'a str; 14] {
+    [
+        "connect",
+        target,
+        "--",
+        "psql",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        "{port}",
+        "-U",
+        "postgres",
+        "-d",
+        "postgres",
+        "-Atc",
+        sql,
+    ]
+}
+
 /// `postern dev` running in the background, killed on drop.
 struct Dev {
     child: Child,
@@ -99,25 +120,7 @@ fn dev_then_connect_runs_real_psql_through_the_worker() {
         "banner says what to try:\n{banner}"
     );
 
-    let out = postern(
-        &dir,
-        &[
-            "connect",
-            "demo-postgres",
-            "--",
-            "psql",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            "{port}",
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-Atc",
-            "select 1",
-        ],
-    );
+    let out = postern(&dir, &connect_psql("demo-postgres", "select 1"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "connect failed: {stdout}\n{stderr}");
@@ -182,25 +185,7 @@ fn dev_keeps_its_state_in_postgresql_when_asked() {
     let dir = TempDir::new("postern-dev-pg");
     {
         let (_dev, _) = start_dev_with(&dir, &["--database-url", &db.url]);
-        let out = postern(
-            &dir,
-            &[
-                "connect",
-                "demo-postgres",
-                "--",
-                "psql",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                "{port}",
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-Atc",
-                "select 2",
-            ],
-        );
+        let out = postern(&dir, &connect_psql("demo-postgres", "select 2"));
         let (stdout, stderr) = (
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr),

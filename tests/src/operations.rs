@@ -261,22 +261,7 @@ async fn tls_controller_pins_its_ca_at_login_and_carries_a_session() {
     assert!(r.ok, "{}", r.stderr);
     let r = postern(
         cfg,
-        &[
-            "connect",
-            "pg",
-            "--",
-            "psql",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            "{port}",
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-Atc",
-            "select 40 + 2",
-        ],
+        &crate::dev_cli::connect_psql("pg", "select 40 + 2"),
         "",
     )
     .await;

@@ -271,22 +271,7 @@ async fn a_full_run_logs_no_secret() {
     cli_logs.push_str(&r.stderr);
     let r = cli(
         alice_cfg.clone(),
-        s(&[
-            "connect",
-            "pg",
-            "--",
-            "psql",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            "{port}",
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-Atc",
-            "select 1",
-        ]),
+        s(&crate::dev_cli::connect_psql("pg", "select 1")),
         String::new(),
     )
     .await;
