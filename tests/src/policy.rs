@@ -12,6 +12,17 @@ async fn authorize(api: &Api, target: &str) -> Result<Authorization, ApiFailure>
     api.authorize(target, None).await.map(|(auth, _)| auth)
 }
 
+/// `policy check USER TARGET`, asked by the admin.
+async fn decide(c: &Cluster, user: &str, target: &str) -> Decision {
+    c.admin
+        .ok(
+            Method::GET,
+            &format!("/v1/policy/check?user={user}&target={target}"),
+            None::<&()>,
+        )
+        .await
+}
+
 #[tokio::test]
 async fn refusals_are_explained_audited_and_deny_wins() {
     let c = Cluster::start().await.expect("cluster");
@@ -126,27 +137,13 @@ async fn refusals_are_explained_audited_and_deny_wins() {
         .expect("staging still allowed");
 
     // `policy check` explains both decisions.
-    let d: Decision = c
-        .admin
-        .ok(
-            Method::GET,
-            "/v1/policy/check?user=bob&target=pg-prod",
-            None::<&()>,
-        )
-        .await;
+    let d = decide(&c, "bob", "pg-prod").await;
     assert!(!d.allowed);
     assert_eq!(
         d.rule.as_deref(),
         Some("role 'no-prod' rule #1 (deny connect [env=prod])")
     );
-    let d: Decision = c
-        .admin
-        .ok(
-            Method::GET,
-            "/v1/policy/check?user=bob&target=pg-staging",
-            None::<&()>,
-        )
-        .await;
+    let d = decide(&c, "bob", "pg-staging").await;
     assert!(d.allowed, "{}", d.reason);
     assert!(d.reason.contains("role 'dev' rule #1"), "{}", d.reason);
 
@@ -500,14 +497,7 @@ async fn a_rule_can_be_removed_by_its_number() {
             Some(&json!({"user": "bob"})),
         )
         .await;
-    let d: Decision = c
-        .admin
-        .ok(
-            Method::GET,
-            "/v1/policy/check?user=bob&target=c-1",
-            None::<&()>,
-        )
-        .await;
+    let d = decide(&c, "bob", "c-1").await;
     assert!(d.allowed, "{}", d.reason);
     assert!(d.reason.contains("role 'dev' rule #2"), "{}", d.reason);
     let err = c
