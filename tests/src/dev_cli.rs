@@ -164,6 +164,22 @@ fn dev_then_connect_runs_real_psql_through_the_worker() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("did you mean 'demo-postgres'"), "{stderr}");
 
+    // A mistyped target is what `credentials set` reports, not the (here empty) secret.
+    let out = postern(
+        &dir,
+        &[
+            "credentials",
+            "set",
+            "demo-postgre",
+            "--username",
+            "u",
+            "--password-stdin",
+        ],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("did you mean 'demo-postgres'"), "{stderr}");
+
     // A filter naming nobody says so, with the suggestion, rather than only "nothing".
     for args in [
         &["sessions", "list", "--user", "admn"][..],

@@ -27,6 +27,17 @@ pub async fn run(ctx: &Ctx, cmd: CredentialsCmd) -> Result<ExitCode> {
             if ssh_ca {
                 return set_ssh_ca(ctx, &target, username).await;
             }
+            // The target first: a mistyped name is the error to report, before the secret
+            // is read (and found empty, or typed for nothing). (Any other refusal of the look
+            // is left to the write, which may be allowed without it.)
+            if let Err(e) = api
+                .get::<serde_json::Value>(&["v1", "targets", &target], &[])
+                .await
+            {
+                if e.is_not_found() {
+                    return Err(e.into());
+                }
+            }
             let (kind, secret) = match ssh_key {
                 Some(path) => {
                     let pem = std::fs::read_to_string(&path)
