@@ -31,6 +31,14 @@ pub enum ApiError {
         /// The transport error.
         detail: String,
     },
+    /// An `https://` address answered in plain HTTP.
+    #[error("the controller at {addr} does not speak HTTPS (it answered in plain HTTP): use {plain} — only `postern dev` serves plain HTTP, on loopback")]
+    NotTls {
+        /// The controller URL.
+        addr: String,
+        /// The same with `http://`.
+        plain: String,
+    },
     /// The controller's HTTPS certificate is not trusted here.
     #[error("the controller at {addr} presented a certificate this machine does not trust ({detail}): run `postern login --addr {addr}` to pin its CA, or pass --ca-file FILE")]
     Untrusted {
@@ -300,7 +308,13 @@ impl ApiClient {
 
     fn transport_error(&self, e: reqwest::Error) -> ApiError {
         let chain = error_chain(&e);
-        if e.is_connect() && chain.contains("certificate") {
+        // rustls, reading an HTTP answer as a TLS record.
+        if chain.contains("InvalidContentType") && self.addr.starts_with("https://") {
+            ApiError::NotTls {
+                addr: self.addr.clone(),
+                plain: self.addr.replacen("https://", "http://", 1),
+            }
+        } else if e.is_connect() && chain.contains("certificate") {
             ApiError::Untrusted {
                 addr: self.addr.clone(),
                 detail: root_cause(&e),
@@ -358,6 +372,37 @@ fn root_cause(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a plain-HTTP server (`postern dev`) answers to a TLS hello.
+    #[tokio::test]
+    async fn https_to_a_plain_http_server_says_so() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            if let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        let addr = format!("https://127.0.0.1:{port}");
+        let api = ApiClient::new(&addr, Some("token".into())).expect("client");
+        let err = api
+            .get::<serde_json::Value>(&["v1", "targets"], &[])
+            .await
+            .expect_err("no TLS there");
+        assert!(matches!(err, ApiError::NotTls { .. }), "{err:?}");
+        assert!(
+            err.to_string()
+                .contains(&format!("use http://127.0.0.1:{port}")),
+            "{err}"
+        );
+    }
 
     #[tokio::test]
     async fn an_empty_name_is_refused_before_any_request() {
