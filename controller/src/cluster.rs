@@ -722,10 +722,10 @@ async fn store_events(
         batch.push(NewEvent {
             event_id: Some(e.event_id),
             time: e.time,
+            outcome: worker_outcome(&action).into(),
             actor,
             action,
             resource: format!("session:{session_id}"),
-            outcome: "success".into(),
             session_id: Some(session_id.0),
             details,
         });
@@ -753,6 +753,19 @@ async fn store_events(
             .await?;
     }
     Ok(())
+}
+
+/// The outcome of an event a worker reports, from its action: a refusal (`ssh.refused`,
+/// `ssh.shell_refused`) is `denied`, a failure (`ssh.target_failed`) is `failure`, the rest
+/// (a statement, a connection closed, an exec) `success`.
+fn worker_outcome(action: &str) -> &'static str {
+    if action.ends_with("refused") {
+        "denied"
+    } else if action.ends_with("_failed") {
+        "failure"
+    } else {
+        "success"
+    }
 }
 
 /// The user of a session, the actor of its events (a worker's name if the session is
@@ -850,4 +863,18 @@ async fn write_frame<T: serde::Serialize>(
     send.write_all(&bytes)
         .await
         .map_err(|e| ClusterError::Stream(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_outcome;
+
+    #[test]
+    fn worker_refusals_and_failures_are_not_audited_as_successes() {
+        assert_eq!(worker_outcome("ssh.refused"), "denied");
+        assert_eq!(worker_outcome("ssh.shell_refused"), "denied");
+        assert_eq!(worker_outcome("ssh.target_failed"), "failure");
+        assert_eq!(worker_outcome("postgres.query"), "success");
+        assert_eq!(worker_outcome("connection.close"), "success");
+    }
 }

@@ -243,6 +243,19 @@ impl ControllerConfig {
                 message: format!("{url:?}: expected sqlite://PATH or postgres://USER@HOST:PORT/DB"),
             });
         }
+        // This build's PostgreSQL driver has no TLS (one crypto stack, ring, in the tree).
+        if ["require", "verify-ca", "verify-full"]
+            .iter()
+            .any(|mode| url.contains(&format!("sslmode={mode}")))
+        {
+            return Err(ConfigError::Invalid {
+                key: "database_url".into(),
+                message: "TLS to PostgreSQL (sslmode=require/verify-*) is not built in: reach the \
+                          database over loopback, a Unix socket or a private network, or through a \
+                          TLS tunnel"
+                    .into(),
+            });
+        }
         if let Some(kek) = self.kek_file.as_deref().filter(|p| p.is_dir()) {
             return Err(ConfigError::Invalid {
                 key: "kek_file".into(),
@@ -306,6 +319,9 @@ mod tests {
         let mut c = base();
         c.database_url = "postgres://postgres@127.0.0.1:5432/postern".into();
         assert!(c.validate().is_ok());
+        let mut c = base();
+        c.database_url = "postgres://u@db.internal:5432/postern?sslmode=require".into();
+        assert_eq!(key_of(c), "database_url");
         let mut c = base();
         c.kek_file = Some(dir.clone());
         assert_eq!(key_of(c), "kek_file");

@@ -97,6 +97,49 @@ pub fn check(
     })
 }
 
+/// Is `login` on `target` refused by a deny rule for `connect` that lists it (or `*`)? What
+/// a session as the brokered credential's own user must pass (it needs no allow rule naming
+/// the login: being allowed to connect is allowing that).
+pub fn login_not_denied(
+    rules: &[SourcedRule],
+    target: TargetRef<'_>,
+    login: &str,
+) -> Result<(), Denied> {
+    let denies = |r: &&SourcedRule| {
+        r.rule.effect == Effect::Deny
+            && rule_applies(&r.rule, "connect", Some(target))
+            && r.rule.logins.iter().any(|l| l == "*" || l == login)
+    };
+    match rules.iter().find(denies) {
+        Some(deny) => {
+            let rule = describe(deny);
+            let action = format!("connect as '{login}'");
+            Err(Denied {
+                reason: format!("{action} on target '{}' is denied by {rule}", target.name),
+                action,
+                rule: Some(rule),
+            })
+        }
+        None => Ok(()),
+    }
+}
+
+/// The login check of a session as `login` on `target`, whose brokered credential logs in
+/// as `own`: the credential's own user must only not be denied by name; any other login must
+/// be allowed by name too ([`check_login`]).
+pub fn session_login(
+    rules: &[SourcedRule],
+    target: TargetRef<'_>,
+    login: &str,
+    own: Option<&str>,
+) -> Result<(), Denied> {
+    if own == Some(login) {
+        login_not_denied(rules, target, login)
+    } else {
+        check_login(rules, target, login).map(|_| ())
+    }
+}
+
 /// May the user connect to `target` as `login` (an SSH user, a database user)? An allow rule
 /// for `connect` on the target must list the login (or `*`); a deny rule for `connect` on the
 /// target that lists it (or `*`) refuses it. Call after `check(…, "connect", …)` allowed.
@@ -105,23 +148,12 @@ pub fn check_login(
     target: TargetRef<'_>,
     login: &str,
 ) -> Result<Granted, Denied> {
+    login_not_denied(rules, target, login)?;
     let applies = |r: &&SourcedRule| {
         rule_applies(&r.rule, "connect", Some(target))
             && r.rule.logins.iter().any(|l| l == "*" || l == login)
     };
     let action = format!("connect as '{login}'");
-    if let Some(deny) = rules
-        .iter()
-        .filter(|r| r.rule.effect == Effect::Deny)
-        .find(applies)
-    {
-        let rule = describe(deny);
-        return Err(Denied {
-            reason: format!("{action} on target '{}' is denied by {rule}", target.name),
-            action,
-            rule: Some(rule),
-        });
-    }
     if let Some(allow) = rules
         .iter()
         .filter(|r| r.rule.effect == Effect::Allow)

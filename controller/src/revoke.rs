@@ -128,6 +128,25 @@ pub async fn end_user_sessions(
     end_sessions(state, &sessions, reason, actor).await
 }
 
+/// Ends every pending or active session carried by `worker` (pushing each cancellation to
+/// it while it is still connected).
+pub async fn end_worker_sessions(
+    state: &AppState,
+    worker: &str,
+    reason: &str,
+    actor: &str,
+) -> Result<usize, StoreError> {
+    let mut sessions = state
+        .store
+        .sessions(&SessionQuery {
+            active: Some(true),
+            ..Default::default()
+        })
+        .await?;
+    sessions.retain(|s| s.worker == worker);
+    end_sessions(state, &sessions, reason, actor).await
+}
+
 /// Ends every pending or active session to `target`.
 pub async fn end_target_sessions(
     state: &AppState,
@@ -181,10 +200,11 @@ pub async fn policy_refusal(state: &AppState, s: &Session) -> Result<Option<Stri
             Err(e) => Err(e),
         }
     };
-    let (user, target, rules) = tokio::try_join!(
+    let (user, target, rules, credential) = tokio::try_join!(
         state.store.find_user(&s.user),
         target,
         state.store.rules_for_user(&s.user),
+        state.store.credential(&s.target),
     )?;
     match user {
         Some(u) if !u.locked => {}
@@ -202,9 +222,24 @@ pub async fn policy_refusal(state: &AppState, s: &Session) -> Result<Option<Stri
         name: &target.name,
         labels: &target.labels,
     };
-    Ok(policy::check(&rules, "connect", Some(tref))
-        .err()
+    if let Err(d) = policy::check(&rules, "connect", Some(tref)) {
+        return Ok(Some(d.reason));
+    }
+    // The login it runs as, checked as at authorization (a deny rule naming it, added since,
+    // ends it).
+    let own = credential_login(credential.as_ref());
+    Ok(s.login
+        .as_deref()
+        .and_then(|login| policy::session_login(&rules, tref, login, own).err())
         .map(|d| d.reason))
+}
+
+/// The login of a target's brokered credential (`kind`, user name, sealed secret), if it
+/// is one: a per-session-role admin credential is never a login of its own.
+pub(crate) fn credential_login(credential: Option<&(String, String, String)>) -> Option<&str> {
+    credential
+        .filter(|(kind, _, _)| kind != "postgres_admin")
+        .map(|(_, user, _)| user.as_str())
 }
 
 /// Delivers cancellations that other controllers NOTIFY to the workers this controller

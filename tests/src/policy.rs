@@ -514,3 +514,125 @@ async fn a_rule_can_be_removed_by_its_number() {
     assert_eq!(err.status, 409, "{}", err.message);
     c.stop().await;
 }
+
+/// A deny rule naming a login refuses it even when it is the brokered credential's own user
+/// (the login a session gets when the client names none), and ends the sessions already
+/// running as it; a rule scoping admin actions to targets, which could never apply, is
+/// refused.
+#[tokio::test]
+async fn a_denied_login_is_refused_and_cut_even_as_the_credentials_own_user() {
+    let c = Cluster::start().await.expect("cluster");
+    let _: serde_json::Value = c
+        .admin
+        .ok(
+            Method::POST,
+            "/v1/targets",
+            Some(&json!({"name": "pg1", "type": "postgres", "address": "127.0.0.1:5432"})),
+        )
+        .await;
+    let _: serde_json::Value = c
+        .admin
+        .call(
+            Method::PUT,
+            "/v1/targets/pg1/credential",
+            Some(&json!({"kind": "password", "username": "postgres", "secret": "x"})),
+        )
+        .await
+        .expect("credential");
+    // A credential the target's protocol cannot use is refused when set, not at first use.
+    c.create_target("plain", "127.0.0.1:5432", &[]).await;
+    for (path, body, says) in [
+        (
+            "/v1/targets/pg1/credential",
+            json!({"kind": "ssh_key", "username": "u", "secret": "-----BEGIN OPENSSH PRIVATE KEY-----"}),
+            "a postgres target, which takes a password",
+        ),
+        (
+            "/v1/targets/plain/credential",
+            json!({"kind": "password", "username": "u", "secret": "x"}),
+            "a tcp target, which takes no credential",
+        ),
+    ] {
+        let err = c
+            .admin
+            .call::<serde_json::Value, _>(Method::PUT, path, Some(&body))
+            .await
+            .expect_err("a credential the target cannot use");
+        assert_eq!(err.status, 400, "{}", err.message);
+        assert!(err.message.contains(says), "{}", err.message);
+    }
+    let bob = c.user("bob").await;
+    for (path, body) in [
+        ("/v1/roles", json!({"name": "dev"})),
+        (
+            "/v1/roles/dev/rules",
+            json!({"effect": "allow", "actions": ["connect"], "targets": "pg*", "logins": ["app_ro"]}),
+        ),
+        ("/v1/roles/dev/bind", json!({"user": "bob"})),
+    ] {
+        let _: serde_json::Value = c.admin.ok(Method::POST, path, Some(&body)).await;
+    }
+    // As the credential's own user (no login named): allowed, and the session says so.
+    let auth = authorize(&bob, "pg1")
+        .await
+        .expect("the credential's own login");
+    let session: serde_json::Value = c
+        .admin
+        .ok(
+            Method::GET,
+            &format!("/v1/sessions/{}", auth.session_id),
+            None::<&()>,
+        )
+        .await;
+    assert_eq!(session["login"], "postgres", "{session}");
+
+    // A deny naming that login: the running session ends, a new one is refused.
+    let _: serde_json::Value = c
+        .admin
+        .ok(
+            Method::POST,
+            "/v1/roles/dev/rules",
+            Some(&json!({"effect": "deny", "actions": ["connect"], "targets": "pg1", "logins": ["postgres"]})),
+        )
+        .await;
+    let session: serde_json::Value = c
+        .admin
+        .ok(
+            Method::GET,
+            &format!("/v1/sessions/{}", auth.session_id),
+            None::<&()>,
+        )
+        .await;
+    assert_eq!(session["status"], "terminated", "{session}");
+    assert_eq!(session["end_reason"], "policy changed", "{session}");
+    let err = authorize(&bob, "pg1").await.expect_err("denied by login");
+    assert_eq!(err.status, 403);
+    assert!(
+        err.message
+            .contains("connect as 'postgres' on target 'pg1' is denied by role 'dev' rule #2"),
+        "{}",
+        err.message
+    );
+    // The login the allow rule names still works.
+    bob.authorize("pg1", Some("app_ro"))
+        .await
+        .expect("app_ro is not denied");
+
+    // Admin actions scoped to targets would never apply: refused.
+    let err = c
+        .admin
+        .call::<serde_json::Value, _>(
+            Method::POST,
+            "/v1/roles/dev/rules",
+            Some(&json!({"effect": "deny", "actions": ["sessions:cancel"], "targets": "pg1"})),
+        )
+        .await
+        .expect_err("a target-scoped admin action");
+    assert_eq!(err.status, 400);
+    assert!(
+        err.message.contains("sessions:cancel concern no target"),
+        "{}",
+        err.message
+    );
+    c.stop().await;
+}

@@ -480,3 +480,21 @@ async fn a_session_ended_before_its_client_arrives_never_starts() {
     assert_eq!(row.status, "terminated", "{row:?}");
     c.stop().await;
 }
+
+/// Deleting a worker ends its sessions and cuts their open connections at once, instead of
+/// leaving them to run until the worker's grace period and listed active until expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_worker_ends_its_sessions() {
+    let c = Cluster::start().await.expect("cluster");
+    let echo = echo_server().await;
+    c.create_target("echo", &echo.to_string(), &[]).await;
+    let (session, traffic, id) = live_session(&c.admin, "echo").await;
+    assert_cut(&c, session, traffic, &id, "worker deleted", async {
+        let _: serde_json::Value = c
+            .admin
+            .ok(Method::DELETE, "/v1/workers/w1", None::<&()>)
+            .await;
+    })
+    .await;
+    c.stop().await;
+}

@@ -153,3 +153,41 @@ async fn bad_tokens_and_garbage_are_refused_clearly() {
     session.close().await;
     c.stop().await;
 }
+
+/// A connection to a target that does not answer is refused with the reason, and the
+/// attempt is audited (as a failure) like the connections that did open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_target_is_refused_and_audited() {
+    let c = Cluster::start().await.expect("cluster");
+    // Port 1 on loopback: nothing listens there.
+    c.create_target("down", "127.0.0.1:1", &[]).await;
+    let (auth, key) = c.admin.authorize("down", None).await.expect("authorized");
+    let session = open_session(&auth, &key).await.expect("session opens");
+    match session.open_stream().await {
+        Err(SessionError::ConnRefused { code, message }) => {
+            assert_eq!(code, RefusalCode::TargetUnreachable, "{message}");
+            assert!(
+                message.contains("cannot reach target 127.0.0.1:1"),
+                "{message}"
+            );
+        }
+        Err(other) => panic!("expected a refusal, got {other}"),
+        Ok(_) => panic!("a connection to port 1 opened"),
+    }
+    let path = format!(
+        "/v1/audit?session={}&action=connection.target_failed",
+        auth.session_id
+    );
+    for _ in 0..100 {
+        let events: Vec<postern_controller::api::types::AuditEvent> =
+            c.admin.ok(Method::GET, &path, None::<&()>).await;
+        if let Some(e) = events.first() {
+            assert_eq!(e.outcome, "failure", "{e:?}");
+            session.close().await;
+            c.stop().await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no connection.target_failed event");
+}

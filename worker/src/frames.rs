@@ -11,7 +11,7 @@ pub(crate) enum ReadFrameError {
     #[error("stream ended before a whole frame arrived")]
     Finished,
     /// The stream or connection failed.
-    #[error("{0}")]
+    #[error("{}", read_failure(.0))]
     Transport(#[from] quinn::ReadError),
     /// The frame is too large or not the expected message: the peer's fault.
     #[error("{0}")]
@@ -25,8 +25,25 @@ pub(crate) enum WriteFrameError {
     #[error("{0}")]
     Encode(#[from] FrameError),
     /// The stream or connection failed.
-    #[error("{0}")]
+    #[error("{}", write_failure(.0))]
     Transport(#[from] quinn::WriteError),
+}
+
+/// quinn's "connection lost" with why: the reason a controller gives when it closes the
+/// connection ("worker deleted", "this controller runs no relay …") is in the cause.
+fn read_failure(e: &quinn::ReadError) -> String {
+    match e {
+        quinn::ReadError::ConnectionLost(why) => format!("connection lost: {why}"),
+        other => other.to_string(),
+    }
+}
+
+/// [`read_failure`] for a write.
+fn write_failure(e: &quinn::WriteError) -> String {
+    match e {
+        quinn::WriteError::ConnectionLost(why) => format!("connection lost: {why}"),
+        other => other.to_string(),
+    }
 }
 
 /// Reads one frame: the 4-byte length, then a body of at most [`frame::MAX_FRAME`] bytes.
@@ -56,4 +73,24 @@ async fn read_exact(recv: &mut RecvStream, buf: &mut [u8]) -> Result<(), ReadFra
         ReadExactError::FinishedEarly(_) => ReadFrameError::Finished,
         ReadExactError::ReadError(e) => ReadFrameError::Transport(e),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_connection_says_why() {
+        let closed = quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+            error_code: quinn::VarInt::from_u32(1),
+            reason: b"worker deleted"[..].into(),
+        });
+        let read = ReadFrameError::from(quinn::ReadError::ConnectionLost(closed.clone()));
+        assert_eq!(
+            read.to_string(),
+            "connection lost: closed by peer: worker deleted (code 1)"
+        );
+        let write = WriteFrameError::from(quinn::WriteError::ConnectionLost(closed));
+        assert!(write.to_string().contains("worker deleted"), "{write}");
+    }
 }

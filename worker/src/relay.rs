@@ -51,7 +51,7 @@ pub(crate) async fn serve_stream(
     mut recv: RecvStream,
 ) {
     let opened = tokio::select! {
-        opened = open(&session, &mut send, &mut recv) => opened,
+        opened = open(&session, &shared, &mut send, &mut recv) => opened,
         _ = conn.closed() => None,
     };
     let Some((upstream, guard)) = opened else {
@@ -103,6 +103,7 @@ enum Upstream {
 /// are written to the client here; `None` means there is nothing to relay.
 async fn open(
     session: &Arc<Session>,
+    shared: &Shared,
     send: &mut SendStream,
     recv: &mut RecvStream,
 ) -> Option<(Upstream, StreamGuard)> {
@@ -159,17 +160,23 @@ async fn open(
         return Some((Upstream::Ssh, guard));
     }
     let endpoint = &session.endpoint;
-    let tcp = match timeout(DIAL_TIMEOUT, dial(endpoint.as_str())).await {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => {
+    let failure = match timeout(DIAL_TIMEOUT, dial(endpoint.as_str())).await {
+        Ok(Ok(tcp)) => Ok(tcp),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer within 10 s".to_owned()),
+    };
+    let tcp = match failure {
+        Ok(tcp) => tcp,
+        Err(why) => {
             guard.release_attempt();
-            let message = format!("cannot reach target {endpoint}: {e}");
-            refuse(send, RefusalCode::TargetUnreachable, message).await;
-            return None;
-        }
-        Err(_) => {
-            guard.release_attempt();
-            let message = format!("cannot reach target {endpoint}: no answer within 10 s");
+            // Audited as the closed connections are: an engineer who could not reach the
+            // target is part of what happened.
+            shared.audit(
+                &session.id,
+                "connection.target_failed",
+                &serde_json::json!({"endpoint": endpoint, "error": why}),
+            );
+            let message = format!("cannot reach target {endpoint}: {why}");
             refuse(send, RefusalCode::TargetUnreachable, message).await;
             return None;
         }

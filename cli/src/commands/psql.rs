@@ -4,9 +4,9 @@
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
-use postern_controller::api::types::{CredentialInfo, CredentialKind};
+use postern_controller::api::types::{CredentialInfo, CredentialKind, Target, TargetType};
 
 use super::connect::{run_session, SessionRequest};
 use super::Ctx;
@@ -17,6 +17,21 @@ const PSQL: &str = "psql";
 
 /// Runs `postern psql`.
 pub async fn run(ctx: &Ctx, args: PsqlArgs) -> Result<ExitCode> {
+    // psql speaks to a tcp or postgres target; an ssh one is refused before a session is
+    // made for nothing (if the caller may look the target up; the session refuses it anyway).
+    if let Ok(target) = ctx
+        .api()?
+        .get::<Target>(&["v1", "targets", &args.target], &[])
+        .await
+    {
+        if target.kind == TargetType::Ssh {
+            bail!(
+                "target '{}' is an ssh target, not a database: use `postern ssh {}`",
+                target.name,
+                target.name
+            );
+        }
+    }
     // psql sends a database name in any case (its default is the OS user's name): without
     // `--db`, ask for the database user's own database, as a direct login would.
     let db_user = match &args.db_user {

@@ -108,7 +108,7 @@ fn show(r: &Role) {
     if r.rules.is_empty() {
         println!("  no rules");
     }
-    let mut t = Table::new(&["  #", "EFFECT", "ACTIONS", "TARGETS", "LABELS"]);
+    let mut t = Table::new(&["  #", "EFFECT", "ACTIONS", "TARGETS", "LABELS", "LOGINS"]);
     for (i, rule) in r.rules.iter().enumerate() {
         t.row(vec![
             format!("  {}", i + 1),
@@ -116,6 +116,12 @@ fn show(r: &Role) {
             rule.actions.join(","),
             rule.targets.clone().unwrap_or_else(|| "*".into()),
             kv_list(&rule.labels),
+            // A deny with logins refuses only those logins: it must not read as a blanket one.
+            if rule.logins.is_empty() {
+                "-".into()
+            } else {
+                rule.logins.join(",")
+            },
         ]);
     }
     if !r.rules.is_empty() {

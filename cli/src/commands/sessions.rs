@@ -93,9 +93,18 @@ fn show(ctx: &Ctx, s: &Session) -> Result<()> {
         ("Target", s.target.clone()),
         ("Worker", s.worker.clone()),
         ("Status", s.status.clone()),
+        ("Login", opt(s.login.clone())),
         ("Created", when(s.created_at)),
         ("Activated", opt(s.activated_at.map(when))),
-        ("Expires", when(s.expires_at)),
+        // An ended session expires no more ("in 1h" would read as still running).
+        (
+            "Expires",
+            if s.ended_at.is_some() {
+                "-".into()
+            } else {
+                when(s.expires_at)
+            },
+        ),
         ("Ended", opt(s.ended_at.map(when))),
         ("End reason", opt(s.end_reason.clone())),
         ("Connections", s.connections.to_string()),

@@ -495,6 +495,26 @@ pub async fn add_rule(
     for a in &rule.actions {
         validate_action(a).map_err(ApiError::BadRequest)?;
     }
+    // Admin actions (NOUN:VERB) are checked with no target: a rule that also selects
+    // targets would never apply to them, its allow granting and its deny refusing nothing.
+    let admin: Vec<&str> = rule
+        .actions
+        .iter()
+        .map(String::as_str)
+        .filter(|a| a.contains(':'))
+        .collect();
+    if !admin.is_empty() && (rule.targets.is_some() || !rule.labels.is_empty()) {
+        return Err(ApiError::BadRequest(format!(
+            "{} concern no target, so a rule with a target pattern or labels would never apply \
+             to them: put them in a rule without --targets and --label",
+            admin.join(", ")
+        )));
+    }
+    if !rule.logins.is_empty() && !rule.actions.iter().any(|a| a == "connect" || a == "*") {
+        return Err(ApiError::BadRequest(
+            "logins concern connect only: a rule with logins must include connect".into(),
+        ));
+    }
     if let Some(g) = &rule.targets {
         validate_glob(g)
             .map_err(|e| ApiError::BadRequest(format!("invalid target glob '{g}': {e}")))?;

@@ -283,34 +283,33 @@ pub async fn authorize(
         .unwrap_or(target.default_duration_secs)
         // (Targets stored before durations were bounded may hold any maximum.)
         .clamp(1, target.max_duration_secs.clamp(1, MAX_SESSION_SECS));
-    // A login other than the brokered credential's own user must be permitted by name.
-    if let Some(login) = &req.login {
-        // A per-session-role admin credential is never a login of its own.
-        let own = credential
-            .as_ref()
-            .filter(|(kind, _, _)| kind != "postgres_admin")
-            .map(|(_, user, _)| user);
-        if own != Some(login) {
-            if let Err(denied) =
-                crate::policy::check_login(&caller.rules, target_ref(&target), login)
-            {
-                state
-                    .audit(
-                        caller.name(),
-                        "session.denied",
-                        &resource,
-                        "denied",
-                        json!({"reason": denied.reason, "rule": denied.rule, "login": login}),
-                    )
-                    .await?;
-                return Err(ApiError::Forbidden(format!(
-                    "permission denied for user '{}': {}",
+    // The login the session runs as: the one asked for, else the brokered credential's own
+    // user (a per-session-role admin credential is never a login of its own). Another login
+    // than the credential's must be permitted by name; any login, the credential's own too,
+    // is refused by a deny rule naming it.
+    let own = crate::revoke::credential_login(credential.as_ref());
+    let login = req.login.as_deref().or(own);
+    if let Some(login) = login {
+        if let Err(denied) =
+            crate::policy::session_login(&caller.rules, target_ref(&target), login, own)
+        {
+            state
+                .audit(
                     caller.name(),
-                    denied.reason
-                )));
-            }
+                    "session.denied",
+                    &resource,
+                    "denied",
+                    json!({"reason": denied.reason, "rule": denied.rule, "login": login}),
+                )
+                .await?;
+            return Err(ApiError::Forbidden(format!(
+                "permission denied for user '{}': {}",
+                caller.name(),
+                denied.reason
+            )));
         }
     }
+    let login = login.map(str::to_owned);
 
     let worker = pick_worker(workers, &target)?;
     let worker_addr = worker.session_addr.clone().ok_or_else(|| {
@@ -349,6 +348,7 @@ pub async fn authorize(
         target: target.name.clone(),
         worker: worker.name.clone(),
         expires_at: claims.exp,
+        login,
     };
     state
         .audit_with(
@@ -472,6 +472,39 @@ pub async fn set_credential(
             "ssh_key secret must be a PEM/OpenSSH private key".into(),
         ));
     }
+    if req.kind == CredentialKind::SshKey && ssh_key_is_encrypted(&req.secret) {
+        return Err(ApiError::BadRequest(
+            "the SSH key is protected by a passphrase, which the worker cannot type: store an \
+             unprotected copy (ssh-keygen -p -N '' -f COPY)"
+                .into(),
+        ));
+    }
+    // A credential the target's protocol cannot use would be stored, then fail at the first
+    // session with a misleading error.
+    let target = state.store.target(&name).await?;
+    let fits = matches!(
+        (target.kind, req.kind),
+        (
+            TargetType::Postgres,
+            CredentialKind::Password | CredentialKind::PostgresAdmin
+        ) | (
+            TargetType::Ssh,
+            CredentialKind::Password | CredentialKind::SshKey | CredentialKind::SshCa
+        )
+    );
+    if !fits {
+        let takes = match target.kind {
+            TargetType::Postgres => {
+                "a password (--password-stdin, with --per-session-roles for an admin)"
+            }
+            TargetType::Ssh => "a password, an SSH key (--ssh-key) or the SSH CA (--ssh-ca)",
+            TargetType::Tcp => "no credential: its bytes go through untouched",
+        };
+        return Err(ApiError::BadRequest(format!(
+            "target '{name}' is a {} target, which takes {takes}",
+            target.kind.as_str()
+        )));
+    }
     let kind = match req.kind {
         CredentialKind::Password => "password",
         CredentialKind::SshKey => "ssh_key",
@@ -503,6 +536,15 @@ pub async fn set_credential(
         kind: req.kind,
         username: req.username,
     }))
+}
+
+/// Whether an SSH private key is protected by a passphrase (OpenSSH or PEM format).
+fn ssh_key_is_encrypted(pem: &str) -> bool {
+    match ssh_key::PrivateKey::from_openssh(pem.trim()) {
+        Ok(key) => key.is_encrypted(),
+        // Older PEM formats: an encrypted one says so in its armour or headers.
+        Err(_) => pem.contains("ENCRYPTED"),
+    }
 }
 
 /// `GET /v1/targets/{name}/credential`: kind and user name, never the secret.

@@ -482,6 +482,9 @@ pub struct Session {
     pub bytes_up: i64,
     /// Bytes target → client over closed connections.
     pub bytes_down: i64,
+    /// The login it runs as on the target (SSH user, database user), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<String>,
 }
 
 /// Query of `GET /v1/sessions`.

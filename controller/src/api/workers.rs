@@ -87,13 +87,16 @@ pub async fn create(
     }))
 }
 
-/// `DELETE /v1/workers/{name}`: its certificate is no longer trusted, its connection cut.
+/// `DELETE /v1/workers/{name}`: its sessions end (their connections cut while it still
+/// listens), its certificate is no longer trusted, its connection cut.
 pub async fn delete(
     State(state): State<AppState>,
     caller: Caller,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     caller.require(&state, "workers:write", None).await?;
+    state.store.worker(&name).await?;
+    crate::revoke::end_worker_sessions(&state, &name, "worker deleted", caller.name()).await?;
     state.store.delete_worker(&name).await?;
     state.workers.disconnect(&name, "worker deleted");
     state

@@ -38,6 +38,7 @@ macro_rules! migration_list {
             (5, "oidc", include_str!(concat!("../../../migrations/", $dir, "/0005_oidc.sql"))),
             (6, "audit chain", include_str!(concat!("../../../migrations/", $dir, "/0006_audit_chain.sql"))),
             (7, "workers mode", include_str!(concat!("../../../migrations/", $dir, "/0007_workers_mode.sql"))),
+            (8, "session login", include_str!(concat!("../../../migrations/", $dir, "/0008_session_login.sql"))),
         ]
     };
 }

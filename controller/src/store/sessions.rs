@@ -18,14 +18,16 @@ pub struct NewSession {
     pub worker: String,
     /// Expiry.
     pub expires_at: i64,
+    /// The login it runs as on the target, if it has one.
+    pub login: Option<String>,
 }
 
 impl NewSession {
     /// Stores it as a pending session through `conn` (a transaction's, say).
     pub(crate) async fn insert(&self, conn: &mut sqlx::AnyConnection) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO sessions (id, user_name, target_name, worker_name, status, created_at, expires_at) \
-             VALUES ($1, $2, $3, $4, 'pending', $5, $6)",
+            "INSERT INTO sessions (id, user_name, target_name, worker_name, status, created_at, expires_at, login) \
+             VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7)",
         )
         .bind(&self.id)
         .bind(&self.user)
@@ -33,6 +35,7 @@ impl NewSession {
         .bind(&self.worker)
         .bind(now())
         .bind(self.expires_at)
+        .bind(self.login.as_deref())
         .execute(conn)
         .await?;
         Ok(())
@@ -42,7 +45,7 @@ impl NewSession {
 /// A stored session (the API type is the row).
 pub type SessionRow = Session;
 
-const SESSION_COLS: &str = "id, user_name, target_name, worker_name, status, created_at, expires_at, activated_at, ended_at, end_reason, connections, bytes_up, bytes_down";
+const SESSION_COLS: &str = "id, user_name, target_name, worker_name, status, created_at, expires_at, activated_at, ended_at, end_reason, connections, bytes_up, bytes_down, login";
 
 fn session_from(row: &sqlx::any::AnyRow) -> Result<Session, StoreError> {
     Ok(Session {
@@ -59,6 +62,7 @@ fn session_from(row: &sqlx::any::AnyRow) -> Result<Session, StoreError> {
         connections: row.try_get("connections")?,
         bytes_up: row.try_get("bytes_up")?,
         bytes_down: row.try_get("bytes_down")?,
+        login: row.try_get("login")?,
     })
 }
 

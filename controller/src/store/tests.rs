@@ -239,7 +239,7 @@ async fn targets_workers_and_sessions() {
         s.worker_disconnected("w1", "other").await.expect("noop");
         assert!(s.worker("w1").await.expect("w").connected_to.is_some(), "only the holder disconnects");
 
-        let new = NewSession { id: "s_1".into(), user: "bob".into(), target: "pg-prod".into(), worker: "w1".into(), expires_at: now() + 60 };
+        let new = NewSession { id: "s_1".into(), user: "bob".into(), target: "pg-prod".into(), worker: "w1".into(), expires_at: now() + 60, login: Some("app".into()) };
         s.insert_session(&new).await.expect("session");
         assert!(s.activate_session("s_1").await.expect("activate"));
         assert!(s.activate_session("s_1").await.expect("again"), "idempotent");
@@ -253,6 +253,7 @@ async fn targets_workers_and_sessions() {
         assert!(!s.activate_session("s_1").await.expect("activate"), "ended sessions stay ended");
         let ended = s.session("s_1").await.expect("get");
         assert_eq!((ended.status.as_str(), ended.end_reason.as_deref()), ("terminated", Some("client closed")));
+        assert_eq!(ended.login.as_deref(), Some("app"), "the login is kept");
         assert!(s.sessions(&SessionQuery { active: Some(true), ..Default::default() }).await.expect("l").is_empty());
         assert_eq!(s.sessions(&SessionQuery { user: Some("bob".into()), ..Default::default() }).await.expect("l").len(), 1);
     })
