@@ -355,6 +355,30 @@ impl Cluster {
         self.admin.login(name, &password).await.expect("user login")
     }
 
+    /// Creates role `name` with `rules` (in order) and binds it to `principal`
+    /// (`{"user": …}` or `{"group": …}`).
+    pub async fn role(
+        &self,
+        name: &str,
+        rules: &[serde_json::Value],
+        principal: serde_json::Value,
+    ) {
+        let role = |path: &str| format!("/v1/roles{path}");
+        let mut calls = vec![(role(""), serde_json::json!({"name": name}))];
+        calls.extend(
+            rules
+                .iter()
+                .map(|r| (role(&format!("/{name}/rules")), r.clone())),
+        );
+        calls.push((role(&format!("/{name}/bind")), principal));
+        for (path, body) in calls {
+            let _: serde_json::Value = self
+                .admin
+                .ok(reqwest::Method::POST, &path, Some(&body))
+                .await;
+        }
+    }
+
     /// Stops both.
     pub async fn stop(mut self) {
         if let Some(w) = self.worker.take() {

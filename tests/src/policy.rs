@@ -461,20 +461,15 @@ async fn a_target_of_another_type_is_refused_before_a_session_is_made() {
 #[tokio::test]
 async fn a_rule_can_be_removed_by_its_number() {
     let c = Cluster::start().await.expect("cluster");
-    let _: serde_json::Value = c
-        .admin
-        .ok(Method::POST, "/v1/roles", Some(&json!({"name": "dev"})))
-        .await;
-    for targets in ["a-*", "b-*", "c-*"] {
-        let _: serde_json::Value = c
-            .admin
-            .ok(
-                Method::POST,
-                "/v1/roles/dev/rules",
-                Some(&json!({"effect": "allow", "actions": ["connect"], "targets": targets})),
-            )
-            .await;
-    }
+    let _bob = c.user("bob").await;
+    let rule =
+        |targets: &str| json!({"effect": "allow", "actions": ["connect"], "targets": targets});
+    c.role(
+        "dev",
+        &[rule("a-*"), rule("b-*"), rule("c-*")],
+        json!({"user": "bob"}),
+    )
+    .await;
     let role: serde_json::Value = c
         .admin
         .ok(Method::DELETE, "/v1/roles/dev/rules/2", None::<&()>)
@@ -488,15 +483,6 @@ async fn a_rule_can_be_removed_by_its_number() {
     assert_eq!(globs, ["a-*", "c-*"]);
     // The policy numbers what is left 1, 2.
     c.create_target("c-1", "127.0.0.1:5432", &[]).await;
-    let _bob = c.user("bob").await;
-    let _: serde_json::Value = c
-        .admin
-        .ok(
-            Method::POST,
-            "/v1/roles/dev/bind",
-            Some(&json!({"user": "bob"})),
-        )
-        .await;
     let d = decide(&c, "bob", "c-1").await;
     assert!(d.allowed, "{}", d.reason);
     assert!(d.reason.contains("role 'dev' rule #2"), "{}", d.reason);
@@ -562,16 +548,12 @@ async fn a_denied_login_is_refused_and_cut_even_as_the_credentials_own_user() {
         assert!(err.message.contains(says), "{}", err.message);
     }
     let bob = c.user("bob").await;
-    for (path, body) in [
-        ("/v1/roles", json!({"name": "dev"})),
-        (
-            "/v1/roles/dev/rules",
-            json!({"effect": "allow", "actions": ["connect"], "targets": "pg*", "logins": ["app_ro"]}),
-        ),
-        ("/v1/roles/dev/bind", json!({"user": "bob"})),
-    ] {
-        let _: serde_json::Value = c.admin.ok(Method::POST, path, Some(&body)).await;
-    }
+    c.role(
+        "dev",
+        &[json!({"effect": "allow", "actions": ["connect"], "targets": "pg*", "logins": ["app_ro"]})],
+        json!({"user": "bob"}),
+    )
+    .await;
     // As the credential's own user (no login named): allowed, and the session says so.
     let auth = authorize(&bob, "pg1")
         .await

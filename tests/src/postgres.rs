@@ -430,16 +430,12 @@ async fn a_database_user_not_permitted_is_refused_at_authorization() {
     let c = Cluster::start().await.expect("cluster");
     pg_target(&c, "pg", &pg, APP_USER, APP_PASSWORD).await;
     let bob = c.user("bob").await;
-    for (path, body) in [
-        ("/v1/roles", json!({"name": "pg-app"})),
-        (
-            "/v1/roles/pg-app/rules",
-            json!({"effect": "allow", "actions": ["connect"], "targets": "pg", "logins": ["app"]}),
-        ),
-        ("/v1/roles/pg-app/bind", json!({"user": "bob"})),
-    ] {
-        let _: serde_json::Value = c.admin.ok(Method::POST, path, Some(&body)).await;
-    }
+    c.role(
+        "pg-app",
+        &[json!({"effect": "allow", "actions": ["connect"], "targets": "pg", "logins": ["app"]})],
+        json!({"user": "bob"}),
+    )
+    .await;
     let bob_token = bob.token.clone().expect("bob's token");
 
     // `reader` exists on the server but no rule names it: refused by the controller.
