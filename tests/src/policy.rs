@@ -618,3 +618,42 @@ async fn a_denied_login_is_refused_and_cut_even_as_the_credentials_own_user() {
     );
     c.stop().await;
 }
+
+/// A user who may not see others' sessions gets the same answer for another user's session
+/// id as for one that does not exist (the refusal is still audited).
+#[tokio::test]
+async fn others_session_ids_are_not_disclosed() {
+    let c = Cluster::start().await.expect("cluster");
+    c.create_target("pg", "127.0.0.1:5432", &[]).await;
+    let (auth, _) = c
+        .admin
+        .authorize("pg", None)
+        .await
+        .expect("admin's session");
+    let bob = c.user("bob").await;
+    let mut answers = Vec::new();
+    for id in [auth.session_id.as_str(), "s_doesnotexist"] {
+        for (method, path) in [
+            (Method::GET, format!("/v1/sessions/{id}")),
+            (Method::POST, format!("/v1/sessions/{id}/cancel")),
+        ] {
+            let err = bob
+                .call::<serde_json::Value, ()>(method, &path, None)
+                .await
+                .expect_err("not bob's");
+            answers.push((err.status, err.message.replace(id, "ID")));
+        }
+    }
+    assert_eq!(answers[0..2], answers[2..4], "{answers:?}");
+    assert_eq!(answers[0].0, 404);
+    let session: serde_json::Value = c
+        .admin
+        .ok(
+            Method::GET,
+            &format!("/v1/sessions/{}", auth.session_id),
+            None::<&()>,
+        )
+        .await;
+    assert_ne!(session["status"], "terminated", "bob's cancel did nothing");
+    c.stop().await;
+}

@@ -38,6 +38,17 @@ async fn visible_session(
 ) -> Result<Session, ApiError> {
     let s = state.store.session(id).await?;
     if s.user != caller.name() {
+        if !caller.may("sessions:read", None) {
+            // Refused (and audited as such), but answered as an unknown id: a caller who may
+            // not see others' sessions does not learn which ids exist.
+            let _denied = caller.require(state, "sessions:read", None).await;
+            return Err(crate::store::StoreError::NotFound {
+                kind: "session",
+                name: id.to_owned(),
+                suggestion: None,
+            }
+            .into());
+        }
         caller.require(state, action, None).await?;
     }
     Ok(s)
