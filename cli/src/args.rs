@@ -574,6 +574,9 @@ pub enum PolicyCmd {
         /// Action to check.
         #[arg(long, default_value = "connect")]
         action: String,
+        /// For connect: the login to check (default: the target's credential's user).
+        #[arg(long)]
+        login: Option<String>,
     },
 }
 

@@ -599,6 +599,19 @@ async fn a_denied_login_is_refused_and_cut_even_as_the_credentials_own_user() {
     bob.authorize("pg1", Some("app_ro"))
         .await
         .expect("app_ro is not denied");
+    // policy check answers the same, for the credential's login and a named one.
+    let d = decide(&c, "bob", "pg1").await;
+    assert!(!d.allowed, "{}", d.reason);
+    assert!(d.reason.contains("connect as 'postgres'"), "{}", d.reason);
+    let d: Decision = c
+        .admin
+        .ok(
+            Method::GET,
+            "/v1/policy/check?user=bob&target=pg1&login=app_ro",
+            None::<&()>,
+        )
+        .await;
+    assert!(d.allowed, "{}", d.reason);
 
     // Admin actions scoped to targets would never apply: refused.
     let err = c

@@ -17,12 +17,16 @@ pub async fn run(ctx: &Ctx, cmd: PolicyCmd) -> Result<ExitCode> {
         user,
         target,
         action,
+        login,
     } = cmd;
-    let query = [
+    let mut query = vec![
         ("user", user.clone()),
         ("target", target.clone()),
         ("action", action),
     ];
+    if let Some(login) = login {
+        query.push(("login", login));
+    }
     let d: Decision = ctx.api()?.get(&["v1", "policy", "check"], &query).await?;
     if ctx.json {
         print_json(&d)?;

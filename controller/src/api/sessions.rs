@@ -113,7 +113,19 @@ pub async fn policy_check(
         name: &target.name,
         labels: &target.labels,
     };
-    Ok(Json(match policy::check(&rules, &action, Some(tref)) {
+    // For connect, the login too, as authorize checks it.
+    let credential = state.store.credential(&target.name).await?;
+    let own = crate::revoke::credential_login(credential.as_ref());
+    let login = q.login.as_deref().or(own).filter(|_| action == "connect");
+    let verdict = policy::check(&rules, &action, Some(tref)).and_then(|granted| match login {
+        Some(login) => policy::session_login(&rules, tref, login, own).map(|()| granted),
+        None => Ok(granted),
+    });
+    let action = match login {
+        Some(login) => format!("{action} as '{login}'"),
+        None => action,
+    };
+    Ok(Json(match verdict {
         Ok(g) => Decision {
             allowed: true,
             reason: format!(

@@ -547,6 +547,10 @@ pub struct PolicyCheckQuery {
     /// Action, `connect` if absent.
     #[serde(default)]
     pub action: Option<String>,
+    /// For `connect`: the login (SSH user, database user) to check; the target's brokered
+    /// credential's own user if absent, as at authorize.
+    #[serde(default)]
+    pub login: Option<String>,
 }
 
 /// An explained policy decision.
