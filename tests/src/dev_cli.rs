@@ -190,6 +190,10 @@ fn dev_then_connect_runs_real_psql_through_the_worker() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("did you mean"), "{args:?}: {stderr}");
     }
+    let out = postern(&dir, &["recordings", "list", "--session", "s_nope"]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("s_nope"), "{stderr}");
 }
 
 /// `postern dev --database-url`: the same dev stack with the controller's state in
@@ -325,4 +329,23 @@ fn a_second_dev_on_the_same_data_dir_is_refused() {
     );
     let workers: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(workers[0]["connected"], true, "{workers}");
+
+    // Deleting a worker that never registered says what that did.
+    let out = postern(&dir, &["workers", "create", "spare"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = postern(&dir, &["workers", "delete", "spare"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("activation token can no longer be used"),
+        "{stdout}"
+    );
 }

@@ -146,8 +146,12 @@ fn ok() -> Result<ExitCode> {
 /// does not exist — the controller's "no user named …, did you mean …" — so that a typo is
 /// not read as "nothing happened". Names the caller may not look up are left alone.
 async fn unknown_filter_names(api: &ApiClient, user: Option<&str>, target: Option<&str>) {
-    let named = [("users", user), ("targets", target)];
-    for (kind, name) in named {
+    unknown_names(api, &[("users", user), ("targets", target)]).await;
+}
+
+/// [`unknown_filter_names`] for any kind of thing (`users`, `targets`, `sessions`).
+async fn unknown_names(api: &ApiClient, named: &[(&str, Option<&str>)]) {
+    for &(kind, name) in named {
         let Some(name) = name.filter(|n| !n.trim().is_empty()) else {
             continue;
         };

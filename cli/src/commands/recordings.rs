@@ -21,9 +21,14 @@ pub async fn run(ctx: &Ctx, cmd: RecordingsCmd) -> Result<ExitCode> {
     let api = ctx.api()?;
     match cmd {
         RecordingsCmd::List { session } => {
-            let query: Vec<(&str, String)> =
-                session.map(|s| vec![("session", s)]).unwrap_or_default();
+            let query: Vec<(&str, String)> = session
+                .clone()
+                .map(|s| vec![("session", s)])
+                .unwrap_or_default();
             let list: Vec<Recording> = api.get(&["v1", "recordings"], &query).await?;
+            if list.is_empty() {
+                super::unknown_names(&api, &[("sessions", session.as_deref())]).await;
+            }
             if ctx.json {
                 print_json(&list)?;
                 return ok();

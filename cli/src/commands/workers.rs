@@ -93,9 +93,24 @@ pub async fn run(ctx: &Ctx, cmd: WorkersCmd) -> Result<ExitCode> {
             t.print("No workers. Create one with `postern workers create NAME`.");
         }
         WorkersCmd::Delete { name } => {
+            // What it was decides what deleting it did (a worker that never registered had
+            // no certificate to stop trusting).
+            let before: Option<Worker> = api
+                .get::<Vec<Worker>>(&["v1", "workers"], &[])
+                .await
+                .ok()
+                .and_then(|all| all.into_iter().find(|w| w.name == name));
             api.delete(&["v1", "workers", &name]).await?;
             if !ctx.json {
-                println!("Deleted worker {name}; its certificate is no longer trusted.");
+                match before {
+                    Some(w) if w.status == "pending" => println!(
+                        "Deleted worker {name}; its activation token can no longer be used."
+                    ),
+                    _ => println!(
+                        "Deleted worker {name}: its sessions have ended and its certificate is \
+                         no longer trusted."
+                    ),
+                }
             }
         }
     }
