@@ -162,6 +162,10 @@ async fn psql_logs_in_with_a_password_the_engineer_never_saw() {
     );
     assert_eq!(stdout, "app|app", "stderr: {stderr}");
     assert!(!stdout.contains(APP_PASSWORD) && !stderr.contains(APP_PASSWORD));
+    assert!(
+        !stderr.contains("NOTICE"),
+        "no notice when the users agree: {stderr}"
+    );
 
     // The statement is in the audit log, with who, where and as whom.
     let events = audit_until(&c, "postgres.query", |events| {
@@ -191,6 +195,29 @@ async fn psql_logs_in_with_a_password_the_engineer_never_saw() {
     )
     .await;
     assert_eq!(text(&out).0, "6000", "{:?}", text(&out));
+    // A client naming another user is told whom the session logs in as.
+    let out = client(
+        "psql",
+        addr,
+        &[
+            "-XAt",
+            "-U",
+            "someone",
+            "-d",
+            "app",
+            "-c",
+            "select current_user",
+        ],
+    )
+    .await;
+    let (stdout, stderr) = text(&out);
+    assert_eq!(stdout, "app", "{stderr}");
+    assert!(
+        stderr.contains(
+            "NOTICE:  this Postern session logs in as database user \"app\", not \"someone\""
+        ),
+        "{stderr}"
+    );
     let events = audit_until(&c, "postgres.query", |events| {
         events.iter().any(|e| e.details["truncated"] == true)
     })

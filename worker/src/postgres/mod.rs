@@ -257,7 +257,12 @@ async fn serve_connection(
     };
     let ready = auth::log_in(tcp, &login, &startup, counts).await?;
     let client_key = pg.cancel.issue(&session.id, ready.server_key);
-    let greeting = startup::greeting(&startup, &ready, client_key.as_ref().map(|k| k.key));
+    let greeting = startup::greeting(
+        &startup,
+        &login.user,
+        &ready,
+        client_key.as_ref().map(|k| k.key),
+    );
     send.write_all(&greeting)
         .await
         .map_err(|e| PgError::Client(e.into()))?;

@@ -89,7 +89,12 @@ async fn read_more(recv: &mut RecvStream, buf: &mut BytesMut, max: usize) -> Res
 /// What the client gets once the worker is logged in: `NegotiateProtocolVersion` if it asked
 /// for more than 3.0, `AuthenticationOk` (it was never asked for a password), the server's
 /// parameters and notices, the cancel key of the worker's own, and `ReadyForQuery`.
-pub(super) fn greeting(startup: &Startup, ready: &Ready, client_key: Option<CancelKey>) -> Vec<u8> {
+pub(super) fn greeting(
+    startup: &Startup,
+    login_user: &str,
+    ready: &Ready,
+    client_key: Option<CancelKey>,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(ready.greeting.len() + 64);
     let options: Vec<&str> = startup
         .params
@@ -101,6 +106,17 @@ pub(super) fn greeting(startup: &Startup, ready: &Ready, client_key: Option<Canc
         out.extend_from_slice(&codec::negotiate_protocol_version(&options));
     }
     out.extend_from_slice(&codec::auth_ok());
+    // The client named another user than the session logs in as (psql's -U, or the OS user
+    // it sends by default): say so, rather than run as someone else without a word.
+    if let Some(asked) = startup.param("user").filter(|u| *u != login_user) {
+        out.extend_from_slice(&codec::notice(
+            &format!(
+                "this Postern session logs in as database user \"{login_user}\", not \"{asked}\""
+            ),
+            "the session's login is chosen when it is opened: postern psql TARGET --db-user USER \
+             (or postern connect TARGET --login USER)",
+        ));
+    }
     out.extend_from_slice(&ready.greeting);
     if let Some(key) = client_key {
         out.extend_from_slice(&codec::backend_key_data(key));

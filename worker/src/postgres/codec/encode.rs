@@ -40,6 +40,26 @@ pub fn fatal(code: &str, message_text: &str, hint: Option<&str>) -> Vec<u8> {
 
 /// An `ErrorResponse` carrying `fields`.
 pub fn error_response(fields: &ErrorFields) -> Vec<u8> {
+    message(b'E', &fields_body(fields))
+}
+
+/// A `NoticeResponse` (severity `NOTICE`, SQLSTATE 01000) with `text` and a hint: what psql
+/// prints as `NOTICE: …` and goes on.
+pub fn notice(text: &str, hint: &str) -> Vec<u8> {
+    message(
+        b'N',
+        &fields_body(&ErrorFields {
+            severity: "NOTICE".into(),
+            code: "01000".into(),
+            message: text.into(),
+            detail: None,
+            hint: Some(hint.into()),
+        }),
+    )
+}
+
+/// The field list of an `ErrorResponse` or `NoticeResponse`.
+fn fields_body(fields: &ErrorFields) -> Vec<u8> {
     let mut body = Vec::new();
     for (kind, value) in [
         (b'S', Some(&fields.severity)),
@@ -55,7 +75,7 @@ pub fn error_response(fields: &ErrorFields) -> Vec<u8> {
         }
     }
     body.push(0);
-    message(b'E', &body)
+    body
 }
 
 /// A `StartupMessage` for protocol 3.0.
