@@ -90,7 +90,8 @@ pub(super) fn brokered_login(session: &Session, startup: &Startup) -> Result<Log
         .ok_or_else(|| {
             PgError::Login(
                 "the session names no database user and the target has no credential: \
-                 connect with `postern psql TARGET --db-user USER`"
+                 connect with `postern psql TARGET --db-user USER` (a connect rule must list \
+                 USER in its logins), or have an admin set one with `postern credentials set`"
                     .into(),
             )
         })?;
