@@ -94,9 +94,12 @@ pub fn print_error(e: &anyhow::Error) {
 }
 
 fn init_tracing(verbose: u8) {
+    // rustls-platform-verifier logs every certificate the system's roots do not know at
+    // error level, before `postern login` offers to pin the controller's own CA (the normal
+    // first login): that verdict is ours to report, so its lines show only with -vv.
     let default = match verbose {
-        0 => "warn",
-        1 => "info",
+        0 => "warn,rustls_platform_verifier=off",
+        1 => "info,rustls_platform_verifier=off",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -69,8 +69,9 @@ pub async fn establish(
         None if interactive => {
             eprintln!(
                 "The controller at {} uses a certificate from its own cluster CA, which this \
-                 machine does not trust yet.\n  CA SHA-256 fingerprint: {}\nCompare it with the \
-                 fingerprint the controller printed at start (\"cluster CA SHA-256 …\").",
+                 machine does not trust yet.\n  CA SHA-256 fingerprint: {got}\n  (the same: {})\n\
+                 Compare it with the fingerprint the controller printed at start (\"cluster CA \
+                 SHA-256 …\"), which is written the first way.",
                 ctx.addr,
                 colons(&got)
             );

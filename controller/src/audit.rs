@@ -49,16 +49,18 @@ impl AuditLog {
         let (head, _) = watch::channel(store.audit_head().await?);
         let mirror = match mirror {
             Some(path) => Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .map_err(|e| {
-                        StoreError::Unavailable(format!(
-                            "cannot open audit file {}: {e}",
-                            path.display()
-                        ))
-                    })?,
+                std::os::unix::fs::OpenOptionsExt::mode(
+                    std::fs::OpenOptions::new().create(true).append(true),
+                    // It can hold SQL statements and commands: readable by its owner only.
+                    0o600,
+                )
+                .open(&path)
+                .map_err(|e| {
+                    StoreError::Unavailable(format!(
+                        "cannot open audit file {}: {e}",
+                        path.display()
+                    ))
+                })?,
             ),
             None => None,
         };

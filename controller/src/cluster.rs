@@ -101,11 +101,15 @@ impl Registry {
         generation
     }
 
-    fn remove(&self, name: &str, generation: u64) {
+    /// Forgets the link of connection `generation`; whether it was still the worker's current
+    /// one (not replaced by a newer connection of the same worker).
+    fn remove(&self, name: &str, generation: u64) -> bool {
         let mut links = self.lock();
         if links.get(name).is_some_and(|l| l.generation == generation) {
             links.remove(name);
+            return true;
         }
+        false
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Link>> {
@@ -384,18 +388,22 @@ async fn control_loop(
         }
     };
     writer.abort();
-    state.workers.remove(name, generation);
-    state.metrics.worker_gone(name);
-    let _ = state.store.worker_disconnected(name, &state.instance).await;
-    let _ = state
-        .audit(
-            &format!("worker:{name}"),
-            "worker.disconnect",
-            &format!("worker:{name}"),
-            "success",
-            json!({}),
-        )
-        .await;
+    // A connection that a newer one of the same worker replaced (a worker killed and
+    // restarted: its old connection dies only at its idle timeout, after the new one
+    // registered) must not mark the worker disconnected: it is connected, through the new one.
+    if state.workers.remove(name, generation) {
+        state.metrics.worker_gone(name);
+        let _ = state.store.worker_disconnected(name, &state.instance).await;
+        let _ = state
+            .audit(
+                &format!("worker:{name}"),
+                "worker.disconnect",
+                &format!("worker:{name}"),
+                "success",
+                json!({}),
+            )
+            .await;
+    }
     result
 }
 

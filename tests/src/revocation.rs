@@ -498,3 +498,59 @@ async fn deleting_a_worker_ends_its_sessions() {
     .await;
     c.stop().await;
 }
+
+/// A worker restarted while its old connection still lingers (killed, then started again
+/// at once: here, a second process of the same worker, then the first one gone) stays
+/// connected: the old connection's end, after the new one registered, used to mark the
+/// worker disconnected for good, and every authorization then failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_connection_does_not_disconnect_the_worker() {
+    let mut c = Cluster::start().await.expect("cluster");
+    let echo = echo_server().await;
+    c.create_target("echo", &echo.to_string(), &[]).await;
+    let connects = || async {
+        let events: Vec<AuditEvent> = c
+            .admin
+            .ok(
+                Method::GET,
+                "/v1/audit?action=worker.connect&limit=100",
+                None::<&()>,
+            )
+            .await;
+        events.len()
+    };
+    let before = connects().await;
+    let second = postern_worker::start(postern_worker::WorkerConfig {
+        controller_url: c.admin.base.clone(),
+        activation_token: None,
+        data_dir: c.dir.path().join("worker"),
+        session_listen: ([127, 0, 0, 1], 0).into(),
+        public_addr: None,
+        mode: Default::default(),
+        grace_period: Duration::from_secs(15),
+        postgres: Default::default(),
+        controller_ca_file: None,
+        controller_ca_fingerprint: None,
+        metrics_listen: None,
+    })
+    .await
+    .expect("a second worker process with the same identity");
+    // Once the second has replaced the first's connection, the first goes away before it
+    // reconnects (its first retry waits 200 ms).
+    for _ in 0..250 {
+        if connects().await > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Some(first) = c.worker.take() {
+        first.shutdown().await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.wait_worker_connected().await.expect("still connected");
+    let (session, traffic, _) = live_session(&c.admin, "echo").await;
+    drop(traffic);
+    session.close().await;
+    second.shutdown().await;
+    c.stop().await;
+}
