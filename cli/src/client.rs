@@ -39,6 +39,14 @@ pub enum ApiError {
         /// The same with `http://`.
         plain: String,
     },
+    /// An `http://` address answered in TLS.
+    #[error("the controller at {addr} speaks HTTPS: use {tls} (and `postern login --addr {tls}` to trust its CA)")]
+    WantsTls {
+        /// The controller URL.
+        addr: String,
+        /// The same with `https://`.
+        tls: String,
+    },
     /// The controller's HTTPS certificate is not trusted here.
     #[error("the controller at {addr} presented a certificate this machine does not trust ({detail}): run `postern login --addr {addr}` to pin its CA, or pass --ca-file FILE")]
     Untrusted {
@@ -314,6 +322,12 @@ impl ApiClient {
                 addr: self.addr.clone(),
                 plain: self.addr.replacen("https://", "http://", 1),
             }
+        } else if chain.contains("invalid HTTP version") && self.addr.starts_with("http://") {
+            // hyper, reading a TLS alert as an HTTP answer.
+            ApiError::WantsTls {
+                addr: self.addr.clone(),
+                tls: self.addr.replacen("http://", "https://", 1),
+            }
         } else if e.is_connect() && chain.contains("certificate") {
             ApiError::Untrusted {
                 addr: self.addr.clone(),
@@ -400,6 +414,38 @@ mod tests {
         assert!(
             err.to_string()
                 .contains(&format!("use http://127.0.0.1:{port}")),
+            "{err}"
+        );
+    }
+
+    /// What a TLS server answers to a plain HTTP request (a TLS alert record).
+    #[tokio::test]
+    async fn http_to_a_tls_server_says_so() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            if let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                // A fatal "protocol version" alert, as rustls sends it.
+                let _ = s
+                    .write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x46])
+                    .await;
+            }
+        });
+        let addr = format!("http://127.0.0.1:{port}");
+        let api = ApiClient::new(&addr, Some("token".into())).expect("client");
+        let err = api
+            .get::<serde_json::Value>(&["v1", "targets"], &[])
+            .await
+            .expect_err("TLS there");
+        assert!(matches!(err, ApiError::WantsTls { .. }), "{err:?}");
+        assert!(
+            err.to_string()
+                .contains(&format!("use https://127.0.0.1:{port}")),
             "{err}"
         );
     }
