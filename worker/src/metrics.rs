@@ -76,7 +76,7 @@ impl WorkerMetrics {
         let audit_events = Counter::default();
         registry.register(
             "audit_events",
-            "Audit events (statements, exec commands, …) queued for the controller",
+            "Audit events (closed connections, statements, exec commands, …) queued for the controller",
             audit_events.clone(),
         );
         let sessions_active = Gauge::default();
@@ -130,6 +130,12 @@ impl WorkerMetrics {
         self.audit_events.inc();
     }
 
+    /// A session ended, however (its client, expiry, a cancellation, fail-closed): counted
+    /// here rather than from the report, which a cancelled session does not send.
+    pub(crate) fn session_ended(&self) {
+        self.sessions_closed.inc();
+    }
+
     /// Counts what a report to the controller says happened.
     pub(crate) fn observe(&self, msg: &WorkerMessage) {
         match msg {
@@ -139,15 +145,14 @@ impl WorkerMetrics {
                 ..
             } => {
                 self.connections_closed.inc();
+                // Queued for the controller's audit log like a statement.
+                self.audit_event();
                 self.bytes
                     .get_or_create(&[("direction", "up".to_owned())])
                     .inc_by(*bytes_up);
                 self.bytes
                     .get_or_create(&[("direction", "down".to_owned())])
                     .inc_by(*bytes_down);
-            }
-            WorkerMessage::SessionClosed { .. } => {
-                self.sessions_closed.inc();
             }
             WorkerMessage::CancelAck { .. } => {
                 self.revocations.inc();

@@ -514,6 +514,7 @@ impl Shared {
         };
         if ended_now {
             tracing::info!(session = %session.id, reason, "session closed");
+            self.metrics.session_ended();
             self.report(WorkerMessage::SessionClosed {
                 session_id: session.id.clone(),
                 reason: reason.to_owned(),
@@ -561,6 +562,7 @@ impl Shared {
             let mut inner = lock(&session.inner);
             if inner.ended.is_none() {
                 inner.ended = Some(reason.to_owned());
+                self.metrics.session_ended();
             }
             if let Some(timer) = inner.expiry.take() {
                 timer.abort();

@@ -221,6 +221,9 @@ async fn metrics_move_with_sessions_and_parse_as_prometheus_text() {
     })
     .await;
     assert!(value(&w2, "postern_revocations_total") >= 1.0);
+    // The cancelled session counts as ended, and its closed connection as an audit event.
+    assert_eq!(value(&w2, "postern_sessions_closed_total"), 1.0);
+    assert!(value(&w2, "postern_audit_events_total") >= 1.0);
 
     worker.shutdown().await;
     controller.shutdown().await;
