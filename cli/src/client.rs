@@ -48,7 +48,7 @@ pub enum ApiError {
         tls: String,
     },
     /// The controller's HTTPS certificate is not trusted here.
-    #[error("the controller at {addr} presented a certificate this machine does not trust ({detail}): run `postern login --addr {addr}` to pin its CA, or pass --ca-file FILE")]
+    #[error("the controller at {addr} presented a certificate this machine does not trust ({detail}): run `postern login --addr {addr}` to pin its CA, or pass --ca-file FILE; if its CA changed, `postern login --addr {addr} --ca-fingerprint SHA256` pins the new one")]
     Untrusted {
         /// The controller URL.
         addr: String,

@@ -39,16 +39,16 @@ pub async fn establish(
         return Ok(ctx.ca_pem.clone());
     }
     if let Some(pem) = &ctx.ca_pem {
-        if let Some(want) = &want {
-            let got = pem_fingerprint(pem)?;
-            if &got != want {
-                bail!(
-                    "the CA trusted for {} has SHA-256 {got}, not {want}",
-                    ctx.addr
-                );
-            }
+        // The saved pin stands unless a fingerprint given now names another CA: then the
+        // controller's CA changed (a new cluster on the same address) and the person re-pins
+        // it, on the same terms as a first login (the CA fetched must have that fingerprint).
+        let repin = match &want {
+            Some(want) => &pem_fingerprint(pem)? != want,
+            None => false,
+        };
+        if !repin {
+            return Ok(Some(pem.clone()));
         }
-        return Ok(Some(pem.clone()));
     }
     if want.is_none() {
         match probe(&ApiClient::new(&ctx.addr, None)?).await {

@@ -282,6 +282,40 @@ async fn tls_controller_pins_its_ca_at_login_and_carries_a_session() {
     .await;
     assert!(!r.ok && r.stderr.contains("does not trust"), "{}", r.stderr);
 
+    // The controller's CA changed (here: the profile pins another CA): commands say how to
+    // re-pin, and a login with the new fingerprint does.
+    let profile_path = cfg.join("profile.json");
+    let mut profile: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&profile_path).expect("profile")).expect("JSON");
+    let other_key = rcgen::KeyPair::generate().expect("key");
+    let mut other = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    other.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    profile["ca_pem"] = other.self_signed(&other_key).expect("CA").pem().into();
+    std::fs::write(&profile_path, profile.to_string()).expect("write profile");
+    let r = postern(cfg, &["targets", "list"], "").await;
+    assert!(
+        !r.ok
+            && r.stderr
+                .contains("--ca-fingerprint SHA256` pins the new one"),
+        "{}",
+        r.stderr
+    );
+    let r = postern(
+        cfg,
+        &[&login[..], &["--ca-fingerprint", &fingerprint]].concat(),
+        &format!("{password}\n"),
+    )
+    .await;
+    assert!(r.ok, "re-pin: {}{}", r.stdout, r.stderr);
+    let profile: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&profile_path).expect("profile")).expect("JSON");
+    assert_eq!(
+        profile["ca_pem"].as_str(),
+        Some(ca.as_str()),
+        "CA pinned anew"
+    );
+    assert!(postern(cfg, &["targets", "list"], "").await.ok);
+
     worker.shutdown().await;
     controller.shutdown().await;
 }
