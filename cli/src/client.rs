@@ -387,9 +387,8 @@ fn root_cause(e: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
 
-    /// What a plain-HTTP server (`postern dev`) answers to a TLS hello.
-    #[tokio::test]
-    async fn https_to_a_plain_http_server_says_so() {
+    /// A loopback server that reads one request and answers `reply`; its port.
+    async fn answers_once(reply: &'static [u8]) -> u16 {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -399,17 +398,25 @@ mod tests {
             if let Ok((mut s, _)) = listener.accept().await {
                 let mut buf = [0u8; 1024];
                 let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
-                    .await;
+                let _ = s.write_all(reply).await;
             }
         });
-        let addr = format!("https://127.0.0.1:{port}");
-        let api = ApiClient::new(&addr, Some("token".into())).expect("client");
-        let err = api
-            .get::<serde_json::Value>(&["v1", "targets"], &[])
+        port
+    }
+
+    /// The error of a `GET /v1/targets` to `addr`.
+    async fn error_from(addr: &str) -> ApiError {
+        let api = ApiClient::new(addr, Some("token".into())).expect("client");
+        api.get::<serde_json::Value>(&["v1", "targets"], &[])
             .await
-            .expect_err("no TLS there");
+            .expect_err("no answer of the expected kind")
+    }
+
+    /// What a plain-HTTP server (`postern dev`) answers to a TLS hello.
+    #[tokio::test]
+    async fn https_to_a_plain_http_server_says_so() {
+        let port = answers_once(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n").await;
+        let err = error_from(&format!("https://127.0.0.1:{port}")).await;
         assert!(matches!(err, ApiError::NotTls { .. }), "{err:?}");
         assert!(
             err.to_string()
@@ -418,30 +425,12 @@ mod tests {
         );
     }
 
-    /// What a TLS server answers to a plain HTTP request (a TLS alert record).
+    /// What a TLS server answers to a plain HTTP request: a fatal "protocol version" alert,
+    /// as rustls sends it.
     #[tokio::test]
     async fn http_to_a_tls_server_says_so() {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        tokio::spawn(async move {
-            if let Ok((mut s, _)) = listener.accept().await {
-                let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf).await;
-                // A fatal "protocol version" alert, as rustls sends it.
-                let _ = s
-                    .write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x46])
-                    .await;
-            }
-        });
-        let addr = format!("http://127.0.0.1:{port}");
-        let api = ApiClient::new(&addr, Some("token".into())).expect("client");
-        let err = api
-            .get::<serde_json::Value>(&["v1", "targets"], &[])
-            .await
-            .expect_err("TLS there");
+        let port = answers_once(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x46]).await;
+        let err = error_from(&format!("http://127.0.0.1:{port}")).await;
         assert!(matches!(err, ApiError::WantsTls { .. }), "{err:?}");
         assert!(
             err.to_string()

@@ -204,7 +204,13 @@ pub async fn policy_refusal(state: &AppState, s: &Session) -> Result<Option<Stri
         state.store.find_user(&s.user),
         target,
         state.store.rules_for_user(&s.user),
-        state.store.credential(&s.target),
+        // Only a session with a login has it checked (a tcp session has none).
+        async {
+            match s.login {
+                Some(_) => state.store.credential(&s.target).await,
+                None => Ok(None),
+            }
+        },
     )?;
     match user {
         Some(u) if !u.locked => {}

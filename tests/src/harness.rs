@@ -228,6 +228,29 @@ pub fn controller_config(dir: &Path, opts: &ClusterOptions) -> ControllerConfig 
     config
 }
 
+/// A worker of the controller at `controller_url` keeping its identity in `data_dir`
+/// (registering with `activation_token` if it has none yet): sessions on a free loopback
+/// port, the default grace period and mode.
+pub fn worker_config(
+    controller_url: &str,
+    data_dir: &Path,
+    activation_token: Option<String>,
+) -> WorkerConfig {
+    WorkerConfig {
+        controller_url: controller_url.to_owned(),
+        activation_token,
+        data_dir: data_dir.to_owned(),
+        session_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        public_addr: None,
+        mode: Default::default(),
+        grace_period: Duration::from_secs(15),
+        postgres: Default::default(),
+        controller_ca_file: None,
+        controller_ca_fingerprint: None,
+        metrics_listen: None,
+    }
+}
+
 /// Two free loopback ports (TCP for the API, UDP for the cluster), for a controller that
 /// must come back on the same addresses.
 pub fn free_addrs() -> (SocketAddr, SocketAddr) {
@@ -278,17 +301,13 @@ impl Cluster {
             )
             .await;
         let worker = postern_worker::start(WorkerConfig {
-            controller_url: api.base.clone(),
-            activation_token: Some(created.activation_token),
-            data_dir: dir.path().join("worker"),
-            session_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            public_addr: None,
             mode: opts.worker_mode,
             grace_period: opts.grace,
-            postgres: Default::default(),
-            controller_ca_file: None,
-            controller_ca_fingerprint: None,
-            metrics_listen: None,
+            ..worker_config(
+                &api.base,
+                &dir.path().join("worker"),
+                Some(created.activation_token),
+            )
         })
         .await?;
         let cluster = Cluster {

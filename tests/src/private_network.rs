@@ -53,17 +53,12 @@ async fn start_worker(
         )
         .await;
     let worker = postern_worker::start(WorkerConfig {
-        controller_url: admin.base.clone(),
-        activation_token: Some(created.activation_token),
-        data_dir: dir.path().join(name),
-        session_listen: "127.0.0.1:0".parse().expect("addr"),
-        public_addr: None,
         mode,
-        grace_period: Duration::from_secs(15),
-        postgres: Default::default(),
-        controller_ca_file: None,
-        controller_ca_fingerprint: None,
-        metrics_listen: None,
+        ..crate::harness::worker_config(
+            &admin.base,
+            &dir.path().join(name),
+            Some(created.activation_token),
+        )
     })
     .await
     .expect("worker starts");

@@ -520,19 +520,11 @@ async fn a_replaced_connection_does_not_disconnect_the_worker() {
         events.len()
     };
     let before = connects().await;
-    let second = postern_worker::start(postern_worker::WorkerConfig {
-        controller_url: c.admin.base.clone(),
-        activation_token: None,
-        data_dir: c.dir.path().join("worker"),
-        session_listen: ([127, 0, 0, 1], 0).into(),
-        public_addr: None,
-        mode: Default::default(),
-        grace_period: Duration::from_secs(15),
-        postgres: Default::default(),
-        controller_ca_file: None,
-        controller_ca_fingerprint: None,
-        metrics_listen: None,
-    })
+    let second = postern_worker::start(crate::harness::worker_config(
+        &c.admin.base,
+        &c.dir.path().join("worker"),
+        None,
+    ))
     .await
     .expect("a second worker process with the same identity");
     // Once the second has replaced the first's connection, the first goes away before it

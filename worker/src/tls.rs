@@ -40,10 +40,6 @@ impl From<NoInitialCipherSuite> for TlsError {
     }
 }
 
-fn provider() -> Arc<CryptoProvider> {
-    session_crypto()
-}
-
 /// ring, with TLS 1.3's AES-128-GCM suite first (ring's default order puts AES-256-GCM
 /// first). A QUIC session encrypts and decrypts every packet with it: AES-128 takes 10 rounds
 /// per block to AES-256's 14, and is what `ssh -c aes128-gcm@openssh.com` uses. The other
@@ -63,7 +59,7 @@ pub(crate) fn control_client_config(identity: &Identity) -> Result<quinn::Client
     for ca in &identity.ca {
         roots.add(ca.clone())?;
     }
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+    let mut tls = rustls::ClientConfig::builder_with_provider(session_crypto())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_client_auth_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
@@ -82,7 +78,7 @@ pub(crate) fn control_client_config(identity: &Identity) -> Result<quinn::Client
 /// The session listener: the worker certificate, a mandatory client certificate of any
 /// issuer, and windows sized for bulk transfers.
 pub(crate) fn session_server_config(identity: &Identity) -> Result<quinn::ServerConfig, TlsError> {
-    let provider = provider();
+    let provider = session_crypto();
     let verifier = Arc::new(AnyClientKeyDangerVerifier::new(&provider));
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -220,9 +216,9 @@ mod tests {
         let key = KeyPair::generate()?;
         let cert = CertificateParams::new(vec!["w1.worker.postern.internal".to_owned()])?
             .signed_by(&key, &issuer)?;
-        let config = rustls::ServerConfig::builder_with_provider(provider())
+        let config = rustls::ServerConfig::builder_with_provider(session_crypto())
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(Arc::new(AnyClientKeyDangerVerifier::new(&provider())))
+            .with_client_cert_verifier(Arc::new(AnyClientKeyDangerVerifier::new(&session_crypto())))
             .with_single_cert(vec![cert.der().clone()], der_key(&key))?;
         Ok((config, ca_cert.der().clone()))
     }
@@ -247,13 +243,13 @@ mod tests {
     ) -> TestResult<Result<rustls::CipherSuite, rustls::Error>> {
         let (server_config, ca) = server()?;
         let cert = CertificateParams::new(vec!["client".to_owned()])?.self_signed(cert_key)?;
-        let signer = provider()
+        let signer = session_crypto()
             .key_provider
             .load_private_key(der_key(signing_key))?;
         let certified = Arc::new(CertifiedKey::new(vec![cert.der().clone()], signer));
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca)?;
-        let client_config = rustls::ClientConfig::builder_with_provider(provider())
+        let client_config = rustls::ClientConfig::builder_with_provider(session_crypto())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(roots)
             .with_client_cert_resolver(Arc::new(Presents(certified)));

@@ -24,8 +24,14 @@ pub async fn run(ctx: &Ctx, cmd: AuditCmd) -> Result<ExitCode> {
         AuditCmd::List(filter) => {
             let events: Vec<AuditEvent> = api.get(&["v1", "audit"], &query(&filter)).await?;
             if events.is_empty() {
-                super::unknown_filter_names(&api, filter.user.as_deref(), filter.target.as_deref())
-                    .await;
+                super::unknown_names(
+                    &api,
+                    &[
+                        ("users", filter.user.as_deref()),
+                        ("targets", filter.target.as_deref()),
+                    ],
+                )
+                .await;
             }
             show(ctx, &events, "No audit events match.")
         }

@@ -142,14 +142,10 @@ fn ok() -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// After a filtered list came back empty: why, if a filter names a user or a target that
-/// does not exist — the controller's "no user named …, did you mean …" — so that a typo is
-/// not read as "nothing happened". Names the caller may not look up are left alone.
-async fn unknown_filter_names(api: &ApiClient, user: Option<&str>, target: Option<&str>) {
-    unknown_names(api, &[("users", user), ("targets", target)]).await;
-}
-
-/// [`unknown_filter_names`] for any kind of thing (`users`, `targets`, `sessions`).
+/// After a filtered list came back empty: why, if a filter names a thing (`users`,
+/// `targets`, `sessions`) that does not exist — the controller's "no user named …, did you
+/// mean …" — so that a typo is not read as "nothing happened". Names the caller may not look
+/// up are left alone.
 async fn unknown_names(api: &ApiClient, named: &[(&str, Option<&str>)]) {
     for &(kind, name) in named {
         let Some(name) = name.filter(|n| !n.trim().is_empty()) else {

@@ -31,7 +31,11 @@ pub async fn run(ctx: &Ctx, cmd: SessionsCmd) -> Result<ExitCode> {
             }
             let sessions: Vec<Session> = api.get(&["v1", "sessions"], &query).await?;
             if sessions.is_empty() {
-                super::unknown_filter_names(&api, user.as_deref(), target.as_deref()).await;
+                super::unknown_names(
+                    &api,
+                    &[("users", user.as_deref()), ("targets", target.as_deref())],
+                )
+                .await;
             }
             if ctx.json {
                 print_json(&sessions)?;
