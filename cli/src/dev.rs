@@ -302,17 +302,8 @@ fn worker_config(
     activation_token: Option<String>,
 ) -> postern_worker::WorkerConfig {
     postern_worker::WorkerConfig {
-        controller_url: api_url.to_owned(),
         activation_token,
-        data_dir: worker_dir.to_owned(),
-        session_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        public_addr: None,
-        mode: Default::default(),
-        grace_period: Duration::from_secs(15),
-        postgres: Default::default(),
-        controller_ca_file: None,
-        controller_ca_fingerprint: None,
-        metrics_listen: None,
+        ..postern_worker::WorkerConfig::loopback(api_url, worker_dir)
     }
 }
 

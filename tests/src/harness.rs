@@ -228,26 +228,16 @@ pub fn controller_config(dir: &Path, opts: &ClusterOptions) -> ControllerConfig 
     config
 }
 
-/// A worker of the controller at `controller_url` keeping its identity in `data_dir`
-/// (registering with `activation_token` if it has none yet): sessions on a free loopback
-/// port, the default grace period and mode.
+/// [`WorkerConfig::loopback`], registering with `activation_token` if it has no identity
+/// yet.
 pub fn worker_config(
     controller_url: &str,
     data_dir: &Path,
     activation_token: Option<String>,
 ) -> WorkerConfig {
     WorkerConfig {
-        controller_url: controller_url.to_owned(),
         activation_token,
-        data_dir: data_dir.to_owned(),
-        session_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        public_addr: None,
-        mode: Default::default(),
-        grace_period: Duration::from_secs(15),
-        postgres: Default::default(),
-        controller_ca_file: None,
-        controller_ca_fingerprint: None,
-        metrics_listen: None,
+        ..WorkerConfig::loopback(controller_url, data_dir)
     }
 }
 

@@ -121,6 +121,25 @@ impl std::fmt::Debug for WorkerConfig {
 }
 
 impl WorkerConfig {
+    /// A worker of the controller at `controller_url` keeping its state in `data_dir`, its
+    /// session listener on a free loopback port, everything else at its default (what
+    /// `postern dev` and the tests run).
+    pub fn loopback(controller_url: &str, data_dir: &Path) -> Self {
+        WorkerConfig {
+            controller_url: controller_url.to_owned(),
+            activation_token: None,
+            data_dir: data_dir.to_owned(),
+            session_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            public_addr: None,
+            mode: Default::default(),
+            grace_period: default_grace_period(),
+            postgres: Default::default(),
+            controller_ca_file: None,
+            controller_ca_fingerprint: None,
+            metrics_listen: None,
+        }
+    }
+
     /// Reads a TOML config file.
     pub fn from_toml_file(path: impl AsRef<Path>) -> anyhow::Result<Self> {
         Ok(Self::load(path.as_ref())?)
