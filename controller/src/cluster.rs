@@ -351,6 +351,28 @@ async fn control_loop(
         )
         .await;
     tracing::info!(worker = %name, %session_addr, mode = hello.mode.as_str(), "worker connected");
+    if let Some(uptime) = hello.uptime_ms {
+        let (state, name) = (state.clone(), name.to_owned());
+        let started_ms = unix_now_ms().saturating_sub(i64::try_from(uptime).unwrap_or(i64::MAX));
+        tokio::spawn(async move {
+            match crate::revoke::end_lost_sessions(
+                &state,
+                &name,
+                &hello.active_sessions,
+                started_ms,
+            )
+            .await
+            {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::warn!(worker = %name, sessions = n, "the worker restarted: ended the sessions its earlier process carried")
+                }
+                Err(e) => {
+                    tracing::error!(worker = %name, error = %e, "cannot end the sessions a restarted worker lost")
+                }
+            }
+        });
+    }
 
     let writer = tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
@@ -548,6 +570,13 @@ async fn handle(
         }
         _ => tracing::debug!(worker, "ignoring unknown worker message"),
     }
+}
+
+/// Milliseconds since the Unix epoch on this controller's clock.
+fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Activates session `session_id` on `worker` if it may start there now: the session (if

@@ -147,6 +147,39 @@ pub async fn end_worker_sessions(
     end_sessions(state, &sessions, reason, actor).await
 }
 
+/// The reason a session lost with a worker's earlier process ends with.
+pub const WORKER_RESTARTED: &str =
+    "worker restarted: the session was lost with its earlier process";
+
+/// Ends the sessions that `worker` lost with an earlier process of it that ended without
+/// saying so (killed, crashed): active there, activated before the process now connecting
+/// started (`started_ms`, on this controller's clock; activation times are whole seconds, so
+/// with a two-second margin) and not among those it carries (`held`). A process that only
+/// reconnected started before all of its sessions, so none of them qualify: it reports the
+/// ends of those it closed itself.
+pub async fn end_lost_sessions(
+    state: &AppState,
+    worker: &str,
+    held: &[postern_proto::ids::SessionId],
+    started_ms: i64,
+) -> Result<usize, StoreError> {
+    let mut sessions = state
+        .store
+        .sessions(&SessionQuery {
+            active: Some(true),
+            ..Default::default()
+        })
+        .await?;
+    sessions.retain(|s| {
+        s.worker == worker
+            && s.status == "active"
+            && s.activated_at
+                .is_some_and(|at| at.saturating_add(2).saturating_mul(1000) <= started_ms)
+            && !held.iter().any(|h| h.as_str() == s.id)
+    });
+    end_sessions(state, &sessions, WORKER_RESTARTED, "controller").await
+}
+
 /// Ends every pending or active session to `target`.
 pub async fn end_target_sessions(
     state: &AppState,

@@ -25,6 +25,12 @@ pub struct WorkerHello {
     /// that does not say means) or through the controller it is connected to.
     #[serde(default)]
     pub mode: WorkerMode,
+    /// How long this worker process has been running, in milliseconds. A session it does not
+    /// list that was activated on it before it started was lost with an earlier process
+    /// (killed, crashed), which could not report its end: the controller ends it. A worker
+    /// that does not say (one from before this field) leaves such sessions to their expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_ms: Option<u64>,
 }
 
 /// How clients reach a worker's sessions.

@@ -349,3 +349,63 @@ fn a_second_dev_on_the_same_data_dir_is_refused() {
         "{stdout}"
     );
 }
+
+/// A session whose worker was killed (it could not report the end) ends when the worker's
+/// next process connects, instead of staying `active` until it expires.
+#[test]
+fn a_killed_workers_sessions_end_when_it_comes_back() {
+    let dir = TempDir::new("postern-dev-restart");
+    let (dev, _) = start_dev(&dir);
+    let mut connect = Command::new(postern_bin())
+        .args(["--json", "connect", "demo-postgres"])
+        .env("POSTERN_CONFIG_DIR", dir.path().join("config"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn postern connect");
+    let mut line = String::new();
+    let read = connect
+        .stdout
+        .take()
+        .map(|out| BufReader::new(out).read_line(&mut line));
+    let info: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+    let id = info["session_id"].as_str().unwrap_or_default().to_owned();
+    let show = |id: &str| -> serde_json::Value {
+        let out = postern(&dir, &["sessions", "show", id, "--json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    };
+    let mut last = serde_json::Value::Null;
+    for _ in 0..50 {
+        last = show(&id);
+        if last["status"] == "active" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if !matches!(read, Some(Ok(n)) if n > 0) || last["status"] != "active" {
+        let _ = connect.kill();
+        let _ = connect.wait();
+        panic!("no active session from postern connect: {line} {last}");
+    }
+    // Activation times are whole seconds: the next process must start clearly after.
+    std::thread::sleep(Duration::from_millis(2500));
+    drop(dev); // SIGKILL: nothing is reported
+    let _ = connect.kill();
+    let _ = connect.wait();
+
+    let (_dev, _) = start_dev(&dir);
+    for _ in 0..100 {
+        last = show(&id);
+        if last["status"] == "terminated" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(last["status"], "terminated", "{last}");
+    assert!(
+        last["end_reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("worker restarted")),
+        "{last}"
+    );
+}

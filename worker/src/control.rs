@@ -78,6 +78,8 @@ pub(crate) struct ControlTask {
     pub(crate) relay: Option<Arc<crate::outbound::Relay>>,
     pub(crate) outbox: mpsc::Receiver<WorkerMessage>,
     pub(crate) stop: watch::Receiver<bool>,
+    /// When this worker started (its hello says how long ago).
+    pub(crate) started: Instant,
 }
 
 /// How a served connection ended.
@@ -199,6 +201,7 @@ impl ControlTask {
             active_sessions: self.shared.session_ids(),
             ssh_host_key: Some(self.shared.ssh.host_key_line().to_owned()),
             mode: self.mode,
+            uptime_ms: u64::try_from(self.started.elapsed().as_millis()).ok(),
         };
         write_frame(&mut send, &hello).await?;
         let answer: ControllerHello = timeout(CONNECT_TIMEOUT, read_frame(&mut recv))

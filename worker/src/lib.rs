@@ -125,6 +125,7 @@ pub struct WorkerHandle {
 /// Registers if needed, binds the session listener and starts the control connection;
 /// returns once the listener accepts connections (the controller may not be reached yet).
 pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
+    let started = tokio::time::Instant::now();
     config.validate()?;
     if controller_http::plain_http_off_loopback(&config.controller_url) {
         tracing::warn!(
@@ -225,6 +226,7 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
             relay,
             outbox: outbox_rx,
             stop: control_stop_rx,
+            started,
         }
         .run(),
     );
