@@ -136,6 +136,12 @@ pub async fn end_worker_sessions(
     reason: &str,
     actor: &str,
 ) -> Result<usize, StoreError> {
+    let sessions = worker_sessions(state, worker).await?;
+    end_sessions(state, &sessions, reason, actor).await
+}
+
+/// The pending and active sessions carried by `worker`.
+async fn worker_sessions(state: &AppState, worker: &str) -> Result<Vec<Session>, StoreError> {
     let mut sessions = state
         .store
         .sessions(&SessionQuery {
@@ -144,7 +150,7 @@ pub async fn end_worker_sessions(
         })
         .await?;
     sessions.retain(|s| s.worker == worker);
-    end_sessions(state, &sessions, reason, actor).await
+    Ok(sessions)
 }
 
 /// The reason a session lost with a worker's earlier process ends with.
@@ -163,16 +169,9 @@ pub async fn end_lost_sessions(
     held: &[postern_proto::ids::SessionId],
     started_ms: i64,
 ) -> Result<usize, StoreError> {
-    let mut sessions = state
-        .store
-        .sessions(&SessionQuery {
-            active: Some(true),
-            ..Default::default()
-        })
-        .await?;
+    let mut sessions = worker_sessions(state, worker).await?;
     sessions.retain(|s| {
-        s.worker == worker
-            && s.status == "active"
+        s.status == "active"
             && s.activated_at
                 .is_some_and(|at| at.saturating_add(2).saturating_mul(1000) <= started_ms)
             && !held.iter().any(|h| h.as_str() == s.id)

@@ -250,12 +250,10 @@ fn dev_keeps_its_state_in_postgresql_when_asked() {
     assert!(stderr.contains("takes a PostgreSQL URL"), "{stderr}");
 }
 
-#[test]
-fn an_interrupted_connect_closes_its_session() {
-    let dir = TempDir::new("postern-dev-kill");
-    let (_dev, _) = start_dev(&dir);
+/// `postern --json connect TARGET` left running, and the session id of the line it printed.
+fn json_connect(dir: &TempDir, target: &str) -> (Child, String) {
     let mut connect = Command::new(postern_bin())
-        .args(["--json", "connect", "demo-postgres"])
+        .args(["--json", "connect", target])
         .env("POSTERN_CONFIG_DIR", dir.path().join("config"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -266,13 +264,25 @@ fn an_interrupted_connect_closes_its_session() {
         .stdout
         .take()
         .map(|out| BufReader::new(out).read_line(&mut line));
-    if !matches!(read, Some(Ok(n)) if n > 0) {
-        let _ = connect.kill();
-        let _ = connect.wait();
-        panic!("postern connect printed nothing");
+    let info: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+    match (read, info["session_id"].as_str()) {
+        (Some(Ok(n)), Some(id)) if n > 0 => {
+            let id = id.to_owned();
+            (connect, id)
+        }
+        _ => {
+            let _ = connect.kill();
+            let _ = connect.wait();
+            panic!("postern connect printed no session: {line:?}");
+        }
     }
-    let info: serde_json::Value = serde_json::from_str(&line).expect("one JSON line");
-    let id = info["session_id"].as_str().expect("session id").to_owned();
+}
+
+#[test]
+fn an_interrupted_connect_closes_its_session() {
+    let dir = TempDir::new("postern-dev-kill");
+    let (_dev, _) = start_dev(&dir);
+    let (mut connect, id) = json_connect(&dir, "demo-postgres");
 
     // SIGTERM, as a service manager or `kill` would send.
     let status = Command::new("kill")
@@ -356,20 +366,7 @@ fn a_second_dev_on_the_same_data_dir_is_refused() {
 fn a_killed_workers_sessions_end_when_it_comes_back() {
     let dir = TempDir::new("postern-dev-restart");
     let (dev, _) = start_dev(&dir);
-    let mut connect = Command::new(postern_bin())
-        .args(["--json", "connect", "demo-postgres"])
-        .env("POSTERN_CONFIG_DIR", dir.path().join("config"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn postern connect");
-    let mut line = String::new();
-    let read = connect
-        .stdout
-        .take()
-        .map(|out| BufReader::new(out).read_line(&mut line));
-    let info: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-    let id = info["session_id"].as_str().unwrap_or_default().to_owned();
+    let (mut connect, id) = json_connect(&dir, "demo-postgres");
     let show = |id: &str| -> serde_json::Value {
         let out = postern(&dir, &["sessions", "show", id, "--json"]);
         serde_json::from_slice(&out.stdout).unwrap_or_default()
@@ -382,10 +379,10 @@ fn a_killed_workers_sessions_end_when_it_comes_back() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    if !matches!(read, Some(Ok(n)) if n > 0) || last["status"] != "active" {
+    if last["status"] != "active" {
         let _ = connect.kill();
         let _ = connect.wait();
-        panic!("no active session from postern connect: {line} {last}");
+        panic!("the session of postern connect is not active: {last}");
     }
     // Activation times are whole seconds: the next process must start clearly after.
     std::thread::sleep(Duration::from_millis(2500));
