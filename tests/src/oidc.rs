@@ -67,12 +67,13 @@ impl Sso {
         let page = idp_login(&s.auth_url, login, password)
             .await
             .expect("the browser side runs");
-        let outcome = wait(&self.anon, &s.attempt_id).await;
+        let code = page_code(&page);
+        let outcome = wait(&self.anon, &s.attempt_id, code.as_deref()).await;
         match outcome {
             Ok(r) => {
                 assert_eq!(page.status, 200, "callback page: {}", page.body);
                 assert!(
-                    page.body.contains("You can close this tab"),
+                    page.body.contains("never give it to anyone"),
                     "{}",
                     page.body
                 );
@@ -127,8 +128,25 @@ impl Sso {
     }
 }
 
-/// Polls an attempt until it is no longer pending (≤ 20 s).
-async fn wait(api: &Api, attempt: &str) -> Result<LoginResponse, String> {
+/// The confirmation code a callback page shows, if it shows one.
+fn page_code(page: &crate::idp::Page) -> Option<String> {
+    let (_, rest) = page.body.split_once("id=\"confirmation-code\">")?;
+    Some(rest.split('<').next()?.to_owned())
+}
+
+/// Presents a confirmation code for an attempt: the token, or the API's refusal.
+async fn confirm(api: &Api, attempt: &str, code: &str) -> Result<OidcAttempt, ApiFailure> {
+    api.call(
+        Method::POST,
+        &format!("/v1/auth/oidc/attempts/{attempt}"),
+        Some(&json!({ "code": code })),
+    )
+    .await
+}
+
+/// Polls an attempt until it is no longer pending (≤ 20 s); one waiting for its confirmation
+/// code gets `code`.
+async fn wait(api: &Api, attempt: &str, code: Option<&str>) -> Result<LoginResponse, String> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let a: OidcAttempt = api
@@ -141,6 +159,14 @@ async fn wait(api: &Api, attempt: &str) -> Result<LoginResponse, String> {
         match a {
             OidcAttempt::Done(r) => return Ok(r),
             OidcAttempt::Failed { message } => return Err(message),
+            OidcAttempt::Confirm { .. } => {
+                let code = code.expect("a code-flow login waits for its confirmation code");
+                return match confirm(api, attempt, code).await {
+                    Ok(OidcAttempt::Done(r)) => Ok(r),
+                    Ok(OidcAttempt::Failed { message }) => Err(message),
+                    other => panic!("confirmation answered {other:?}"),
+                };
+            }
             OidcAttempt::Pending { .. } if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await
             }
@@ -343,7 +369,7 @@ async fn oidc_device_flow_logs_in_headlessly() {
         .expect("login at the IdP");
     assert!(page.body.contains("Sign-in Success"), "{}", page.body);
 
-    let r = wait(&s.anon, &d.attempt_id)
+    let r = wait(&s.anon, &d.attempt_id, None)
         .await
         .expect("device login done");
     assert_eq!(r.user, "alice@example.com");
@@ -353,7 +379,9 @@ async fn oidc_device_flow_logs_in_headlessly() {
         .await;
     assert_eq!(me.groups, ["engineering"]);
     // The token is handed out once.
-    let again = wait(&s.anon, &d.attempt_id).await.expect_err("collected");
+    let again = wait(&s.anon, &d.attempt_id, None)
+        .await
+        .expect_err("collected");
     assert!(again.contains("already handed out"), "{again}");
 }
 
@@ -455,7 +483,9 @@ async fn oidc_refusals_are_explained_and_audited() {
         .await
         .expect("callback");
     assert_eq!(page.status, 200, "{}", page.body);
-    wait(&s.anon, &start.attempt_id).await.expect("logged in");
+    wait(&s.anon, &start.attempt_id, page_code(&page).as_deref())
+        .await
+        .expect("logged in");
     let page = Browser::new()
         .open(callback.as_str())
         .await
@@ -515,4 +545,89 @@ async fn oidc_login_survives_idp_key_rotation() {
         .expect("login after rotation");
     let me: WhoAmI = alice.ok(Method::GET, "/v1/whoami", None::<&()>).await;
     assert_eq!(me.user, "alice@example.com");
+}
+
+/// Someone who starts a login and sends the link to a victim (whose browser is signed in at
+/// the IdP, so the IdP answers at once) does not get the victim's token: it goes only to
+/// whoever has the confirmation code the victim's browser received, and guessing cancels the
+/// login. With `return_port`, the browser is sent to that port on its own machine.
+#[tokio::test]
+async fn a_login_link_sent_to_someone_else_gives_the_sender_nothing() {
+    let s = sso(|_| {}).await;
+    // The victim is signed in at the IdP (an earlier login in this browser).
+    let mut victim = Browser::new();
+    let first = s.start().await;
+    let page = victim.open(&first.auth_url).await.expect("login page");
+    let page = login_and_consent(&mut victim, page, "alice", "alice-password")
+        .await
+        .expect("login");
+    wait(&s.anon, &first.attempt_id, page_code(&page).as_deref())
+        .await
+        .expect("alice's own login");
+
+    // The attacker's attempt, opened by the victim's browser: no form, straight back.
+    let attack = s.start().await;
+    let page = victim.open(&attack.auth_url).await.expect("link opened");
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page_code(&page).is_some(), "{}", page.body);
+    let polled: OidcAttempt = s
+        .anon
+        .ok(
+            Method::GET,
+            &format!("/v1/auth/oidc/attempts/{}", attack.attempt_id),
+            None::<&()>,
+        )
+        .await;
+    assert!(matches!(polled, OidcAttempt::Confirm { .. }), "{polled:?}");
+    for left in [2, 1] {
+        let e = confirm(&s.anon, &attack.attempt_id, "AAAA-AAAA")
+            .await
+            .expect_err("a wrong code");
+        assert_eq!(e.status, 400);
+        assert!(
+            e.message.contains(&format!("{left} more tries")),
+            "{}",
+            e.message
+        );
+    }
+    let last = confirm(&s.anon, &attack.attempt_id, "AAAA-AAAA").await;
+    assert!(
+        matches!(&last, Ok(OidcAttempt::Failed { message }) if message.contains("too many wrong")),
+        "{last:?}"
+    );
+    // The right code is no good now either.
+    let late = confirm(
+        &s.anon,
+        &attack.attempt_id,
+        &page_code(&page).unwrap_or_default(),
+    )
+    .await;
+    assert!(matches!(&late, Ok(OidcAttempt::Failed { .. })), "{late:?}");
+    s.assert_failure_audited("anonymous", "too many wrong")
+        .await;
+
+    // With a return port, the browser goes to that port of its own machine with the code.
+    let back: OidcStart = s
+        .anon
+        .ok(
+            Method::POST,
+            "/v1/auth/oidc/start",
+            Some(&json!({"method": "corp", "return_port": 9})),
+        )
+        .await;
+    let to = victim
+        .open_until(&back.auth_url, |u| u.port() == Some(9))
+        .await
+        .expect("sent back");
+    assert_eq!(to.host_str(), Some("127.0.0.1"));
+    assert_eq!(to.path(), "/postern-login");
+    let code = to
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .map(|(_, v)| v.into_owned())
+        .expect("code");
+    let r = wait(&s.anon, &back.attempt_id, Some(&code.to_lowercase()))
+        .await
+        .expect("the code from the return collects the token");
+    assert_eq!(r.user, "alice@example.com");
 }

@@ -1,15 +1,24 @@
 //! `postern login --oidc` (browser, authorization code flow) and `postern login --device`
 //! (device authorization grant): the controller does the OpenID Connect work; the CLI starts
 //! an attempt, sends the person to the IdP, and polls the attempt for its API token.
+//!
+//! A code-flow token goes only to the terminal that started the login: once the IdP is done,
+//! the controller sends the browser to this CLI's port on 127.0.0.1 with a confirmation code
+//! (or, with `--no-browser`, shows the code for the person to type here), and the CLI
+//! collects the token with it. Someone who sends a victim their own login link gets nothing.
 
 use std::io::{IsTerminal, Write};
 use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 
 use postern_controller::api::types::{
-    AuthMethods, LoginResponse, OidcAttempt, OidcDeviceStart, OidcStart, OidcStartRequest,
+    AuthMethods, LoginResponse, OidcAttempt, OidcConfirmRequest, OidcDeviceStart, OidcStart,
+    OidcStartRequest,
 };
 
 use super::{ok, Ctx};
@@ -25,8 +34,12 @@ pub async fn login(ctx: &Ctx, args: &LoginArgs) -> Result<ExitCode> {
     let api = ctx.anon_api()?;
     let req = OidcStartRequest {
         method: args.method.clone(),
+        return_port: None,
     };
-    let (attempt, expires_at, waiting) = if args.device {
+    if !args.device {
+        return code_login(ctx, &api, args, req).await;
+    }
+    let (attempt, expires_at, waiting) = {
         let d: OidcDeviceStart = api.post(&["v1", "auth", "oidc", "device"], &req).await?;
         eprintln!(
             "To log in with {}, open this URL on any device:\n",
@@ -42,26 +55,155 @@ pub async fn login(ctx: &Ctx, args: &LoginArgs) -> Result<ExitCode> {
             d.expires_at,
             "Waiting for the login on the other device",
         )
-    } else {
-        let s: OidcStart = api.post(&["v1", "auth", "oidc", "start"], &req).await?;
-        let opened = !args.no_browser && open_browser(&s.auth_url);
-        if opened {
-            eprintln!(
-                "Opened your browser to log in with {}. If it did not open, visit:\n",
-                s.method
-            );
-        } else {
-            eprintln!("To log in with {}, open this URL in a browser:\n", s.method);
-        }
-        eprintln!("  {}\n", s.auth_url);
-        (
-            s.attempt_id,
-            s.expires_at,
-            "Waiting for the login in the browser",
-        )
     };
-    let resp = wait(&api, &attempt, expires_at, waiting).await?;
+    let resp = wait(&api, &attempt, expires_at, waiting, None).await?;
     super::auth::save_login(ctx, resp)
+}
+
+/// `postern login --oidc`: the browser comes back to a port of this CLI on 127.0.0.1 with the
+/// confirmation code; with `--no-browser` (the browser may be on another machine), the person
+/// types the code the callback page shows.
+async fn code_login(
+    ctx: &Ctx,
+    api: &ApiClient,
+    args: &LoginArgs,
+    mut req: OidcStartRequest,
+) -> Result<ExitCode> {
+    let listener = if args.no_browser {
+        None
+    } else {
+        let l = TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .context("cannot listen on 127.0.0.1 for the browser's return (try --no-browser)")?;
+        req.return_port = Some(l.local_addr()?.port());
+        Some(l)
+    };
+    let s: OidcStart = api.post(&["v1", "auth", "oidc", "start"], &req).await?;
+    let (codes_tx, codes) = mpsc::channel(4);
+    match listener {
+        Some(l) => {
+            if open_browser(&s.auth_url) {
+                eprintln!(
+                    "Opened your browser to log in with {}. If it did not open, visit:\n",
+                    s.method
+                );
+            } else {
+                eprintln!(
+                    "To log in with {}, open this URL in a browser on this machine:\n",
+                    s.method
+                );
+            }
+            eprintln!("  {}\n", s.auth_url);
+            tokio::spawn(browser_returns(l, codes_tx));
+        }
+        None => {
+            eprintln!(
+                "To log in with {}, open this URL in a browser:\n\n  {}\n",
+                s.method, s.auth_url
+            );
+            eprintln!("then type here the confirmation code the browser shows.");
+            std::thread::spawn(move || typed_codes(&codes_tx));
+        }
+    }
+    let resp = wait(
+        api,
+        &s.attempt_id,
+        s.expires_at,
+        "Waiting for the login in the browser",
+        Some(codes),
+    )
+    .await?;
+    super::auth::save_login(ctx, resp)
+}
+
+/// A confirmation code, and the browser's connection to answer if it came by the browser.
+type CodeFrom = (String, Option<TcpStream>);
+
+/// Accepts the browser's return on `listener`: each `GET /postern-login?code=…` passes its
+/// code on; anything else is answered 404.
+async fn browser_returns(listener: TcpListener, codes: mpsc::Sender<CodeFrom>) {
+    while let Ok((stream, _)) = listener.accept().await {
+        let codes = codes.clone();
+        // A browser may open connections it sends nothing on: each is read on its own.
+        tokio::spawn(async move {
+            let mut stream = stream;
+            match tokio::time::timeout(Duration::from_secs(10), read_code(&mut stream)).await {
+                Ok(Some(code)) => {
+                    let _ = codes.send((code, Some(stream))).await;
+                }
+                _ => answer_browser(Some(stream), "404 Not Found", "Not found", "").await,
+            }
+        });
+    }
+}
+
+/// The `code` of a request for `/postern-login?code=…` (at most 8 KiB of request read).
+async fn read_code(stream: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::with_capacity(1024);
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+        let mut chunk = [0u8; 1024];
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let head = String::from_utf8_lossy(&buf);
+    let target = head
+        .lines()
+        .next()?
+        .strip_prefix("GET ")?
+        .split(' ')
+        .next()?;
+    let query = target.strip_prefix("/postern-login?")?;
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("code="))
+        .filter(|c| !c.is_empty())
+        .map(str::to_owned)
+}
+
+/// Answers the browser (if the code came from it) with a small page.
+async fn answer_browser(stream: Option<TcpStream>, status: &str, title: &str, text: &str) {
+    let Some(mut stream) = stream else { return };
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
+    let body = format!(
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{}</title></head>\
+         <body><h1>{}</h1><p>{}</p></body></html>",
+        esc(title),
+        esc(title),
+        esc(text)
+    );
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\n\
+         Cache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Reads confirmation codes typed on stdin, one per line, until it ends.
+fn typed_codes(codes: &mpsc::Sender<CodeFrom>) {
+    let mut line = String::new();
+    loop {
+        eprint!("Confirmation code: ");
+        let _ = std::io::stderr().flush();
+        line.clear();
+        match std::io::stdin().read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) if line.trim().is_empty() => {}
+            Ok(_) => {
+                if codes.blocking_send((line.trim().to_owned(), None)).is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// `postern login --list-methods`.
@@ -86,14 +228,18 @@ pub async fn list_methods(ctx: &Ctx) -> Result<ExitCode> {
     ok()
 }
 
-/// Polls the attempt until it is done or failed, with a spinner on a terminal.
+/// Polls the attempt until it is done or failed, with a spinner on a terminal; a code-flow
+/// login collects its token with the first right confirmation code from `codes`.
 async fn wait(
     api: &ApiClient,
     attempt: &str,
     expires_at: i64,
     waiting: &str,
+    mut codes: Option<mpsc::Receiver<CodeFrom>>,
 ) -> Result<LoginResponse> {
-    let tty = std::io::stderr().is_terminal();
+    // Not over a prompt for a typed code.
+    let typed = std::io::stdin().is_terminal() && codes.is_some();
+    let tty = std::io::stderr().is_terminal() && !typed;
     let frames = ['|', '/', '-', '\\'];
     let mut tick = 0usize;
     let clear = |tty: bool| {
@@ -114,13 +260,15 @@ async fn wait(
                 clear(tty);
                 bail!("login failed: {message}");
             }
-            OidcAttempt::Pending { .. } if postern_proto::unix_now() > expires_at + 5 => {
+            OidcAttempt::Pending { .. } | OidcAttempt::Confirm { .. }
+                if postern_proto::unix_now() > expires_at + 5 =>
+            {
                 clear(tty);
                 bail!("the login was not completed in time: run `postern login` again");
             }
-            OidcAttempt::Pending { .. } => {}
+            OidcAttempt::Pending { .. } | OidcAttempt::Confirm { .. } => {}
         }
-        // Ten spinner frames per poll.
+        // Ten spinner frames per poll, or a confirmation code.
         for _ in 0..10 {
             if tty {
                 eprint!(
@@ -130,7 +278,65 @@ async fn wait(
                 let _ = std::io::stderr().flush();
                 tick += 1;
             }
-            tokio::time::sleep(POLL_EVERY / 10).await;
+            let code = async {
+                match codes.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(POLL_EVERY / 10) => {}
+                Some((code, browser)) = code => {
+                    if let Some(resp) = confirm(api, attempt, &code, browser).await? {
+                        clear(tty);
+                        return Ok(resp);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Presents a confirmation code: the token if it was right; `None` if it was wrong and
+/// another may be tried; an error if the login failed. Answers the browser it came from.
+async fn confirm(
+    api: &ApiClient,
+    attempt: &str,
+    code: &str,
+    browser: Option<TcpStream>,
+) -> Result<Option<LoginResponse>> {
+    let answer: Result<OidcAttempt, _> = api
+        .post(
+            &["v1", "auth", "oidc", "attempts", attempt],
+            &OidcConfirmRequest {
+                code: code.to_owned(),
+            },
+        )
+        .await;
+    match answer {
+        Ok(OidcAttempt::Done(resp)) => {
+            let text = format!(
+                "You are logged in as {}. You can close this tab and return to the terminal.",
+                resp.user
+            );
+            answer_browser(browser, "200 OK", "Logged in to Postern", &text).await;
+            Ok(Some(resp))
+        }
+        Ok(OidcAttempt::Failed { message }) => {
+            answer_browser(browser, "400 Bad Request", "Postern login failed", &message).await;
+            bail!("login failed: {message}")
+        }
+        Ok(OidcAttempt::Pending { .. } | OidcAttempt::Confirm { .. }) => {
+            let text = "the login is not finished at the identity provider yet";
+            answer_browser(browser, "409 Conflict", "Postern login not finished", text).await;
+            eprintln!("\n{text}");
+            Ok(None)
+        }
+        Err(e) => {
+            let text = e.to_string();
+            answer_browser(browser, "400 Bad Request", "Postern login failed", &text).await;
+            eprintln!("\n{text}");
+            Ok(None)
         }
     }
 }

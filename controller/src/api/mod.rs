@@ -38,7 +38,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/auth/oidc/start", post(oidc::start))
         .route("/v1/auth/oidc/device", post(oidc::device))
         .route("/v1/auth/oidc/callback", get(oidc::callback))
-        .route("/v1/auth/oidc/attempts/{id}", get(oidc::attempt))
+        .route(
+            "/v1/auth/oidc/attempts/{id}",
+            get(oidc::attempt).post(oidc::confirm),
+        )
         .route("/v1/whoami", get(identity::whoami))
         .route(
             "/v1/users",

@@ -11,14 +11,14 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::types::{
-    AuthMethod, AuthMethods, LoginResponse, OidcAttempt, OidcDeviceStart, OidcStart,
-    OidcStartRequest,
+    AuthMethod, AuthMethods, LoginResponse, OidcAttempt, OidcConfirmRequest, OidcDeviceStart,
+    OidcStart, OidcStartRequest,
 };
 use super::ApiError;
 use crate::oidc::login::{self, Failure, TOKEN_SEAL_PURPOSE};
 use crate::oidc::{Provider, ProviderError};
 use crate::state::AppState;
-use crate::store::{now, Claim, NewAttempt};
+use crate::store::{now, AttemptRow, Claim, Confirmed, NewAttempt};
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
@@ -49,6 +49,11 @@ pub async fn start(
     State(state): State<AppState>,
     Json(req): Json<OidcStartRequest>,
 ) -> ApiResult<OidcStart> {
+    if req.return_port == Some(0) {
+        return Err(ApiError::BadRequest(
+            "return_port must be a port of 127.0.0.1 (1-65535)".into(),
+        ));
+    }
     let p = method(&state, req.method.as_deref(), "code").await?;
     let begun = match p.start().await {
         Ok(b) => b,
@@ -65,6 +70,7 @@ pub async fn start(
             state_hash: Some(&state_hash(begun.state.secret())),
             nonce: Some(begun.nonce.secret()),
             pkce_verifier: Some(begun.verifier.secret()),
+            return_port: req.return_port,
             expires_at,
         })
         .await?;
@@ -98,6 +104,7 @@ pub async fn device(
             state_hash: None,
             nonce: None,
             pkce_verifier: None,
+            return_port: None,
             expires_at,
         })
         .await?;
@@ -139,21 +146,12 @@ pub async fn attempt(
             }
             OidcAttempt::Failed { message: f.message }
         }
+        // A code-flow token goes only to whoever has the code the browser received.
+        "done" if a.confirm_hash.is_some() => OidcAttempt::Confirm {
+            expires_at: a.expires_at,
+        },
         "done" => match state.store.collect_oidc_attempt(&a.id).await? {
-            Some(row) => {
-                let sealed = row.token_sealed.unwrap_or_default();
-                let token = state
-                    .kek
-                    .open(TOKEN_SEAL_PURPOSE, &sealed)
-                    .ok()
-                    .and_then(|t| String::from_utf8(t).ok())
-                    .ok_or_else(|| ApiError::Internal("cannot unseal a login token".into()))?;
-                OidcAttempt::Done(LoginResponse {
-                    token,
-                    user: row.user_name.unwrap_or_default(),
-                    expires_at: row.token_expires_at.unwrap_or_default(),
-                })
-            }
+            Some(row) => OidcAttempt::Done(handed_out(&state, row)?),
             None => collected(),
         },
         "collected" => collected(),
@@ -162,6 +160,70 @@ pub async fn attempt(
         },
     };
     Ok(Json(answer))
+}
+
+/// `POST /v1/auth/oidc/attempts/{id}` `{"code"}`: a code-flow login's token, for the code its
+/// browser received (the CLI that started the login gets it on its loopback port, or the
+/// person types it in). Wrong codes count; the third cancels the login.
+pub async fn confirm(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Json(req): Json<OidcConfirmRequest>,
+) -> ApiResult<OidcAttempt> {
+    let code = normalize_code(&req.code);
+    match state
+        .store
+        .confirm_oidc_attempt(&id, &state_hash(&code))
+        .await?
+    {
+        Confirmed::Collected(row) => Ok(Json(OidcAttempt::Done(handed_out(&state, *row)?))),
+        Confirmed::Wrong(left) => Err(ApiError::BadRequest(format!(
+            "wrong confirmation code: type the code the browser shows ({left} more tries)"
+        ))),
+        Confirmed::Exhausted(sealed) => {
+            if let Some(token) = sealed.as_deref().and_then(|s| unseal(&state, s).ok()) {
+                login::revoke_token(&state, &token).await?;
+            }
+            let a = state.store.oidc_attempt(&id).await?;
+            let method = a.as_ref().map_or("unknown", |a| a.method.as_str());
+            let f = Failure::anonymous(crate::store::CONFIRM_EXHAUSTED);
+            login::fail(&state, None, method, "code", &f).await?;
+            Ok(Json(OidcAttempt::Failed { message: f.message }))
+        }
+        // Not waiting for a code: say where it stands.
+        Confirmed::NotWaiting => attempt(State(state), Path(id)).await,
+    }
+}
+
+/// The token of a collected attempt, unsealed.
+fn handed_out(state: &AppState, row: AttemptRow) -> Result<LoginResponse, ApiError> {
+    Ok(LoginResponse {
+        token: unseal(state, row.token_sealed.as_deref().unwrap_or_default())?,
+        user: row.user_name.unwrap_or_default(),
+        expires_at: row.token_expires_at.unwrap_or_default(),
+    })
+}
+
+fn unseal(state: &AppState, sealed: &str) -> Result<String, ApiError> {
+    state
+        .kek
+        .open(TOKEN_SEAL_PURPOSE, sealed)
+        .ok()
+        .and_then(|t| String::from_utf8(t).ok())
+        .ok_or_else(|| ApiError::Internal("cannot unseal a login token".into()))
+}
+
+/// A confirmation code as the controller keeps it: upper case, without dashes or spaces.
+fn normalize_code(code: &str) -> String {
+    code.chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .map(|c| c.to_ascii_uppercase())
+        .collect()
+}
+
+/// A new confirmation code: 40 random bits as 8 base32 letters and digits.
+fn new_confirm_code() -> String {
+    normalize_code(&postern_proto::ids::random_base32(5))
 }
 
 fn collected() -> OidcAttempt {
@@ -180,28 +242,70 @@ pub struct CallbackQuery {
     iss: Option<String>,
 }
 
-/// The page the browser shows after the IdP's redirect.
+/// What the browser gets after the IdP's redirect.
 #[derive(Debug)]
-pub struct CallbackPage {
-    ok: bool,
-    message: String,
+pub enum CallbackPage {
+    /// The login failed: why.
+    Failed(String),
+    /// The identity provider is done: the confirmation code goes to the terminal that started
+    /// the login, by a redirect to its loopback port, or typed in from this page.
+    Confirm {
+        /// The user logged in.
+        user: String,
+        /// The code.
+        code: String,
+        /// The CLI's port on 127.0.0.1, if it listens.
+        return_port: Option<u16>,
+    },
 }
 
 impl IntoResponse for CallbackPage {
-    /// The callback answers a browser, so with a page rather than an [`ApiError`] body: 200
-    /// when the login succeeded, 400 otherwise.
+    /// The callback answers a browser, so with a page rather than an [`ApiError`] body: 400
+    /// when the login failed; a redirect to the CLI's loopback port, or a page with the
+    /// code to type in, when it succeeded.
     fn into_response(self) -> Response {
-        let (status, title) = if self.ok {
-            (StatusCode::OK, "Logged in to Postern")
-        } else {
-            (StatusCode::BAD_REQUEST, "Postern login failed")
+        let (status, title, body) = match self {
+            CallbackPage::Failed(message) => (
+                StatusCode::BAD_REQUEST,
+                "Postern login failed",
+                format!("<p>{}</p>", html_escape(&message)),
+            ),
+            CallbackPage::Confirm {
+                code,
+                return_port: Some(port),
+                ..
+            } => {
+                let to = format!("http://127.0.0.1:{port}/postern-login?code={code}");
+                return (StatusCode::SEE_OTHER, [(axum::http::header::LOCATION, to)])
+                    .into_response();
+            }
+            CallbackPage::Confirm { user, code, .. } => (
+                StatusCode::OK,
+                "Confirm your Postern login",
+                format!(
+                    "<p>You are signed in as {} at the identity provider. To finish logging in, \
+                     type this code in the terminal where you ran <code>postern login</code>:</p>\
+                     <p style=\"font-size:2em\"><code id=\"confirmation-code\">{}</code></p>\
+                     <p><strong>Only type it in a terminal you started yourself, and never give it \
+                     to anyone:</strong> whoever enters it logs in as you.</p>",
+                    html_escape(&user),
+                    html_escape(&display_code(&code)),
+                ),
+            ),
         };
-        let body = format!(
+        let page = format!(
             "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{title}</title></head>\
-             <body><h1>{title}</h1><p>{}</p></body></html>",
-            html_escape(&self.message)
+             <body><h1>{title}</h1>{body}</body></html>"
         );
-        (status, Html(body)).into_response()
+        (status, Html(page)).into_response()
+    }
+}
+
+/// A code as shown to a person: `ABCD-EFGH`.
+fn display_code(code: &str) -> String {
+    match code.split_at_checked(4) {
+        Some((a, b)) if !b.is_empty() => format!("{a}-{b}"),
+        _ => code.to_owned(),
     }
 }
 
@@ -212,10 +316,7 @@ pub async fn callback(
     State(state): State<AppState>,
     Query(q): Query<CallbackQuery>,
 ) -> Result<CallbackPage, ApiError> {
-    let refuse = |message: &str| CallbackPage {
-        ok: false,
-        message: message.to_owned(),
-    };
+    let refuse = |message: &str| CallbackPage::Failed(message.to_owned());
     let Some(st) = q.state.as_deref().filter(|s| !s.is_empty()) else {
         let f = Failure::anonymous("the callback carries no state");
         login::fail(&state, None, "unknown", "code", &f).await?;
@@ -255,13 +356,18 @@ pub async fn callback(
     let result = exchange(&state, &p, &a, &q).await;
     match result {
         Ok(done) => {
-            login::complete(&state, &a.id, &done).await?;
-            Ok(CallbackPage {
-                ok: true,
-                message: format!(
-                    "You are logged in as {}. You can close this tab and return to the terminal.",
-                    done.user
-                ),
+            let code = new_confirm_code();
+            if !login::complete(&state, &a.id, &done, Some(&state_hash(&code))).await? {
+                let f = Failure::anonymous(
+                    "the login attempt expired while the identity provider answered: start again",
+                );
+                login::fail(&state, None, &a.method, "code", &f).await?;
+                return Ok(refuse(&f.message));
+            }
+            Ok(CallbackPage::Confirm {
+                user: done.user,
+                code,
+                return_port: a.return_port.and_then(|p| u16::try_from(p).ok()),
             })
         }
         Err(f) => {

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 mod oidc;
 pub use oidc::{
-    AuthMethod, AuthMethods, OidcAttempt, OidcDeviceStart, OidcStart, OidcStartRequest,
+    AuthMethod, AuthMethods, OidcAttempt, OidcConfirmRequest, OidcDeviceStart, OidcStart,
+    OidcStartRequest,
 };
 
 /// Every error answer: `{"error": "not_found", "message": "no target named 'x'; ..."}`.

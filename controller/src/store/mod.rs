@@ -21,7 +21,7 @@ use sqlx::{AnyPool, Row};
 
 pub use audit::NewEvent;
 pub use identity::{TokenOwner, UserRow};
-pub use oidc::{AttemptRow, Claim, NewAttempt};
+pub use oidc::{AttemptRow, Claim, Confirmed, NewAttempt, CONFIRM_EXHAUSTED};
 pub use resources::{ActivationOutcome, WorkerRow};
 pub use sessions::{NewSession, SessionRow};
 pub use ssh::RecordingRow;
@@ -39,6 +39,7 @@ macro_rules! migration_list {
             (6, "audit chain", include_str!(concat!("../../../migrations/", $dir, "/0006_audit_chain.sql"))),
             (7, "workers mode", include_str!(concat!("../../../migrations/", $dir, "/0007_workers_mode.sql"))),
             (8, "session login", include_str!(concat!("../../../migrations/", $dir, "/0008_session_login.sql"))),
+            (9, "oidc confirm", include_str!(concat!("../../../migrations/", $dir, "/0009_oidc_confirm.sql"))),
         ]
     };
 }

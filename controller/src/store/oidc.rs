@@ -30,6 +30,10 @@ pub struct AttemptRow {
     pub message: Option<String>,
     /// When the attempt stops being usable.
     pub expires_at: i64,
+    /// The CLI's loopback port the browser is sent to with the confirmation code (code flow).
+    pub return_port: Option<i64>,
+    /// SHA-256 of the confirmation code the CLI must present (a done code-flow attempt).
+    pub confirm_hash: Option<String>,
 }
 
 /// A new attempt.
@@ -48,9 +52,32 @@ pub struct NewAttempt<'a> {
     pub nonce: Option<&'a str>,
     /// PKCE verifier (code flow), likewise.
     pub pkce_verifier: Option<&'a str>,
+    /// The CLI's loopback port for the confirmation redirect (code flow).
+    pub return_port: Option<u16>,
     /// Expiry.
     pub expires_at: i64,
 }
+
+/// How presenting a confirmation code for a done code-flow attempt went.
+#[derive(Debug, Clone)]
+pub enum Confirmed {
+    /// The code was right: the attempt (its sealed token), now collected.
+    Collected(Box<AttemptRow>),
+    /// A wrong code; this many more may be tried.
+    Wrong(i64),
+    /// A wrong code, the last one allowed: the attempt failed (its token is returned, to be
+    /// revoked).
+    Exhausted(Option<String>),
+    /// The attempt is not waiting for a code (not done, collected, failed, or device flow).
+    NotWaiting,
+}
+
+/// Why an attempt failed after too many wrong confirmation codes.
+pub const CONFIRM_EXHAUSTED: &str =
+    "too many wrong confirmation codes: the login was cancelled; start again";
+
+/// Wrong confirmation codes an attempt survives.
+pub const CONFIRM_TRIES: i64 = 3;
 
 /// How claiming a pending attempt for its callback went.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,7 +91,7 @@ pub enum Claim {
 }
 
 const ATTEMPT_COLUMNS: &str = "id, method, flow, status, nonce, pkce_verifier, user_name, \
-     token_sealed, token_expires_at, message, expires_at";
+     token_sealed, token_expires_at, message, expires_at, return_port, confirm_hash";
 
 fn attempt_from(r: &sqlx::any::AnyRow) -> Result<AttemptRow, StoreError> {
     Ok(AttemptRow {
@@ -79,6 +106,8 @@ fn attempt_from(r: &sqlx::any::AnyRow) -> Result<AttemptRow, StoreError> {
         token_expires_at: r.try_get("token_expires_at")?,
         message: r.try_get("message")?,
         expires_at: r.try_get("expires_at")?,
+        return_port: r.try_get("return_port")?,
+        confirm_hash: r.try_get("confirm_hash")?,
     })
 }
 
@@ -91,8 +120,8 @@ impl Store {
             .execute(&mut *self.writer().await?)
             .await?;
         sqlx::query(
-            "INSERT INTO oidc_attempts (id, method, flow, state_hash, nonce, pkce_verifier, status, created_at, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8)",
+            "INSERT INTO oidc_attempts (id, method, flow, state_hash, nonce, pkce_verifier, status, created_at, expires_at, return_port) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8, $9)",
         )
         .bind(a.id)
         .bind(a.method)
@@ -102,6 +131,7 @@ impl Store {
         .bind(a.pkce_verifier)
         .bind(t)
         .bind(a.expires_at)
+        .bind(a.return_port.map(i64::from))
         .execute(&mut *self.writer().await?)
         .await?;
         Ok(())
@@ -152,25 +182,84 @@ impl Store {
         }
     }
 
-    /// Marks an attempt done, with the sealed API token waiting for the CLI.
+    /// Marks an open attempt done, with the sealed API token waiting for the CLI (behind
+    /// `confirm_hash`, the SHA-256 of a confirmation code, when given). False if the attempt
+    /// was no longer open (failed or expired meanwhile, and so reported to the CLI).
     pub async fn complete_oidc_attempt(
         &self,
         id: &str,
         user: &str,
         token_sealed: &str,
         token_expires_at: i64,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
+        confirm_hash: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
             "UPDATE oidc_attempts SET status = 'done', user_name = $2, token_sealed = $3, \
-             token_expires_at = $4, nonce = NULL, pkce_verifier = NULL WHERE id = $1",
+             token_expires_at = $4, confirm_hash = $5, nonce = NULL, pkce_verifier = NULL \
+             WHERE id = $1 AND status IN ('pending', 'exchanging')",
         )
         .bind(id)
         .bind(user)
         .bind(token_sealed)
         .bind(token_expires_at)
+        .bind(confirm_hash)
         .execute(&mut *self.writer().await?)
         .await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Presents the hash of a confirmation code for a done code-flow attempt: the right one
+    /// collects the token (once); each wrong one counts, and the last allowed fails the
+    /// attempt.
+    pub async fn confirm_oidc_attempt(
+        &self,
+        id: &str,
+        code_hash: &str,
+    ) -> Result<Confirmed, StoreError> {
+        let Some(row) = self.oidc_attempt(id).await? else {
+            return Ok(Confirmed::NotWaiting);
+        };
+        if row.status != "done" || row.confirm_hash.is_none() {
+            return Ok(Confirmed::NotWaiting);
+        }
+        let collected = sqlx::query(
+            "UPDATE oidc_attempts SET status = 'collected', token_sealed = NULL \
+             WHERE id = $1 AND status = 'done' AND confirm_hash = $2",
+        )
+        .bind(id)
+        .bind(code_hash)
+        .execute(&mut *self.writer().await?)
+        .await?;
+        if collected.rows_affected() == 1 {
+            return Ok(Confirmed::Collected(Box::new(row)));
+        }
+        let counted = sqlx::query(
+            "UPDATE oidc_attempts SET confirm_failures = confirm_failures + 1 \
+             WHERE id = $1 AND status = 'done' RETURNING confirm_failures",
+        )
+        .bind(id)
+        .fetch_optional(&mut *self.writer().await?)
+        .await?;
+        let Some(counted) = counted else {
+            return Ok(Confirmed::NotWaiting);
+        };
+        let failures: i64 = counted.try_get("confirm_failures")?;
+        if failures < CONFIRM_TRIES {
+            return Ok(Confirmed::Wrong(CONFIRM_TRIES - failures));
+        }
+        let failed = sqlx::query(
+            "UPDATE oidc_attempts SET status = 'failed', token_sealed = NULL, message = $2 \
+             WHERE id = $1 AND status = 'done'",
+        )
+        .bind(id)
+        .bind(CONFIRM_EXHAUSTED)
+        .execute(&mut *self.writer().await?)
+        .await?;
+        if failed.rows_affected() == 1 {
+            Ok(Confirmed::Exhausted(row.token_sealed))
+        } else {
+            Ok(Confirmed::NotWaiting)
+        }
     }
 
     /// Marks a pending attempt failed with a message for the CLI; false if it was not open.
@@ -186,7 +275,8 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Hands the sealed token of a done attempt out once: returns it and forgets it.
+    /// Hands the sealed token of a done attempt out once: returns it and forgets it. Not one
+    /// behind a confirmation code ([`Self::confirm_oidc_attempt`]).
     pub async fn collect_oidc_attempt(&self, id: &str) -> Result<Option<AttemptRow>, StoreError> {
         let Some(row) = self.oidc_attempt(id).await? else {
             return Ok(None);
@@ -196,7 +286,7 @@ impl Store {
         }
         let done = sqlx::query(
             "UPDATE oidc_attempts SET status = 'collected', token_sealed = NULL \
-             WHERE id = $1 AND status = 'done'",
+             WHERE id = $1 AND status = 'done' AND confirm_hash IS NULL",
         )
         .bind(id)
         .execute(&mut *self.writer().await?)

@@ -11,6 +11,7 @@ fn attempt<'a>(id: &'a str, state_hash: &'a str, expires_at: i64) -> NewAttempt<
         state_hash: Some(state_hash),
         nonce: Some("n"),
         pkce_verifier: Some("v"),
+        return_port: None,
         expires_at,
     }
 }
@@ -43,9 +44,10 @@ async fn attempts_are_claimed_once_and_collected_once() {
             s.claim_oidc_attempt("a2").await.expect("claim"),
             Claim::Expired
         );
-        s.complete_oidc_attempt("a1", "alice", "sealed", t + 3600)
+        assert!(s
+            .complete_oidc_attempt("a1", "alice", "sealed", t + 3600, None)
             .await
-            .expect("complete");
+            .expect("complete"));
         let done = s.collect_oidc_attempt("a1").await.expect("collect");
         assert_eq!(done.and_then(|r| r.token_sealed).as_deref(), Some("sealed"));
         assert!(s.collect_oidc_attempt("a1").await.expect("again").is_none());
@@ -54,6 +56,58 @@ async fn attempts_are_claimed_once_and_collected_once() {
         assert!(row.token_sealed.is_none() && row.pkce_verifier.is_none());
         assert!(s.fail_oidc_attempt("a2", "expired").await.expect("fail"));
         assert!(!s.fail_oidc_attempt("a2", "again").await.expect("fail"));
+        // A failed attempt gets no token.
+        assert!(!s
+            .complete_oidc_attempt("a2", "alice", "sealed", t + 3600, None)
+            .await
+            .expect("complete"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_token_behind_a_confirmation_code_needs_the_code() {
+    on_both(|s| async move {
+        let t = now();
+        for (id, hash) in [("c1", "hc1"), ("c2", "hc2")] {
+            s.insert_oidc_attempt(&attempt(id, hash, t + 300))
+                .await
+                .expect("insert");
+            assert!(s
+                .complete_oidc_attempt(id, "alice", "sealed", t + 3600, Some("right"))
+                .await
+                .expect("complete"));
+            // Not handed out without the code.
+            assert!(s.collect_oidc_attempt(id).await.expect("collect").is_none());
+        }
+        let got = s
+            .confirm_oidc_attempt("c1", "right")
+            .await
+            .expect("confirm");
+        assert!(
+            matches!(&got, Confirmed::Collected(r) if r.token_sealed.as_deref() == Some("sealed")),
+            "{got:?}"
+        );
+        let again = s.confirm_oidc_attempt("c1", "right").await.expect("again");
+        assert!(matches!(again, Confirmed::NotWaiting), "{again:?}");
+
+        for left in [2, 1] {
+            let wrong = s.confirm_oidc_attempt("c2", "wrong").await.expect("wrong");
+            assert!(
+                matches!(wrong, Confirmed::Wrong(n) if n == left),
+                "{wrong:?}"
+            );
+        }
+        let last = s.confirm_oidc_attempt("c2", "wrong").await.expect("last");
+        assert!(
+            matches!(&last, Confirmed::Exhausted(Some(t)) if t == "sealed"),
+            "{last:?}"
+        );
+        let row = s.oidc_attempt("c2").await.expect("q").expect("row");
+        assert_eq!(row.status, "failed");
+        assert!(row.token_sealed.is_none());
+        let late = s.confirm_oidc_attempt("c2", "right").await.expect("late");
+        assert!(matches!(late, Confirmed::NotWaiting), "{late:?}");
     })
     .await;
 }

@@ -121,6 +121,9 @@ async fn oidc_cli_login_opens_the_browser_and_device_login_waits() {
     assert_eq!(me.user, "alice@example.com");
     assert_eq!(me.groups, ["engineering"]);
 
+    // --no-browser: the page shows the confirmation code, typed in at the CLI's prompt.
+    no_browser_login(&s, &dir).await;
+
     // --device: the CLI prints the URL and the code, and waits.
     let out = cli_login(&s, &dir, &["--device", "--method", "corp"], None, |line| {
         line.trim()
@@ -130,4 +133,71 @@ async fn oidc_cli_login_opens_the_browser_and_device_login_waits() {
     })
     .await;
     assert!(out.contains("alice@example.com"), "{out}");
+}
+
+/// `postern login --oidc --no-browser`: the URL printed, opened elsewhere; the code the page
+/// shows typed in (a wrong one first: refused, and asked again).
+async fn no_browser_login(s: &Sso, dir: &crate::harness::TempDir) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut child = tokio::process::Command::new(crate::dev_cli::postern_bin())
+        .args(["--addr", &s.anon.base, "login", "--oidc", "--no-browser"])
+        .env("POSTERN_CONFIG_DIR", dir.path().join("config-typed"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn postern login");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let url = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(url) = line.trim().strip_prefix("http") {
+                return format!("http{url}");
+            }
+        }
+        panic!("postern login printed no URL");
+    })
+    .await
+    .expect("a URL");
+    let (tx, mut rest) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = tx.send(line);
+        }
+    });
+    let mut b = Browser::new();
+    let page = b.open(&url).await.expect("IdP page");
+    let page = login_and_consent(&mut b, page, "alice", "alice-password")
+        .await
+        .expect("login at the IdP");
+    let code = page
+        .body
+        .split_once("id=\"confirmation-code\">")
+        .and_then(|(_, r)| r.split('<').next())
+        .expect("the page shows the code")
+        .to_owned();
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(b"WRONG-CODE\n").await.expect("type");
+    let refused = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(line) = rest.recv().await {
+            if line.contains("wrong confirmation code") {
+                return line;
+            }
+        }
+        String::new()
+    })
+    .await
+    .expect("the wrong code is refused");
+    assert!(refused.contains("2 more tries"), "{refused}");
+    stdin
+        .write_all(format!("{}\n", code.to_lowercase()).as_bytes())
+        .await
+        .expect("type");
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("postern login ends")
+        .expect("wait");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "postern login failed: {stdout}");
+    assert!(stdout.contains("alice@example.com"), "{stdout}");
 }

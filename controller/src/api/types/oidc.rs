@@ -33,6 +33,20 @@ pub struct OidcStartRequest {
     /// The OIDC method's name; the first configured one if absent.
     #[serde(default)]
     pub method: Option<String>,
+    /// Code flow: the port on 127.0.0.1 where the CLI that starts the login listens; the
+    /// browser is sent there with the confirmation code once the identity provider is done.
+    /// Without it, the callback page shows the code for the person to type in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub return_port: Option<u16>,
+}
+
+/// `POST /v1/auth/oidc/attempts/{id}`: collects a code-flow login's token with the
+/// confirmation code its browser received.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfirmRequest {
+    /// The confirmation code (case and dashes do not count).
+    pub code: String,
 }
 
 /// A code-flow login started: open `auth_url`, then poll the attempt.
@@ -73,6 +87,12 @@ pub struct OidcDeviceStart {
 pub enum OidcAttempt {
     /// Waiting for the user at the identity provider.
     Pending {
+        /// When the attempt expires.
+        expires_at: i64,
+    },
+    /// Code flow: the identity provider is done; the token goes to whoever presents the
+    /// confirmation code the browser received (`POST` to the attempt).
+    Confirm {
         /// When the attempt expires.
         expires_at: i64,
     },
