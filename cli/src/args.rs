@@ -392,7 +392,10 @@ pub enum UsersCmd {
         #[arg(long)]
         current: bool,
     },
-    /// Delete a user.
+    /// Delete a user (its tokens, memberships, bindings and single sign-on links go with it).
+    ///
+    /// A user who logs in with single sign-on is created afresh at their next login, without
+    /// what an admin gave by hand: `postern users lock` keeps one out.
     Delete {
         /// User name.
         name: String,

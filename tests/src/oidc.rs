@@ -448,6 +448,30 @@ async fn oidc_refusals_are_explained_and_audited() {
     assert!(err.contains("bad signature"), "{err}");
     s.assert_failure_audited("anonymous", "bad signature").await;
 
+    // An answer without the `iss` this IdP always sends (RFC 9207): not its own.
+    let start = s.start().await;
+    let callback = login_until_callback(&s, &start).await;
+    let mut stripped = callback.clone();
+    let pairs: Vec<(String, String)> = callback
+        .query_pairs()
+        .filter(|(k, _)| k != "iss")
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    assert!(pairs.len() < callback.query_pairs().count(), "{callback}");
+    stripped.query_pairs_mut().clear().extend_pairs(&pairs);
+    let page = Browser::new()
+        .open(stripped.as_str())
+        .await
+        .expect("callback");
+    assert_eq!(page.status, 400, "{}", page.body);
+    assert!(
+        page.body.contains("does not name its issuer"),
+        "{}",
+        page.body
+    );
+    s.assert_failure_audited("anonymous", "does not name its issuer")
+        .await;
+
     // A tampered state: the callback matches no attempt.
     let start = s.start().await;
     let callback = login_until_callback(&s, &start).await;
@@ -630,4 +654,51 @@ async fn a_login_link_sent_to_someone_else_gives_the_sender_nothing() {
         .await
         .expect("the code from the return collects the token");
     assert_eq!(r.user, "alice@example.com");
+}
+
+/// An e-mail address that moves to another IdP account: the new account cannot take over the
+/// user linked to the old one, and once an admin deletes that user (its links go with it), the
+/// old account no longer gets into a user later made under the same name.
+#[tokio::test]
+async fn a_deleted_users_identity_does_not_come_back_into_a_new_user_of_the_name() {
+    let s = sso(|_| {}).await;
+    s.login("alice", "alice-password").await.expect("alice");
+    s.idp
+        .update_account("alice", json!({"email": "alice.old@example.com"}))
+        .await
+        .expect("alice's address changes");
+    s.idp
+        .update_account(
+            "alice2",
+            json!({"password": "alice2-password", "email": "alice@example.com",
+                   "email_verified": true, "groups": []}),
+        )
+        .await
+        .expect("a new account gets it");
+    let err = s
+        .login("alice2", "alice2-password")
+        .await
+        .err()
+        .expect("the name is someone else's");
+    assert!(
+        err.contains("linked to another single sign-on account"),
+        "{err}"
+    );
+
+    let _: serde_json::Value =
+        s.c.admin
+            .ok(Method::DELETE, "/v1/users/alice@example.com", None::<&()>)
+            .await;
+    let alice2 = s
+        .login("alice2", "alice2-password")
+        .await
+        .expect("the name is free");
+    let me: WhoAmI = alice2.ok(Method::GET, "/v1/whoami", None::<&()>).await;
+    assert_eq!(me.user, "alice@example.com");
+    let old = s
+        .login("alice", "alice-password")
+        .await
+        .expect("the old account logs in");
+    let me: WhoAmI = old.ok(Method::GET, "/v1/whoami", None::<&()>).await;
+    assert_eq!(me.user, "alice.old@example.com", "not into alice2's user");
 }

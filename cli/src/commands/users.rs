@@ -113,9 +113,15 @@ pub async fn run(ctx: &Ctx, cmd: UsersCmd) -> Result<ExitCode> {
             show(ctx, &user)?;
         }
         UsersCmd::Delete { name } => {
+            let user: User = api.get(&["v1", "users", &name], &[]).await?;
             api.delete(&["v1", "users", &name]).await?;
             if !ctx.json {
                 println!("Deleted user {name}.");
+                if !user.has_password {
+                    println!(
+                        "note: a user who logs in with single sign-on is created afresh at their next login; `postern users lock {name}` keeps them out"
+                    );
+                }
             }
         }
         UsersCmd::Lock { name } => {

@@ -383,14 +383,23 @@ async fn exchange(
     a: &crate::store::AttemptRow,
     q: &CallbackQuery,
 ) -> Result<LoginResponse, Failure> {
-    if let Some(iss) = &q.iss {
+    match &q.iss {
         // RFC 9207: an IdP that names itself must be the one this attempt went to.
-        if iss.trim_end_matches('/') != p.config.issuer.trim_end_matches('/') {
+        Some(iss) if iss.trim_end_matches('/') != p.config.issuer.trim_end_matches('/') => {
             return Err(Failure::anonymous(format!(
                 "the callback comes from issuer '{iss}', not '{}'",
                 p.config.issuer
             )));
         }
+        Some(_) => {}
+        // One that promises to name itself always does.
+        None if p.names_itself_in_answers().await? => {
+            return Err(Failure::anonymous(format!(
+                "the callback does not name its issuer, which '{}' always does (RFC 9207): refused",
+                p.config.issuer
+            )));
+        }
+        None => {}
     }
     if let Some(error) = &q.error {
         return Err(Failure::anonymous(match &q.error_description {

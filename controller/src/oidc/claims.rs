@@ -56,6 +56,9 @@ pub enum ClaimError {
         /// The allowed domains, comma-separated.
         allowed: String,
     },
+    /// The user is named by an e-mail address the IdP says it has not verified.
+    #[error("the identity provider says the e-mail address '{0}' is not verified (email_verified is false): it cannot name a Postern user")]
+    UnverifiedEmail(String),
     /// The groups claim is neither a list of strings nor a string.
     #[error("the ID token's '{0}' claim is not a list of group names")]
     BadGroups(String),
@@ -85,6 +88,14 @@ pub fn identity(config: &OidcConfig, claims: &Map<String, Value>) -> Result<Iden
         .filter(|s| !s.is_empty())
         .ok_or_else(|| ClaimError::NoUserClaim(config.user_claim.clone()))?
         .to_lowercase();
+    // Whoever can set an unverified address at the IdP could take anyone's name: an address
+    // the IdP says is not verified never names a user (an IdP that says nothing is trusted).
+    let unverified = claims
+        .get("email_verified")
+        .is_some_and(|v| *v == Value::Bool(false) || v.as_str() == Some("false"));
+    if config.user_claim == "email" && unverified {
+        return Err(ClaimError::UnverifiedEmail(user));
+    }
     if !config.allowed_domains.is_empty() {
         let domain = user.rsplit_once('@').map(|(_, d)| d);
         let allowed = domain.is_some_and(|d| {
@@ -217,5 +228,33 @@ mod tests {
         let e = identity(&c, &claims(json!({"sub": "u1", "email": "has space@b.c"})))
             .expect_err("bad name");
         assert!(matches!(e, ClaimError::BadUserName { .. }));
+    }
+
+    #[test]
+    fn an_unverified_address_names_no_user_even_unasked() {
+        let c = OidcConfig::new("corp", "https://idp.example", "c", None);
+        for verified in [json!(false), json!("false")] {
+            let e = identity(
+                &c,
+                &claims(json!({"sub": "u1", "email": "ceo@b.c", "email_verified": verified})),
+            )
+            .expect_err("unverified");
+            assert_eq!(e, ClaimError::UnverifiedEmail("ceo@b.c".into()));
+        }
+        for verified in [
+            json!({"sub": "u1", "email": "a@b.c", "email_verified": true}),
+            json!({"sub": "u1", "email": "a@b.c"}),
+        ] {
+            identity(&c, &claims(verified)).expect("verified, or not said");
+        }
+        // Another user claim: the address is not what names the user.
+        let mut by_name = c.clone();
+        by_name.user_claim = "preferred_username".into();
+        let id = identity(
+            &by_name,
+            &claims(json!({"sub": "u1", "preferred_username": "carol", "email_verified": false})),
+        )
+        .expect("named otherwise");
+        assert_eq!(id.user, "carol");
     }
 }

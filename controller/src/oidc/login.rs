@@ -79,6 +79,17 @@ pub async fn finish(
             None => (state.store.create_user(&name, None).await?, true),
         },
         None => match state.store.find_user(&id.user).await? {
+            Some(_)
+                if state
+                    .store
+                    .oidc_user_linked_elsewhere(&id.user, &m.issuer, &id.subject)
+                    .await? =>
+            {
+                return Err(refused(format!(
+                    "the Postern user '{}' is linked to another single sign-on account, not this one of login method '{}': ask an admin (deleting that user frees the name)",
+                    id.user, m.name
+                )))
+            }
             Some(_) => {
                 return Err(refused(format!(
                     "a Postern user named '{}' already exists and is not linked to login method '{}': ask an admin to delete it or log in with its password",

@@ -65,16 +65,19 @@ pub enum ProviderError {
     IdToken(String),
 }
 
-/// The one extra discovery field the device flow needs.
+/// The discovery fields openidconnect's core metadata lacks: the device flow's endpoint, and
+/// whether the IdP names itself in its authorization answers (RFC 9207).
 #[derive(Clone, Debug, Deserialize, Serialize)]
-pub struct DeviceEndpoint {
+pub struct ExtraMetadata {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     device_authorization_endpoint: Option<DeviceAuthorizationUrl>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    authorization_response_iss_parameter_supported: Option<bool>,
 }
-impl AdditionalProviderMetadata for DeviceEndpoint {}
+impl AdditionalProviderMetadata for ExtraMetadata {}
 
 type Metadata = ProviderMetadata<
-    DeviceEndpoint,
+    ExtraMetadata,
     CoreAuthDisplay,
     CoreClientAuthMethod,
     CoreClaimName,
@@ -184,6 +187,16 @@ impl Provider {
             nonce,
             verifier,
         })
+    }
+
+    /// Whether the IdP's discovery document promises an `iss` in every authorization answer
+    /// (RFC 9207), so that an answer without one is not its own.
+    pub async fn names_itself_in_answers(&self) -> Result<bool, ProviderError> {
+        let md = self.metadata(false).await?;
+        Ok(md
+            .additional_metadata()
+            .authorization_response_iss_parameter_supported
+            == Some(true))
     }
 
     /// Exchanges an authorization code and returns the verified ID token's claims.

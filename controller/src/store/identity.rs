@@ -105,10 +105,15 @@ impl Store {
             .bind(name)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM group_members WHERE user_name = $1")
+        // Its IdP identities too: left linked, one would log in as a later user of the name.
+        for table in ["group_members", "oidc_group_members", "oidc_identities"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DELETE FROM {table} WHERE user_name = $1"
+            )))
             .bind(name)
             .execute(&mut *tx)
             .await?;
+        }
         sqlx::query(
             "DELETE FROM role_bindings WHERE principal_kind = 'user' AND principal_name = $1",
         )

@@ -40,6 +40,7 @@ macro_rules! migration_list {
             (7, "workers mode", include_str!(concat!("../../../migrations/", $dir, "/0007_workers_mode.sql"))),
             (8, "session login", include_str!(concat!("../../../migrations/", $dir, "/0008_session_login.sql"))),
             (9, "oidc confirm", include_str!(concat!("../../../migrations/", $dir, "/0009_oidc_confirm.sql"))),
+            (10, "oidc links of deleted users", include_str!(concat!("../../../migrations/", $dir, "/0010_oidc_links_of_deleted_users.sql"))),
         ]
     };
 }
