@@ -279,6 +279,22 @@ impl ControllerConfig {
         }
         crate::tls::validate(self)?;
         crate::oidc::config::validate(&self.oidc)?;
+        // The default callback is the API's own address, which a browser cannot be sent to
+        // when it is "any address".
+        if self.api_listen.ip().is_unspecified() {
+            if let Some(m) = self.oidc.iter().find(|m| m.redirect_url.is_none()) {
+                return Err(ConfigError::Invalid {
+                    key: "oidc.redirect_url".into(),
+                    message: format!(
+                        "login method '{}' needs a redirect_url: the API listens on {}, which a \
+                         browser cannot be sent back to; set it to \
+                         https://NAME/v1/auth/oidc/callback, NAME being how people reach the API \
+                         (and registered at the identity provider)",
+                        m.name, self.api_listen
+                    ),
+                });
+            }
+        }
         if self.token_ttl.as_secs() < 60 {
             return Err(ConfigError::Invalid {
                 key: "token_ttl".into(),
@@ -325,6 +341,18 @@ mod tests {
         let mut c = base();
         c.kek_file = Some(dir.clone());
         assert_eq!(key_of(c), "kek_file");
+        let mut c = base();
+        c.api_listen = "0.0.0.0:9200".parse().expect("addr");
+        c.insecure_http = false;
+        c.oidc = vec![crate::oidc::OidcConfig::new(
+            "corp",
+            "https://idp.example",
+            "c",
+            None,
+        )];
+        assert_eq!(key_of(c.clone()), "oidc.redirect_url");
+        c.oidc[0].redirect_url = Some("https://postern.example/v1/auth/oidc/callback".into());
+        assert!(c.validate().is_ok());
         for bad in [dir.join("no-such-dir").join("audit.jsonl"), dir.clone()] {
             let mut c = base();
             c.audit_file = Some(bad);

@@ -207,6 +207,17 @@ pub async fn start(mut config: ControllerConfig) -> Result<ControllerHandle, Sta
             ),
             _ => tracing::info!("API served over TLS with tls_cert_file"),
         }
+        let browser_distrusts = matches!(api_tls.source, tls::CertSource::ClusterCa { .. });
+        if let Some(m) = config.oidc.iter().find(|m| m.redirect_url.is_none()) {
+            if browser_distrusts {
+                tracing::warn!(
+                    method = %m.name,
+                    "single sign-on sends browsers back to https://{api_addr}/v1/auth/oidc/callback, \
+                     whose certificate comes from the cluster CA, which browsers do not trust: set \
+                     tls_cert_file, or redirect_url to a proxy with a trusted certificate"
+                );
+            }
+        }
         // The IdP must send the browser back over HTTPS.
         for method in &mut config.oidc {
             if method.redirect_url.is_none() {

@@ -87,7 +87,18 @@ pub async fn device(
     State(state): State<AppState>,
     Json(req): Json<OidcStartRequest>,
 ) -> ApiResult<OidcDeviceStart> {
+    if req.return_port.is_some() {
+        return Err(ApiError::BadRequest(
+            "return_port is for the code flow (POST /v1/auth/oidc/start)".into(),
+        ));
+    }
     let p = method(&state, req.method.as_deref(), "device").await?;
+    let Some(slot) = login::device_wait_slot() else {
+        return Err(ApiError::Unavailable(
+            "too many device logins are in progress on this controller: try again in a few minutes"
+                .into(),
+        ));
+    };
     let details = match p.device_start().await {
         Ok(d) => d,
         Err(e) => return Err(refuse_start(&state, &p, "device", e).await?),
@@ -118,7 +129,7 @@ pub async fn device(
         method: p.config.name.clone(),
         expires_at,
     };
-    login::spawn_device_wait(state.clone(), p, attempt_id, details, expires_at);
+    login::spawn_device_wait(state.clone(), p, attempt_id, details, expires_at, slot);
     Ok(Json(answer))
 }
 

@@ -194,15 +194,32 @@ pub async fn fail(
         .await
 }
 
-/// Polls the IdP for a device login in the background and finishes (or fails) the attempt.
+/// Device logins a controller process waits for at once (each polls the IdP for up to
+/// 15 minutes; anyone may start one).
+const DEVICE_WAITS: usize = 256;
+
+/// A place among the device logins in progress, if one is free.
+pub fn device_wait_slot() -> Option<tokio::sync::OwnedSemaphorePermit> {
+    static SLOTS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    SLOTS
+        .get_or_init(|| Arc::new(tokio::sync::Semaphore::new(DEVICE_WAITS)))
+        .clone()
+        .try_acquire_owned()
+        .ok()
+}
+
+/// Polls the IdP for a device login in the background and finishes (or fails) the attempt;
+/// `slot` is held until then.
 pub fn spawn_device_wait(
     state: AppState,
     p: Arc<Provider>,
     attempt: String,
     details: CoreDeviceAuthorizationResponse,
     expires_at: i64,
+    slot: tokio::sync::OwnedSemaphorePermit,
 ) {
     tokio::spawn(async move {
+        let _slot = slot;
         let left = Duration::from_secs(u64::try_from(expires_at - now()).unwrap_or(1).max(1));
         let result = device_login(&state, &p, &attempt, &details, left).await;
         let outcome = match result {
@@ -235,5 +252,21 @@ async fn device_login(
         Claim::Claimed => finish(state, p, "device", &claims).await,
         Claim::Expired => Err(Failure::anonymous("the login attempt expired: start again")),
         Claim::AlreadyUsed => Err(Failure::anonymous("the login attempt was already used")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_logins_wait_in_a_bounded_number() {
+        let mut held: Vec<_> = (0..DEVICE_WAITS)
+            .map_while(|_| device_wait_slot())
+            .collect();
+        assert_eq!(held.len(), DEVICE_WAITS);
+        assert!(device_wait_slot().is_none(), "one too many");
+        held.pop();
+        assert!(device_wait_slot().is_some(), "a slot freed is free");
     }
 }
