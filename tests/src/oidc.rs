@@ -449,57 +449,25 @@ async fn oidc_refusals_are_explained_and_audited() {
     s.assert_failure_audited("anonymous", "bad signature").await;
 
     // An answer without the `iss` this IdP always sends (RFC 9207): not its own.
-    let start = s.start().await;
-    let callback = login_until_callback(&s, &start).await;
-    let mut stripped = callback.clone();
-    let pairs: Vec<(String, String)> = callback
-        .query_pairs()
-        .filter(|(k, _)| k != "iss")
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
-    assert!(pairs.len() < callback.query_pairs().count(), "{callback}");
-    stripped.query_pairs_mut().clear().extend_pairs(&pairs);
-    let page = Browser::new()
-        .open(stripped.as_str())
-        .await
-        .expect("callback");
-    assert_eq!(page.status, 400, "{}", page.body);
-    assert!(
-        page.body.contains("does not name its issuer"),
-        "{}",
-        page.body
-    );
-    s.assert_failure_audited("anonymous", "does not name its issuer")
-        .await;
-
+    refused_callback(
+        &s,
+        |k, v| (k != "iss").then(|| v.to_owned()),
+        "does not name its issuer",
+    )
+    .await;
     // A tampered state: the callback matches no attempt.
-    let start = s.start().await;
-    let callback = login_until_callback(&s, &start).await;
-    let mut tampered = callback.clone();
-    let pairs: Vec<(String, String)> = callback
-        .query_pairs()
-        .map(|(k, v)| {
-            let v = if k == "state" {
+    let (start, callback) = refused_callback(
+        &s,
+        |k, v| {
+            Some(if k == "state" {
                 format!("{v}x")
             } else {
-                v.into_owned()
-            };
-            (k.into_owned(), v)
-        })
-        .collect();
-    tampered.query_pairs_mut().clear().extend_pairs(&pairs);
-    let page = Browser::new()
-        .open(tampered.as_str())
-        .await
-        .expect("callback");
-    assert_eq!(page.status, 400);
-    assert!(
-        page.body.contains("matches no login attempt"),
-        "{}",
-        page.body
-    );
-    s.assert_failure_audited("anonymous", "matches no login attempt")
-        .await;
+                v.to_owned()
+            })
+        },
+        "matches no login attempt",
+    )
+    .await;
 
     // The genuine callback still works once; replayed, it is refused.
     let page = Browser::new()
@@ -531,6 +499,33 @@ async fn oidc_refusals_are_explained_and_audited() {
             .count(),
         1
     );
+}
+
+/// Logs alice in up to the callback, opens the callback with its query edited (`edit` gives
+/// each parameter's new value, `None` drops it), and checks that it is refused saying `says`,
+/// and audited. Returns the attempt and its genuine callback, unvisited.
+async fn refused_callback(
+    s: &Sso,
+    edit: impl Fn(&str, &str) -> Option<String>,
+    says: &str,
+) -> (OidcStart, reqwest::Url) {
+    let start = s.start().await;
+    let callback = login_until_callback(s, &start).await;
+    let pairs: Vec<(String, String)> = callback
+        .query_pairs()
+        .filter_map(|(k, v)| edit(&k, &v).map(|v| (k.into_owned(), v)))
+        .collect();
+    let mut edited = callback.clone();
+    edited.query_pairs_mut().clear().extend_pairs(&pairs);
+    assert_ne!(edited, callback, "the edit changes the callback");
+    let page = Browser::new()
+        .open(edited.as_str())
+        .await
+        .expect("callback");
+    assert_eq!(page.status, 400, "{}", page.body);
+    assert!(page.body.contains(says), "{}", page.body);
+    s.assert_failure_audited("anonymous", says).await;
+    (start, callback)
 }
 
 /// Logs alice in at the IdP and returns the callback URL the IdP redirects to, unvisited.
