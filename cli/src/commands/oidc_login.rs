@@ -79,6 +79,15 @@ async fn code_login(
         Some(l)
     };
     let s: OidcStart = api.post(&["v1", "auth", "oidc", "start"], &req).await?;
+    // The browser's return carries the attempt's state, which is in the URL it was sent to.
+    let state = reqwest::Url::parse(&s.auth_url)
+        .ok()
+        .and_then(|u| {
+            u.query_pairs()
+                .find(|(k, _)| k == "state")
+                .map(|(_, v)| v.into_owned())
+        })
+        .unwrap_or_default();
     let (codes_tx, codes) = mpsc::channel(4);
     match listener {
         Some(l) => {
@@ -94,7 +103,11 @@ async fn code_login(
                 );
             }
             eprintln!("  {}\n", s.auth_url);
-            tokio::spawn(browser_returns(l, codes_tx));
+            eprintln!(
+                "(The browser comes back to this terminal on 127.0.0.1: if it runs on another \
+                 machine, stop this and use `postern login --oidc --no-browser`.)\n"
+            );
+            tokio::spawn(browser_returns(l, state, codes_tx));
         }
         None => {
             eprintln!(
@@ -116,19 +129,25 @@ async fn code_login(
     super::auth::save_login(ctx, resp)
 }
 
+/// What asks for a typed confirmation code.
+const CODE_PROMPT: &str = "Confirmation code: ";
+
 /// A confirmation code, and the browser's connection to answer if it came by the browser.
 type CodeFrom = (String, Option<TcpStream>);
 
-/// Accepts the browser's return on `listener`: each `GET /postern-login?code=…` passes its
-/// code on; anything else is answered 404.
-async fn browser_returns(listener: TcpListener, codes: mpsc::Sender<CodeFrom>) {
+/// Accepts the browser's return on `listener`: each `GET /postern-login?code=…&state=…` with
+/// the attempt's `state` passes its code on; anything else (another program on this machine
+/// cannot know the state) is answered 404 and costs the login nothing.
+async fn browser_returns(listener: TcpListener, state: String, codes: mpsc::Sender<CodeFrom>) {
+    let state = std::sync::Arc::new(state);
     while let Ok((stream, _)) = listener.accept().await {
-        let codes = codes.clone();
+        let (codes, state) = (codes.clone(), state.clone());
         // A browser may open connections it sends nothing on: each is read on its own.
         tokio::spawn(async move {
             let mut stream = stream;
-            match tokio::time::timeout(Duration::from_secs(10), read_code(&mut stream)).await {
-                Ok(Some(code)) => {
+            let read = tokio::time::timeout(Duration::from_secs(10), read_return(&mut stream));
+            match read.await {
+                Ok(Some((code, returned))) if !state.is_empty() && returned == *state => {
                     let _ = codes.send((code, Some(stream))).await;
                 }
                 _ => answer_browser(Some(stream), "404 Not Found", "Not found", "").await,
@@ -137,8 +156,8 @@ async fn browser_returns(listener: TcpListener, codes: mpsc::Sender<CodeFrom>) {
     }
 }
 
-/// The `code` of a request for `/postern-login?code=…` (at most 8 KiB of request read).
-async fn read_code(stream: &mut TcpStream) -> Option<String> {
+/// The `code` and `state` of a request for `/postern-login?…` (at most 8 KiB of it read).
+async fn read_return(stream: &mut TcpStream) -> Option<(String, String)> {
     let mut buf = Vec::with_capacity(1024);
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
         let mut chunk = [0u8; 1024];
@@ -155,12 +174,16 @@ async fn read_code(stream: &mut TcpStream) -> Option<String> {
         .strip_prefix("GET ")?
         .split(' ')
         .next()?;
-    let query = target.strip_prefix("/postern-login?")?;
-    query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("code="))
-        .filter(|c| !c.is_empty())
-        .map(str::to_owned)
+    let url = reqwest::Url::parse(&format!("http://127.0.0.1{target}")).ok()?;
+    if url.path() != "/postern-login" {
+        return None;
+    }
+    let param = |name: &str| {
+        url.query_pairs()
+            .find(|(k, v)| k == name && !v.is_empty())
+            .map(|(_, v)| v.into_owned())
+    };
+    Some((param("code")?, param("state")?))
 }
 
 /// Answers the browser (if the code came from it) with a small page.
@@ -187,12 +210,13 @@ async fn answer_browser(stream: Option<TcpStream>, status: &str, title: &str, te
     let _ = stream.shutdown().await;
 }
 
-/// Reads confirmation codes typed on stdin, one per line, until it ends.
+/// Reads confirmation codes typed on stdin, one per line, until it ends (the prompt after a
+/// wrong code comes with its answer, from [`confirm`]).
 fn typed_codes(codes: &mpsc::Sender<CodeFrom>) {
     let mut line = String::new();
+    eprint!("{CODE_PROMPT}");
+    let _ = std::io::stderr().flush();
     loop {
-        eprint!("Confirmation code: ");
-        let _ = std::io::stderr().flush();
         line.clear();
         match std::io::stdin().read_line(&mut line) {
             Ok(0) | Err(_) => return,
@@ -286,12 +310,18 @@ async fn wait(
             };
             tokio::select! {
                 _ = tokio::time::sleep(POLL_EVERY / 10) => {}
-                Some((code, browser)) = code => {
-                    if let Some(resp) = confirm(api, attempt, &code, browser).await? {
-                        clear(tty);
-                        return Ok(resp);
+                next = code => match next {
+                    Some((code, browser)) => {
+                        if let Some(resp) = confirm(api, attempt, &code, browser).await? {
+                            clear(tty);
+                            return Ok(resp);
+                        }
                     }
-                }
+                    None => {
+                        clear(tty);
+                        bail!("no confirmation code can come any more (stdin ended): run `postern login --oidc --no-browser` in a terminal, and type the code the browser shows");
+                    }
+                },
             }
         }
     }
@@ -328,16 +358,25 @@ async fn confirm(
         }
         Ok(OidcAttempt::Pending { .. } | OidcAttempt::Confirm { .. }) => {
             let text = "the login is not finished at the identity provider yet";
-            answer_browser(browser, "409 Conflict", "Postern login not finished", text).await;
-            eprintln!("\n{text}");
+            retry(browser, "Postern login not finished", text).await;
             Ok(None)
         }
         Err(e) => {
-            let text = e.to_string();
-            answer_browser(browser, "400 Bad Request", "Postern login failed", &text).await;
-            eprintln!("\n{text}");
+            retry(browser, "Postern login failed", &e.to_string()).await;
             Ok(None)
         }
+    }
+}
+
+/// Says why a code did not log in, to the browser it came from, or on the terminal with the
+/// prompt for the next one.
+async fn retry(browser: Option<TcpStream>, title: &str, text: &str) {
+    if browser.is_some() {
+        answer_browser(browser, "400 Bad Request", title, text).await;
+        eprintln!("\n{text}");
+    } else {
+        eprint!("{text}\n{CODE_PROMPT}");
+        let _ = std::io::stderr().flush();
     }
 }
 

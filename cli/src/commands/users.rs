@@ -119,7 +119,7 @@ pub async fn run(ctx: &Ctx, cmd: UsersCmd) -> Result<ExitCode> {
                 println!("Deleted user {name}.");
                 if !user.has_password {
                     println!(
-                        "note: a user who logs in with single sign-on is created afresh at their next login; `postern users lock {name}` keeps them out"
+                        "note: a user who logs in with single sign-on is created afresh at their next login; to keep someone out, lock the user (`postern users lock NAME`) rather than delete it"
                     );
                 }
             }

@@ -18,7 +18,7 @@ use super::ApiError;
 use crate::oidc::login::{self, Failure, TOKEN_SEAL_PURPOSE};
 use crate::oidc::{Provider, ProviderError};
 use crate::state::AppState;
-use crate::store::{now, AttemptRow, Claim, Confirmed, NewAttempt};
+use crate::store::{now, AttemptRow, Claim, Confirmed, NewAttempt, CONFIRM_EXPIRED};
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
@@ -157,10 +157,14 @@ pub async fn attempt(
             }
             OidcAttempt::Failed { message: f.message }
         }
-        // A code-flow token goes only to whoever has the code the browser received.
-        "done" if a.confirm_hash.is_some() => OidcAttempt::Confirm {
+        // A code-flow login's token goes only to whoever has the code the browser received.
+        "done" if a.confirm_hash.is_some() && a.expires_at > now() => OidcAttempt::Confirm {
             expires_at: a.expires_at,
         },
+        "done" if a.confirm_hash.is_some() => {
+            let failed = state.store.fail_confirmation(&a, CONFIRM_EXPIRED).await?;
+            confirmation_failed(&state, &a.method, failed).await?
+        }
         "done" => match state.store.collect_oidc_attempt(&a.id).await? {
             Some(row) => OidcAttempt::Done(handed_out(&state, row)?),
             None => collected(),
@@ -187,22 +191,73 @@ pub async fn confirm(
         .confirm_oidc_attempt(&id, &state_hash(&code))
         .await?
     {
-        Confirmed::Collected(row) => Ok(Json(OidcAttempt::Done(handed_out(&state, *row)?))),
+        Confirmed::Collected(row) => Ok(Json(confirmed(&state, &row).await?)),
         Confirmed::Wrong(left) => Err(ApiError::BadRequest(format!(
-            "wrong confirmation code: type the code the browser shows ({left} more tries)"
+            "wrong confirmation code: type the code the browser shows ({left} more {})",
+            if left == 1 { "try" } else { "tries" }
         ))),
-        Confirmed::Exhausted(sealed) => {
-            if let Some(token) = sealed.as_deref().and_then(|s| unseal(&state, s).ok()) {
-                login::revoke_token(&state, &token).await?;
-            }
-            let a = state.store.oidc_attempt(&id).await?;
-            let method = a.as_ref().map_or("unknown", |a| a.method.as_str());
-            let f = Failure::anonymous(crate::store::CONFIRM_EXHAUSTED);
-            login::fail(&state, None, method, "code", &f).await?;
-            Ok(Json(OidcAttempt::Failed { message: f.message }))
+        failed @ Confirmed::Failed { .. } => {
+            let method = state.store.oidc_attempt(&id).await?.map(|a| a.method);
+            let method = method.as_deref().unwrap_or("unknown");
+            Ok(Json(confirmation_failed(&state, method, failed).await?))
         }
         // Not waiting for a code: say where it stands.
         Confirmed::NotWaiting => attempt(State(state), Path(id)).await,
+    }
+}
+
+/// The API token of a code-flow login whose confirmation code was right, audited as
+/// `auth.login` with how the IdP vouched for the user, unless the user was locked or deleted
+/// since.
+async fn confirmed(state: &AppState, row: &AttemptRow) -> Result<OidcAttempt, ApiError> {
+    let user = row.user_name.clone().unwrap_or_default();
+    let refusal = match state.store.find_user(&user).await? {
+        Some(u) if u.locked => Some(format!(
+            "user '{user}' is locked: ask an admin to unlock it"
+        )),
+        Some(_) => None,
+        None => Some(format!(
+            "user '{user}' was deleted during the login: start again"
+        )),
+    };
+    if let Some(message) = refusal {
+        let f = Failure {
+            user: Some(user),
+            message,
+        };
+        login::fail(state, None, &row.method, "code", &f).await?;
+        return Ok(OidcAttempt::Failed { message: f.message });
+    }
+    let mut details: serde_json::Value = row
+        .login_details
+        .as_deref()
+        .and_then(|d| serde_json::from_str(d).ok())
+        .unwrap_or_else(|| serde_json::json!({"method": "oidc", "flow": "code"}));
+    if let Some(map) = details.as_object_mut() {
+        map.insert("confirmed".into(), true.into());
+    }
+    Ok(OidcAttempt::Done(state.log_in(user, details).await?))
+}
+
+/// Audits a code-flow login that failed at its confirmation (if this call failed it) and
+/// answers as the attempt's poll does.
+async fn confirmation_failed(
+    state: &AppState,
+    method: &str,
+    failed: Confirmed,
+) -> Result<OidcAttempt, ApiError> {
+    match failed {
+        Confirmed::Failed { message, user } => {
+            let f = Failure {
+                user,
+                message: message.to_owned(),
+            };
+            login::fail(state, None, method, "code", &f).await?;
+            Ok(OidcAttempt::Failed { message: f.message })
+        }
+        _ => Ok(OidcAttempt::Failed {
+            message: "the login failed: start again".into(),
+        }),
     }
 }
 
@@ -267,6 +322,9 @@ pub enum CallbackPage {
         code: String,
         /// The CLI's port on 127.0.0.1, if it listens.
         return_port: Option<u16>,
+        /// The attempt's `state`, which the CLI knows from the authorization URL: it tells the
+        /// browser's return from a request anything else on the machine could make.
+        state: String,
     },
 }
 
@@ -284,10 +342,18 @@ impl IntoResponse for CallbackPage {
             CallbackPage::Confirm {
                 code,
                 return_port: Some(port),
+                state,
                 ..
             } => {
-                let to = format!("http://127.0.0.1:{port}/postern-login?code={code}");
-                return (StatusCode::SEE_OTHER, [(axum::http::header::LOCATION, to)])
+                let mut to = LOOPBACK_RETURN.clone();
+                let _ = to.set_port(Some(port));
+                to.query_pairs_mut()
+                    .append_pair("code", &code)
+                    .append_pair("state", &state);
+                return (
+                    StatusCode::SEE_OTHER,
+                    [(axum::http::header::LOCATION, to.to_string())],
+                )
                     .into_response();
             }
             CallbackPage::Confirm { user, code, .. } => (
@@ -311,6 +377,11 @@ impl IntoResponse for CallbackPage {
         (status, Html(page)).into_response()
     }
 }
+
+/// Where the browser returns to a CLI that listens (its port set per attempt).
+static LOOPBACK_RETURN: std::sync::LazyLock<reqwest::Url> = std::sync::LazyLock::new(|| {
+    reqwest::Url::parse("http://127.0.0.1/postern-login").expect("a constant, valid URL")
+});
 
 /// A code as shown to a person: `ABCD-EFGH`.
 fn display_code(code: &str) -> String {
@@ -366,19 +437,40 @@ pub async fn callback(
     }
     let result = exchange(&state, &p, &a, &q).await;
     match result {
-        Ok(done) => {
+        Ok(verified) => {
             let code = new_confirm_code();
-            if !login::complete(&state, &a.id, &done, Some(&state_hash(&code))).await? {
+            let waiting = state
+                .store
+                .verify_oidc_attempt(
+                    &a.id,
+                    &verified.user,
+                    &verified.details.to_string(),
+                    &state_hash(&code),
+                )
+                .await?;
+            if !waiting {
                 let f = Failure::anonymous(
                     "the login attempt expired while the identity provider answered: start again",
                 );
                 login::fail(&state, None, &a.method, "code", &f).await?;
                 return Ok(refuse(&f.message));
             }
+            // Who the IdP vouched for, and what changed (groups): audited now, as the token
+            // comes only with the code.
+            state
+                .audit(
+                    &verified.user,
+                    "auth.login_verified",
+                    &format!("oidc:{}", a.method),
+                    "success",
+                    verified.details.clone(),
+                )
+                .await?;
             Ok(CallbackPage::Confirm {
-                user: done.user,
+                user: verified.user,
                 code,
                 return_port: a.return_port.and_then(|p| u16::try_from(p).ok()),
+                state: st.to_owned(),
             })
         }
         Err(f) => {
@@ -393,7 +485,7 @@ async fn exchange(
     p: &Provider,
     a: &crate::store::AttemptRow,
     q: &CallbackQuery,
-) -> Result<LoginResponse, Failure> {
+) -> Result<login::Verified, Failure> {
     match &q.iss {
         // RFC 9207: an IdP that names itself must be the one this attempt went to.
         Some(iss) if iss.trim_end_matches('/') != p.config.issuer.trim_end_matches('/') => {
@@ -428,7 +520,7 @@ async fn exchange(
         ));
     };
     let claims = p.exchange(code, verifier, nonce).await?;
-    login::finish(state, p, "code", &claims).await
+    login::verify(state, p, "code", &claims).await
 }
 
 async fn method(

@@ -55,8 +55,11 @@ pub struct OidcConfig {
     /// The callback the IdP redirects to; `http://API_ADDR/v1/auth/oidc/callback` if absent.
     #[serde(default)]
     pub redirect_url: Option<String>,
-    /// Whether `postern login --device` (RFC 8628) may use this method.
-    #[serde(default = "default_true")]
+    /// Whether `postern login --device` (RFC 8628) may use this method. Off unless asked for:
+    /// whoever starts a device login can send its code to someone else, and the token goes to
+    /// the starter once that person approves it (RFC 8628 §5.4); the IdP's approval page is
+    /// the only warning.
+    #[serde(default)]
     pub device_flow: bool,
     /// How often the controller polls the token endpoint during a device login. Overrides the
     /// IdP's `interval` (some IdPs send none; RFC 8628 then says 5 s).
@@ -72,9 +75,6 @@ fn default_user_claim() -> String {
 }
 fn default_groups_claim() -> String {
     "groups".into()
-}
-fn default_true() -> bool {
-    true
 }
 
 mod opt_duration {
@@ -103,7 +103,7 @@ impl OidcConfig {
             required_claims: BTreeMap::new(),
             allowed_domains: Vec::new(),
             redirect_url: None,
-            device_flow: true,
+            device_flow: false,
             device_poll_interval: None,
         }
     }
@@ -230,6 +230,10 @@ mod tests {
             Some(&serde_json::Value::Bool(true))
         );
         assert_eq!(m[0].device_poll_interval, Some(Duration::from_secs(2)));
+        assert!(
+            !m[0].device_flow,
+            "the device grant is asked for, not assumed"
+        );
         assert!(validate(&m).is_ok());
         assert!(parse(
             "[[oidc]]\nname = \"x\"\nissuer = \"https://i\"\nclient_id = \"c\"\nbogus = 1\n"

@@ -49,15 +49,36 @@ impl From<ProviderError> for Failure {
     }
 }
 
-/// Turns the verified claims of an ID token into a logged-in user: checks the method's rules,
-/// finds or creates the user linked to (issuer, subject), synchronizes the groups that came
-/// from this IdP (ending sessions a removed group allowed), issues an API token, audits.
+/// A user the IdP vouched for, not yet given a token: who, and how (the `auth.login` details).
+#[derive(Debug, Clone)]
+pub struct Verified {
+    /// The Postern user.
+    pub user: String,
+    /// How they logged in: method, flow, issuer, subject, groups added and removed.
+    pub details: Value,
+}
+
+/// Turns the verified claims of an ID token into a logged-in user: [`verify`], then an API
+/// token, audited as `auth.login`.
 pub async fn finish(
     state: &AppState,
     p: &Provider,
     flow: &str,
     claims: &Map<String, Value>,
 ) -> Result<LoginResponse, Failure> {
+    let v = verify(state, p, flow, claims).await?;
+    Ok(state.log_in(v.user, v.details).await?)
+}
+
+/// Checks the method's rules on the claims of a verified ID token, finds or creates the user
+/// linked to (issuer, subject) and synchronizes the groups that came from this IdP (ending
+/// sessions a removed group allowed). No token yet.
+pub async fn verify(
+    state: &AppState,
+    p: &Provider,
+    flow: &str,
+    claims: &Map<String, Value>,
+) -> Result<Verified, Failure> {
     let m = &p.config;
     let id = claims::identity(m, claims).map_err(|e| Failure {
         // Name who it was in the audit log even when the rules refuse them.
@@ -117,23 +138,21 @@ pub async fn finish(
         // A group the IdP no longer lists may have been what allowed an open session.
         crate::revoke::reevaluate(state, &format!("oidc:{}", m.name)).await?;
     }
-    Ok(state
-        .log_in(
-            user.name,
-            json!({
-                "method": "oidc",
-                "provider": m.name,
-                "flow": flow,
-                "issuer": m.issuer,
-                "subject": id.subject,
-                "created": created,
-                "groups": id.groups,
-                "groups_added": added,
-                "groups_removed": removed,
-                "groups_ignored": id.ignored_groups,
-            }),
-        )
-        .await?)
+    Ok(Verified {
+        user: user.name,
+        details: json!({
+            "method": "oidc",
+            "provider": m.name,
+            "flow": flow,
+            "issuer": m.issuer,
+            "subject": id.subject,
+            "created": created,
+            "groups": id.groups,
+            "groups_added": added,
+            "groups_removed": removed,
+            "groups_ignored": id.ignored_groups,
+        }),
+    })
 }
 
 /// Seals a finished login's token into its attempt, for the CLI to collect (with the

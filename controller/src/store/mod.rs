@@ -21,7 +21,7 @@ use sqlx::{AnyPool, Row};
 
 pub use audit::NewEvent;
 pub use identity::{TokenOwner, UserRow};
-pub use oidc::{AttemptRow, Claim, Confirmed, NewAttempt, CONFIRM_EXHAUSTED};
+pub use oidc::{AttemptRow, Claim, Confirmed, NewAttempt, CONFIRM_EXPIRED};
 pub use resources::{ActivationOutcome, WorkerRow};
 pub use sessions::{NewSession, SessionRow};
 pub use ssh::RecordingRow;
@@ -41,6 +41,7 @@ macro_rules! migration_list {
             (8, "session login", include_str!(concat!("../../../migrations/", $dir, "/0008_session_login.sql"))),
             (9, "oidc confirm", include_str!(concat!("../../../migrations/", $dir, "/0009_oidc_confirm.sql"))),
             (10, "oidc links of deleted users", include_str!(concat!("../../../migrations/", $dir, "/0010_oidc_links_of_deleted_users.sql"))),
+            (11, "oidc login details", include_str!(concat!("../../../migrations/", $dir, "/0011_oidc_login_details.sql"))),
         ]
     };
 }

@@ -34,6 +34,8 @@ pub struct AttemptRow {
     pub return_port: Option<i64>,
     /// SHA-256 of the confirmation code the CLI must present (a done code-flow attempt).
     pub confirm_hash: Option<String>,
+    /// How the user logged in (the `auth.login` details, JSON), until the code is presented.
+    pub login_details: Option<String>,
 }
 
 /// A new attempt.
@@ -61,13 +63,18 @@ pub struct NewAttempt<'a> {
 /// How presenting a confirmation code for a done code-flow attempt went.
 #[derive(Debug, Clone)]
 pub enum Confirmed {
-    /// The code was right: the attempt (its sealed token), now collected.
+    /// The code was right: the attempt (who logged in, and how), now collected.
     Collected(Box<AttemptRow>),
     /// A wrong code; this many more may be tried.
     Wrong(i64),
-    /// A wrong code, the last one allowed: the attempt failed (its token is returned, to be
-    /// revoked).
-    Exhausted(Option<String>),
+    /// The code came too late, or was the last wrong one allowed: the attempt failed, with
+    /// this message, for the user it names.
+    Failed {
+        /// Why.
+        message: &'static str,
+        /// The user the IdP vouched for.
+        user: Option<String>,
+    },
     /// The attempt is not waiting for a code (not done, collected, failed, or device flow).
     NotWaiting,
 }
@@ -75,6 +82,10 @@ pub enum Confirmed {
 /// Why an attempt failed after too many wrong confirmation codes.
 pub const CONFIRM_EXHAUSTED: &str =
     "too many wrong confirmation codes: the login was cancelled; start again";
+
+/// Why an attempt failed when its code came after its expiry.
+pub const CONFIRM_EXPIRED: &str =
+    "the login attempt expired before its confirmation code was entered: start again";
 
 /// Wrong confirmation codes an attempt survives.
 pub const CONFIRM_TRIES: i64 = 3;
@@ -91,7 +102,7 @@ pub enum Claim {
 }
 
 const ATTEMPT_COLUMNS: &str = "id, method, flow, status, nonce, pkce_verifier, user_name, \
-     token_sealed, token_expires_at, message, expires_at, return_port, confirm_hash";
+     token_sealed, token_expires_at, message, expires_at, return_port, confirm_hash, login_details";
 
 fn attempt_from(r: &sqlx::any::AnyRow) -> Result<AttemptRow, StoreError> {
     Ok(AttemptRow {
@@ -108,6 +119,7 @@ fn attempt_from(r: &sqlx::any::AnyRow) -> Result<AttemptRow, StoreError> {
         expires_at: r.try_get("expires_at")?,
         return_port: r.try_get("return_port")?,
         confirm_hash: r.try_get("confirm_hash")?,
+        login_details: r.try_get("login_details")?,
     })
 }
 
@@ -208,9 +220,33 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Presents the hash of a confirmation code for a done code-flow attempt: the right one
-    /// collects the token (once); each wrong one counts, and the last allowed fails the
-    /// attempt.
+    /// Marks an open code-flow attempt done: the IdP vouched for `user` (`details`: how); the
+    /// token is made when the confirmation code whose hash is `confirm_hash` is presented.
+    /// False if the attempt was no longer open.
+    pub async fn verify_oidc_attempt(
+        &self,
+        id: &str,
+        user: &str,
+        details: &str,
+        confirm_hash: &str,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE oidc_attempts SET status = 'done', user_name = $2, login_details = $3, \
+             confirm_hash = $4, nonce = NULL, pkce_verifier = NULL \
+             WHERE id = $1 AND status IN ('pending', 'exchanging')",
+        )
+        .bind(id)
+        .bind(user)
+        .bind(details)
+        .bind(confirm_hash)
+        .execute(&mut *self.writer().await?)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Presents the hash of a confirmation code for a done code-flow attempt: the right one,
+    /// in time, collects it (once: the caller then makes the token); each wrong one counts,
+    /// and the last allowed, or any after the expiry, fails the attempt.
     pub async fn confirm_oidc_attempt(
         &self,
         id: &str,
@@ -222,12 +258,21 @@ impl Store {
         if row.status != "done" || row.confirm_hash.is_none() {
             return Ok(Confirmed::NotWaiting);
         }
+        let t = now();
+        if row.expires_at <= t {
+            return self.fail_confirmation(&row, CONFIRM_EXPIRED).await;
+        }
+        // The tries are counted in the same statements, so that codes sent at once get no
+        // more than the allowed number between them.
         let collected = sqlx::query(
-            "UPDATE oidc_attempts SET status = 'collected', token_sealed = NULL \
-             WHERE id = $1 AND status = 'done' AND confirm_hash = $2",
+            "UPDATE oidc_attempts SET status = 'collected', login_details = NULL \
+             WHERE id = $1 AND status = 'done' AND confirm_hash = $2 AND confirm_failures < $3 \
+             AND expires_at > $4",
         )
         .bind(id)
         .bind(code_hash)
+        .bind(CONFIRM_TRIES)
+        .bind(t)
         .execute(&mut *self.writer().await?)
         .await?;
         if collected.rows_affected() == 1 {
@@ -235,31 +280,46 @@ impl Store {
         }
         let counted = sqlx::query(
             "UPDATE oidc_attempts SET confirm_failures = confirm_failures + 1 \
-             WHERE id = $1 AND status = 'done' RETURNING confirm_failures",
+             WHERE id = $1 AND status = 'done' AND confirm_failures < $2 \
+             RETURNING confirm_failures",
         )
         .bind(id)
+        .bind(CONFIRM_TRIES)
         .fetch_optional(&mut *self.writer().await?)
         .await?;
-        let Some(counted) = counted else {
-            return Ok(Confirmed::NotWaiting);
+        let failures: i64 = match counted {
+            Some(r) => r.try_get("confirm_failures")?,
+            None => CONFIRM_TRIES,
         };
-        let failures: i64 = counted.try_get("confirm_failures")?;
         if failures < CONFIRM_TRIES {
             return Ok(Confirmed::Wrong(CONFIRM_TRIES - failures));
         }
+        self.fail_confirmation(&row, CONFIRM_EXHAUSTED).await
+    }
+
+    /// Fails a done code-flow attempt waiting for its code (once: a second caller gets
+    /// [`Confirmed::NotWaiting`]).
+    pub async fn fail_confirmation(
+        &self,
+        row: &AttemptRow,
+        message: &'static str,
+    ) -> Result<Confirmed, StoreError> {
         let failed = sqlx::query(
-            "UPDATE oidc_attempts SET status = 'failed', token_sealed = NULL, message = $2 \
+            "UPDATE oidc_attempts SET status = 'failed', message = $2, login_details = NULL \
              WHERE id = $1 AND status = 'done'",
         )
-        .bind(id)
-        .bind(CONFIRM_EXHAUSTED)
+        .bind(&row.id)
+        .bind(message)
         .execute(&mut *self.writer().await?)
         .await?;
-        if failed.rows_affected() == 1 {
-            Ok(Confirmed::Exhausted(row.token_sealed))
+        Ok(if failed.rows_affected() == 1 {
+            Confirmed::Failed {
+                message,
+                user: row.user_name.clone(),
+            }
         } else {
-            Ok(Confirmed::NotWaiting)
-        }
+            Confirmed::NotWaiting
+        })
     }
 
     /// Marks a pending attempt failed with a message for the CLI; false if it was not open.

@@ -66,18 +66,22 @@ async fn attempts_are_claimed_once_and_collected_once() {
 }
 
 #[tokio::test]
-async fn a_token_behind_a_confirmation_code_needs_the_code() {
+async fn a_code_flow_login_waits_for_its_confirmation_code() {
     on_both(|s| async move {
         let t = now();
-        for (id, hash) in [("c1", "hc1"), ("c2", "hc2")] {
-            s.insert_oidc_attempt(&attempt(id, hash, t + 300))
+        for (id, hash, expires) in [
+            ("c1", "hc1", t + 300),
+            ("c2", "hc2", t + 300),
+            ("c3", "hc3", t - 1),
+        ] {
+            s.insert_oidc_attempt(&attempt(id, hash, expires))
                 .await
                 .expect("insert");
             assert!(s
-                .complete_oidc_attempt(id, "alice", "sealed", t + 3600, Some("right"))
+                .verify_oidc_attempt(id, "alice", "{\"flow\":\"code\"}", "right")
                 .await
-                .expect("complete"));
-            // Not handed out without the code.
+                .expect("verified"));
+            // Nothing to hand out without the code.
             assert!(s.collect_oidc_attempt(id).await.expect("collect").is_none());
         }
         let got = s
@@ -85,7 +89,9 @@ async fn a_token_behind_a_confirmation_code_needs_the_code() {
             .await
             .expect("confirm");
         assert!(
-            matches!(&got, Confirmed::Collected(r) if r.token_sealed.as_deref() == Some("sealed")),
+            matches!(&got, Confirmed::Collected(r)
+                if r.user_name.as_deref() == Some("alice")
+                && r.login_details.as_deref() == Some("{\"flow\":\"code\"}")),
             "{got:?}"
         );
         let again = s.confirm_oidc_attempt("c1", "right").await.expect("again");
@@ -100,14 +106,30 @@ async fn a_token_behind_a_confirmation_code_needs_the_code() {
         }
         let last = s.confirm_oidc_attempt("c2", "wrong").await.expect("last");
         assert!(
-            matches!(&last, Confirmed::Exhausted(Some(t)) if t == "sealed"),
+            matches!(&last, Confirmed::Failed { message, user: Some(u) }
+                if *message == CONFIRM_EXHAUSTED && u == "alice"),
             "{last:?}"
         );
         let row = s.oidc_attempt("c2").await.expect("q").expect("row");
         assert_eq!(row.status, "failed");
-        assert!(row.token_sealed.is_none());
+        assert!(row.login_details.is_none());
         let late = s.confirm_oidc_attempt("c2", "right").await.expect("late");
         assert!(matches!(late, Confirmed::NotWaiting), "{late:?}");
+
+        // The right code after the expiry fails the attempt.
+        let expired = s
+            .confirm_oidc_attempt("c3", "right")
+            .await
+            .expect("expired");
+        assert!(
+            matches!(&expired, Confirmed::Failed { message, .. } if *message == CONFIRM_EXPIRED),
+            "{expired:?}"
+        );
+        // A verified attempt is not verified again.
+        assert!(!s
+            .verify_oidc_attempt("c3", "bob", "{}", "other")
+            .await
+            .expect("closed"));
     })
     .await;
 }

@@ -53,10 +53,32 @@ async fn cli_login(
         // Device flow: the code form (filled in), then the confirmation.
         page = b.submit(&page, &[]).await.expect("code");
         page = b.submit(&page, &[]).await.expect("confirm");
+        login_and_consent(&mut b, page, "alice", "alice-password")
+            .await
+            .expect("login at the IdP");
+    } else {
+        // Code flow: the browser is sent back to the CLI's port on 127.0.0.1. Another
+        // program there, which cannot know the attempt's state, gets a 404 and costs the
+        // login nothing.
+        let consent = b
+            .submit(&page, &[("login", "alice"), ("password", "alice-password")])
+            .await
+            .expect("login at the IdP");
+        let back = b
+            .submit_until(&consent, &[], |u| u.path() == "/postern-login")
+            .await
+            .expect("sent back to the CLI");
+        assert_eq!(back.host_str(), Some("127.0.0.1"), "{back}");
+        let mut forged = back.clone();
+        forged.set_query(Some("code=AAAAAAAA&state=forged"));
+        let status = reqwest::get(forged.as_str())
+            .await
+            .expect("forged")
+            .status();
+        assert_eq!(status, 404);
+        let page = b.open(back.as_str()).await.expect("the return");
+        assert!(page.body.contains("Logged in to Postern"), "{}", page.body);
     }
-    login_and_consent(&mut b, page, "alice", "alice-password")
-        .await
-        .expect("login at the IdP");
     let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
         .await
         .expect("postern login ends")
