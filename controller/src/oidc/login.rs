@@ -155,25 +155,18 @@ pub async fn verify(
     })
 }
 
-/// Seals a finished login's token into its attempt, for the CLI to collect (with the
-/// confirmation code whose hash is `confirm_hash`, when given). An attempt closed meanwhile
-/// (it expired and the CLI was told so) gets nothing: the token is revoked, and false says so.
+/// Seals a finished device login's token into its attempt, for the CLI to collect. An
+/// attempt closed meanwhile (it expired and the CLI was told so) gets nothing: the token is
+/// revoked, and false says so.
 pub async fn complete(
     state: &AppState,
     attempt: &str,
     login: &LoginResponse,
-    confirm_hash: Option<&str>,
 ) -> Result<bool, StoreError> {
     let sealed = state.kek.seal(TOKEN_SEAL_PURPOSE, login.token.as_bytes());
     let completed = state
         .store
-        .complete_oidc_attempt(
-            attempt,
-            &login.user,
-            &sealed,
-            login.expires_at,
-            confirm_hash,
-        )
+        .complete_oidc_attempt(attempt, &login.user, &sealed, login.expires_at)
         .await?;
     if !completed {
         revoke_token(state, &login.token).await?;
@@ -242,7 +235,7 @@ pub fn spawn_device_wait(
         let left = Duration::from_secs(u64::try_from(expires_at - now()).unwrap_or(1).max(1));
         let result = device_login(&state, &p, &attempt, &details, left).await;
         let outcome = match result {
-            Ok(login) => complete(&state, &attempt, &login, None).await.map(|_| ()),
+            Ok(login) => complete(&state, &attempt, &login).await.map(|_| ()),
             Err(f) => fail(&state, Some(&attempt), &p.config.name, "device", &f).await,
         };
         if let Err(e) = outcome {

@@ -194,27 +194,25 @@ impl Store {
         }
     }
 
-    /// Marks an open attempt done, with the sealed API token waiting for the CLI (behind
-    /// `confirm_hash`, the SHA-256 of a confirmation code, when given). False if the attempt
-    /// was no longer open (failed or expired meanwhile, and so reported to the CLI).
+    /// Marks an open attempt done, with the sealed API token waiting for the CLI (the device
+    /// flow). False if the attempt was no longer open (failed or expired meanwhile, and so
+    /// reported to the CLI).
     pub async fn complete_oidc_attempt(
         &self,
         id: &str,
         user: &str,
         token_sealed: &str,
         token_expires_at: i64,
-        confirm_hash: Option<&str>,
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(
             "UPDATE oidc_attempts SET status = 'done', user_name = $2, token_sealed = $3, \
-             token_expires_at = $4, confirm_hash = $5, nonce = NULL, pkce_verifier = NULL \
+             token_expires_at = $4, nonce = NULL, pkce_verifier = NULL \
              WHERE id = $1 AND status IN ('pending', 'exchanging')",
         )
         .bind(id)
         .bind(user)
         .bind(token_sealed)
         .bind(token_expires_at)
-        .bind(confirm_hash)
         .execute(&mut *self.writer().await?)
         .await?;
         Ok(done.rows_affected() == 1)

@@ -45,7 +45,7 @@ async fn attempts_are_claimed_once_and_collected_once() {
             Claim::Expired
         );
         assert!(s
-            .complete_oidc_attempt("a1", "alice", "sealed", t + 3600, None)
+            .complete_oidc_attempt("a1", "alice", "sealed", t + 3600)
             .await
             .expect("complete"));
         let done = s.collect_oidc_attempt("a1").await.expect("collect");
@@ -58,7 +58,7 @@ async fn attempts_are_claimed_once_and_collected_once() {
         assert!(!s.fail_oidc_attempt("a2", "again").await.expect("fail"));
         // A failed attempt gets no token.
         assert!(!s
-            .complete_oidc_attempt("a2", "alice", "sealed", t + 3600, None)
+            .complete_oidc_attempt("a2", "alice", "sealed", t + 3600)
             .await
             .expect("complete"));
     })
