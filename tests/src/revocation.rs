@@ -97,6 +97,11 @@ async fn assert_cut(
     reason: &str,
     revoke: impl std::future::Future<Output = ()>,
 ) {
+    // The controller checks a session started on a pushed grant after the fact: until that
+    // check is done, it (rather than the revocation) may be what ends the session, with
+    // its own reason.
+    let resource = format!("session:{id}");
+    audited(&c.admin, "session.activate", |e| e.resource == resource).await;
     let t0 = Instant::now();
     revoke.await;
     let cut = traffic
