@@ -708,3 +708,38 @@ async fn a_deleted_users_identity_does_not_come_back_into_a_new_user_of_the_name
     let me: WhoAmI = old.ok(Method::GET, "/v1/whoami", None::<&()>).await;
     assert_eq!(me.user, "alice.old@example.com", "not into alice2's user");
 }
+
+/// Memberships an IdP's groups claim made are shown as such, and an admin who adds one by
+/// hand keeps it: the next login's sync no longer removes it.
+#[tokio::test]
+async fn an_idp_membership_is_shown_and_can_be_kept_by_hand() {
+    let s = sso(|_| {}).await;
+    s.login("alice", "alice-password").await.expect("alice");
+    let user: postern_controller::api::types::User =
+        s.c.admin
+            .ok(Method::GET, "/v1/users/alice@example.com", None::<&()>)
+            .await;
+    assert_eq!(user.groups, ["engineering"]);
+    assert_eq!(user.idp_groups, ["engineering"]);
+    let group: postern_controller::api::types::Group =
+        s.c.admin
+            .ok(
+                Method::POST,
+                "/v1/groups/engineering/members",
+                Some(&json!({"user": "alice@example.com"})),
+            )
+            .await;
+    assert_eq!(group.members, ["alice@example.com"]);
+    assert!(group.idp_members.is_empty(), "{group:?}");
+
+    s.idp
+        .update_account("alice", json!({"groups": []}))
+        .await
+        .expect("groups removed at the IdP");
+    let alice = s
+        .login("alice", "alice-password")
+        .await
+        .expect("alice again");
+    let me: WhoAmI = alice.ok(Method::GET, "/v1/whoami", None::<&()>).await;
+    assert_eq!(me.groups, ["engineering"], "kept by hand");
+}

@@ -22,7 +22,8 @@ pub async fn run(ctx: &Ctx, cmd: GroupsCmd) -> Result<ExitCode> {
             }
             let mut t = Table::new(&["NAME", "MEMBERS"]);
             for g in groups {
-                t.row(vec![g.name, list(&g.members)]);
+                let members = marked(&g.members, &g.idp_members);
+                t.row(vec![g.name, members]);
             }
             t.print("No groups.");
             return ok();
@@ -46,7 +47,10 @@ pub async fn run(ctx: &Ctx, cmd: GroupsCmd) -> Result<ExitCode> {
                     &AddMember { user: user.clone() },
                 )
                 .await?;
-            (g, format!("Added {user} to group {group}."))
+            let done = format!(
+                "Added {user} to group {group} (a membership added here stays: single sign-on logins do not remove it)."
+            );
+            (g, done)
         }
         GroupsCmd::RemoveMember { group, user } => {
             let g: Group = api
@@ -59,7 +63,23 @@ pub async fn run(ctx: &Ctx, cmd: GroupsCmd) -> Result<ExitCode> {
         print_json(&group)?;
     } else {
         println!("{done}");
-        println!("Members: {}", list(&group.members));
+        println!("Members: {}", marked(&group.members, &group.idp_members));
     }
     ok()
+}
+
+/// `names`, those also in `from_idp` marked `(sso)`: memberships an identity provider's groups
+/// claim manages.
+pub(crate) fn marked(names: &[String], from_idp: &[String]) -> String {
+    let shown: Vec<String> = names
+        .iter()
+        .map(|n| {
+            if from_idp.contains(n) {
+                format!("{n} (sso)")
+            } else {
+                n.clone()
+            }
+        })
+        .collect();
+    list(&shown)
 }

@@ -156,7 +156,7 @@ fn show(ctx: &Ctx, u: &User) -> Result<()> {
             "Password",
             if u.has_password { "set" } else { "not set" }.into(),
         ),
-        ("Groups", list(&u.groups)),
+        ("Groups", super::groups::marked(&u.groups, &u.idp_groups)),
         ("Created", rfc3339(u.created_at)),
     ]);
     Ok(())

@@ -94,8 +94,10 @@ pub async fn whoami(State(state): State<AppState>, caller: Caller) -> ApiResult<
 }
 
 async fn user_view(state: &AppState, u: UserRow) -> Result<User, ApiError> {
+    let from_idp = state.store.oidc_memberships(None, Some(&u.name)).await?;
     Ok(User {
         groups: state.store.user_groups(&u.name).await?,
+        idp_groups: from_idp.into_iter().map(|(g, _)| g).collect(),
         name: u.name,
         locked: u.locked,
         has_password: u.password_hash.is_some(),
@@ -295,17 +297,31 @@ async fn group_view(state: &AppState, name: &str) -> Result<Group, ApiError> {
         .into_iter()
         .find(|(n, _)| n == name)
         .ok_or_else(|| ApiError::NotFound(format!("no group named '{name}'")))?;
-    Ok(Group { name, members })
+    let from_idp = state.store.oidc_memberships(Some(&name), None).await?;
+    Ok(Group {
+        idp_members: from_idp.into_iter().map(|(_, u)| u).collect(),
+        name,
+        members,
+    })
 }
 
 /// `GET /v1/groups`.
 pub async fn list_groups(State(state): State<AppState>, caller: Caller) -> ApiResult<Vec<Group>> {
     caller.require(&state, "groups:read", None).await?;
     let groups = state.store.groups().await?;
+    let from_idp = state.store.oidc_memberships(None, None).await?;
     Ok(Json(
         groups
             .into_iter()
-            .map(|(name, members)| Group { name, members })
+            .map(|(name, members)| Group {
+                idp_members: from_idp
+                    .iter()
+                    .filter(|(g, _)| *g == name)
+                    .map(|(_, u)| u.clone())
+                    .collect(),
+                name,
+                members,
+            })
             .collect(),
     ))
 }
@@ -361,14 +377,14 @@ pub async fn add_member(
     Json(req): Json<AddMember>,
 ) -> ApiResult<Group> {
     caller.require(&state, "groups:write", None).await?;
-    state.store.add_member(&name, &req.user).await?;
+    let from_idp = state.store.add_member(&name, &req.user).await?;
     state
         .audit(
             caller.name(),
             "group.add_member",
             &format!("group:{name}"),
             "success",
-            json!({"user": req.user}),
+            json!({"user": req.user, "kept_from_idp": from_idp}),
         )
         .await?;
     Ok(Json(group_view(&state, &name).await?))

@@ -67,6 +67,10 @@ pub struct User {
     pub created_at: i64,
     /// Groups.
     pub groups: Vec<String>,
+    /// Those of `groups` whose membership came from an identity provider's groups claim: the
+    /// next single sign-on login removes it if the claim no longer names the group.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub idp_groups: Vec<String>,
 }
 
 /// `POST /v1/users`.
@@ -98,6 +102,11 @@ pub struct Group {
     pub name: String,
     /// Member user names.
     pub members: Vec<String>,
+    /// Those of `members` whose membership came from an identity provider's groups claim (the
+    /// next single sign-on login of each removes it if the claim no longer names the group;
+    /// adding one by hand keeps it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub idp_members: Vec<String>,
 }
 
 /// `POST /v1/groups`.

@@ -312,16 +312,27 @@ impl Store {
     }
 
     /// Adds a user to a group.
-    pub async fn add_member(&self, group: &str, user: &str) -> Result<(), StoreError> {
+    /// A membership an IdP's groups claim made is kept by hand from then on (true): the sync
+    /// at login no longer removes it.
+    pub async fn add_member(&self, group: &str, user: &str) -> Result<bool, StoreError> {
         self.require_group(group).await?;
         self.user(user).await?;
+        let taken_over =
+            sqlx::query("DELETE FROM oidc_group_members WHERE group_name = $1 AND user_name = $2")
+                .bind(group)
+                .bind(user)
+                .execute(&mut *self.writer().await?)
+                .await?;
+        if taken_over.rows_affected() == 1 {
+            return Ok(true);
+        }
         sqlx::query("INSERT INTO group_members (group_name, user_name) VALUES ($1, $2)")
             .bind(group)
             .bind(user)
             .execute(&mut *self.writer().await?)
             .await
             .map_err(|e| conflict(e, || format!("'{user}' is already a member of '{group}'")))?;
-        Ok(())
+        Ok(false)
     }
 
     /// Removes a user from a group.

@@ -385,6 +385,27 @@ impl Store {
         Ok(row.is_some())
     }
 
+    /// The group memberships an IdP's groups claim manages, as (group, user), sorted; of one
+    /// group or one user if given.
+    pub async fn oidc_memberships(
+        &self,
+        group: Option<&str>,
+        user: Option<&str>,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT group_name, user_name FROM oidc_group_members \
+             WHERE ($1 = '' OR group_name = $1) AND ($2 = '' OR user_name = $2) \
+             ORDER BY group_name, user_name",
+        )
+        .bind(group.unwrap_or_default())
+        .bind(user.unwrap_or_default())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("group_name")?, r.try_get("user_name")?)))
+            .collect()
+    }
+
     /// Links an IdP identity to a user (or records another login of it).
     pub async fn link_oidc_identity(
         &self,
