@@ -57,11 +57,12 @@ pub enum ClusterError {
 #[derive(Debug, Default)]
 pub struct Registry {
     links: Mutex<HashMap<String, Link>>,
-    /// Cancellations pushed and not yet acknowledged: session id → (who, why).
-    cancels: Mutex<HashMap<String, (String, String)>>,
+    /// Cancellations pushed and not yet acknowledged: session id → (worker, who, why).
+    cancels: Mutex<HashMap<String, (String, String, String)>>,
     generation: AtomicU64,
-    /// Users of sessions whose events workers sent: session id → user (never changes).
-    session_users: Mutex<HashMap<String, String>>,
+    /// Users and workers of sessions whose events workers sent: session id → (user, worker)
+    /// (never changes).
+    session_users: Mutex<HashMap<String, (String, String)>>,
 }
 
 /// Most session users remembered; then the memory starts afresh.
@@ -74,6 +75,9 @@ struct Link {
     conn: quinn::Connection,
     /// An outbound-only worker: its clients come through [`crate::relay`].
     relayed: bool,
+    /// SHA-256 of the certificate the worker connected with: a worker deleted and created
+    /// again under its name has another, and gets nothing meant for the new one.
+    fingerprint: String,
 }
 
 impl Registry {
@@ -83,6 +87,7 @@ impl Registry {
         tx: mpsc::UnboundedSender<ControllerMessage>,
         conn: quinn::Connection,
         relayed: bool,
+        fingerprint: &str,
     ) -> u64 {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         let old = self.lock().insert(
@@ -92,6 +97,7 @@ impl Registry {
                 tx,
                 conn,
                 relayed,
+                fingerprint: fingerprint.to_owned(),
             },
         );
         if let Some(old) = old {
@@ -127,51 +133,64 @@ impl Registry {
             .is_ok()
         });
         if sent {
-            self.pending_cancels()
-                .insert(session_id.to_owned(), (actor.to_owned(), reason.to_owned()));
+            self.pending_cancels().insert(
+                session_id.to_owned(),
+                (worker.to_owned(), actor.to_owned(), reason.to_owned()),
+            );
         }
         sent
     }
 
     /// Pushes the grant of a session just authorized for `worker`, if this controller holds
-    /// its connection (otherwise the worker asks at the client's hello, as it always may).
+    /// its connection from the certificate `fingerprint` (the worker's current one; otherwise
+    /// the worker asks at the client's hello, as it always may).
     pub fn session_ready(
         &self,
         worker: &str,
+        fingerprint: &str,
         session_id: &str,
         expires_at: i64,
         grant: SessionGrant,
     ) -> bool {
         self.lock().get(worker).is_some_and(|l| {
-            l.tx.send(ControllerMessage::SessionReady {
-                session_id: session_id.into(),
-                expires_at,
-                grant,
-            })
-            .is_ok()
+            l.fingerprint == fingerprint
+                && l.tx
+                    .send(ControllerMessage::SessionReady {
+                        session_id: session_id.into(),
+                        expires_at,
+                        grant,
+                    })
+                    .is_ok()
         })
     }
 
-    /// The user of `session_id`, if remembered.
-    fn session_user(&self, session_id: &str) -> Option<String> {
+    /// The user and worker of `session_id`, if remembered.
+    fn session_user(&self, session_id: &str) -> Option<(String, String)> {
         let users = self.session_users.lock().unwrap_or_else(|p| p.into_inner());
         users.get(session_id).cloned()
     }
 
-    fn remember_session_user(&self, session_id: &str, user: &str) {
+    fn remember_session_user(&self, session_id: &str, user: &str, worker: &str) {
         let mut users = self.session_users.lock().unwrap_or_else(|p| p.into_inner());
         if users.len() >= SESSION_USERS {
             users.clear();
         }
-        users.insert(session_id.to_owned(), user.to_owned());
+        users.insert(session_id.to_owned(), (user.to_owned(), worker.to_owned()));
     }
 
-    /// Who revoked `session_id` and why, if this controller pushed its cancellation.
-    fn take_cancel(&self, session_id: &str) -> Option<(String, String)> {
-        self.pending_cancels().remove(session_id)
+    /// Who revoked `session_id` and why, if this controller pushed its cancellation to
+    /// `worker` (another worker's acknowledgement takes nothing).
+    fn take_cancel(&self, worker: &str, session_id: &str) -> Option<(String, String)> {
+        let mut cancels = self.pending_cancels();
+        if cancels.get(session_id).is_some_and(|(w, _, _)| w == worker) {
+            return cancels.remove(session_id).map(|(_, who, why)| (who, why));
+        }
+        None
     }
 
-    fn pending_cancels(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, String)>> {
+    fn pending_cancels(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (String, String, String)>> {
         self.cancels.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -265,9 +284,23 @@ async fn serve_worker(state: AppState, conn: quinn::Connection) {
         }
     };
     let name = worker.name;
-    match control_loop(&state, &conn, &name).await {
+    match control_loop(&state, &conn, &name, &fp).await {
         Ok(()) => tracing::info!(worker = %name, "worker disconnected"),
         Err(e) => tracing::warn!(worker = %name, error = %e, "worker connection ended"),
+    }
+}
+
+/// Whether the worker `name` still has the certificate `fingerprint` (not deleted, nor
+/// deleted and created again under the name since it connected).
+async fn still_trusted(state: &AppState, name: &str, fingerprint: &str) -> bool {
+    match state.store.worker_by_fingerprint(fingerprint).await {
+        Ok(Some(w)) => w.name == name,
+        Ok(None) => false,
+        // A store hiccup does not cut a worker off: the next check decides.
+        Err(e) => {
+            tracing::warn!(worker = name, error = %e, "cannot re-check a worker's certificate");
+            true
+        }
     }
 }
 
@@ -275,14 +308,28 @@ async fn control_loop(
     state: &AppState,
     conn: &quinn::Connection,
     name: &str,
+    fingerprint: &str,
 ) -> Result<(), ClusterError> {
-    let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
+    let hello = async {
+        let (send, mut recv) = conn
+            .accept_bi()
+            .await
+            .map_err(|e| ClusterError::Stream(e.to_string()))?;
+        let hello: WorkerHello = read_frame(&mut recv)
+            .await?
+            .ok_or_else(|| ClusterError::Stream("control stream closed before hello".into()))?;
+        Ok::<_, ClusterError>((send, recv, hello))
+    };
+    let (mut send, mut recv, hello) = tokio::time::timeout(Duration::from_secs(10), hello)
         .await
-        .map_err(|_| ClusterError::Stream("no control stream within 10 s".into()))?
-        .map_err(|e| ClusterError::Stream(e.to_string()))?;
-    let hello: WorkerHello = read_frame(&mut recv)
-        .await?
-        .ok_or_else(|| ClusterError::Stream("control stream closed before hello".into()))?;
+        .map_err(|_| ClusterError::Stream("no control stream and hello within 10 s".into()))??;
+    // The certificate was checked at the handshake; the worker may have been deleted since.
+    if !still_trusted(state, name, fingerprint).await {
+        conn.close(1u32.into(), b"unknown or deleted worker");
+        return Err(ClusterError::Stream(
+            "worker deleted before its hello".into(),
+        ));
+    }
     if hello.version != postern_proto::PROTOCOL_VERSION {
         conn.close(1u32.into(), b"unsupported protocol version");
         return Err(ClusterError::Stream(format!(
@@ -340,7 +387,7 @@ async fn control_loop(
     let (tx, mut rx) = mpsc::unbounded_channel::<ControllerMessage>();
     let generation = state
         .workers
-        .insert(name, tx.clone(), conn.clone(), relayed);
+        .insert(name, tx.clone(), conn.clone(), relayed, fingerprint);
     let _ = state
         .audit(
             &format!("worker:{name}"),
@@ -402,6 +449,12 @@ async fn control_loop(
                     } => Some((*sessions, *connections)),
                     _ => None,
                 };
+                // Every heartbeat (5 s), the worker's certificate is checked again: a worker
+                // deleted through another controller loses this connection too.
+                if load.is_some() && !still_trusted(state, name, fingerprint).await {
+                    conn.close(1u32.into(), b"worker deleted");
+                    break Err(ClusterError::Stream("the worker was deleted".into()));
+                }
                 state.metrics.worker_contact(name, load);
                 handle(state, name, msg, &tx).await
             }
@@ -475,6 +528,16 @@ async fn handle(
             }
         }
         WorkerMessage::SessionClosed { session_id, reason } => {
+            // Only the worker carrying a session reports its end.
+            let ours = state
+                .store
+                .session(session_id.as_str())
+                .await
+                .is_ok_and(|s| s.worker == worker);
+            if !ours {
+                tracing::warn!(worker, session = %session_id, "ignoring the end of a session this worker does not carry");
+                return;
+            }
             if let Ok(true) = state.store.end_session(session_id.as_str(), &reason).await {
                 let _ = state
                     .audit(
@@ -495,7 +558,7 @@ async fn handle(
             // The revocation's outcome, in the name of whoever revoked it.
             let (actor, reason) = state
                 .workers
-                .take_cancel(session_id.as_str())
+                .take_cancel(worker, session_id.as_str())
                 .unwrap_or_else(|| (format!("worker:{worker}"), String::new()));
             let _ = state
                 .audit(
@@ -624,6 +687,11 @@ async fn session_started(state: &AppState, worker: &str, session_id: &SessionId)
             return;
         }
     };
+    if s.worker != worker {
+        // Not this worker's session: nothing of it is this worker's to start or end.
+        tracing::warn!(worker, session = %session_id, "ignoring the start of a session of worker '{}'", s.worker);
+        return;
+    }
     let refused = match activation_refusal(state, worker, &s).await {
         Ok(refused) => refused,
         Err(e) => {
@@ -727,10 +795,13 @@ async fn store_events(
                 bytes_down,
                 reason,
             }) => {
-                closed.insert(
-                    batch.len(),
-                    (session_id.as_str().to_owned(), bytes_up, bytes_down),
-                );
+                // Counted on the session only if it is this worker's.
+                if session_user(state, worker, &session_id).await.is_some() {
+                    closed.insert(
+                        batch.len(),
+                        (session_id.as_str().to_owned(), bytes_up, bytes_down),
+                    );
+                }
                 (
                     format!("worker:{worker}"),
                     "connection.close".to_owned(),
@@ -746,7 +817,8 @@ async fn store_events(
                 details,
             } => {
                 let user = session_user(state, worker, &session_id).await;
-                (user, action, session_id, details)
+                let actor = user.unwrap_or_else(|| format!("worker:{worker}"));
+                (actor, action, session_id, details)
             }
             ReceivedMessage::Other(other) => {
                 tracing::warn!(
@@ -808,19 +880,20 @@ fn worker_outcome(action: &str) -> &'static str {
 /// The user of a session, the actor of its events (a worker's name if the session is
 /// unknown). Remembered: a statement audit asks for every batch, and a session's user never
 /// changes.
-async fn session_user(state: &AppState, worker: &str, session: &SessionId) -> String {
-    if let Some(user) = state.workers.session_user(session.as_str()) {
-        return user;
-    }
-    match state.store.session(session.as_str()).await {
-        Ok(s) => {
+/// The user of `session`, if it is one `worker` carries: a worker reports only for its own
+/// sessions, and one naming another's speaks for itself, not for that session's user.
+async fn session_user(state: &AppState, worker: &str, session: &SessionId) -> Option<String> {
+    let (user, carrier) = match state.workers.session_user(session.as_str()) {
+        Some(known) => known,
+        None => {
+            let s = state.store.session(session.as_str()).await.ok()?;
             state
                 .workers
-                .remember_session_user(session.as_str(), &s.user);
-            s.user
+                .remember_session_user(session.as_str(), &s.user, &s.worker);
+            (s.user, s.worker)
         }
-        Err(_) => format!("worker:{worker}"),
-    }
+    };
+    (carrier == worker).then_some(user)
 }
 
 /// What the worker needs for an activated session: the target's brokered credential, unsealed.

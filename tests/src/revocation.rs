@@ -410,6 +410,31 @@ async fn cancel_through_a_second_controller_reaches_the_worker() {
     );
     let end = session.closed().await;
     assert!(end.reason.contains("cancelled by admin"), "{}", end.reason);
+
+    // A worker deleted through the second controller loses its connection to the first
+    // within a heartbeat (5 s): its certificate is checked again then.
+    let _: serde_json::Value = admin2
+        .ok(Method::DELETE, "/v1/workers/w1", None::<&()>)
+        .await;
+    let disconnected = async {
+        loop {
+            let events: Vec<AuditEvent> = c
+                .admin
+                .ok(
+                    Method::GET,
+                    "/v1/audit?action=worker.disconnect&limit=100",
+                    None::<&()>,
+                )
+                .await;
+            if events.iter().any(|e| e.resource == "worker:w1") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), disconnected)
+        .await
+        .expect("the deleted worker's connection to the first controller ends");
     second.shutdown().await;
     c.stop().await;
     db.drop_db().await;

@@ -363,11 +363,13 @@ pub async fn authorize(
     // The worker gets the session's grant now, so that the client's hello needs no
     // activation round trip (the worker reports the start; the checks then run again).
     let grant_pushed = match crate::cluster::session_grant(&state, &target.name, credential) {
-        Ok(grant) => {
-            state
-                .workers
-                .session_ready(&worker.name, session_id.as_str(), claims.exp, grant)
-        }
+        Ok(grant) => state.workers.session_ready(
+            &worker.name,
+            worker.cert_fingerprint.as_deref().unwrap_or_default(),
+            session_id.as_str(),
+            claims.exp,
+            grant,
+        ),
         Err(e) => {
             tracing::warn!(error = %e, "cannot prepare the session grant: the worker will ask at activation");
             false

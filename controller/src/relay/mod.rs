@@ -40,6 +40,8 @@ pub const IDLE: Duration = Duration::from_secs(35);
 const HELLO_WINDOW: Duration = Duration::from_secs(3);
 /// How many datagrams a ClientHello may span.
 const HELLO_DATAGRAMS: usize = 4;
+/// How long a new flow waits for a stream of the worker's cluster connection.
+const STREAM_WAIT: Duration = Duration::from_secs(5);
 /// Flows (and half-read hellos) a controller carries at most.
 const MAX_FLOWS: usize = 16_384;
 /// Datagrams queued towards a worker per flow; beyond, they are dropped as a congested
@@ -228,7 +230,12 @@ async fn carry(
     socket: &UdpSocket,
 ) -> Result<(), RelayError> {
     let worker_err = |e: &dyn std::fmt::Display| RelayError::Worker(e.to_string());
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| worker_err(&e))?;
+    // A worker out of streams (flows beyond its stream limit) must not hold this flow, and
+    // its queue, forever.
+    let (mut send, mut recv) = tokio::time::timeout(STREAM_WAIT, conn.open_bi())
+        .await
+        .map_err(|_| worker_err(&"the worker has no stream to spare for a new client"))?
+        .map_err(|e| worker_err(&e))?;
     let open = frame::encode(&RelayOpen {
         version: PROTOCOL_VERSION,
         client: client.to_string(),
