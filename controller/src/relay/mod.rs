@@ -44,6 +44,8 @@ const HELLO_DATAGRAMS: usize = 4;
 const STREAM_WAIT: Duration = Duration::from_secs(5);
 /// Flows (and half-read hellos) a controller carries at most.
 const MAX_FLOWS: usize = 16_384;
+/// Of which from one IP address (an office behind one NAT address, or one attacker).
+const MAX_FLOWS_PER_IP: usize = 1_024;
 /// Datagrams queued towards a worker per flow; beyond, they are dropped as a congested
 /// network would, and the client's congestion control slows down.
 const FLOW_QUEUE: usize = 1024;
@@ -97,7 +99,7 @@ pub async fn serve(state: AppState, socket: UdpSocket) {
     let mut relay = Relay {
         state,
         socket: Arc::new(socket),
-        flows: HashMap::new(),
+        flows: Flows::default(),
         ended: ended_tx,
         next_id: 0,
     };
@@ -117,9 +119,74 @@ pub async fn serve(state: AppState, socket: UdpSocket) {
             }
             _ = sweep.tick() => {
                 let now = Instant::now();
-                relay.flows.retain(|_, e| {
+                relay.flows.retain(|e| {
                     !matches!(e, Entry::Hello { since, .. } if now - *since > HELLO_WINDOW)
                 });
+            }
+        }
+    }
+}
+
+/// The flows by client address, counted per source IP address.
+struct Flows<E> {
+    by_client: HashMap<SocketAddr, E>,
+    per_ip: HashMap<std::net::IpAddr, usize>,
+}
+
+impl<E> Default for Flows<E> {
+    fn default() -> Self {
+        Flows {
+            by_client: HashMap::new(),
+            per_ip: HashMap::new(),
+        }
+    }
+}
+
+impl<E> Flows<E> {
+    fn get(&self, client: &SocketAddr) -> Option<&E> {
+        self.by_client.get(client)
+    }
+
+    fn len(&self) -> usize {
+        self.by_client.len()
+    }
+
+    /// How many flows come from `ip`.
+    fn count_from(&self, ip: std::net::IpAddr) -> usize {
+        self.per_ip.get(&ip).copied().unwrap_or(0)
+    }
+
+    fn insert(&mut self, client: SocketAddr, entry: E) {
+        if self.by_client.insert(client, entry).is_none() {
+            *self.per_ip.entry(client.ip()).or_default() += 1;
+        }
+    }
+
+    fn remove(&mut self, client: &SocketAddr) -> Option<E> {
+        let entry = self.by_client.remove(client)?;
+        self.uncount(client.ip());
+        Some(entry)
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&E) -> bool) {
+        let mut gone = Vec::new();
+        self.by_client.retain(|client, e| {
+            let kept = keep(e);
+            if !kept {
+                gone.push(client.ip());
+            }
+            kept
+        });
+        for ip in gone {
+            self.uncount(ip);
+        }
+    }
+
+    fn uncount(&mut self, ip: std::net::IpAddr) {
+        if let Some(n) = self.per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&ip);
             }
         }
     }
@@ -129,7 +196,7 @@ pub async fn serve(state: AppState, socket: UdpSocket) {
 struct Relay {
     state: AppState,
     socket: Arc<UdpSocket>,
-    flows: HashMap<SocketAddr, Entry>,
+    flows: Flows<Entry>,
     /// Flow tasks report here when they end: (client, flow id).
     ended: mpsc::UnboundedSender<(SocketAddr, u64)>,
     next_id: u64,
@@ -153,6 +220,11 @@ impl Relay {
             }) => (reader, held, since),
             _ if self.flows.len() >= MAX_FLOWS => {
                 tracing::debug!(%client, "relay full: datagram dropped");
+                return;
+            }
+            // One address cannot take the relay for itself.
+            _ if self.flows.count_from(client.ip()) >= MAX_FLOWS_PER_IP => {
+                tracing::debug!(%client, "relay: too many flows from this address, datagram dropped");
                 return;
             }
             _ => (HelloReader::default(), Vec::new(), Instant::now()),
@@ -278,5 +350,39 @@ async fn carry(
     tokio::select! {
         r = up => r,
         r = down => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flows_are_counted_per_source_address() {
+        let a = |port| SocketAddr::from(([192, 0, 2, 1], port));
+        let b = SocketAddr::from(([192, 0, 2, 2], 1));
+        let mut flows = Flows::default();
+        flows.insert(a(1), 1);
+        flows.insert(a(2), 2);
+        flows.insert(a(2), 3); // the same client again: not a new flow
+        flows.insert(b, 4);
+        assert_eq!(
+            (
+                flows.len(),
+                flows.count_from(a(0).ip()),
+                flows.count_from(b.ip())
+            ),
+            (3, 2, 1)
+        );
+        assert_eq!(flows.remove(&a(1)), Some(1));
+        assert_eq!(flows.remove(&a(1)), None);
+        assert_eq!(flows.count_from(a(0).ip()), 1);
+        flows.retain(|e| *e != 3);
+        assert_eq!((flows.len(), flows.count_from(a(0).ip())), (1, 0));
+        assert!(
+            !flows.per_ip.contains_key(&a(0).ip()),
+            "no count left behind"
+        );
+        assert_eq!(flows.get(&b), Some(&4));
     }
 }
