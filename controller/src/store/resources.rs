@@ -260,6 +260,18 @@ impl Store {
         activation_hash: &str,
         activation_expires_at: i64,
     ) -> Result<WorkerRow, StoreError> {
+        // A worker's name is its TLS name, in which case does not count: two names that
+        // differ only in case would reach each other's clients.
+        let taken = sqlx::query("SELECT name FROM workers WHERE LOWER(name) = LOWER($1)")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some(row) = taken {
+            let other: String = row.try_get("name")?;
+            return Err(StoreError::Conflict(format!(
+                "a worker named '{other}' already exists (worker names are TLS names: case does not count)"
+            )));
+        }
         sqlx::query(
             "INSERT INTO workers (name, tags, activation_hash, activation_expires_at, created_at) VALUES ($1, $2, $3, $4, $5)",
         )

@@ -225,6 +225,10 @@ async fn targets_workers_and_sessions() {
         assert_eq!(u.connection_limit, None);
 
         s.create_worker("w1", &BTreeMap::new(), "act", now() + 60).await.expect("worker");
+        assert!(
+            matches!(s.create_worker("W1", &BTreeMap::new(), "act2", now() + 60).await, Err(StoreError::Conflict(m)) if m.contains("'w1'")),
+            "names differing only in case are one TLS name"
+        );
         assert_eq!(s.pending_worker("act").await.expect("q").as_deref(), Some("w1"));
         assert!(matches!(s.register_worker("act", "fp1").await.expect("reg"), ActivationOutcome::Registered(n) if n == "w1"));
         assert!(matches!(s.register_worker("act", "fp2").await.expect("reg"), ActivationOutcome::Invalid), "single use");
