@@ -576,3 +576,95 @@ async fn a_replaced_connection_does_not_disconnect_the_worker() {
     second.shutdown().await;
     c.stop().await;
 }
+
+/// A worker speaks only for its own sessions: another registered worker that reports the end
+/// or the start of a session it does not carry ends nothing (both used to end it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cannot_end_another_workers_session() {
+    use postern_proto::cluster::{ControllerHello, WorkerHello, WorkerMessage, WorkerMode};
+    let c = Cluster::start().await.expect("cluster");
+    let echo = echo_server().await;
+    c.create_target("echo", &echo.to_string(), &[]).await;
+    let (session, _traffic, id) = live_session(&c.admin, "echo").await;
+
+    // A second worker, registered, whose identity the test then speaks with itself.
+    let created: serde_json::Value = c
+        .admin
+        .ok(Method::POST, "/v1/workers", Some(&json!({"name": "w2"})))
+        .await;
+    let token = created["activation_token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    let dir = c.dir.path().join("w2");
+    let w2 = postern_worker::start(crate::harness::worker_config(
+        &c.admin.base,
+        &dir,
+        Some(token),
+    ))
+    .await
+    .expect("w2 registers");
+    w2.shutdown().await;
+    let pem = |f: &str| std::fs::read(dir.join(f)).expect("identity file");
+    use rustls_pki_types::pem::PemObject as _;
+    let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(&pem("cert.pem"))
+        .collect::<Result<_, _>>()
+        .expect("cert");
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(&pem("key.pem")).expect("key");
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in rustls_pki_types::CertificateDer::pem_slice_iter(&pem("ca.pem")) {
+        roots.add(ca.expect("ca")).expect("root");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls 1.3")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .expect("client cert");
+    tls.alpn_protocols = vec![postern_proto::ALPN_CLUSTER.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("ep");
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
+    let cluster_addr = c.controller.as_ref().expect("controller").cluster_addr();
+    let conn = endpoint
+        .connect(cluster_addr, postern_proto::CONTROLLER_SERVER_NAME)
+        .expect("connect")
+        .await
+        .expect("w2's certificate is accepted");
+    let (mut send, mut recv) = conn.open_bi().await.expect("control stream");
+    let hello = WorkerHello {
+        version: postern_proto::PROTOCOL_VERSION,
+        session_addr: "127.0.0.1:9".into(),
+        active_sessions: Vec::new(),
+        ssh_host_key: None,
+        mode: WorkerMode::Direct,
+        uptime_ms: None,
+    };
+    let hello = postern_proto::frame::encode(&hello).expect("frame");
+    send.write_all(&hello).await.expect("hello");
+    let mut len = [0u8; 4];
+    recv.read_exact(&mut len).await.expect("answer");
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    recv.read_exact(&mut body).await.expect("answer");
+    let _: ControllerHello = serde_json::from_slice(&body).expect("controller hello");
+    let forged = WorkerMessage::SessionClosed {
+        session_id: postern_proto::ids::SessionId(id.clone()),
+        reason: "forged".into(),
+    };
+    let forged = postern_proto::frame::encode(&forged).expect("frame");
+    send.write_all(&forged).await.expect("forged end");
+    // Nor does a start it reports for it (its refusal, "belongs to worker w1", ended it).
+    let started = WorkerMessage::SessionStarted {
+        session_id: postern_proto::ids::SessionId(id.clone()),
+    };
+    let started = postern_proto::frame::encode(&started).expect("frame");
+    send.write_all(&started).await.expect("forged start");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let row = session_row(&c.admin, &id).await;
+    assert_eq!(row.status, "active", "{row:?}");
+    conn.close(0u32.into(), b"done");
+    drop(session);
+    c.stop().await;
+}
