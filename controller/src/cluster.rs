@@ -271,6 +271,18 @@ async fn serve_worker(state: AppState, conn: quinn::Connection) {
         conn.close(1u32.into(), b"no client certificate");
         return;
     };
+    let opened = match tokio::time::timeout(Duration::from_secs(10), accept_hello(&conn)).await {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(e)) => {
+            tracing::debug!(remote = %conn.remote_address(), error = %e, "no worker hello");
+            return;
+        }
+        Err(_) => {
+            conn.close(1u32.into(), b"no control stream and hello within 10 s");
+            return;
+        }
+    };
+    // Looked up once the hello is in (the worker may have been deleted after its handshake).
     let worker = match state.store.worker_by_fingerprint(&fp).await {
         Ok(Some(w)) => w,
         Ok(None) => {
@@ -284,10 +296,24 @@ async fn serve_worker(state: AppState, conn: quinn::Connection) {
         }
     };
     let name = worker.name;
-    match control_loop(&state, &conn, &name, &fp).await {
+    match control_loop(&state, &conn, &name, &fp, opened).await {
         Ok(()) => tracing::info!(worker = %name, "worker disconnected"),
         Err(e) => tracing::warn!(worker = %name, error = %e, "worker connection ended"),
     }
+}
+
+/// The control stream a worker opens, and the hello on it.
+async fn accept_hello(
+    conn: &quinn::Connection,
+) -> Result<(quinn::SendStream, quinn::RecvStream, WorkerHello), ClusterError> {
+    let (send, mut recv) = conn
+        .accept_bi()
+        .await
+        .map_err(|e| ClusterError::Stream(e.to_string()))?;
+    let hello: WorkerHello = read_frame(&mut recv)
+        .await?
+        .ok_or_else(|| ClusterError::Stream("control stream closed before hello".into()))?;
+    Ok((send, recv, hello))
 }
 
 /// Whether the worker `name` still has the certificate `fingerprint` (not deleted, nor
@@ -309,27 +335,8 @@ async fn control_loop(
     conn: &quinn::Connection,
     name: &str,
     fingerprint: &str,
+    (mut send, mut recv, hello): (quinn::SendStream, quinn::RecvStream, WorkerHello),
 ) -> Result<(), ClusterError> {
-    let hello = async {
-        let (send, mut recv) = conn
-            .accept_bi()
-            .await
-            .map_err(|e| ClusterError::Stream(e.to_string()))?;
-        let hello: WorkerHello = read_frame(&mut recv)
-            .await?
-            .ok_or_else(|| ClusterError::Stream("control stream closed before hello".into()))?;
-        Ok::<_, ClusterError>((send, recv, hello))
-    };
-    let (mut send, mut recv, hello) = tokio::time::timeout(Duration::from_secs(10), hello)
-        .await
-        .map_err(|_| ClusterError::Stream("no control stream and hello within 10 s".into()))??;
-    // The certificate was checked at the handshake; the worker may have been deleted since.
-    if !still_trusted(state, name, fingerprint).await {
-        conn.close(1u32.into(), b"unknown or deleted worker");
-        return Err(ClusterError::Stream(
-            "worker deleted before its hello".into(),
-        ));
-    }
     if hello.version != postern_proto::PROTOCOL_VERSION {
         conn.close(1u32.into(), b"unsupported protocol version");
         return Err(ClusterError::Stream(format!(
@@ -529,12 +536,7 @@ async fn handle(
         }
         WorkerMessage::SessionClosed { session_id, reason } => {
             // Only the worker carrying a session reports its end.
-            let ours = state
-                .store
-                .session(session_id.as_str())
-                .await
-                .is_ok_and(|s| s.worker == worker);
-            if !ours {
+            if session_user(state, worker, &session_id).await.is_none() {
                 tracing::warn!(worker, session = %session_id, "ignoring the end of a session this worker does not carry");
                 return;
             }
@@ -877,11 +879,10 @@ fn worker_outcome(action: &str) -> &'static str {
     }
 }
 
-/// The user of a session, the actor of its events (a worker's name if the session is
-/// unknown). Remembered: a statement audit asks for every batch, and a session's user never
-/// changes.
 /// The user of `session`, if it is one `worker` carries: a worker reports only for its own
 /// sessions, and one naming another's speaks for itself, not for that session's user.
+/// Remembered: a statement audit asks for every batch, and a session's user and worker never
+/// change.
 async fn session_user(state: &AppState, worker: &str, session: &SessionId) -> Option<String> {
     let (user, carrier) = match state.workers.session_user(session.as_str()) {
         Some(known) => known,

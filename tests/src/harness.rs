@@ -162,6 +162,16 @@ impl Api {
         Ok((auth, key))
     }
 
+    /// Session `id` (`GET /v1/sessions/ID`), expecting success.
+    pub async fn session<T: DeserializeOwned>(&self, id: &str) -> T {
+        self.ok(
+            reqwest::Method::GET,
+            &format!("/v1/sessions/{id}"),
+            None::<&()>,
+        )
+        .await
+    }
+
     /// Cancels session `id` (`POST /v1/sessions/ID/cancel`), expecting success.
     pub async fn cancel_session(&self, id: &str) -> postern_controller::api::types::Session {
         self.ok(

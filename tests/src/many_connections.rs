@@ -74,14 +74,7 @@ async fn fifty_parallel_connections_keep_their_bytes() {
     // The worker reports each closed connection asynchronously.
     let mut seen = None;
     for _ in 0..100 {
-        let s: Session = c
-            .admin
-            .ok(
-                Method::GET,
-                &format!("/v1/sessions/{}", auth.session_id),
-                None::<&()>,
-            )
-            .await;
+        let s: Session = c.admin.session(&auth.session_id).await;
         if s.connections == CONNECTIONS as i64 {
             seen = Some(s);
             break;

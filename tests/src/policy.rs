@@ -558,14 +558,7 @@ async fn a_denied_login_is_refused_and_cut_even_as_the_credentials_own_user() {
     let auth = authorize(&bob, "pg1")
         .await
         .expect("the credential's own login");
-    let session: serde_json::Value = c
-        .admin
-        .ok(
-            Method::GET,
-            &format!("/v1/sessions/{}", auth.session_id),
-            None::<&()>,
-        )
-        .await;
+    let session: serde_json::Value = c.admin.session(&auth.session_id).await;
     assert_eq!(session["login"], "postgres", "{session}");
 
     // A deny naming that login: the running session ends, a new one is refused.
@@ -577,14 +570,7 @@ async fn a_denied_login_is_refused_and_cut_even_as_the_credentials_own_user() {
             Some(&json!({"effect": "deny", "actions": ["connect"], "targets": "pg1", "logins": ["postgres"]})),
         )
         .await;
-    let session: serde_json::Value = c
-        .admin
-        .ok(
-            Method::GET,
-            &format!("/v1/sessions/{}", auth.session_id),
-            None::<&()>,
-        )
-        .await;
+    let session: serde_json::Value = c.admin.session(&auth.session_id).await;
     assert_eq!(session["status"], "terminated", "{session}");
     assert_eq!(session["end_reason"], "policy changed", "{session}");
     let err = authorize(&bob, "pg1").await.expect_err("denied by login");
@@ -659,14 +645,7 @@ async fn others_session_ids_are_not_disclosed() {
     }
     assert_eq!(answers[0..2], answers[2..4], "{answers:?}");
     assert_eq!(answers[0].0, 404);
-    let session: serde_json::Value = c
-        .admin
-        .ok(
-            Method::GET,
-            &format!("/v1/sessions/{}", auth.session_id),
-            None::<&()>,
-        )
-        .await;
+    let session: serde_json::Value = c.admin.session(&auth.session_id).await;
     assert_ne!(session["status"], "terminated", "bob's cancel did nothing");
     c.stop().await;
 }

@@ -64,9 +64,7 @@ async fn user_with_role(c: &Cluster, name: &str) -> Api {
 }
 
 async fn session_row(admin: &Api, id: &str) -> SessionRow {
-    admin
-        .ok(Method::GET, &format!("/v1/sessions/{id}"), None::<&()>)
-        .await
+    admin.session(id).await
 }
 
 /// Waits until the audit log holds an event matching `pred` (≤ 5 s).

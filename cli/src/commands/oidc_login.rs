@@ -189,11 +189,7 @@ async fn read_return(stream: &mut TcpStream) -> Option<(String, String)> {
 /// Answers the browser (if the code came from it) with a small page.
 async fn answer_browser(stream: Option<TcpStream>, status: &str, title: &str, text: &str) {
     let Some(mut stream) = stream else { return };
-    let esc = |s: &str| {
-        s.replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('>', "&gt;")
-    };
+    let esc = postern_controller::api::html_escape;
     let body = format!(
         "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{}</title></head>\
          <body><h1>{}</h1><p>{}</p></body></html>",

@@ -17,6 +17,7 @@ use axum::Router;
 
 pub use caller::Caller;
 pub use error::{check_name, ApiError};
+pub use oidc::html_escape;
 pub(crate) use targets::credential_purpose;
 
 use crate::state::AppState;

@@ -563,7 +563,8 @@ fn state_hash(state: &str) -> String {
     B64.encode(Sha256::digest(state.as_bytes()))
 }
 
-fn html_escape(s: &str) -> String {
+/// `s` as HTML text (also inside attribute values).
+pub fn html_escape(s: &str) -> String {
     s.chars()
         .map(|c| match c {
             '&' => "&amp;".to_owned(),

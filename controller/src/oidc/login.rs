@@ -157,29 +157,24 @@ pub async fn verify(
 
 /// Seals a finished device login's token into its attempt, for the CLI to collect. An
 /// attempt closed meanwhile (it expired and the CLI was told so) gets nothing: the token is
-/// revoked, and false says so.
-pub async fn complete(
+/// revoked.
+async fn complete(
     state: &AppState,
     attempt: &str,
     login: &LoginResponse,
-) -> Result<bool, StoreError> {
+) -> Result<(), StoreError> {
     let sealed = state.kek.seal(TOKEN_SEAL_PURPOSE, login.token.as_bytes());
     let completed = state
         .store
         .complete_oidc_attempt(attempt, &login.user, &sealed, login.expires_at)
         .await?;
     if !completed {
-        revoke_token(state, &login.token).await?;
+        state
+            .store
+            .delete_token(&crate::auth::hash_token(&login.token))
+            .await?;
     }
-    Ok(completed)
-}
-
-/// Revokes the API token of a login that nobody will collect.
-pub async fn revoke_token(state: &AppState, token: &str) -> Result<(), StoreError> {
-    state
-        .store
-        .delete_token(&crate::auth::hash_token(token))
-        .await
+    Ok(())
 }
 
 /// Fails an attempt (if given and still open) and audits `auth.login_failed`.
@@ -235,7 +230,7 @@ pub fn spawn_device_wait(
         let left = Duration::from_secs(u64::try_from(expires_at - now()).unwrap_or(1).max(1));
         let result = device_login(&state, &p, &attempt, &details, left).await;
         let outcome = match result {
-            Ok(login) => complete(&state, &attempt, &login).await.map(|_| ()),
+            Ok(login) => complete(&state, &attempt, &login).await,
             Err(f) => fail(&state, Some(&attempt), &p.config.name, "device", &f).await,
         };
         if let Err(e) = outcome {
