@@ -88,6 +88,19 @@ pub struct ControllerConfig {
     /// Mirror every audit event as a JSON line to this file (for a SIEM shipper).
     #[serde(default)]
     pub audit_file: Option<PathBuf>,
+    /// Largest shell recording stored, bytes of asciicast text; a session whose recording
+    /// would grow past it is ended (its shell is never left unrecorded).
+    #[serde(default = "default_recording_max_bytes")]
+    pub recording_max_bytes: u64,
+}
+
+/// 256 MiB: hours of a busy terminal, and a bound on what one shell can make the store hold.
+pub const DEFAULT_RECORDING_MAX_BYTES: u64 = 256 << 20;
+/// Below this a recording could not hold one batch of a worker's events.
+const MIN_RECORDING_MAX_BYTES: u64 = 64 << 10;
+
+fn default_recording_max_bytes() -> u64 {
+    DEFAULT_RECORDING_MAX_BYTES
 }
 
 fn default_api_listen() -> SocketAddr {
@@ -130,6 +143,7 @@ impl ControllerConfig {
             tls_names: Vec::new(),
             oidc: Vec::new(),
             audit_file: None,
+            recording_max_bytes: DEFAULT_RECORDING_MAX_BYTES,
         }
     }
 
@@ -154,7 +168,7 @@ impl ControllerConfig {
     /// `POSTERN_BOOTSTRAP_ADMIN`, `POSTERN_INSECURE_HTTP`, `POSTERN_AUDIT_FILE`,
     /// `POSTERN_TOKEN_TTL`, `POSTERN_TLS_CERT_FILE`, `POSTERN_TLS_KEY_FILE`,
     /// `POSTERN_TLS_NAMES` (comma-separated), `POSTERN_RELAY_LISTEN`,
-    /// `POSTERN_RELAY_PUBLIC_ADDR`.
+    /// `POSTERN_RELAY_PUBLIC_ADDR`, `POSTERN_RECORDING_MAX_BYTES`.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         fn parse<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, ConfigError>
         where
@@ -210,6 +224,9 @@ impl ControllerConfig {
         }
         if let Some(v) = get("POSTERN_RELAY_PUBLIC_ADDR") {
             self.relay_public_addr = (!v.is_empty()).then_some(v);
+        }
+        if let Some(v) = get("POSTERN_RECORDING_MAX_BYTES") {
+            self.recording_max_bytes = parse("POSTERN_RECORDING_MAX_BYTES", &v)?;
         }
         crate::oidc::config::apply_env(&mut self.oidc, &get);
         crate::tls::apply_env(self, &get);
@@ -295,6 +312,15 @@ impl ControllerConfig {
                 });
             }
         }
+        if !(MIN_RECORDING_MAX_BYTES..=i64::MAX as u64).contains(&self.recording_max_bytes) {
+            return Err(ConfigError::Invalid {
+                key: "recording_max_bytes".into(),
+                message: format!(
+                    "{} bytes: expected at least {MIN_RECORDING_MAX_BYTES} (64 KiB)",
+                    self.recording_max_bytes
+                ),
+            });
+        }
         if self.token_ttl.as_secs() < 60 {
             return Err(ConfigError::Invalid {
                 key: "token_ttl".into(),
@@ -361,6 +387,27 @@ mod tests {
         let mut c = base();
         c.audit_file = Some(dir.join("audit.jsonl"));
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn recording_size_limit_from_file_and_environment() {
+        let c: ControllerConfig =
+            toml::from_str("database_url = \"sqlite://x.db\"\n").expect("defaults");
+        assert_eq!(c.recording_max_bytes, DEFAULT_RECORDING_MAX_BYTES);
+        let mut c =
+            ControllerConfig::dev(Path::new("/tmp"), "127.0.0.1:9200".parse().expect("addr"));
+        c.apply_env(|k| (k == "POSTERN_RECORDING_MAX_BYTES").then(|| "1048576".into()))
+            .expect("a number");
+        assert_eq!(c.recording_max_bytes, 1 << 20);
+        assert!(c.validate().is_ok());
+        let bad = c.apply_env(|k| (k == "POSTERN_RECORDING_MAX_BYTES").then(|| "1MB".into()));
+        assert!(
+            matches!(bad, Err(ConfigError::Invalid { key, .. }) if key == "POSTERN_RECORDING_MAX_BYTES")
+        );
+        c.recording_max_bytes = 1000;
+        assert!(
+            matches!(c.validate(), Err(ConfigError::Invalid { key, .. }) if key == "recording_max_bytes")
+        );
     }
 
     #[test]

@@ -259,6 +259,8 @@ pub async fn start(mut config: ControllerConfig) -> Result<ControllerHandle, Sta
         kek,
         issuer,
         token_ttl: config.token_ttl,
+        // At most i64::MAX: validated with the config.
+        recording_max_bytes: i64::try_from(config.recording_max_bytes).unwrap_or(i64::MAX),
         instance: format!("controller-{}", postern_proto::ids::random_base32(8)),
         cluster_addrs,
         relay_addr: relay_addr.map(|bound| {

@@ -8,9 +8,10 @@ use postern_proto::ids::SessionId;
 
 use crate::api::types::Recording;
 use crate::policy::{self, SourcedRule, TargetRef};
+use crate::revoke;
 use crate::ssh_ca::CertRequest;
 use crate::state::AppState;
-use crate::store::{now, SessionRow};
+use crate::store::{now, Appended, SessionRow};
 
 /// Largest asciicast header accepted.
 const MAX_HEADER: usize = 8 * 1024;
@@ -47,6 +48,7 @@ pub async fn start(
         started_at: now(),
         ended_at: None,
         size: 0,
+        end_reason: None,
     };
     if let Err(e) = state.store.create_recording(&row, header).await {
         tracing::error!(error = %e, "cannot store a recording");
@@ -64,22 +66,61 @@ pub async fn start(
     None
 }
 
-/// Appends event lines to a recording.
+/// Appends event lines to a recording. Lines that would take it past the configured size
+/// end it, and its session: a shell is never left running unrecorded.
 pub async fn data(state: &AppState, worker: &str, recording_id: &str, events: &str) {
-    match state
+    let appended = state
         .store
-        .append_recording(recording_id, worker, events)
-        .await
-    {
-        Ok(true) => {}
-        Ok(false) => tracing::warn!(
+        .append_recording(recording_id, worker, events, state.recording_max_bytes)
+        .await;
+    match appended {
+        Ok(Appended::Stored) => {}
+        Ok(Appended::Unknown) => tracing::warn!(
             worker,
             recording = recording_id,
             "data for an unknown or finished recording"
         ),
+        Ok(Appended::LimitReached) => limit_reached(state, worker, recording_id).await,
         Err(e) => {
             tracing::error!(error = %e, recording = recording_id, "cannot store recording data")
         }
+    }
+}
+
+/// Ends the session of a recording that reached its size limit (the store has ended the
+/// recording), and audits why.
+async fn limit_reached(state: &AppState, worker: &str, recording_id: &str) {
+    let limit = state.recording_max_bytes;
+    tracing::warn!(
+        worker,
+        recording = recording_id,
+        limit,
+        "a recording reached its size limit; ending its session"
+    );
+    let recording = match state.store.recording_info(recording_id).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, recording = recording_id, "cannot read a full recording");
+            return;
+        }
+    };
+    let _ = state
+        .audit(
+            &recording.user,
+            "recording.limit",
+            &format!("session:{}", recording.session_id),
+            "failure",
+            json!({"recording": recording_id, "size": recording.size, "limit": limit, "worker": worker}),
+        )
+        .await;
+    let reason = format!("its shell recording reached the size limit ({limit} bytes)");
+    let session = state.store.session(&recording.session_id).await;
+    let ended = match session {
+        Ok(s) => revoke::end_sessions(state, std::slice::from_ref(&s), &reason, "controller").await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = ended {
+        tracing::error!(error = %e, session = %recording.session_id, "cannot end the session of a full recording");
     }
 }
 

@@ -28,6 +28,8 @@ pub struct Inner {
     pub issuer: String,
     /// Lifetime of login tokens.
     pub token_ttl: Duration,
+    /// Largest shell recording stored, bytes.
+    pub recording_max_bytes: i64,
     /// This controller process's identity in `workers.connected_to`.
     pub instance: String,
     /// Cluster addresses announced to registering workers.

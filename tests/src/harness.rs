@@ -209,6 +209,8 @@ pub struct ClusterOptions {
     pub oidc: Vec<postern_controller::oidc::OidcConfig>,
     /// How clients reach the worker (`outbound-only`: through the controller's relay).
     pub worker_mode: postern_proto::cluster::WorkerMode,
+    /// The controller's `recording_max_bytes`; its default if `None`.
+    pub recording_max_bytes: Option<u64>,
 }
 
 impl Default for ClusterOptions {
@@ -219,6 +221,7 @@ impl Default for ClusterOptions {
             addrs: None,
             oidc: Vec::new(),
             worker_mode: Default::default(),
+            recording_max_bytes: None,
         }
     }
 }
@@ -235,6 +238,9 @@ pub fn controller_config(dir: &Path, opts: &ClusterOptions) -> ControllerConfig 
         config.database_url = url.clone();
     }
     config.oidc = opts.oidc.clone();
+    if let Some(max) = opts.recording_max_bytes {
+        config.recording_max_bytes = max;
+    }
     config
 }
 

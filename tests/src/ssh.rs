@@ -19,7 +19,7 @@ use postern_controller::api::types::{
 };
 
 use crate::dev_cli::postern_bin;
-use crate::harness::{Api, Cluster, TempDir};
+use crate::harness::{Api, Cluster, ClusterOptions, TempDir};
 use crate::sshd::{home_of, Sshd, Tmux, LOGIN};
 
 /// A cluster with two SSH targets on one sshd: `demo-ssh` (brokered key) and `demo-ssh-ca`
@@ -34,7 +34,11 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
-    let c = Cluster::start().await.expect("cluster");
+    setup_with(ClusterOptions::default()).await
+}
+
+async fn setup_with(opts: ClusterOptions) -> Setup {
+    let c = Cluster::start_with(opts).await.expect("cluster");
     let ca: SshCa = c.admin.ok(Method::GET, "/v1/ssh/ca", None::<&()>).await;
     assert!(
         ca.public_key.starts_with("ssh-ed25519 "),
@@ -483,6 +487,63 @@ async fn cancelling_the_session_ends_the_shell() {
     s.c.admin.cancel_session(&sessions[0].id).await;
     tmux.wait_gone().await;
     assert!(cancelled.elapsed() < Duration::from_secs(10));
+    s.c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shell_whose_recording_reaches_its_size_limit_is_ended() {
+    const LIMIT: u64 = 64 * 1024;
+    let s = setup_with(ClusterOptions {
+        recording_max_bytes: Some(LIMIT),
+        ..Default::default()
+    })
+    .await;
+    let tmux = shell_in_tmux(&s, "limit");
+    tmux.wait_for_screen(":~$").await;
+    // Well past the limit: 200,000 characters printed.
+    tmux.send("head -c 200000 /dev/zero | tr '\\0' a");
+    tmux.wait_gone().await;
+
+    let sessions: Vec<Session> = s.c.admin.ok(Method::GET, "/v1/sessions", None::<&()>).await;
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    let reason = sessions[0].end_reason.clone().unwrap_or_default();
+    assert!(
+        sessions[0].status != "active" && reason.contains("recording reached the size limit"),
+        "{:?}",
+        sessions[0]
+    );
+    let list = s
+        .postern(&["recordings", "list", "--json"], true)
+        .output()
+        .await
+        .expect("recordings list");
+    let recordings: Vec<Recording> = serde_json::from_slice(&list.stdout).expect("json list");
+    assert_eq!(recordings.len(), 1, "{recordings:?}");
+    let r = &recordings[0];
+    assert_eq!(r.end_reason.as_deref(), Some("size limit reached"), "{r:?}");
+    assert!(r.size as u64 <= LIMIT && r.size > 0, "{r:?}");
+    // What was stored up to the limit is kept and readable.
+    let cast_path = s.home.path().join("full.cast");
+    let out = s
+        .postern(
+            &[
+                "recordings",
+                "export",
+                &r.id,
+                "-o",
+                cast_path.to_str().unwrap_or_default(),
+            ],
+            true,
+        )
+        .output()
+        .await
+        .expect("export");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let cast = std::fs::read_to_string(&cast_path).expect("cast file");
+    assert_eq!(cast.len() as i64, r.size);
+    assert!(cast.contains("aaaa"), "the output before the limit is kept");
+    s.expect_audit("recording.limit", |e| e.actor == "alice")
+        .await;
     s.c.stop().await;
 }
 

@@ -43,9 +43,11 @@ pub async fn run(ctx: &Ctx, cmd: RecordingsCmd) -> Result<ExitCode> {
                     r.user,
                     r.target,
                     relative(r.started_at),
-                    r.ended_at
-                        .map(relative)
-                        .unwrap_or_else(|| "recording".into()),
+                    match (r.ended_at, r.end_reason) {
+                        (Some(at), Some(why)) => format!("{} ({why})", relative(at)),
+                        (Some(at), None) => relative(at),
+                        (None, _) => "recording".into(),
+                    },
                     bytes(r.size),
                 ]);
             }

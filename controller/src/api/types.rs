@@ -530,6 +530,10 @@ pub struct Recording {
     pub ended_at: Option<i64>,
     /// Size of the asciicast text, bytes.
     pub size: i64,
+    /// Why the recording ended before its shell did, if it did: it reached the controller's
+    /// `recording_max_bytes` (the session was ended with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_reason: Option<String>,
 }
 
 /// Query of `GET /v1/recordings`.

@@ -24,7 +24,7 @@ pub use identity::{TokenOwner, UserRow};
 pub use oidc::{AttemptRow, Claim, Confirmed, NewAttempt, CONFIRM_EXPIRED};
 pub use resources::{ActivationOutcome, WorkerRow};
 pub use sessions::{NewSession, SessionRow};
-pub use ssh::RecordingRow;
+pub use ssh::{Appended, RecordingRow, SIZE_LIMIT_REASON};
 
 /// The migrations, one line each, for the folder `migrations/$dir` (both folders hold the
 /// same numbered files).
@@ -42,6 +42,7 @@ macro_rules! migration_list {
             (9, "oidc confirm", include_str!(concat!("../../../migrations/", $dir, "/0009_oidc_confirm.sql"))),
             (10, "oidc links of deleted users", include_str!(concat!("../../../migrations/", $dir, "/0010_oidc_links_of_deleted_users.sql"))),
             (11, "oidc login details", include_str!(concat!("../../../migrations/", $dir, "/0011_oidc_login_details.sql"))),
+            (12, "recording chunks", include_str!(concat!("../../../migrations/", $dir, "/0012_recording_chunks.sql"))),
         ]
     };
 }

@@ -10,7 +10,7 @@ use crate::api::types::Recording;
 pub type RecordingRow = Recording;
 
 const RECORDING_COLS: &str =
-    "id, session_id, user_name, target_name, worker_name, started_at, ended_at, size";
+    "id, session_id, user_name, target_name, worker_name, started_at, ended_at, size, end_reason";
 
 fn recording_from(row: &sqlx::any::AnyRow) -> Result<Recording, StoreError> {
     Ok(Recording {
@@ -22,7 +22,31 @@ fn recording_from(row: &sqlx::any::AnyRow) -> Result<Recording, StoreError> {
         started_at: row.try_get("started_at")?,
         ended_at: row.try_get("ended_at")?,
         size: row.try_get("size")?,
+        end_reason: row.try_get("end_reason")?,
     })
+}
+
+/// What became of event lines sent for a recording.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored.
+    Stored,
+    /// No open recording of that id written by that worker: nothing stored.
+    Unknown,
+    /// They would take the recording past its size limit: nothing stored, and the
+    /// recording is ended (`end_reason` says so).
+    LimitReached,
+}
+
+/// `end_reason` of a recording stopped at its size limit.
+pub const SIZE_LIMIT_REASON: &str = "size limit reached";
+
+fn recording_not_found(id: &str) -> StoreError {
+    StoreError::NotFound {
+        kind: "recording",
+        name: id.to_owned(),
+        suggestion: None,
+    }
 }
 
 impl Store {
@@ -73,25 +97,59 @@ impl Store {
         Ok(())
     }
 
-    /// Appends event lines to a recording still open and written by `worker`; false if
-    /// there is no such recording.
+    /// Appends event lines to a recording still open and written by `worker`, unless they
+    /// would take it past `max_size` bytes. Each call stores one chunk, keyed by its offset
+    /// in the cast: the cost of an append does not grow with the recording.
     pub async fn append_recording(
         &self,
         id: &str,
         worker: &str,
         lines: &str,
-    ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE recordings SET content = content || $1, size = size + $2 \
-             WHERE id = $3 AND worker_name = $4 AND ended_at IS NULL",
+        max_size: i64,
+    ) -> Result<Appended, StoreError> {
+        let len = lines.len() as i64;
+        let mut tx = self.begin_write().await?;
+        let grown = sqlx::query(
+            "UPDATE recordings SET size = size + $1 \
+             WHERE id = $2 AND worker_name = $3 AND ended_at IS NULL AND size + $1 <= $4 \
+             RETURNING size",
         )
-        .bind(lines)
-        .bind(lines.len() as i64)
+        .bind(len)
         .bind(id)
         .bind(worker)
-        .execute(&mut *self.writer().await?)
+        .bind(max_size)
+        .fetch_optional(&mut *tx)
         .await?;
-        Ok(done.rows_affected() == 1)
+        if let Some(row) = grown {
+            let size: i64 = row.try_get("size")?;
+            sqlx::query(
+                "INSERT INTO recording_chunks (recording_id, byte_offset, data) VALUES ($1, $2, $3)",
+            )
+            .bind(id)
+            .bind(size - len)
+            .bind(lines)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            return Ok(Appended::Stored);
+        }
+        // Not stored: a full recording is ended here, so that nothing more is taken for it.
+        let full = sqlx::query(
+            "UPDATE recordings SET ended_at = $1, end_reason = $2 \
+             WHERE id = $3 AND worker_name = $4 AND ended_at IS NULL",
+        )
+        .bind(now())
+        .bind(SIZE_LIMIT_REASON)
+        .bind(id)
+        .bind(worker)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(if full.rows_affected() == 1 {
+            Appended::LimitReached
+        } else {
+            Appended::Unknown
+        })
     }
 
     /// Marks a recording finished.
@@ -130,6 +188,19 @@ impl Store {
         rows.iter().map(recording_from).collect()
     }
 
+    /// One recording, without its text.
+    pub async fn recording_info(&self, id: &str) -> Result<Recording, StoreError> {
+        let sql = format!("SELECT {RECORDING_COLS} FROM recordings WHERE id = $1");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(r) => recording_from(&r),
+            None => Err(recording_not_found(id)),
+        }
+    }
+
     /// One recording and its asciicast text.
     pub async fn recording(&self, id: &str) -> Result<(Recording, String), StoreError> {
         let sql = format!("SELECT {RECORDING_COLS}, content FROM recordings WHERE id = $1");
@@ -138,18 +209,27 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?;
         match row {
-            Some(r) => Ok((recording_from(&r)?, r.try_get("content")?)),
-            None => Err(StoreError::NotFound {
-                kind: "recording",
-                name: id.to_owned(),
-                suggestion: None,
-            }),
+            Some(r) => {
+                let mut cast: String = r.try_get("content")?;
+                let chunks = sqlx::query(
+                    "SELECT data FROM recording_chunks WHERE recording_id = $1 ORDER BY byte_offset",
+                )
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await?;
+                for chunk in &chunks {
+                    cast.push_str(chunk.try_get("data")?);
+                }
+                Ok((recording_from(&r)?, cast))
+            }
+            None => Err(recording_not_found(id)),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::{Appended, SIZE_LIMIT_REASON};
     use crate::api::types::Recording;
 
     #[tokio::test]
@@ -176,29 +256,81 @@ mod tests {
                 started_at: 100,
                 ended_at: None,
                 size: 0,
+                end_reason: None,
             };
             s.create_recording(&r, r#"{"version":2}"#)
                 .await
                 .expect("create");
-            assert!(s
-                .append_recording("r_abc", "w1", "[0.1,\"o\",\"hi\"]\n")
-                .await
-                .expect("append"));
+            let mut expected = "{\"version\":2}\n".to_owned();
+            // Many batches come back whole and in order (they are stored apart).
+            for i in 0..30 {
+                let line = format!("[{i}.5,\"o\",\"line {i}\"]\n");
+                assert_eq!(
+                    s.append_recording("r_abc", "w1", &line, 1 << 20)
+                        .await
+                        .expect("append"),
+                    Appended::Stored
+                );
+                expected.push_str(&line);
+            }
             // Only the worker that recorded it may write to it.
-            assert!(!s
-                .append_recording("r_abc", "w2", "x\n")
-                .await
-                .expect("append"));
+            assert_eq!(
+                s.append_recording("r_abc", "w2", "x\n", 1 << 20)
+                    .await
+                    .expect("append"),
+                Appended::Unknown
+            );
             s.end_recording("r_abc", "w1").await.expect("end");
-            assert!(!s
-                .append_recording("r_abc", "w1", "late\n")
-                .await
-                .expect("append"));
+            assert_eq!(
+                s.append_recording("r_abc", "w1", "late\n", 1 << 20)
+                    .await
+                    .expect("append"),
+                Appended::Unknown
+            );
             let (row, cast) = s.recording("r_abc").await.expect("read");
-            assert_eq!(cast, "{\"version\":2}\n[0.1,\"o\",\"hi\"]\n");
+            assert_eq!(cast, expected);
             assert_eq!(row.size, cast.len() as i64);
             assert!(row.ended_at.is_some());
-            assert_eq!(s.recordings(Some("s_1")).await.expect("list").len(), 1);
+            assert_eq!(row.end_reason, None);
+
+            // A batch that would pass the limit is not stored, and ends the recording: what
+            // it held before stays, nothing after it is taken.
+            let full = Recording {
+                id: "r_full".into(),
+                ..r.clone()
+            };
+            s.create_recording(&full, r#"{"version":2}"#)
+                .await
+                .expect("create");
+            let header = "{\"version\":2}\n".len() as i64;
+            let limit = header + 10;
+            assert_eq!(
+                s.append_recording("r_full", "w1", "123456789\n", limit)
+                    .await
+                    .expect("append"),
+                Appended::Stored,
+                "exactly at the limit is stored"
+            );
+            assert_eq!(
+                s.append_recording("r_full", "w1", "x\n", limit)
+                    .await
+                    .expect("append"),
+                Appended::LimitReached
+            );
+            assert_eq!(
+                s.append_recording("r_full", "w1", "y\n", i64::MAX)
+                    .await
+                    .expect("append"),
+                Appended::Unknown,
+                "a recording ended at its limit takes nothing more"
+            );
+            let (row, cast) = s.recording("r_full").await.expect("read");
+            assert_eq!(cast, "{\"version\":2}\n123456789\n");
+            assert_eq!(row.size, limit);
+            assert!(row.ended_at.is_some());
+            assert_eq!(row.end_reason.as_deref(), Some(SIZE_LIMIT_REASON));
+            assert_eq!(s.recording_info("r_full").await.expect("info").size, limit);
+            assert_eq!(s.recordings(Some("s_1")).await.expect("list").len(), 2);
             assert!(s.recordings(Some("s_2")).await.expect("list").is_empty());
             assert!(s.recording("r_nope").await.is_err());
         })
