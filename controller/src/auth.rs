@@ -24,6 +24,38 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
         .is_ok()
 }
 
+/// [`verify_password`] on the blocking pool, in one of the few turns argon2 may run at once
+/// (`None`: no turn came in time).
+pub async fn check_password(password: String, hash: Option<String>) -> Option<bool> {
+    let turn = crate::throttle::password_turn().await?;
+    let ok = tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        verify_password(&password, hash.as_deref().unwrap_or(dummy_hash()))
+    })
+    .await;
+    Some(ok.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "a password check failed");
+        false
+    }))
+}
+
+/// [`hash_password`] on the blocking pool, in one of argon2's turns (`Err` also when no turn
+/// came in time).
+pub async fn new_password_hash(password: String) -> Result<String, String> {
+    let Some(turn) = crate::throttle::password_turn().await else {
+        return Err(BUSY.into());
+    };
+    tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        hash_password(&password)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// Why a password could not be checked or hashed now.
+pub const BUSY: &str = "too many passwords are being checked at once: try again in a moment";
+
 /// A fixed hash to verify against when the user does not exist, so that timing does not
 /// tell whether a user name exists.
 pub fn dummy_hash() -> &'static str {

@@ -35,6 +35,7 @@ pub mod revoke;
 pub mod ssh_ca;
 pub mod state;
 pub mod store;
+pub mod throttle;
 pub mod tls;
 
 use std::future::Future;
@@ -261,6 +262,7 @@ pub async fn start(mut config: ControllerConfig) -> Result<ControllerHandle, Sta
         token_ttl: config.token_ttl,
         // At most i64::MAX: validated with the config.
         recording_max_bytes: i64::try_from(config.recording_max_bytes).unwrap_or(i64::MAX),
+        login_throttle: Default::default(),
         instance: format!("controller-{}", postern_proto::ids::random_base32(8)),
         cluster_addrs,
         relay_addr: relay_addr.map(|bound| {

@@ -30,6 +30,8 @@ pub struct Inner {
     pub token_ttl: Duration,
     /// Largest shell recording stored, bytes.
     pub recording_max_bytes: i64,
+    /// Failed password logins per user name.
+    pub login_throttle: crate::throttle::LoginThrottle,
     /// This controller process's identity in `workers.connected_to`.
     pub instance: String,
     /// Cluster addresses announced to registering workers.

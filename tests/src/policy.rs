@@ -649,3 +649,76 @@ async fn others_session_ids_are_not_disclosed() {
     assert_ne!(session["status"], "terminated", "bob's cancel did nothing");
     c.stop().await;
 }
+
+/// Password guessing: after a few failures for one name, each attempt for that name must
+/// wait (twice as long after each further failure), even with the right password; other
+/// names are not held up, and a login after the wait starts the count afresh.
+#[tokio::test]
+async fn repeated_failed_logins_make_that_name_wait() {
+    let c = Cluster::start().await.expect("cluster");
+    let _alice = c.user("alice").await;
+    let anon = Api::new(&c.admin.base);
+    let wrong = |i: u32| format!("wrong-password-{i}");
+    for i in 1..=5 {
+        let e = anon.login("alice", &wrong(i)).await.err().expect("refused");
+        let e = e.to_string();
+        assert!(e.contains("invalid user name or password"), "{e}");
+        assert_eq!(e.contains("must wait 1 s"), i == 5, "attempt {i}: {e}");
+    }
+    // The right password now waits too: nothing is checked until the wait is over.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/auth/login", c.admin.base))
+        .json(&json!({"user": "alice", "password": "pw-alice-long-enough"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status().as_u16(), 429);
+    assert_eq!(
+        resp.headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(
+        body["message"],
+        "too many failed logins for 'alice': try again in 1 s"
+    );
+    // Names are one whatever their case; other users log in as usual.
+    let e = anon
+        .login("ALICE", "pw-alice-long-enough")
+        .await
+        .err()
+        .expect("held")
+        .to_string();
+    assert!(e.contains("too many failed logins"), "{e}");
+    c.user("bob").await;
+    // After the wait the right password works, and the count starts again.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    anon.login("alice", "pw-alice-long-enough")
+        .await
+        .expect("logs in after the wait");
+    let e = anon.login("alice", &wrong(6)).await.err().expect("refused");
+    assert!(!e.to_string().contains("wait"), "{e}");
+
+    let events: Vec<AuditEvent> = c
+        .admin
+        .ok(
+            Method::GET,
+            "/v1/audit?action=auth.login_failed",
+            None::<&()>,
+        )
+        .await;
+    let waits: Vec<_> = events
+        .iter()
+        .filter(|e| e.actor == "alice")
+        .map(|e| e.details["wait_secs"].clone())
+        .collect();
+    assert_eq!(waits.len(), 6, "{events:#?}");
+    assert_eq!(
+        waits.iter().filter(|w| **w == json!(1)).count(),
+        1,
+        "{waits:?}"
+    );
+    c.stop().await;
+}

@@ -29,6 +29,14 @@ pub enum ApiError {
     /// A dependency (worker, database) is not available now (503).
     #[error("{0}")]
     Unavailable(String),
+    /// Too many attempts: try again after `retry_after` seconds (429, with `Retry-After`).
+    #[error("{message}")]
+    TooManyRequests {
+        /// What to tell the user.
+        message: String,
+        /// Seconds to wait.
+        retry_after: u64,
+    },
     /// A bug or an unexpected failure (500); details go to the log, not the client.
     #[error("internal error: {0}")]
     Internal(String),
@@ -56,13 +64,22 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::TooManyRequests { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "too_many_requests")
+            }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         let body = ErrorBody {
             error: code.into(),
             message: self.to_string(),
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let ApiError::TooManyRequests { retry_after, .. } = self {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, retry_after.into());
+        }
+        response
     }
 }
 

@@ -10,7 +10,7 @@ use super::types::{
     Role, Rule, SetPassword, User, WhoAmI,
 };
 use super::{check_name, ApiError, Caller};
-use crate::auth::{dummy_hash, hash_password, verify_password};
+use crate::auth::{check_password, new_password_hash, BUSY};
 use crate::policy::{self, validate_action, validate_glob};
 use crate::state::AppState;
 use crate::store::UserRow;
@@ -24,28 +24,42 @@ pub async fn login(
     State(state): State<AppState>,
     Json(req): Json<LoginRequest>,
 ) -> ApiResult<LoginResponse> {
+    if let Err(wait) = state.login_throttle.check(&req.user) {
+        let secs = wait.as_secs().max(1);
+        return Err(ApiError::TooManyRequests {
+            message: format!(
+                "too many failed logins for '{}': try again in {secs} s",
+                req.user
+            ),
+            retry_after: secs,
+        });
+    }
     let user = state.store.find_user(&req.user).await?;
     let hash = user.as_ref().and_then(|u| u.password_hash.clone());
-    let password = req.password.clone();
-    let ok = tokio::task::spawn_blocking(move || {
-        verify_password(&password, hash.as_deref().unwrap_or(dummy_hash()))
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let ok = check_password(req.password.clone(), hash)
+        .await
+        .ok_or_else(|| ApiError::Unavailable(BUSY.into()))?;
     let Some(user) = user.filter(|u| u.password_hash.is_some() && ok) else {
+        let wait = state.login_throttle.failed(&req.user).map(|w| w.as_secs());
         state
             .audit(
                 &req.user,
                 "auth.login_failed",
                 &format!("user:{}", req.user),
                 "failure",
-                json!({"reason": "bad user name or password"}),
+                json!({"reason": "bad user name or password", "wait_secs": wait}),
             )
             .await?;
-        return Err(ApiError::Unauthenticated(
-            "invalid user name or password".into(),
-        ));
+        let mut message = "invalid user name or password".to_owned();
+        if let Some(secs) = wait {
+            message.push_str(&format!(
+                " (after {} failed logins for this name, the next attempt must wait {secs} s)",
+                crate::throttle::FREE_FAILURES
+            ));
+        }
+        return Err(ApiError::Unauthenticated(message));
     };
+    state.login_throttle.succeeded(&user.name);
     if user.locked {
         state
             .audit(
@@ -66,6 +80,15 @@ pub async fn login(
             .log_in(user.name, json!({"method": "password"}))
             .await?,
     ))
+}
+
+/// A password that could not be hashed: busy (503) or a failure (500).
+fn hash_error(e: String) -> ApiError {
+    if e == BUSY {
+        ApiError::Unavailable(e)
+    } else {
+        ApiError::Internal(e)
+    }
 }
 
 /// `POST /v1/auth/logout`.
@@ -140,12 +163,7 @@ pub async fn create_user(
                 "password too short: use at least {MIN_PASSWORD} characters"
             )))
         }
-        Some(p) => Some(
-            tokio::task::spawn_blocking(move || hash_password(&p))
-                .await
-                .map_err(|e| ApiError::Internal(e.to_string()))?
-                .map_err(ApiError::Internal)?,
-        ),
+        Some(p) => Some(new_password_hash(p).await.map_err(hash_error)?),
         None => None,
     };
     let u = state.store.create_user(&req.name, hash.as_deref()).await?;
@@ -182,12 +200,9 @@ pub async fn set_password(
     }
     let user = state.store.user(&name).await?;
     if let Some(current) = current {
-        let hash = user.password_hash.clone();
-        let ok = tokio::task::spawn_blocking(move || {
-            verify_password(&current, hash.as_deref().unwrap_or(dummy_hash()))
-        })
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let ok = check_password(current, user.password_hash.clone())
+            .await
+            .ok_or_else(|| ApiError::Unavailable(BUSY.into()))?;
         if !(ok && user.password_hash.is_some()) {
             state
                 .audit(
@@ -202,10 +217,7 @@ pub async fn set_password(
         }
     }
     let password = req.password;
-    let hash = tokio::task::spawn_blocking(move || hash_password(&password))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(ApiError::Internal)?;
+    let hash = new_password_hash(password).await.map_err(hash_error)?;
     let keep = own.then_some(caller.token_hash.as_str());
     state.store.set_password(&name, &hash, keep).await?;
     state
