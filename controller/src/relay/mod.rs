@@ -19,6 +19,7 @@ pub mod initial;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +50,11 @@ const MAX_FLOWS_PER_IP: usize = 1_024;
 /// Datagrams queued towards a worker per flow; beyond, they are dropped as a congested
 /// network would, and the client's congestion control slows down.
 const FLOW_QUEUE: usize = 1024;
+/// Bytes queued towards a worker per flow at most (datagrams of up to 64 KiB would otherwise
+/// let one flow queue 64 MiB while its worker's stream drains).
+const FLOW_QUEUE_BYTES: usize = 2 << 20;
+/// Bytes queued towards workers by all flows together at most.
+const RELAY_QUEUE_BYTES: usize = 256 << 20;
 
 /// The suffix of a worker's TLS name ([`postern_proto::worker_server_name`]).
 const WORKER_NAME_SUFFIX: &str = ".worker.postern.internal";
@@ -90,7 +96,47 @@ enum Entry {
         since: Instant,
     },
     /// Its datagrams go to a worker.
-    Open { id: u64, tx: mpsc::Sender<Bytes> },
+    Open {
+        id: u64,
+        tx: mpsc::Sender<Bytes>,
+        queued: Arc<Queued>,
+    },
+}
+
+/// Bytes a flow has queued, within its own bound and the relay's.
+#[derive(Debug)]
+struct Queued {
+    flow: AtomicUsize,
+    relay: Arc<AtomicUsize>,
+}
+
+impl Queued {
+    fn new(relay: Arc<AtomicUsize>) -> Self {
+        Queued {
+            flow: AtomicUsize::new(0),
+            relay,
+        }
+    }
+
+    /// Counts `len` more bytes queued, unless that would pass a bound.
+    fn take(&self, len: usize) -> bool {
+        if self.flow.fetch_add(len, Ordering::Relaxed) + len > FLOW_QUEUE_BYTES {
+            self.flow.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        if self.relay.fetch_add(len, Ordering::Relaxed) + len > RELAY_QUEUE_BYTES {
+            self.relay.fetch_sub(len, Ordering::Relaxed);
+            self.flow.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// `len` bytes left the queue.
+    fn give(&self, len: usize) {
+        self.flow.fetch_sub(len, Ordering::Relaxed);
+        self.relay.fetch_sub(len, Ordering::Relaxed);
+    }
 }
 
 /// Carries client datagrams to outbound-only workers until the controller stops.
@@ -102,6 +148,7 @@ pub async fn serve(state: AppState, socket: UdpSocket) {
         flows: Flows::default(),
         ended: ended_tx,
         next_id: 0,
+        queued: Arc::default(),
     };
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     let mut buf = vec![0u8; MAX_DATAGRAM];
@@ -200,15 +247,24 @@ struct Relay {
     /// Flow tasks report here when they end: (client, flow id).
     ended: mpsc::UnboundedSender<(SocketAddr, u64)>,
     next_id: u64,
+    /// Bytes queued towards workers by all flows.
+    queued: Arc<AtomicUsize>,
 }
 
 impl Relay {
     /// One datagram from `client`.
     fn datagram(&mut self, client: SocketAddr, datagram: Bytes) {
-        if let Some(Entry::Open { tx, .. }) = self.flows.get(&client) {
+        if let Some(Entry::Open { tx, queued, .. }) = self.flows.get(&client) {
             // A full queue drops the datagram, as a congested network would.
-            if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(datagram) {
-                self.flows.remove(&client);
+            let len = datagram.len();
+            if !queued.take(len) {
+                return;
+            }
+            if let Err(e) = tx.try_send(datagram) {
+                queued.give(len);
+                if let mpsc::error::TrySendError::Closed(_) = e {
+                    self.flows.remove(&client);
+                }
             }
             return;
         }
@@ -274,22 +330,31 @@ impl Relay {
             refuse("no outbound-only worker of that name is connected to this controller");
             return None;
         };
-        let (tx, rx) = mpsc::channel(FLOW_QUEUE);
+        let (tx, mut rx) = mpsc::channel(FLOW_QUEUE);
+        let queued = Arc::new(Queued::new(self.queued.clone()));
         for d in held {
-            let _ = tx.try_send(d);
+            if queued.take(d.len()) {
+                let _ = tx.try_send(d);
+            }
         }
         self.next_id += 1;
         let id = self.next_id;
         let (socket, ended, worker) = (self.socket.clone(), self.ended.clone(), worker.to_owned());
+        let flow_queued = queued.clone();
         tokio::spawn(async move {
             tracing::debug!(%client, %worker, "relaying a client");
-            match carry(conn, client, rx, &socket).await {
+            match carry(conn, client, &mut rx, &flow_queued, &socket).await {
                 Ok(()) => tracing::debug!(%client, %worker, "relayed client idle: flow ended"),
                 Err(e) => tracing::debug!(%client, %worker, "relayed flow ended: {e}"),
             }
+            // What is still queued leaves the relay's count with the flow.
+            rx.close();
+            while let Ok(d) = rx.try_recv() {
+                flow_queued.give(d.len());
+            }
             let _ = ended.send((client, id));
         });
-        Some(Entry::Open { id, tx })
+        Some(Entry::Open { id, tx, queued })
     }
 }
 
@@ -298,7 +363,8 @@ impl Relay {
 async fn carry(
     conn: quinn::Connection,
     client: SocketAddr,
-    mut from_client: mpsc::Receiver<Bytes>,
+    from_client: &mut mpsc::Receiver<Bytes>,
+    queued: &Queued,
     socket: &UdpSocket,
 ) -> Result<(), RelayError> {
     let worker_err = |e: &dyn std::fmt::Display| RelayError::Worker(e.to_string());
@@ -317,7 +383,10 @@ async fn carry(
     let up = async {
         loop {
             let datagram = match tokio::time::timeout(IDLE, from_client.recv()).await {
-                Ok(Some(d)) => d,
+                Ok(Some(d)) => {
+                    queued.give(d.len());
+                    d
+                }
                 Ok(None) | Err(_) => {
                     let _ = send.reset(VarInt::from_u32(code::IDLE));
                     return Ok(());
@@ -356,6 +425,33 @@ async fn carry(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queued_bytes_are_bounded_per_flow_and_for_the_relay() {
+        let relay = Arc::new(AtomicUsize::new(0));
+        let a = Queued::new(relay.clone());
+        assert!(a.take(FLOW_QUEUE_BYTES - 10));
+        assert!(!a.take(11), "past the flow's bound");
+        assert!(a.take(10));
+        a.give(FLOW_QUEUE_BYTES);
+        assert_eq!(relay.load(Ordering::Relaxed), 0);
+        // Many flows together stop at the relay's bound.
+        let flows: Vec<Queued> = (0..RELAY_QUEUE_BYTES / FLOW_QUEUE_BYTES + 1)
+            .map(|_| Queued::new(relay.clone()))
+            .collect();
+        let taken = flows.iter().filter(|f| f.take(FLOW_QUEUE_BYTES)).count();
+        assert_eq!(taken, RELAY_QUEUE_BYTES / FLOW_QUEUE_BYTES);
+        assert_eq!(relay.load(Ordering::Relaxed), RELAY_QUEUE_BYTES);
+        assert_eq!(
+            flows.last().map(|f| f.flow.load(Ordering::Relaxed)),
+            Some(0)
+        );
+        flows[0].give(FLOW_QUEUE_BYTES);
+        assert!(
+            flows[flows.len() - 1].take(1000),
+            "room again once a flow drains"
+        );
+    }
 
     #[test]
     fn flows_are_counted_per_source_address() {
