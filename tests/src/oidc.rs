@@ -743,3 +743,54 @@ async fn an_idp_membership_is_shown_and_can_be_kept_by_hand() {
     let me: WhoAmI = alice.ok(Method::GET, "/v1/whoami", None::<&()>).await;
     assert_eq!(me.groups, ["engineering"], "kept by hand");
 }
+
+/// Anyone may start a login, and each start is stored until an hour after it expires: past
+/// 50,000 open attempts, starts are refused (503) until some expire.
+#[tokio::test]
+async fn a_flood_of_login_starts_is_bounded() {
+    let s = sso(|_| {}).await;
+    // 50,000 open attempts, put straight into the store (as many starts take minutes).
+    let url = format!("sqlite://{}", s.c.dir.path().join("postern.db").display());
+    sqlx::any::install_default_drivers();
+    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&url)
+        .await
+        .expect("the controller's database");
+    let t = postern_proto::unix_now();
+    sqlx::query(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 50000) \
+         INSERT INTO oidc_attempts (id, method, flow, status, created_at, expires_at) \
+         SELECT 'flood' || i, 'corp', 'code', 'pending', $1, $2 FROM n",
+    )
+    .bind(t)
+    .bind(t + 300)
+    .execute(&mut conn)
+    .await
+    .expect("insert");
+    let refused = s
+        .anon
+        .call::<serde_json::Value, _>(
+            Method::POST,
+            "/v1/auth/oidc/start",
+            Some(&json!({"method": "corp"})),
+        )
+        .await
+        .expect_err("refused");
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert!(
+        refused
+            .message
+            .contains("too many single sign-on logins are in progress"),
+        "{refused:?}"
+    );
+    // As they expire, logins start again.
+    sqlx::query(
+        "UPDATE oidc_attempts SET expires_at = $1 WHERE id LIKE 'flood%' AND id <> 'flood1'",
+    )
+    .bind(t - 1)
+    .execute(&mut conn)
+    .await
+    .expect("expire");
+    let started = s.start().await;
+    assert!(started.auth_url.starts_with(&s.idp.issuer), "{started:?}");
+    s.c.stop().await;
+}

@@ -24,6 +24,9 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 
 /// How long a code-flow attempt waits for its callback.
 const CODE_ATTEMPT_TTL: i64 = 5 * 60;
+/// Unexpired attempts a controller's store holds at most: anyone may start a login, and each
+/// start stores a row until an hour after it expires.
+const MAX_OPEN_ATTEMPTS: i64 = 50_000;
 /// The longest a device-flow attempt waits, whatever the IdP allows.
 const DEVICE_ATTEMPT_MAX_TTL: i64 = 15 * 60;
 
@@ -55,6 +58,7 @@ pub async fn start(
         ));
     }
     let p = method(&state, req.method.as_deref(), "code").await?;
+    room_for_an_attempt(&state).await?;
     let begun = match p.start().await {
         Ok(b) => b,
         Err(e) => return Err(refuse_start(&state, &p, "code", e).await?),
@@ -82,6 +86,17 @@ pub async fn start(
     }))
 }
 
+/// Refuses a new attempt while [`MAX_OPEN_ATTEMPTS`] are open (a flood of starts).
+async fn room_for_an_attempt(state: &AppState) -> Result<(), ApiError> {
+    if state.store.unexpired_oidc_attempts().await? >= MAX_OPEN_ATTEMPTS {
+        tracing::warn!("{MAX_OPEN_ATTEMPTS} single sign-on logins are open: refusing more");
+        return Err(ApiError::Unavailable(
+            "too many single sign-on logins are in progress: try again in a few minutes".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// `POST /v1/auth/oidc/device`: a device-flow login; the controller polls the IdP.
 pub async fn device(
     State(state): State<AppState>,
@@ -99,6 +114,7 @@ pub async fn device(
                 .into(),
         ));
     };
+    room_for_an_attempt(&state).await?;
     let details = match p.device_start().await {
         Ok(d) => d,
         Err(e) => return Err(refuse_start(&state, &p, "device", e).await?),

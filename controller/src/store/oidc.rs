@@ -124,6 +124,15 @@ fn attempt_from(r: &sqlx::any::AnyRow) -> Result<AttemptRow, StoreError> {
 }
 
 impl Store {
+    /// Attempts that have not expired yet, whatever their state.
+    pub async fn unexpired_oidc_attempts(&self) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM oidc_attempts WHERE expires_at > $1")
+            .bind(now())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("n")?)
+    }
+
     /// Records a new pending attempt (and forgets attempts expired over an hour ago).
     pub async fn insert_oidc_attempt(&self, a: &NewAttempt<'_>) -> Result<(), StoreError> {
         let t = now();

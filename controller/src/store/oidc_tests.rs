@@ -26,6 +26,11 @@ async fn attempts_are_claimed_once_and_collected_once() {
         s.insert_oidc_attempt(&attempt("a2", "h2", t - 1))
             .await
             .expect("insert expired");
+        assert_eq!(
+            s.unexpired_oidc_attempts().await.expect("count"),
+            1,
+            "only what has not expired counts"
+        );
         let a = s
             .oidc_attempt_by_state("h1")
             .await
