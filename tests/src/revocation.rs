@@ -658,10 +658,56 @@ async fn a_worker_cannot_end_another_workers_session() {
     };
     let started = postern_proto::frame::encode(&started).expect("frame");
     send.write_all(&started).await.expect("forged start");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = session_row(&c.admin, &id).await;
+    // Its reports about that session are its own word: an audit event naming it is recorded
+    // as w2's, not as the session's user's, and a closed connection is not counted on it.
+    for forged in [
+        WorkerMessage::Audit {
+            session_id: postern_proto::ids::SessionId(id.clone()),
+            action: "postgres.query".into(),
+            details: json!({"statement": "forged"}),
+        },
+        WorkerMessage::ConnectionClosed {
+            session_id: postern_proto::ids::SessionId(id.clone()),
+            bytes_up: 1_000_000,
+            bytes_down: 1_000_000,
+            reason: "forged".into(),
+        },
+    ] {
+        let forged = postern_proto::frame::encode(&forged).expect("frame");
+        send.write_all(&forged).await.expect("forged report");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let events = loop {
+        let events: Vec<AuditEvent> = c
+            .admin
+            .ok(Method::GET, &format!("/v1/audit?session={id}"), None::<&()>)
+            .await;
+        let seen = |action: &str| {
+            events
+                .iter()
+                .any(|e| e.action == action && e.actor == "worker:w2")
+        };
+        if (seen("postgres.query") && seen("connection.close"))
+            || std::time::Instant::now() > deadline
+        {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let query = events
+        .iter()
+        .find(|e| e.action == "postgres.query")
+        .unwrap_or_else(|| panic!("the forged event is recorded: {events:#?}"));
+    assert_eq!(query.actor, "worker:w2", "{query:?}");
 
     let row = session_row(&c.admin, &id).await;
     assert_eq!(row.status, "active", "{row:?}");
+    assert_eq!(
+        (row.connections, row.bytes_up, row.bytes_down),
+        (before.connections, before.bytes_up, before.bytes_down),
+        "w2's closed connection is not counted on w1's session"
+    );
     conn.close(0u32.into(), b"done");
     drop(session);
     c.stop().await;
