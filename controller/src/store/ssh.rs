@@ -122,6 +122,11 @@ impl Store {
         .await?;
         if let Some(row) = grown {
             let size: i64 = row.try_get("size")?;
+            if len == 0 {
+                // Nothing to keep (and its offset would be the next chunk's).
+                tx.commit().await?;
+                return Ok(Appended::Stored);
+            }
             sqlx::query(
                 "INSERT INTO recording_chunks (recording_id, byte_offset, data) VALUES ($1, $2, $3)",
             )
@@ -302,6 +307,12 @@ mod tests {
             s.create_recording(&full, r#"{"version":2}"#)
                 .await
                 .expect("create");
+            assert_eq!(
+                s.append_recording("r_full", "w1", "", 1 << 20)
+                    .await
+                    .expect("append nothing"),
+                Appended::Stored
+            );
             let header = "{\"version\":2}\n".len() as i64;
             let limit = header + 10;
             assert_eq!(
