@@ -132,6 +132,28 @@ impl Setup {
         cmd
     }
 
+    /// `postern recordings export ID -o FILE` as the admin: the file and its text.
+    async fn export_recording(&self, id: &str) -> (std::path::PathBuf, String) {
+        let path = self.home.path().join(format!("{id}.cast"));
+        let out = self
+            .postern(
+                &[
+                    "recordings",
+                    "export",
+                    id,
+                    "-o",
+                    path.to_str().unwrap_or_default(),
+                ],
+                true,
+            )
+            .output()
+            .await
+            .expect("export");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let cast = std::fs::read_to_string(&path).expect("cast file");
+        (path, cast)
+    }
+
     async fn run(&self, args: &[&str]) -> Output {
         let out =
             tokio::time::timeout(Duration::from_secs(300), self.postern(args, false).output())
@@ -428,23 +450,7 @@ async fn interactive_shell_is_recorded() {
     assert_eq!(recordings.len(), 1, "{recordings:?}");
     assert!(recordings[0].ended_at.is_some(), "recording never ended");
     let id = recordings[0].id.clone();
-    let cast_path = s.home.path().join("shell.cast");
-    let out = s
-        .postern(
-            &[
-                "recordings",
-                "export",
-                &id,
-                "-o",
-                cast_path.to_str().unwrap_or_default(),
-            ],
-            true,
-        )
-        .output()
-        .await
-        .expect("export");
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let cast = std::fs::read_to_string(&cast_path).expect("cast file");
+    let (cast_path, cast) = s.export_recording(&id).await;
     let header: serde_json::Value =
         serde_json::from_str(cast.lines().next().unwrap_or_default()).expect("header");
     assert_eq!(header["version"], 2);
@@ -523,23 +529,7 @@ async fn a_shell_whose_recording_reaches_its_size_limit_is_ended() {
     assert_eq!(r.end_reason.as_deref(), Some("size limit reached"), "{r:?}");
     assert!(r.size as u64 <= LIMIT && r.size > 0, "{r:?}");
     // What was stored up to the limit is kept and readable.
-    let cast_path = s.home.path().join("full.cast");
-    let out = s
-        .postern(
-            &[
-                "recordings",
-                "export",
-                &r.id,
-                "-o",
-                cast_path.to_str().unwrap_or_default(),
-            ],
-            true,
-        )
-        .output()
-        .await
-        .expect("export");
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let cast = std::fs::read_to_string(&cast_path).expect("cast file");
+    let (_, cast) = s.export_recording(&r.id).await;
     assert_eq!(cast.len() as i64, r.size);
     assert!(cast.contains("aaaa"), "the output before the limit is kept");
     s.expect_audit("recording.limit", |e| e.actor == "alice")
