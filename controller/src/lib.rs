@@ -274,6 +274,19 @@ pub async fn start(mut config: ControllerConfig) -> Result<ControllerHandle, Sta
         workers: Default::default(),
         oidc,
     });
+    // A wrong issuer shows in the log at start, not at the first login. An IdP that is down
+    // now does not keep the controller from serving everything else.
+    if !config.oidc.is_empty() {
+        let state = state.clone();
+        tokio::spawn(async move {
+            for (method, why) in state.oidc.check_all(Duration::from_secs(10)).await {
+                tracing::warn!(
+                    method,
+                    "single sign-on method '{method}' cannot be used yet: {why}"
+                );
+            }
+        });
+    }
     let (shutdown, mut shutdown_rx) = tokio::sync::watch::channel(false);
     let api = tokio::spawn({
         let router = api::router(state.clone());

@@ -94,6 +94,17 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
     if let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) {
         postern_controller::tls::check_files(cert, key)?;
     }
+    if !config.oidc.is_empty() {
+        // Warnings only: an IdP that is down now must not keep the controller from starting
+        // (this check runs before every start under systemd).
+        let oidc = postern_controller::oidc::Oidc::new(&config.oidc, config.api_listen)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        for (method, why) in runtime.block_on(oidc.check_all(std::time::Duration::from_secs(10))) {
+            eprintln!("warning: single sign-on method '{method}': {why} (logins with it fail until this is fixed)");
+        }
+    }
     Ok(())
 }
 

@@ -38,6 +38,9 @@ impl Oidc {
     /// The methods of `configs`; those without a `redirect_url` get the controller's own
     /// callback on `api_addr`.
     pub fn new(configs: &[OidcConfig], api_addr: SocketAddr) -> Result<Self, ProviderError> {
+        // Each method's HTTP client needs the process's rustls provider (the controller's
+        // start installs it too; `--check-config` comes here first).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let providers = configs
             .iter()
             .map(|c| {
@@ -49,6 +52,25 @@ impl Oidc {
             })
             .collect::<Result<_, _>>()?;
         Ok(Oidc { providers })
+    }
+
+    /// Checks each method's IdP (discovery), at most `wait` each: the methods that failed,
+    /// with why.
+    pub async fn check_all(&self, wait: std::time::Duration) -> Vec<(String, String)> {
+        let mut failed = Vec::new();
+        for p in &self.providers {
+            let why = match tokio::time::timeout(wait, p.check()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!(
+                    "the identity provider at {} did not answer within {} s",
+                    p.config.issuer,
+                    wait.as_secs()
+                ),
+            };
+            failed.push((p.config.name.clone(), why));
+        }
+        failed
     }
 
     /// Every method, in configuration order.
@@ -76,5 +98,34 @@ impl Oidc {
                 _ => "this controller has no OIDC login method configured".to_owned(),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_method_whose_issuer_does_not_answer_is_named_by_the_check() {
+        // A port nothing listens on: discovery is refused at once.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let issuer = format!("http://127.0.0.1:{port}");
+        let oidc = Oidc::new(
+            &[OidcConfig::new("corp", &issuer, "postern", Some("secret"))],
+            "127.0.0.1:9200".parse().expect("addr"),
+        )
+        .expect("methods");
+        let failed = oidc.check_all(std::time::Duration::from_secs(5)).await;
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!(failed[0].0, "corp");
+        assert!(
+            failed[0]
+                .1
+                .contains(&format!("cannot use the identity provider at {issuer}")),
+            "{failed:?}"
+        );
     }
 }

@@ -309,6 +309,12 @@ impl Provider {
     }
 
     /// The discovery document, read at first use, after [`DISCOVERY_TTL`], or when `refresh`.
+    /// Fetches (and caches) the IdP's discovery document: what the first login would, so
+    /// that a wrong issuer shows before anyone tries to log in.
+    pub async fn check(&self) -> Result<(), ProviderError> {
+        self.metadata(false).await.map(|_| ())
+    }
+
     async fn metadata(&self, refresh: bool) -> Result<Arc<Metadata>, ProviderError> {
         let mut cached = self.discovered.lock().await;
         if let Some((md, at)) = cached.as_ref() {
