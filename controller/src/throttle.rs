@@ -3,8 +3,9 @@
 //! flood of logins must not exhaust the controller's memory or starve its other work), and a
 //! growing wait after repeated failures for one user name (password guessing).
 //!
-//! The wait is per user name, whether or not the user exists (so that it does not tell
-//! which do), and per controller. It is not per client address: behind a load balancer every
+//! The wait is per user name as typed (users are found by their exact name), whether or not
+//! the user exists (so that it does not tell which do), and per controller; an attempt counts
+//! from its start, so guesses sent at once are held like guesses sent one after another. It is not per client address: behind a load balancer every
 //! client has the same one. It never locks an account out: the user's right password works
 //! again once the wait is over.
 
@@ -55,56 +56,61 @@ pub struct LoginThrottle {
 }
 
 impl LoginThrottle {
-    /// `Err(wait)` while `name` must wait before its next attempt.
-    pub fn check(&self, name: &str) -> Result<(), Duration> {
-        self.check_at(name, Instant::now())
+    /// Starts an attempt for `name`: `Err(wait)` while it must wait. The attempt is counted
+    /// as a failure from here on ([`Self::succeeded`] forgets it), so that guesses sent at
+    /// once cannot all pass before the first of them has failed.
+    pub fn begin(&self, name: &str) -> Result<(), Duration> {
+        self.begin_at(name, Instant::now())
     }
 
-    /// Records a failed attempt for `name`; returns the wait it now imposes, if any.
+    /// The wait an attempt that failed leaves for `name`, if any.
     pub fn failed(&self, name: &str) -> Option<Duration> {
-        self.failed_at(name, Instant::now())
+        let now = Instant::now();
+        match self.lock().get(name) {
+            Some(f) if f.until > now => Some(f.until - now),
+            _ => None,
+        }
     }
 
     /// A successful login: `name` starts afresh.
     pub fn succeeded(&self, name: &str) {
-        self.lock().remove(&key(name));
+        self.lock().remove(name);
     }
 
-    fn check_at(&self, name: &str, now: Instant) -> Result<(), Duration> {
-        match self.lock().get(&key(name)) {
-            Some(f) if f.until > now => Err(f.until - now),
-            _ => Ok(()),
-        }
-    }
-
-    fn failed_at(&self, name: &str, now: Instant) -> Option<Duration> {
+    fn begin_at(&self, name: &str, now: Instant) -> Result<(), Duration> {
         let mut names = self.lock();
-        if names.len() >= MAX_NAMES && !names.contains_key(&key(name)) {
+        let key = if names.contains_key(name) || names.len() < MAX_NAMES {
+            name
+        } else {
             names.retain(|_, f| now.duration_since(f.last) < FORGET_AFTER);
             if names.len() >= MAX_NAMES {
                 // Keep the names that are waiting; losing the others loses little.
-                names.retain(|_, f| f.count >= FREE_FAILURES);
+                names.retain(|k, f| f.count >= FREE_FAILURES || k == OVERFLOW);
             }
-            if names.len() >= MAX_NAMES {
-                tracing::warn!(
-                    "too many user names with failed logins to follow; not following '{name}'"
-                );
-                return None;
+            if names.len() < MAX_NAMES {
+                name
+            } else {
+                // Every name beyond shares one count: full never means unthrottled.
+                OVERFLOW
             }
-        }
-        let f = names.entry(key(name)).or_insert(Failures {
+        };
+        let f = names.entry(key.to_owned()).or_insert(Failures {
             count: 0,
             last: now,
             until: now,
         });
+        if f.until > now {
+            return Err(f.until - now);
+        }
         if now.duration_since(f.last) >= FORGET_AFTER {
             f.count = 0;
         }
         f.count = f.count.saturating_add(1);
         f.last = now;
-        let wait = wait_after(f.count)?;
-        f.until = now + wait;
-        Some(wait)
+        if let Some(wait) = wait_after(f.count) {
+            f.until = now + wait;
+        }
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Failures>> {
@@ -120,11 +126,13 @@ pub fn wait_after(failures: u32) -> Option<Duration> {
     Some(Duration::from_secs(secs).min(MAX_WAIT))
 }
 
-/// Names are compared as the store finds users: without regard to case. Overlong ones are
-/// cut (no such user exists; they still count).
-fn key(name: &str) -> String {
-    name.chars().take(128).collect::<String>().to_lowercase()
+/// Whole seconds of `wait`, rounded up (what a client must wait at least).
+pub fn secs_up(wait: Duration) -> u64 {
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
 }
+
+/// The count shared by names beyond [`MAX_NAMES`] (no user is named "").
+const OVERFLOW: &str = "";
 
 #[cfg(test)]
 mod tests {
@@ -137,25 +145,38 @@ mod tests {
         assert_eq!(wait_after(FREE_FAILURES + 3), Some(Duration::from_secs(8)));
         assert_eq!(wait_after(FREE_FAILURES + 40), Some(MAX_WAIT));
         assert_eq!(wait_after(u32::MAX), Some(MAX_WAIT));
+        assert_eq!(secs_up(Duration::from_millis(1900)), 2);
+        assert_eq!(secs_up(Duration::from_secs(1)), 1);
     }
 
     #[test]
     fn failures_make_one_name_wait_and_a_success_clears_them() {
         let t = LoginThrottle::default();
         let t0 = Instant::now();
-        for _ in 1..FREE_FAILURES {
-            assert_eq!(t.failed_at("Alice", t0), None);
-            assert_eq!(t.check_at("alice", t0), Ok(()));
+        for _ in 0..FREE_FAILURES {
+            assert_eq!(t.begin_at("alice", t0), Ok(()));
         }
-        assert_eq!(t.failed_at("alice", t0), Some(Duration::from_secs(1)));
-        assert_eq!(t.check_at("ALICE", t0), Err(Duration::from_secs(1)));
-        assert_eq!(t.check_at("bob", t0), Ok(()), "other names are not held up");
+        // The fifth attempt, still running or failed, holds the next one.
+        assert_eq!(t.begin_at("alice", t0), Err(Duration::from_secs(1)));
+        assert_eq!(t.begin_at("bob", t0), Ok(()), "other names are not held up");
+        assert_eq!(
+            t.begin_at("Alice", t0),
+            Ok(()),
+            "names are exact, as users are"
+        );
         let later = t0 + Duration::from_secs(1);
-        assert_eq!(t.check_at("alice", later), Ok(()));
-        assert_eq!(t.failed_at("alice", later), Some(Duration::from_secs(2)));
+        assert_eq!(t.begin_at("alice", later), Ok(()));
+        assert_eq!(t.begin_at("alice", later), Err(Duration::from_secs(2)));
         t.succeeded("alice");
-        assert_eq!(t.check_at("alice", later), Ok(()));
-        assert_eq!(t.failed_at("alice", later), None, "counted afresh");
+        assert_eq!(t.begin_at("alice", later), Ok(()), "counted afresh");
+    }
+
+    #[test]
+    fn attempts_at_once_are_counted_before_any_fails() {
+        let t = LoginThrottle::default();
+        let t0 = Instant::now();
+        let passed = (0..60).filter(|_| t.begin_at("alice", t0).is_ok()).count();
+        assert_eq!(passed as u32, FREE_FAILURES);
     }
 
     #[test]
@@ -163,10 +184,35 @@ mod tests {
         let t = LoginThrottle::default();
         let t0 = Instant::now();
         for _ in 0..FREE_FAILURES {
-            t.failed_at("carol", t0);
+            let _ = t.begin_at("carol", t0);
         }
         let later = t0 + FORGET_AFTER;
-        assert_eq!(t.failed_at("carol", later), None);
+        for _ in 0..FREE_FAILURES {
+            assert_eq!(t.begin_at("carol", later), Ok(()));
+        }
+    }
+
+    #[test]
+    fn names_beyond_the_table_share_one_count() {
+        let t = LoginThrottle::default();
+        let t0 = Instant::now();
+        {
+            let mut names = t.lock();
+            for i in 0..MAX_NAMES {
+                names.insert(
+                    format!("u{i}"),
+                    Failures {
+                        count: FREE_FAILURES + 1,
+                        last: t0,
+                        until: t0 + MAX_WAIT,
+                    },
+                );
+            }
+        }
+        let passed = (0..60)
+            .filter(|i| t.begin_at(&format!("new{i}"), t0).is_ok())
+            .count();
+        assert_eq!(passed as u32, FREE_FAILURES, "a full table still throttles");
     }
 
     #[tokio::test]

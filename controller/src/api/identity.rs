@@ -14,6 +14,7 @@ use crate::auth::{check_password, new_password_hash, BUSY};
 use crate::policy::{self, validate_action, validate_glob};
 use crate::state::AppState;
 use crate::store::UserRow;
+use crate::throttle::secs_up;
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
@@ -24,8 +25,8 @@ pub async fn login(
     State(state): State<AppState>,
     Json(req): Json<LoginRequest>,
 ) -> ApiResult<LoginResponse> {
-    if let Err(wait) = state.login_throttle.check(&req.user) {
-        let secs = wait.as_secs().max(1);
+    if let Err(wait) = state.login_throttle.begin(&req.user) {
+        let secs = secs_up(wait);
         return Err(ApiError::TooManyRequests {
             message: format!(
                 "too many failed logins for '{}': try again in {secs} s",
@@ -40,7 +41,7 @@ pub async fn login(
         .await
         .ok_or_else(|| ApiError::Unavailable(BUSY.into()))?;
     let Some(user) = user.filter(|u| u.password_hash.is_some() && ok) else {
-        let wait = state.login_throttle.failed(&req.user).map(|w| w.as_secs());
+        let wait = state.login_throttle.failed(&req.user).map(secs_up);
         state
             .audit(
                 &req.user,
