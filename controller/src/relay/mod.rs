@@ -53,6 +53,9 @@ const FLOW_QUEUE: usize = 1024;
 /// Bytes queued towards a worker per flow at most (datagrams of up to 64 KiB would otherwise
 /// let one flow queue 64 MiB while its worker's stream drains).
 const FLOW_QUEUE_BYTES: usize = 2 << 20;
+/// Bytes queued towards workers by the flows of one source address at most (one address must
+/// not take the relay's whole budget).
+const SOURCE_QUEUE_BYTES: usize = 32 << 20;
 /// Bytes queued towards workers by all flows together at most.
 const RELAY_QUEUE_BYTES: usize = 256 << 20;
 
@@ -103,39 +106,46 @@ enum Entry {
     },
 }
 
-/// Bytes a flow has queued, within its own bound and the relay's.
+/// Bytes a flow has queued, within its own bound, its source address's and the relay's.
 #[derive(Debug)]
 struct Queued {
     flow: AtomicUsize,
+    source: Arc<AtomicUsize>,
     relay: Arc<AtomicUsize>,
 }
 
 impl Queued {
-    fn new(relay: Arc<AtomicUsize>) -> Self {
+    fn new(source: Arc<AtomicUsize>, relay: Arc<AtomicUsize>) -> Self {
         Queued {
             flow: AtomicUsize::new(0),
+            source,
             relay,
         }
     }
 
     /// Counts `len` more bytes queued, unless that would pass a bound.
     fn take(&self, len: usize) -> bool {
-        if self.flow.fetch_add(len, Ordering::Relaxed) + len > FLOW_QUEUE_BYTES {
-            self.flow.fetch_sub(len, Ordering::Relaxed);
-            return false;
-        }
-        if self.relay.fetch_add(len, Ordering::Relaxed) + len > RELAY_QUEUE_BYTES {
-            self.relay.fetch_sub(len, Ordering::Relaxed);
-            self.flow.fetch_sub(len, Ordering::Relaxed);
-            return false;
+        let bounds = [
+            (&self.flow, FLOW_QUEUE_BYTES),
+            (&*self.source, SOURCE_QUEUE_BYTES),
+            (&*self.relay, RELAY_QUEUE_BYTES),
+        ];
+        for (i, (count, bound)) in bounds.iter().enumerate() {
+            if count.fetch_add(len, Ordering::Relaxed) + len > *bound {
+                for (taken, _) in &bounds[..=i] {
+                    taken.fetch_sub(len, Ordering::Relaxed);
+                }
+                return false;
+            }
         }
         true
     }
 
     /// `len` bytes left the queue.
     fn give(&self, len: usize) {
-        self.flow.fetch_sub(len, Ordering::Relaxed);
-        self.relay.fetch_sub(len, Ordering::Relaxed);
+        for count in [&self.flow, &*self.source, &*self.relay] {
+            count.fetch_sub(len, Ordering::Relaxed);
+        }
     }
 }
 
@@ -149,6 +159,7 @@ pub async fn serve(state: AppState, socket: UdpSocket) {
         ended: ended_tx,
         next_id: 0,
         queued: Arc::default(),
+        sources: HashMap::new(),
     };
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     let mut buf = vec![0u8; MAX_DATAGRAM];
@@ -169,6 +180,8 @@ pub async fn serve(state: AppState, socket: UdpSocket) {
                 relay.flows.retain(|e| {
                     !matches!(e, Entry::Hello { since, .. } if now - *since > HELLO_WINDOW)
                 });
+                // A source's count goes with its last flow.
+                relay.sources.retain(|_, queued| Arc::strong_count(queued) > 1);
             }
         }
     }
@@ -249,6 +262,8 @@ struct Relay {
     next_id: u64,
     /// Bytes queued towards workers by all flows.
     queued: Arc<AtomicUsize>,
+    /// Bytes queued per source address, while it has flows.
+    sources: HashMap<std::net::IpAddr, Arc<AtomicUsize>>,
 }
 
 impl Relay {
@@ -331,7 +346,8 @@ impl Relay {
             return None;
         };
         let (tx, mut rx) = mpsc::channel(FLOW_QUEUE);
-        let queued = Arc::new(Queued::new(self.queued.clone()));
+        let source = self.sources.entry(client.ip()).or_default().clone();
+        let queued = Arc::new(Queued::new(source, self.queued.clone()));
         for d in held {
             if queued.take(d.len()) {
                 let _ = tx.try_send(d);
@@ -427,30 +443,52 @@ mod tests {
     use super::*;
 
     #[test]
-    fn queued_bytes_are_bounded_per_flow_and_for_the_relay() {
+    fn queued_bytes_are_bounded_per_flow_source_and_relay() {
         let relay = Arc::new(AtomicUsize::new(0));
-        let a = Queued::new(relay.clone());
+        let source = Arc::new(AtomicUsize::new(0));
+        let a = Queued::new(source.clone(), relay.clone());
         assert!(a.take(FLOW_QUEUE_BYTES - 10));
         assert!(!a.take(11), "past the flow's bound");
         assert!(a.take(10));
         a.give(FLOW_QUEUE_BYTES);
-        assert_eq!(relay.load(Ordering::Relaxed), 0);
-        // Many flows together stop at the relay's bound.
+        assert_eq!(
+            (
+                source.load(Ordering::Relaxed),
+                relay.load(Ordering::Relaxed)
+            ),
+            (0, 0)
+        );
+        // The flows of one address stop at its bound, whatever the relay has left.
+        let of_one: Vec<Queued> = (0..SOURCE_QUEUE_BYTES / FLOW_QUEUE_BYTES + 1)
+            .map(|_| Queued::new(source.clone(), relay.clone()))
+            .collect();
+        let taken = of_one.iter().filter(|f| f.take(FLOW_QUEUE_BYTES)).count();
+        assert_eq!(taken, SOURCE_QUEUE_BYTES / FLOW_QUEUE_BYTES);
+        assert_eq!(
+            of_one.last().map(|f| f.flow.load(Ordering::Relaxed)),
+            Some(0),
+            "a refused take leaves no count behind"
+        );
+        for f in &of_one[..taken] {
+            f.give(FLOW_QUEUE_BYTES);
+        }
+        // Many addresses together stop at the relay's bound.
         let flows: Vec<Queued> = (0..RELAY_QUEUE_BYTES / FLOW_QUEUE_BYTES + 1)
-            .map(|_| Queued::new(relay.clone()))
+            .map(|_| Queued::new(Arc::default(), relay.clone()))
             .collect();
         let taken = flows.iter().filter(|f| f.take(FLOW_QUEUE_BYTES)).count();
         assert_eq!(taken, RELAY_QUEUE_BYTES / FLOW_QUEUE_BYTES);
         assert_eq!(relay.load(Ordering::Relaxed), RELAY_QUEUE_BYTES);
+        let last = &flows[flows.len() - 1];
         assert_eq!(
-            flows.last().map(|f| f.flow.load(Ordering::Relaxed)),
-            Some(0)
+            (
+                last.flow.load(Ordering::Relaxed),
+                last.source.load(Ordering::Relaxed)
+            ),
+            (0, 0)
         );
         flows[0].give(FLOW_QUEUE_BYTES);
-        assert!(
-            flows[flows.len() - 1].take(1000),
-            "room again once a flow drains"
-        );
+        assert!(last.take(1000), "room again once a flow drains");
     }
 
     #[test]
