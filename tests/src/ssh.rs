@@ -132,6 +132,16 @@ impl Setup {
         cmd
     }
 
+    /// `postern recordings list --json` as the admin.
+    async fn list_recordings(&self) -> Vec<Recording> {
+        let list = self
+            .postern(&["recordings", "list", "--json"], true)
+            .output()
+            .await
+            .expect("recordings list");
+        serde_json::from_slice(&list.stdout).expect("json list")
+    }
+
     /// `postern recordings export ID -o FILE` as the admin: the file and its text.
     async fn export_recording(&self, id: &str) -> (std::path::PathBuf, String) {
         let path = self.home.path().join(format!("{id}.cast"));
@@ -436,12 +446,7 @@ async fn interactive_shell_is_recorded() {
     // The shell's end reaches the controller shortly after the client has left.
     let deadline = Instant::now() + Duration::from_secs(5);
     let recordings = loop {
-        let list = s
-            .postern(&["recordings", "list", "--json"], true)
-            .output()
-            .await
-            .expect("recordings list");
-        let recordings: Vec<Recording> = serde_json::from_slice(&list.stdout).expect("json list");
+        let recordings = s.list_recordings().await;
         if recordings.iter().all(|r| r.ended_at.is_some()) || Instant::now() > deadline {
             break recordings;
         }
@@ -518,12 +523,7 @@ async fn a_shell_whose_recording_reaches_its_size_limit_is_ended() {
         "{:?}",
         sessions[0]
     );
-    let list = s
-        .postern(&["recordings", "list", "--json"], true)
-        .output()
-        .await
-        .expect("recordings list");
-    let recordings: Vec<Recording> = serde_json::from_slice(&list.stdout).expect("json list");
+    let recordings = s.list_recordings().await;
     assert_eq!(recordings.len(), 1, "{recordings:?}");
     let r = &recordings[0];
     assert_eq!(r.end_reason.as_deref(), Some("size limit reached"), "{r:?}");
