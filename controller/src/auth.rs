@@ -24,37 +24,51 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
         .is_ok()
 }
 
-/// [`verify_password`] on the blocking pool, in one of the few turns argon2 may run at once
-/// (`None`: no turn came in time).
-pub async fn check_password(password: String, hash: Option<String>) -> Option<bool> {
-    let turn = crate::throttle::password_turn().await?;
-    let ok = tokio::task::spawn_blocking(move || {
-        let _turn = turn;
-        verify_password(&password, hash.as_deref().unwrap_or(dummy_hash()))
-    })
-    .await;
-    Some(ok.unwrap_or_else(|e| {
-        tracing::error!(error = %e, "a password check failed");
-        false
-    }))
+/// Why a password could not be checked or hashed.
+#[derive(Debug, thiserror::Error)]
+pub enum PasswordWork {
+    /// No turn for argon2 came in time.
+    #[error("too many passwords are being checked at once: try again in a moment")]
+    Busy,
+    /// The work itself failed.
+    #[error("{0}")]
+    Failed(String),
 }
 
-/// [`hash_password`] on the blocking pool, in one of argon2's turns (`Err` also when no turn
-/// came in time).
-pub async fn new_password_hash(password: String) -> Result<String, String> {
-    let Some(turn) = crate::throttle::password_turn().await else {
-        return Err(BUSY.into());
-    };
+/// Runs `work` on the blocking pool in one of the few turns argon2 may take at once.
+async fn in_turn<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, PasswordWork> {
+    let turn = crate::throttle::password_turn()
+        .await
+        .ok_or(PasswordWork::Busy)?;
     tokio::task::spawn_blocking(move || {
         let _turn = turn;
-        hash_password(&password)
+        work()
     })
     .await
-    .map_err(|e| e.to_string())?
+    .map_err(|e| PasswordWork::Failed(e.to_string()))
 }
 
-/// Why a password could not be checked or hashed now.
-pub const BUSY: &str = "too many passwords are being checked at once: try again in a moment";
+/// [`verify_password`] in one of argon2's turns (a check that fails to run is a mismatch).
+pub async fn check_password(password: String, hash: Option<String>) -> Result<bool, PasswordWork> {
+    let checked =
+        in_turn(move || verify_password(&password, hash.as_deref().unwrap_or(dummy_hash()))).await;
+    match checked {
+        Err(PasswordWork::Failed(e)) => {
+            tracing::error!(error = %e, "a password check failed");
+            Ok(false)
+        }
+        other => other,
+    }
+}
+
+/// [`hash_password`] in one of argon2's turns.
+pub async fn new_password_hash(password: String) -> Result<String, PasswordWork> {
+    in_turn(move || hash_password(&password))
+        .await?
+        .map_err(PasswordWork::Failed)
+}
 
 /// A fixed hash to verify against when the user does not exist, so that timing does not
 /// tell whether a user name exists.

@@ -55,6 +55,15 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::auth::PasswordWork> for ApiError {
+    fn from(e: crate::auth::PasswordWork) -> Self {
+        match e {
+            crate::auth::PasswordWork::Busy => ApiError::Unavailable(e.to_string()),
+            crate::auth::PasswordWork::Failed(m) => ApiError::Internal(m),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = match &self {

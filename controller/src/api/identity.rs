@@ -10,7 +10,7 @@ use super::types::{
     Role, Rule, SetPassword, User, WhoAmI,
 };
 use super::{check_name, ApiError, Caller};
-use crate::auth::{check_password, new_password_hash, BUSY};
+use crate::auth::{check_password, new_password_hash};
 use crate::policy::{self, validate_action, validate_glob};
 use crate::state::AppState;
 use crate::store::UserRow;
@@ -37,9 +37,7 @@ pub async fn login(
     }
     let user = state.store.find_user(&req.user).await?;
     let hash = user.as_ref().and_then(|u| u.password_hash.clone());
-    let ok = check_password(req.password.clone(), hash)
-        .await
-        .ok_or_else(|| ApiError::Unavailable(BUSY.into()))?;
+    let ok = check_password(req.password.clone(), hash).await?;
     let Some(user) = user.filter(|u| u.password_hash.is_some() && ok) else {
         let wait = state.login_throttle.failed(&req.user).map(secs_up);
         state
@@ -81,15 +79,6 @@ pub async fn login(
             .log_in(user.name, json!({"method": "password"}))
             .await?,
     ))
-}
-
-/// A password that could not be hashed: busy (503) or a failure (500).
-fn hash_error(e: String) -> ApiError {
-    if e == BUSY {
-        ApiError::Unavailable(e)
-    } else {
-        ApiError::Internal(e)
-    }
 }
 
 /// `POST /v1/auth/logout`.
@@ -164,7 +153,7 @@ pub async fn create_user(
                 "password too short: use at least {MIN_PASSWORD} characters"
             )))
         }
-        Some(p) => Some(new_password_hash(p).await.map_err(hash_error)?),
+        Some(p) => Some(new_password_hash(p).await?),
         None => None,
     };
     let u = state.store.create_user(&req.name, hash.as_deref()).await?;
@@ -201,9 +190,7 @@ pub async fn set_password(
     }
     let user = state.store.user(&name).await?;
     if let Some(current) = current {
-        let ok = check_password(current, user.password_hash.clone())
-            .await
-            .ok_or_else(|| ApiError::Unavailable(BUSY.into()))?;
+        let ok = check_password(current, user.password_hash.clone()).await?;
         if !(ok && user.password_hash.is_some()) {
             state
                 .audit(
@@ -218,7 +205,7 @@ pub async fn set_password(
         }
     }
     let password = req.password;
-    let hash = new_password_hash(password).await.map_err(hash_error)?;
+    let hash = new_password_hash(password).await?;
     let keep = own.then_some(caller.token_hash.as_str());
     state.store.set_password(&name, &hash, keep).await?;
     state
