@@ -144,6 +144,13 @@ enum Cmd {
         /// Copy buffer per direction, bytes (the CLI uses 64 KiB).
         #[arg(long, default_value_t = 64 << 10)]
         copy_buf: usize,
+        /// Ask the worker to acknowledge only every N+1 ack-eliciting packets (QUIC ACK
+        /// frequency extension); quinn's default is 1.
+        #[arg(long)]
+        ack_threshold: Option<u32>,
+        /// With --ack-threshold: the most the worker may delay an acknowledgement, ms.
+        #[arg(long)]
+        ack_delay_ms: Option<u64>,
     },
 }
 
@@ -193,6 +200,8 @@ fn main() -> Result<()> {
                 stream_window,
                 window,
                 copy_buf,
+                ack_threshold,
+                ack_delay_ms,
             } => {
                 let t = Tuning {
                     max_mtu,
@@ -201,6 +210,8 @@ fn main() -> Result<()> {
                     stream_window,
                     window,
                     copy_buf,
+                    ack_threshold,
+                    ack_delay_ms,
                 };
                 tunnel(&api, port, t).await
             }
@@ -602,6 +613,8 @@ struct Tuning {
     stream_window: u32,
     window: u32,
     copy_buf: usize,
+    ack_threshold: Option<u32>,
+    ack_delay_ms: Option<u64>,
 }
 
 async fn tunnel(api: &ApiArgs, port: u16, t: Tuning) -> Result<Value> {
@@ -619,6 +632,14 @@ async fn tunnel(api: &ApiArgs, port: u16, t: Tuning) -> Result<Value> {
         let mut d = quinn::MtuDiscoveryConfig::default();
         d.upper_bound(mtu);
         transport.mtu_discovery_config(Some(d));
+    }
+    if let Some(threshold) = t.ack_threshold {
+        let mut ack = quinn::AckFrequencyConfig::default();
+        ack.ack_eliciting_threshold(VarInt::from_u32(threshold));
+        if let Some(ms) = t.ack_delay_ms {
+            ack.max_ack_delay(Some(Duration::from_millis(ms)));
+        }
+        transport.ack_frequency_config(Some(ack));
     }
     match t.cc.as_str() {
         "cubic" => {}
@@ -681,6 +702,8 @@ async fn tunnel(api: &ApiArgs, port: u16, t: Tuning) -> Result<Value> {
         "udp_tx_datagrams": s.udp_tx.datagrams, "udp_tx_bytes": s.udp_tx.bytes,
         "udp_tx_ios": s.udp_tx.ios, "udp_rx_datagrams": s.udp_rx.datagrams,
         "udp_rx_bytes": s.udp_rx.bytes, "udp_rx_ios": s.udp_rx.ios,
+        "ack_frames_rx": s.frame_rx.acks, "ack_frames_tx": s.frame_tx.acks,
+        "stream_frames_rx": s.frame_rx.stream, "stream_frames_tx": s.frame_tx.stream,
     }))
 }
 
