@@ -16,6 +16,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -75,14 +76,23 @@ pub fn endpoint(
     )
 }
 
-/// quinn's tokio socket, less one system call per wake-up: after a receive that returned
-/// fewer datagrams than it had room for, the socket is known to be drained and waits for
-/// the next readiness event instead of asking the kernel again to hear `EAGAIN` (that
-/// empty `recvmmsg` was one in three receive calls under a request/response load).
+/// quinn's tokio socket, less two kinds of needless wake-up:
+///
+/// - after a receive that returned fewer datagrams than it had room for, the socket is known
+///   to be drained and waits for the next readiness event instead of asking the kernel again
+///   to hear `EAGAIN` (that empty `recvmmsg` was one in three receive calls under a
+///   request/response load);
+/// - the socket is registered for reading only. A UDP socket turns writable again each time
+///   the kernel frees a datagram it sent (on loopback within the send itself), so with
+///   writability registered every send brought one more event to the reactor: one more
+///   `epoll_wait` per sent datagram. Writability is only waited for after a send hit `EAGAIN`,
+///   on a registration of its own ([`Writable`]).
 #[derive(Debug)]
 struct Socket {
     io: AsyncFd<std::net::UdpSocket>,
     state: quinn::udp::UdpSocketState,
+    /// A send hit `EAGAIN` and the socket has not been seen writable since.
+    blocked: AtomicBool,
 }
 
 impl Socket {
@@ -90,24 +100,42 @@ impl Socket {
     /// the runtime's reactor.
     fn new(socket: std::net::UdpSocket) -> io::Result<Self> {
         let state = quinn::udp::UdpSocketState::new((&socket).into())?;
-        // `AsyncFd::new` is deprecated for types whose descriptor might change or close
-        // under it (tokio#8587); a `std::net::UdpSocket` owns its descriptor for as long as it
-        // lives, which is the contract of the `unsafe` replacement this crate does not use.
-        #[allow(deprecated)]
-        let io = AsyncFd::new(socket)?;
-        Ok(Socket { io, state })
+        Ok(Socket {
+            io: register(socket, Interest::READABLE)?,
+            state,
+            blocked: AtomicBool::new(false),
+        })
     }
+}
+
+/// Registers `socket` with the runtime's reactor for `interest`.
+fn register(
+    socket: std::net::UdpSocket,
+    interest: Interest,
+) -> io::Result<AsyncFd<std::net::UdpSocket>> {
+    // `AsyncFd::with_interest` is deprecated for types whose descriptor might change or
+    // close under it (tokio#8587); a `std::net::UdpSocket` owns its descriptor for as long as
+    // it lives, which is the contract of the `unsafe` replacement this crate does not use.
+    #[allow(deprecated)]
+    AsyncFd::with_interest(socket, interest)
 }
 
 impl quinn::AsyncUdpSocket for Socket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn quinn::UdpPoller>> {
-        Box::pin(Writable(self))
+        Box::pin(Writable {
+            socket: self,
+            waiting: None,
+        })
     }
 
     fn try_send(&self, transmit: &quinn::udp::Transmit) -> io::Result<()> {
-        self.io.try_io(Interest::WRITABLE, |socket| {
-            self.state.send(socket.into(), transmit)
-        })
+        let sent = self.state.send(self.io.get_ref().into(), transmit);
+        if let Err(e) = &sent {
+            if e.kind() == io::ErrorKind::WouldBlock {
+                self.blocked.store(true, Ordering::Relaxed);
+            }
+        }
+        sent
     }
 
     fn poll_recv(
@@ -150,14 +178,37 @@ impl quinn::AsyncUdpSocket for Socket {
     }
 }
 
-/// Waits for [`Socket`] to turn writable after a send hit `EAGAIN`.
+/// One connection's wait for [`Socket`] to turn writable after a send hit `EAGAIN` (quinn
+/// asks before every send: the answer is "yes" unless a send was refused). While it waits it
+/// holds a duplicate of the socket's descriptor registered for writability alone, dropped
+/// (deregistered) as soon as the socket is writable; registering reports a socket that is
+/// already writable at once, so no wake-up is lost between the refused send and the wait.
 #[derive(Debug)]
-struct Writable(Arc<Socket>);
+struct Writable {
+    socket: Arc<Socket>,
+    waiting: Option<AsyncFd<std::net::UdpSocket>>,
+}
 
 impl quinn::UdpPoller for Writable {
-    fn poll_writable(self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
-        // Readiness is kept: `try_send` clears it when a send hits `EAGAIN`.
-        ready!(self.0.io.poll_write_ready(cx))?.retain_ready();
+    fn poll_writable(mut self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.socket.blocked.load(Ordering::Relaxed) {
+            this.waiting = None;
+            return Poll::Ready(Ok(()));
+        }
+        let waiting = match this.waiting.take() {
+            Some(waiting) => waiting,
+            None => register(this.socket.io.get_ref().try_clone()?, Interest::WRITABLE)?,
+        };
+        match waiting.poll_write_ready(cx) {
+            Poll::Ready(Ok(mut guard)) => guard.retain_ready(),
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {
+                this.waiting = Some(waiting);
+                return Poll::Pending;
+            }
+        }
+        this.socket.blocked.store(false, Ordering::Relaxed);
         Poll::Ready(Ok(()))
     }
 }
@@ -303,5 +354,86 @@ mod tests {
         }
         assert_eq!(recv(&socket, 4).await, 4);
         assert_eq!(recv(&socket, 4).await, 2);
+    }
+
+    /// Runs `cmd` (in this thread's network namespace), failing the test if it fails.
+    fn run(cmd: &str, args: &[&str]) {
+        let out = std::process::Command::new(cmd)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+        assert!(out.status.success(), "{cmd} {args:?}: {out:?}");
+    }
+
+    /// A send the kernel refuses (`EAGAIN`: the send buffer is full) makes the connection
+    /// wait, and the socket turning writable wakes it. Loopback frees each datagram within
+    /// the send, so the test holds them in a slow queue (tbf, 100 kbit/s) on the loopback of a
+    /// network namespace of its own thread. Needs root (CI runs as root).
+    #[test]
+    fn a_refused_send_waits_until_the_socket_is_writable() {
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("a network namespace of this thread's own (needs root)");
+            run("ip", &["link", "set", "lo", "up"]);
+            run(
+                "tc",
+                &[
+                    "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "100kbit", "burst", "1600",
+                    "limit", "1000000",
+                ],
+            );
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+                let socket = Arc::new(Socket::new(std_socket).expect("socket"));
+                // The kernel's least send buffer: a few datagrams fill it.
+                socket
+                    .state
+                    .set_send_buffer_size(socket.io.get_ref().into(), 1)
+                    .expect("send buffer");
+                let sink = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind sink");
+                let payload = [7u8; 1000];
+                let transmit = quinn::udp::Transmit {
+                    destination: sink.local_addr().expect("addr"),
+                    ecn: None,
+                    contents: &payload,
+                    segment_size: None,
+                    src_ip: None,
+                };
+                let mut poller = quinn::AsyncUdpSocket::create_io_poller(socket.clone());
+                let mut sent = 0;
+                loop {
+                    assert!(
+                        futures::poll!(std::future::poll_fn(|cx| poller
+                            .as_mut()
+                            .poll_writable(cx)))
+                        .is_ready(),
+                        "writable until a send is refused"
+                    );
+                    match quinn::AsyncUdpSocket::try_send(&*socket, &transmit) {
+                        Ok(()) => sent += 1,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => panic!("send {sent}: {e}"),
+                    }
+                    assert!(sent < 1000, "the send buffer never filled");
+                }
+                // The queue lets one datagram through every ~80 ms: not writable yet.
+                let mut writable = std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx));
+                assert!(
+                    futures::poll!(&mut writable).is_pending(),
+                    "after {sent} sends"
+                );
+                tokio::time::timeout(std::time::Duration::from_secs(10), writable)
+                    .await
+                    .expect("writable again as the queue drains")
+                    .expect("poll");
+                quinn::AsyncUdpSocket::try_send(&*socket, &transmit).expect("sends again");
+            });
+        })
+        .join()
+        .expect("test thread");
     }
 }
