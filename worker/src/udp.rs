@@ -198,7 +198,20 @@ impl quinn::UdpPoller for Writable {
         }
         let waiting = match this.waiting.take() {
             Some(waiting) => waiting,
-            None => register(this.socket.io.get_ref().try_clone()?, Interest::WRITABLE)?,
+            None => match (this.socket.io.get_ref().try_clone())
+                .and_then(|dup| register(dup, Interest::WRITABLE))
+            {
+                Ok(waiting) => waiting,
+                Err(e) => {
+                    // Out of descriptors, say: rather than fail the connection, let the
+                    // runtime run the others and then send again (a retry per turn of the
+                    // runtime instead of a wait).
+                    tracing::debug!("cannot wait for the UDP socket to turn writable: {e}");
+                    this.socket.blocked.store(false, Ordering::Relaxed);
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+            },
         };
         match waiting.poll_write_ready(cx) {
             Poll::Ready(Ok(mut guard)) => guard.retain_ready(),
