@@ -125,6 +125,11 @@ impl Registry {
     /// Pushes a cancellation to the worker if this controller holds its connection, and
     /// remembers who revoked it (`actor`) until the worker acknowledges.
     pub fn cancel(&self, worker: &str, session_id: &str, reason: &str, actor: &str) -> bool {
+        // Remembered before it is sent, so that an answer cannot come first.
+        let earlier = self.pending_cancels().insert(
+            session_id.to_owned(),
+            (worker.to_owned(), actor.to_owned(), reason.to_owned()),
+        );
         let sent = self.lock().get(worker).is_some_and(|l| {
             l.tx.send(ControllerMessage::CancelSession {
                 session_id: session_id.into(),
@@ -132,11 +137,12 @@ impl Registry {
             })
             .is_ok()
         });
-        if sent {
-            self.pending_cancels().insert(
-                session_id.to_owned(),
-                (worker.to_owned(), actor.to_owned(), reason.to_owned()),
-            );
+        if !sent {
+            let mut cancels = self.pending_cancels();
+            match earlier {
+                Some(earlier) => cancels.insert(session_id.to_owned(), earlier),
+                None => cancels.remove(session_id),
+            };
         }
         sent
     }
@@ -556,12 +562,16 @@ async fn handle(
             session_id,
             connections_cut,
         } => {
-            state.metrics.revocation_acked(session_id.as_str());
-            // The revocation's outcome, in the name of whoever revoked it.
-            let (actor, reason) = state
-                .workers
-                .take_cancel(worker, session_id.as_str())
-                .unwrap_or_else(|| (format!("worker:{worker}"), String::new()));
+            // The revocation's outcome, in the name of whoever revoked it, and its latency,
+            // when this is the answer of the worker that was asked; any other worker's
+            // acknowledgement is its own word.
+            let (actor, reason) = match state.workers.take_cancel(worker, session_id.as_str()) {
+                Some(asked) => {
+                    state.metrics.revocation_acked(session_id.as_str());
+                    asked
+                }
+                None => (format!("worker:{worker}"), String::new()),
+            };
             let _ = state
                 .audit(
                     &actor,

@@ -579,85 +579,24 @@ async fn a_replaced_connection_does_not_disconnect_the_worker() {
 /// or the start of a session it does not carry ends nothing (both used to end it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_cannot_end_another_workers_session() {
-    use postern_proto::cluster::{ControllerHello, WorkerHello, WorkerMessage, WorkerMode};
+    use postern_proto::cluster::WorkerMessage;
     let c = Cluster::start().await.expect("cluster");
     let echo = echo_server().await;
     c.create_target("echo", &echo.to_string(), &[]).await;
     let (session, _traffic, id) = live_session(&c.admin, "echo").await;
 
     // A second worker, registered, whose identity the test then speaks with itself.
-    let created: serde_json::Value = c
-        .admin
-        .ok(Method::POST, "/v1/workers", Some(&json!({"name": "w2"})))
-        .await;
-    let token = created["activation_token"]
-        .as_str()
-        .expect("token")
-        .to_owned();
-    let dir = c.dir.path().join("w2");
-    let w2 = postern_worker::start(crate::harness::worker_config(
-        &c.admin.base,
-        &dir,
-        Some(token),
-    ))
-    .await
-    .expect("w2 registers");
-    w2.shutdown().await;
-    let pem = |f: &str| std::fs::read(dir.join(f)).expect("identity file");
-    use rustls_pki_types::pem::PemObject as _;
-    let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(&pem("cert.pem"))
-        .collect::<Result<_, _>>()
-        .expect("cert");
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(&pem("key.pem")).expect("key");
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in rustls_pki_types::CertificateDer::pem_slice_iter(&pem("ca.pem")) {
-        roots.add(ca.expect("ca")).expect("root");
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls 1.3")
-        .with_root_certificates(roots)
-        .with_client_auth_cert(certs, key)
-        .expect("client cert");
-    tls.alpn_protocols = vec![postern_proto::ALPN_CLUSTER.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("ep");
-    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
-    let cluster_addr = c.controller.as_ref().expect("controller").cluster_addr();
-    let conn = endpoint
-        .connect(cluster_addr, postern_proto::CONTROLLER_SERVER_NAME)
-        .expect("connect")
-        .await
-        .expect("w2's certificate is accepted");
-    let (mut send, mut recv) = conn.open_bi().await.expect("control stream");
-    let hello = WorkerHello {
-        version: postern_proto::PROTOCOL_VERSION,
-        session_addr: "127.0.0.1:9".into(),
-        active_sessions: Vec::new(),
-        ssh_host_key: None,
-        mode: WorkerMode::Direct,
-        uptime_ms: None,
-    };
-    let hello = postern_proto::frame::encode(&hello).expect("frame");
-    send.write_all(&hello).await.expect("hello");
-    let mut len = [0u8; 4];
-    recv.read_exact(&mut len).await.expect("answer");
-    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-    recv.read_exact(&mut body).await.expect("answer");
-    let _: ControllerHello = serde_json::from_slice(&body).expect("controller hello");
-    let forged = WorkerMessage::SessionClosed {
+    let mut w2 = FakeWorker::start(&c, "w2", json!({})).await;
+    w2.send(&WorkerMessage::SessionClosed {
         session_id: postern_proto::ids::SessionId(id.clone()),
         reason: "forged".into(),
-    };
-    let forged = postern_proto::frame::encode(&forged).expect("frame");
-    send.write_all(&forged).await.expect("forged end");
+    })
+    .await;
     // Nor does a start it reports for it (its refusal, "belongs to worker w1", ended it).
-    let started = WorkerMessage::SessionStarted {
+    w2.send(&WorkerMessage::SessionStarted {
         session_id: postern_proto::ids::SessionId(id.clone()),
-    };
-    let started = postern_proto::frame::encode(&started).expect("frame");
-    send.write_all(&started).await.expect("forged start");
+    })
+    .await;
     let before = session_row(&c.admin, &id).await;
     // Its reports about that session are its own word: an audit event naming it is recorded
     // as w2's, not as the session's user's, and a closed connection is not counted on it.
@@ -674,8 +613,7 @@ async fn a_worker_cannot_end_another_workers_session() {
             reason: "forged".into(),
         },
     ] {
-        let forged = postern_proto::frame::encode(&forged).expect("frame");
-        send.write_all(&forged).await.expect("forged report");
+        w2.send(&forged).await;
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let events = loop {
@@ -708,7 +646,185 @@ async fn a_worker_cannot_end_another_workers_session() {
         (before.connections, before.bytes_up, before.bytes_down),
         "w2's closed connection is not counted on w1's session"
     );
-    conn.close(0u32.into(), b"done");
+    w2.close();
     drop(session);
     c.stop().await;
+}
+
+/// The revocation's acknowledgement is the asked worker's: another worker acknowledging a
+/// cancellation it was not sent is its own word in the audit log and does not stop the
+/// revocation-latency clock; the asked worker's acknowledgement then does, in the name of
+/// whoever revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_asked_worker_acknowledges_a_revocation() {
+    use postern_proto::cluster::WorkerMessage;
+    let c = Cluster::start().await.expect("cluster");
+    let echo = echo_server().await;
+    // A target only w2 may serve; w2 and w3 are the test's own, so nothing answers a
+    // cancellation until the test does.
+    let _: serde_json::Value = c
+        .admin
+        .ok(
+            Method::POST,
+            "/v1/targets",
+            Some(
+                &json!({"name": "echo", "type": "tcp", "address": echo.to_string(),
+                         "worker_filter": {"fake": "w2"}}),
+            ),
+        )
+        .await;
+    let mut w2 = FakeWorker::start(&c, "w2", json!({"fake": "w2"})).await;
+    let mut w3 = FakeWorker::start(&c, "w3", json!({})).await;
+    let (auth, _key) = authorize(&c.admin, "echo").await.expect("authorized on w2");
+    let id = auth.session_id;
+    let acked = |c: &Samples| c.get("postern_revocation_duration_seconds_count").copied();
+    let before = acked(&scrape(&c.admin.base).await).unwrap_or(0.0);
+    c.admin.cancel_session(&id).await;
+
+    let ack = |cut| WorkerMessage::CancelAck {
+        session_id: postern_proto::ids::SessionId(id.clone()),
+        connections_cut: cut,
+    };
+    w3.send(&ack(7)).await;
+    let foreign = audited(&c.admin, "session.connections_cut", |e| {
+        e.resource == format!("session:{id}") && e.details["worker"] == "w3"
+    })
+    .await;
+    assert_eq!(foreign.actor, "worker:w3", "{foreign:?}");
+    let after_foreign = acked(&scrape(&c.admin.base).await).unwrap_or(0.0);
+    assert_eq!(after_foreign, before, "w3's acknowledgement is not timed");
+
+    w2.send(&ack(0)).await;
+    let answer = audited(&c.admin, "session.connections_cut", |e| {
+        e.resource == format!("session:{id}") && e.details["worker"] == "w2"
+    })
+    .await;
+    assert_eq!(answer.actor, "admin", "{answer:?}");
+    let mut timed = after_foreign;
+    for _ in 0..100 {
+        timed = acked(&scrape(&c.admin.base).await).unwrap_or(0.0);
+        if timed > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(timed, before + 1.0, "w2's acknowledgement is timed");
+    w2.close();
+    w3.close();
+    c.stop().await;
+}
+
+/// `/metrics` at `base` as sample name → value (labelled samples keep their labels).
+type Samples = std::collections::HashMap<String, f64>;
+
+async fn scrape(base: &str) -> Samples {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A registered worker whose identity the test speaks with itself on the controller's
+/// cluster port: its hello, then whatever the test sends.
+struct FakeWorker {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    /// Kept open: the controller's messages to the worker are not read.
+    _recv: quinn::RecvStream,
+}
+
+impl FakeWorker {
+    /// Registers a worker `name` with `tags` (a real worker registers it and is shut down,
+    /// leaving its identity behind) and says hello as it.
+    async fn start(c: &Cluster, name: &str, tags: serde_json::Value) -> FakeWorker {
+        use postern_proto::cluster::{ControllerHello, WorkerHello, WorkerMode};
+        use rustls_pki_types::pem::PemObject as _;
+        let created: serde_json::Value = c
+            .admin
+            .ok(
+                Method::POST,
+                "/v1/workers",
+                Some(&json!({"name": name, "tags": tags})),
+            )
+            .await;
+        let token = created["activation_token"]
+            .as_str()
+            .expect("token")
+            .to_owned();
+        let dir = c.dir.path().join(name);
+        let real = postern_worker::start(crate::harness::worker_config(
+            &c.admin.base,
+            &dir,
+            Some(token),
+        ))
+        .await
+        .expect("the worker registers");
+        real.shutdown().await;
+        let pem = |f: &str| std::fs::read(dir.join(f)).expect("identity file");
+        let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(&pem("cert.pem"))
+            .collect::<Result<_, _>>()
+            .expect("cert");
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(&pem("key.pem")).expect("key");
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in rustls_pki_types::CertificateDer::pem_slice_iter(&pem("ca.pem")) {
+            roots.add(ca.expect("ca")).expect("root");
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("tls 1.3")
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)
+            .expect("client cert");
+        tls.alpn_protocols = vec![postern_proto::ALPN_CLUSTER.to_vec()];
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
+        let mut endpoint =
+            quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+        endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
+        let cluster_addr = c.controller.as_ref().expect("controller").cluster_addr();
+        let conn = endpoint
+            .connect(cluster_addr, postern_proto::CONTROLLER_SERVER_NAME)
+            .expect("connect")
+            .await
+            .expect("the worker's certificate is accepted");
+        let (mut send, mut recv) = conn.open_bi().await.expect("control stream");
+        let hello = WorkerHello {
+            version: postern_proto::PROTOCOL_VERSION,
+            session_addr: "127.0.0.1:9".into(),
+            active_sessions: Vec::new(),
+            ssh_host_key: None,
+            mode: WorkerMode::Direct,
+            uptime_ms: None,
+        };
+        let hello = postern_proto::frame::encode(&hello).expect("frame");
+        send.write_all(&hello).await.expect("hello");
+        let mut len = [0u8; 4];
+        recv.read_exact(&mut len).await.expect("answer");
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        recv.read_exact(&mut body).await.expect("answer");
+        let _: ControllerHello = serde_json::from_slice(&body).expect("controller hello");
+        FakeWorker {
+            conn,
+            send,
+            _recv: recv,
+        }
+    }
+
+    async fn send(&mut self, msg: &postern_proto::cluster::WorkerMessage) {
+        let frame = postern_proto::frame::encode(msg).expect("frame");
+        self.send.write_all(&frame).await.expect("send");
+    }
+
+    fn close(&self) {
+        self.conn.close(0u32.into(), b"done");
+    }
 }
