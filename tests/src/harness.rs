@@ -343,6 +343,15 @@ impl Cluster {
     }
 
     /// Creates a tcp target.
+    /// Creates a target from a raw `POST /v1/targets` body (fields `create_target` does not
+    /// set: a worker filter, durations, a type).
+    pub async fn create_target_from(&self, body: serde_json::Value) {
+        let _: serde_json::Value = self
+            .admin
+            .ok(reqwest::Method::POST, "/v1/targets", Some(&body))
+            .await;
+    }
+
     pub async fn create_target(&self, name: &str, address: &str, labels: &[(&str, &str)]) {
         let _: serde_json::Value = self
             .admin

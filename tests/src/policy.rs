@@ -508,13 +508,7 @@ async fn a_rule_can_be_removed_by_its_number() {
 #[tokio::test]
 async fn a_denied_login_is_refused_and_cut_even_as_the_credentials_own_user() {
     let c = Cluster::start().await.expect("cluster");
-    let _: serde_json::Value = c
-        .admin
-        .ok(
-            Method::POST,
-            "/v1/targets",
-            Some(&json!({"name": "pg1", "type": "postgres", "address": "127.0.0.1:5432"})),
-        )
+    c.create_target_from(json!({"name": "pg1", "type": "postgres", "address": "127.0.0.1:5432"}))
         .await;
     let _: serde_json::Value = c
         .admin

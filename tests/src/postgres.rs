@@ -32,13 +32,7 @@ use wire::{query, read_all, read_until_ready, startup};
 
 /// Creates a `postgres` target and stores its brokered password credential.
 async fn pg_target(c: &Cluster, name: &str, pg: &PgServer, user: &str, password: &str) {
-    let _: serde_json::Value = c
-        .admin
-        .ok(
-            Method::POST,
-            "/v1/targets",
-            Some(&json!({"name": name, "type": "postgres", "address": pg.address()})),
-        )
+    c.create_target_from(json!({"name": name, "type": "postgres", "address": pg.address()}))
         .await;
     let _: serde_json::Value = c
         .admin
@@ -360,13 +354,7 @@ async fn a_per_session_role_is_created_used_and_dropped() {
         "CREATE ROLE postern_s_leftover LOGIN VALID UNTIL '2001-01-01 00:00:00+00'",
     ]);
     let c = Cluster::start().await.expect("cluster");
-    let _: serde_json::Value = c
-        .admin
-        .ok(
-            Method::POST,
-            "/v1/targets",
-            Some(&json!({"name": "pg-zsc", "type": "postgres", "address": pg.address()})),
-        )
+    c.create_target_from(json!({"name": "pg-zsc", "type": "postgres", "address": pg.address()}))
         .await;
     let _: serde_json::Value = c
         .admin

@@ -188,17 +188,11 @@ async fn direct_workers_are_preferred_and_a_stopped_worker_is_passed_over() {
         .await
         .expect("cluster with direct worker w1 (no tags)");
     let echo = echo_server().await;
-    let _: serde_json::Value = c
-        .admin
-        .ok(
-            Method::POST,
-            "/v1/targets",
-            Some(
-                &json!({"name": "echo", "type": "tcp", "address": echo.to_string(),
+    c.create_target_from(
+        json!({"name": "echo", "type": "tcp", "address": echo.to_string(),
                          "worker_filter": {"net": "private"}}),
-            ),
-        )
-        .await;
+    )
+    .await;
     // w1 has no tags: no worker matches the filter yet.
     let none = authorize(&c.admin, "echo").await.expect_err("no match");
     assert_eq!(none.status, 503);

@@ -239,22 +239,8 @@ async fn revocations_cut_open_connections() {
 async fn expiry_and_connection_limit() {
     let c = Cluster::start().await.expect("cluster");
     let echo = echo_server().await;
-    let _: serde_json::Value = c
-        .admin
-        .ok(
-            Method::POST,
-            "/v1/targets",
-            Some(&json!({"name": "short", "type": "tcp", "address": echo.to_string(), "max_duration_secs": 2})),
-        )
-        .await;
-    let _: serde_json::Value = c
-        .admin
-        .ok(
-            Method::POST,
-            "/v1/targets",
-            Some(&json!({"name": "single", "type": "tcp", "address": echo.to_string(), "connection_limit": 1})),
-        )
-        .await;
+    c.create_target_from(json!({"name": "short", "type": "tcp", "address": echo.to_string(), "max_duration_secs": 2})).await;
+    c.create_target_from(json!({"name": "single", "type": "tcp", "address": echo.to_string(), "connection_limit": 1})).await;
 
     // A 2 s session ends by itself.
     let t0 = Instant::now();
@@ -662,17 +648,11 @@ async fn only_the_asked_worker_acknowledges_a_revocation() {
     let echo = echo_server().await;
     // A target only w2 may serve; w2 and w3 are the test's own, so nothing answers a
     // cancellation until the test does.
-    let _: serde_json::Value = c
-        .admin
-        .ok(
-            Method::POST,
-            "/v1/targets",
-            Some(
-                &json!({"name": "echo", "type": "tcp", "address": echo.to_string(),
+    c.create_target_from(
+        json!({"name": "echo", "type": "tcp", "address": echo.to_string(),
                          "worker_filter": {"fake": "w2"}}),
-            ),
-        )
-        .await;
+    )
+    .await;
     let mut w2 = FakeWorker::start(&c, "w2", json!({"fake": "w2"})).await;
     let mut w3 = FakeWorker::start(&c, "w3", json!({})).await;
     let (auth, _key) = authorize(&c.admin, "echo").await.expect("authorized on w2");
