@@ -149,6 +149,22 @@ impl Queued {
     }
 }
 
+/// Queues `datagram` for a flow's task, within the flow's bounds; a full queue drops it, as
+/// a congested network would. False when the task has ended.
+fn enqueue(tx: &mpsc::Sender<Bytes>, queued: &Queued, datagram: Bytes) -> bool {
+    let len = datagram.len();
+    if !queued.take(len) {
+        return true;
+    }
+    match tx.try_send(datagram) {
+        Ok(()) => true,
+        Err(e) => {
+            queued.give(len);
+            !matches!(e, mpsc::error::TrySendError::Closed(_))
+        }
+    }
+}
+
 /// Carries client datagrams to outbound-only workers until the controller stops.
 pub async fn serve(state: AppState, socket: UdpSocket) {
     let (ended_tx, mut ended_rx) = mpsc::unbounded_channel();
@@ -270,16 +286,8 @@ impl Relay {
     /// One datagram from `client`.
     fn datagram(&mut self, client: SocketAddr, datagram: Bytes) {
         if let Some(Entry::Open { tx, queued, .. }) = self.flows.get(&client) {
-            // A full queue drops the datagram, as a congested network would.
-            let len = datagram.len();
-            if !queued.take(len) {
-                return;
-            }
-            if let Err(e) = tx.try_send(datagram) {
-                queued.give(len);
-                if let mpsc::error::TrySendError::Closed(_) = e {
-                    self.flows.remove(&client);
-                }
+            if !enqueue(tx, queued, datagram) {
+                self.flows.remove(&client);
             }
             return;
         }
@@ -349,9 +357,7 @@ impl Relay {
         let source = self.sources.entry(client.ip()).or_default().clone();
         let queued = Arc::new(Queued::new(source, self.queued.clone()));
         for d in held {
-            if queued.take(d.len()) {
-                let _ = tx.try_send(d);
-            }
+            enqueue(&tx, &queued, d);
         }
         self.next_id += 1;
         let id = self.next_id;

@@ -1,6 +1,7 @@
 //! SSH: the workers' SSH host keys, and shell recordings (asciicast v2 text, appended as the
 //! worker streams it).
 
+use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::{now, Store, StoreError};
@@ -40,14 +41,6 @@ pub enum Appended {
 
 /// `end_reason` of a recording stopped at its size limit.
 pub const SIZE_LIMIT_REASON: &str = "size limit reached";
-
-fn recording_not_found(id: &str) -> StoreError {
-    StoreError::NotFound {
-        kind: "recording",
-        name: id.to_owned(),
-        suggestion: None,
-    }
-}
 
 impl Store {
     /// Records the SSH host key a worker reported in its hello.
@@ -193,42 +186,41 @@ impl Store {
         rows.iter().map(recording_from).collect()
     }
 
-    /// One recording, without its text.
-    pub async fn recording_info(&self, id: &str) -> Result<Recording, StoreError> {
-        let sql = format!("SELECT {RECORDING_COLS} FROM recordings WHERE id = $1");
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+    /// One recording's row, with `columns`.
+    async fn recording_row(&self, id: &str, columns: &str) -> Result<AnyRow, StoreError> {
+        let sql = format!("SELECT {columns} FROM recordings WHERE id = $1");
+        sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(id)
             .fetch_optional(&self.pool)
-            .await?;
-        match row {
-            Some(r) => recording_from(&r),
-            None => Err(recording_not_found(id)),
-        }
+            .await?
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "recording",
+                name: id.to_owned(),
+                suggestion: None,
+            })
+    }
+
+    /// One recording, without its text.
+    pub async fn recording_info(&self, id: &str) -> Result<Recording, StoreError> {
+        recording_from(&self.recording_row(id, RECORDING_COLS).await?)
     }
 
     /// One recording and its asciicast text.
     pub async fn recording(&self, id: &str) -> Result<(Recording, String), StoreError> {
-        let sql = format!("SELECT {RECORDING_COLS}, content FROM recordings WHERE id = $1");
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(id)
-            .fetch_optional(&self.pool)
+        let r = self
+            .recording_row(id, &format!("{RECORDING_COLS}, content"))
             .await?;
-        match row {
-            Some(r) => {
-                let mut cast: String = r.try_get("content")?;
-                let chunks = sqlx::query(
-                    "SELECT data FROM recording_chunks WHERE recording_id = $1 ORDER BY byte_offset",
-                )
-                .bind(id)
-                .fetch_all(&self.pool)
-                .await?;
-                for chunk in &chunks {
-                    cast.push_str(chunk.try_get("data")?);
-                }
-                Ok((recording_from(&r)?, cast))
-            }
-            None => Err(recording_not_found(id)),
+        let mut cast: String = r.try_get("content")?;
+        let chunks = sqlx::query(
+            "SELECT data FROM recording_chunks WHERE recording_id = $1 ORDER BY byte_offset",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        for chunk in &chunks {
+            cast.push_str(chunk.try_get("data")?);
         }
+        Ok((recording_from(&r)?, cast))
     }
 }
 
