@@ -342,7 +342,6 @@ impl Cluster {
         bail!("worker did not connect within 10 s")
     }
 
-    /// Creates a tcp target.
     /// Creates a target from a raw `POST /v1/targets` body (fields `create_target` does not
     /// set: a worker filter, durations, a type).
     pub async fn create_target_from(&self, body: serde_json::Value) {
@@ -352,6 +351,7 @@ impl Cluster {
             .await;
     }
 
+    /// Creates a tcp target.
     pub async fn create_target(&self, name: &str, address: &str, labels: &[(&str, &str)]) {
         let _: serde_json::Value = self
             .admin

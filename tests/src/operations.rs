@@ -3,8 +3,8 @@
 //! configs under `deploy/`, `/metrics` (in `metrics`) and the secret-leak grep of a full run's
 //! logs (in `secrets`). The Prometheus text reader is `prom`.
 
-mod metrics;
-mod prom;
+pub(crate) mod metrics;
+pub(crate) mod prom;
 mod secrets;
 
 use std::path::{Path, PathBuf};

@@ -15,6 +15,8 @@ use crate::harness::{
     controller_config, echo_server, free_addrs, Api, ApiFailure, Cluster, ClusterOptions, PgDb,
     Traffic,
 };
+use crate::operations::metrics::{scrape, scrape_until};
+use crate::operations::prom::{value, Samples};
 
 /// Generous sanity bound for a revocation to cut an open connection (the real figure is the
 /// benchmark's).
@@ -657,8 +659,8 @@ async fn only_the_asked_worker_acknowledges_a_revocation() {
     let mut w3 = FakeWorker::start(&c, "w3", json!({})).await;
     let (auth, _key) = authorize(&c.admin, "echo").await.expect("authorized on w2");
     let id = auth.session_id;
-    let acked = |c: &Samples| c.get("postern_revocation_duration_seconds_count").copied();
-    let before = acked(&scrape(&c.admin.base).await).unwrap_or(0.0);
+    let acked = |c: &Samples| value(c, "postern_revocation_duration_seconds_count");
+    let before = acked(&scrape(&c.admin.base).await);
     c.admin.cancel_session(&id).await;
 
     let ack = |cut| WorkerMessage::CancelAck {
@@ -671,7 +673,7 @@ async fn only_the_asked_worker_acknowledges_a_revocation() {
     })
     .await;
     assert_eq!(foreign.actor, "worker:w3", "{foreign:?}");
-    let after_foreign = acked(&scrape(&c.admin.base).await).unwrap_or(0.0);
+    let after_foreign = acked(&scrape(&c.admin.base).await);
     assert_eq!(after_foreign, before, "w3's acknowledgement is not timed");
 
     w2.send(&ack(0)).await;
@@ -680,37 +682,16 @@ async fn only_the_asked_worker_acknowledges_a_revocation() {
     })
     .await;
     assert_eq!(answer.actor, "admin", "{answer:?}");
-    let mut timed = after_foreign;
-    for _ in 0..100 {
-        timed = acked(&scrape(&c.admin.base).await).unwrap_or(0.0);
-        if timed > before {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let timed = acked(
+        &scrape_until(&c.admin.base, "w2's acknowledgement timed", |m| {
+            acked(m) > before
+        })
+        .await,
+    );
     assert_eq!(timed, before + 1.0, "w2's acknowledgement is timed");
     w2.close();
     w3.close();
     c.stop().await;
-}
-
-/// `/metrics` at `base` as sample name → value (labelled samples keep their labels).
-type Samples = std::collections::HashMap<String, f64>;
-
-async fn scrape(base: &str) -> Samples {
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            Some((name.to_owned(), value.parse().ok()?))
-        })
-        .collect()
 }
 
 /// A registered worker whose identity the test speaks with itself on the controller's

@@ -14,7 +14,7 @@ use super::prom::{parse, value, Samples};
 use super::worker_config;
 use crate::harness::{controller_config, echo_server, Api, ClusterOptions, TempDir};
 
-async fn scrape(url: &str) -> Samples {
+pub(crate) async fn scrape(url: &str) -> Samples {
     let resp = reqwest::get(format!("{url}/metrics"))
         .await
         .expect("GET /metrics");
@@ -41,7 +41,11 @@ async fn scrape(url: &str) -> Samples {
 }
 
 /// Scrapes until `check` holds (≤ 10 s): reports reach the controller asynchronously.
-async fn scrape_until(url: &str, what: &str, check: impl Fn(&Samples) -> bool) -> Samples {
+pub(crate) async fn scrape_until(
+    url: &str,
+    what: &str,
+    check: impl Fn(&Samples) -> bool,
+) -> Samples {
     let mut last = Samples::new();
     for _ in 0..100 {
         last = scrape(url).await;
