@@ -5,15 +5,20 @@
 //! per system call.
 
 use std::io::{self, IoSlice};
+use std::pin::Pin;
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use quinn::{RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite};
 
 /// Largest read from a socket at once.
 pub const CHUNK: usize = 64 * 1024;
-/// Most received stream chunks (~one QUIC packet each) written in one system call.
-const BATCH: usize = 32;
+/// Received stream chunks (~one QUIC packet each) a new pump takes per read: small, so an idle
+/// connection holds little.
+const FIRST_BATCH: usize = 8;
+/// Most received chunks written in one system call. A pump whose read fills its room doubles
+/// it, up to this: a busy stream on a 1500-byte path brings hundreds of packets per wake-up.
+const MAX_BATCH: usize = 256;
 
 /// Which side of a pump failed.
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +60,8 @@ pub async fn out_of_stream<W: AsyncWrite + Unpin>(
     to: &mut W,
     moved: &mut u64,
 ) -> Result<(), PumpError> {
-    let mut chunks: [Bytes; BATCH] = std::array::from_fn(|_| Bytes::new());
+    // On the heap, so its size does not count in every connection's future.
+    let mut chunks = vec![Bytes::new(); FIRST_BATCH];
     loop {
         let Some(n) = from
             .read_chunks(&mut chunks)
@@ -69,10 +75,14 @@ pub async fn out_of_stream<W: AsyncWrite + Unpin>(
             .await
             .map_err(PumpError::Sink)?;
         *moved += total as u64;
+        if n == chunks.len() && n < MAX_BATCH {
+            chunks.resize(n * 2, Bytes::new());
+        }
     }
 }
 
-/// Writes every chunk, in order, with as few vectored writes as the socket allows.
+/// Writes every chunk, in order, with as few vectored writes as the socket allows, and lets go
+/// of each (and so of the packet buffer behind it) once it is written.
 async fn write_all_chunks<W: AsyncWrite + Unpin>(
     to: &mut W,
     chunks: &mut [Bytes],
@@ -80,17 +90,21 @@ async fn write_all_chunks<W: AsyncWrite + Unpin>(
     let mut first = 0;
     while first < chunks.len() {
         if chunks[first].is_empty() {
+            chunks[first] = Bytes::new();
             first += 1;
             continue;
         }
-        let mut written = {
-            let mut slices = [IoSlice::new(&[]); BATCH];
-            let count = chunks.len() - first;
-            for (slice, chunk) in slices.iter_mut().zip(&chunks[first..]) {
+        let pending = &chunks[first..];
+        // The slices are built on the stack at each poll, not kept in the future across it.
+        let mut written = std::future::poll_fn(|cx| {
+            let mut slices = [IoSlice::new(&[]); MAX_BATCH];
+            let count = pending.len().min(MAX_BATCH);
+            for (slice, chunk) in slices.iter_mut().zip(pending) {
                 *slice = IoSlice::new(chunk);
             }
-            to.write_vectored(&slices[..count]).await?
-        };
+            Pin::new(&mut *to).poll_write_vectored(cx, &slices[..count])
+        })
+        .await?;
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -100,6 +114,7 @@ async fn write_all_chunks<W: AsyncWrite + Unpin>(
             chunk.advance(take);
             written -= take;
             if chunk.is_empty() {
+                *chunk = Bytes::new();
                 first += 1;
             }
         }
@@ -109,7 +124,28 @@ async fn write_all_chunks<W: AsyncWrite + Unpin>(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
     use super::*;
+
+    /// A received packet's buffer, counting when it is let go.
+    struct Owned {
+        data: Vec<u8>,
+        released: Arc<AtomicUsize>,
+    }
+
+    impl AsRef<[u8]> for Owned {
+        fn as_ref(&self) -> &[u8] {
+            &self.data
+        }
+    }
+
+    impl Drop for Owned {
+        fn drop(&mut self) {
+            self.released.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 
     /// A writer that takes at most `limit` bytes per call, to exercise partial writes.
     struct Trickle {
@@ -143,21 +179,36 @@ mod tests {
 
     #[tokio::test]
     async fn partial_vectored_writes_keep_every_byte_in_order() {
-        let parts: Vec<Vec<u8>> = (0..40u8)
-            .map(|i| vec![i; 1 + (i as usize * 37) % 300])
+        // More chunks than one vectored write takes.
+        let parts: Vec<Vec<u8>> = (0..MAX_BATCH + 40)
+            .map(|i| vec![i as u8; 1 + (i * 37) % 300])
             .collect();
         let expected: Vec<u8> = parts.concat();
         for limit in [1, 7, 300, 100_000] {
-            let mut chunks: Vec<Bytes> = parts.iter().cloned().map(Bytes::from).collect();
+            let released = Arc::new(AtomicUsize::new(0));
+            let mut chunks: Vec<Bytes> = parts
+                .iter()
+                .map(|part| {
+                    Bytes::from_owner(Owned {
+                        data: part.clone(),
+                        released: released.clone(),
+                    })
+                })
+                .collect();
             chunks.insert(3, Bytes::new()); // empty chunks are skipped, not written
             let mut sink = Trickle {
                 out: Vec::new(),
                 limit,
             };
-            for batch in chunks.chunks_mut(BATCH) {
-                write_all_chunks(&mut sink, batch).await.expect("write");
-            }
+            write_all_chunks(&mut sink, &mut chunks)
+                .await
+                .expect("write");
             assert_eq!(sink.out, expected, "limit {limit}");
+            assert_eq!(
+                released.load(Ordering::SeqCst),
+                parts.len(),
+                "every written chunk's buffer is let go (limit {limit})"
+            );
         }
     }
 }
