@@ -41,6 +41,10 @@ AUTHZ = int(os.environ.get("BENCH_AUTHZ", "2000"))
 IDLE = int(os.environ.get("BENCH_IDLE_CONNS", "10000"))
 PG_SCALE = int(os.environ.get("BENCH_PG_SCALE", "10"))
 ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
+# Set by bench/run, which then runs this script in a network namespace of its own whose
+# loopback has this MTU: every tunnel, not only Postern's QUIC, crosses a path of that size.
+PATH_MTU = int(os.environ.get("BENCH_PATH_MTU") or 0)
+RESULTS = "results.json" if not PATH_MTU else f"results-mtu{PATH_MTU}.json"
 PG_DB = "postern_bench"
 CTL_DB = "postern_bench_controller"  # the second controller's store (authorizations)
 
@@ -91,9 +95,16 @@ def stop(p, sig=signal.SIGTERM):
         procs.remove(p)
 
 
+def want(k):
+    """Is measurement k part of this run (`BENCH_ONLY`)?"""
+    return not ONLY or k in ONLY
+
+
 def cleanup():
     for p in reversed(list(procs)):
         stop(p)
+    if PATH_MTU:
+        return  # the namespace reaches no PostgreSQL, and this run created no database
     try:
         for db in (PG_DB, CTL_DB):
             psql("DROP DATABASE IF EXISTS " + db, db="postgres", check=False)
@@ -215,6 +226,8 @@ class Env:
         wait_port(self.echo_port, p)
         self.start_iperf()
         self.tunnels["direct"] = {"iperf": self.iperf_port, "echo": self.echo_port, "pg": 5432}
+        if not want("pg"):
+            return
         log(f"PostgreSQL: database {PG_DB}, pgbench -i -s {PG_SCALE}")
         psql("DROP DATABASE IF EXISTS " + PG_DB)
         psql("CREATE DATABASE " + PG_DB)
@@ -634,6 +647,7 @@ SESSION_LABELS = {
 
 def report(env, res, idle, elapsed):
     out = {"meta": {"rounds": ROUNDS, "iperf_secs": IPERF_SECS, "pgbench_secs": PGBENCH_SECS,
+                    "path_mtu": PATH_MTU or None,
                     "conns_per_round": CONNS, "pg_scale": PG_SCALE, "elapsed_secs": elapsed,
                     "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": os.uname().nodename,
                     "nproc": os.cpu_count()},
@@ -741,9 +755,12 @@ def report(env, res, idle, elapsed):
         targets.append({"target": text, "met": ok, "detail": detail})
 
     for (g, label), pc in itertools.product((("tput1", "1 conn"), ("tput4", "4 conns")),
+                                            ("postern",) if PATH_MTU else
                                             ("postern", "postern-1500")):
         p = m(g, pc)
-        if pc != "postern":
+        if PATH_MTU:
+            label += f", every tunnel on a {PATH_MTU}-byte path"
+        elif pc != "postern":
             label += ", 1500-byte path"
         for c, factor in (("ssh", 1.5), ("ssh-aes128gcm", 1.0), ("rathole-tls", 1.0),
                           ("rathole-noise", 1.0)):
@@ -817,11 +834,11 @@ def report(env, res, idle, elapsed):
                  "caps throughput here.")
     lines.append(f"* = best peer (ssh, socat, rathole; direct and Postern excluded). Rounds: "
                  f"{ROUNDS}, peers interleaved (order rotated each round); min–max over "
-                 f"rounds. Total time {elapsed / 60:.1f} min. JSON: bench/results.json")
+                 f"rounds. Total time {elapsed / 60:.1f} min. JSON: bench/{RESULTS}")
     header = (f"Postern benchmark — {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, "
-              f"loopback")
+              f"loopback" + (f" of MTU {PATH_MTU} (a network namespace)" if PATH_MTU else ""))
     print("\n" + header + "\n" + "=" * len(header) + "\n".join(lines))
-    with open(os.path.join(HERE, "results.json"), "w") as f:
+    with open(os.path.join(HERE, RESULTS), "w") as f:
         json.dump(out, f, indent=2, ensure_ascii=False)
 
 
@@ -830,6 +847,10 @@ def report(env, res, idle, elapsed):
 
 def main():
     t0 = time.time()
+    # In the namespace there is no PostgreSQL (pg, authz and audit need it).
+    no_pg = {"connlat", "session", "tput", "revoke", "idle"}
+    if PATH_MTU and (not ONLY or not ONLY <= no_pg):
+        sys.exit(f"BENCH_PATH_MTU: BENCH_ONLY must name only {','.join(sorted(no_pg))}")
     shutil.rmtree(RUN, ignore_errors=True)
     os.makedirs(RUN)
     atexit.register(cleanup)
@@ -854,7 +875,7 @@ def main():
             failures[f"rathole-{t}"] = RATHOLE_NOTE or "rathole not installed"
     log("starting Postern (postern dev, postern connect)")
     env.start_postern()
-    if not ONLY or "authz" in ONLY:
+    if want("authz"):
         log("starting a second postern dev on PostgreSQL (authorizations)")
         try:
             env.start_postern_pg_controller()
@@ -862,9 +883,6 @@ def main():
             failures["controller-pg"] = str(e)[-300:]
 
     configs = ["direct"] + [c for c in PEERS if c in env.tunnels] + ["postern"]
-
-    def want(k):
-        return not ONLY or k in ONLY
 
     for rnd in range(ROUNDS):
         log(f"round {rnd + 1}/{ROUNDS}")
@@ -876,7 +894,8 @@ def main():
         if want("session"):
             measure_sessions(env, res)
         if want("tput"):
-            for c in order(configs + ["postern-1500"], rnd):
+            # On a path of PATH_MTU, Postern's own row is the capped one.
+            for c in order(configs + ([] if PATH_MTU else ["postern-1500"]), rnd):
                 for g, n in (("tput1", 1), ("tput4", 4)):
                     gbps, per_gb = iperf(env, c, n)
                     res.add(g, c, gbps)
@@ -895,11 +914,19 @@ def main():
     if want("idle") and IDLE > 0:
         log(f"idle scale: {IDLE} connections")
         idle = measure_idle(env)
-    notes.append(
-        "QUIC packet size: 'Postern tcp' lets MTU discovery climb to the loopback route's MTU "
-        "(64 KiB), as it would to 9,000 on a jumbo-frame network; the '1500-byte path' row caps "
-        "the UDP payload at 1452 B (POSTERN_QUIC_MAX_UDP_PAYLOAD=1452), what an Ethernet path "
-        "between hosts allows.")
+    if PATH_MTU:
+        notes.append(
+            f"Path MTU: every process ran in a network namespace whose loopback has MTU "
+            f"{PATH_MTU}: TCP tunnels send segments of that size (the kernel's segmentation "
+            f"offload still hands them 64 KiB at a time, as a NIC's would), and Postern's MTU "
+            f"discovery stops at it.")
+    else:
+        notes.append(
+            "QUIC packet size: 'Postern tcp' lets MTU discovery climb to the loopback route's "
+            "MTU (64 KiB), as it would to 9,000 on a jumbo-frame network; the '1500-byte path' "
+            "row caps the UDP payload at 1452 B (POSTERN_QUIC_MAX_UDP_PAYLOAD=1452), what an "
+            "Ethernet path between hosts allows, while the peers' rows keep 64 KiB (for every "
+            "tunnel on a 1500-byte path: BENCH_PATH_MTU=1500 bench/run).")
     report(env, res, idle, time.time() - t0)
 
 
