@@ -192,12 +192,21 @@ impl ControllerMetrics {
             .inc();
     }
 
-    /// A cancellation was pushed on a worker's control stream (its latency starts now).
-    pub fn revocation_pushed(&self, session_id: &str) {
+    /// Times a cancellation that `push` puts on a worker's control stream, returning what
+    /// `push` returned (whether it went out). The clock starts before the push, so an
+    /// acknowledgement that comes back before `push` returns still finds it.
+    pub fn time_revocation(&self, session_id: &str, push: impl FnOnce() -> bool) -> bool {
         let now = Instant::now();
-        let mut pending = lock(&self.pending_revocations);
-        pending.retain(|_, at| now.duration_since(*at) < REVOCATION_MEMORY);
-        pending.insert(session_id.to_owned(), now);
+        {
+            let mut pending = lock(&self.pending_revocations);
+            pending.retain(|_, at| now.duration_since(*at) < REVOCATION_MEMORY);
+            pending.insert(session_id.to_owned(), now);
+        }
+        let pushed = push();
+        if !pushed {
+            lock(&self.pending_revocations).remove(session_id);
+        }
+        pushed
     }
 
     /// The worker acknowledged a cancellation.
@@ -312,12 +321,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_revocation_is_timed_from_before_its_push() {
+        let m = ControllerMetrics::new();
+        // The worker's acknowledgement can come back before the push returns.
+        assert!(m.time_revocation("s1", || {
+            m.revocation_acked("s1");
+            true
+        }));
+        // A push that did not go out leaves nothing to time.
+        assert!(!m.time_revocation("s2", || false));
+        m.revocation_acked("s2");
+        let text = m.render(None);
+        assert!(
+            text.contains("postern_revocation_duration_seconds_count 1\n"),
+            "one revocation timed in\n{text}"
+        );
+        assert!(lock(&m.pending_revocations).is_empty());
+    }
+
+    #[test]
     fn renders_counters_and_gauges() {
         let m = ControllerMetrics::new();
         m.authorized(200, Duration::from_millis(3));
         m.authorized(403, Duration::from_millis(1));
         m.revoked("pushed");
-        m.revocation_pushed("s1");
+        assert!(m.time_revocation("s1", || true));
         m.revocation_acked("s1");
         m.connection_closed(10, 20);
         m.worker_contact("w1", Some((2, 3)));

@@ -80,8 +80,9 @@ async fn deliver_cancel(
     reason: &str,
     actor: &str,
 ) -> &'static str {
-    if state.workers.cancel(worker, session_id, reason, actor) {
-        state.metrics.revocation_pushed(session_id);
+    if state.metrics.time_revocation(session_id, || {
+        state.workers.cancel(worker, session_id, reason, actor)
+    }) {
         return "pushed";
     }
     if state.store.backend() == Backend::Postgres {
@@ -306,13 +307,14 @@ pub async fn listen_for_cancels(state: AppState, database_url: String) {
             }
             Ok(n) => match serde_json::from_str::<CancelNote>(n.payload()) {
                 Ok(note) => {
-                    if state.workers.cancel(
-                        &note.worker,
-                        &note.session_id,
-                        &note.reason,
-                        &note.actor,
-                    ) {
-                        state.metrics.revocation_pushed(&note.session_id);
+                    if state.metrics.time_revocation(&note.session_id, || {
+                        state.workers.cancel(
+                            &note.worker,
+                            &note.session_id,
+                            &note.reason,
+                            &note.actor,
+                        )
+                    }) {
                         tracing::info!(session = %note.session_id, worker = %note.worker, "delivered a cancellation from another controller");
                     }
                 }
