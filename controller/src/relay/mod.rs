@@ -165,6 +165,15 @@ fn enqueue(tx: &mpsc::Sender<Bytes>, queued: &Queued, datagram: Bytes) -> bool {
     }
 }
 
+/// Ends a flow's queue: nothing more gets in, and what it still holds leaves the flow's, its
+/// source address's and the relay's counts with it.
+fn close_queue(rx: &mut mpsc::Receiver<Bytes>, queued: &Queued) {
+    rx.close();
+    while let Ok(d) = rx.try_recv() {
+        queued.give(d.len());
+    }
+}
+
 /// Carries client datagrams to outbound-only workers until the controller stops.
 pub async fn serve(state: AppState, socket: UdpSocket) {
     let (ended_tx, mut ended_rx) = mpsc::unbounded_channel();
@@ -369,11 +378,7 @@ impl Relay {
                 Ok(()) => tracing::debug!(%client, %worker, "relayed client idle: flow ended"),
                 Err(e) => tracing::debug!(%client, %worker, "relayed flow ended: {e}"),
             }
-            // What is still queued leaves the relay's count with the flow.
-            rx.close();
-            while let Ok(d) = rx.try_recv() {
-                flow_queued.give(d.len());
-            }
+            close_queue(&mut rx, &flow_queued);
             let _ = ended.send((client, id));
         });
         Some(Entry::Open { id, tx, queued })
@@ -495,6 +500,25 @@ mod tests {
         );
         flows[0].give(FLOW_QUEUE_BYTES);
         assert!(last.take(1000), "room again once a flow drains");
+    }
+
+    #[test]
+    fn an_ended_flow_gives_back_what_it_still_held() {
+        let relay = Arc::new(AtomicUsize::new(0));
+        let source = Arc::new(AtomicUsize::new(0));
+        let queued = Queued::new(source.clone(), relay.clone());
+        let (tx, mut rx) = mpsc::channel(FLOW_QUEUE);
+        for len in [1000, 1200, 1452] {
+            assert!(enqueue(&tx, &queued, Bytes::from(vec![0u8; len])));
+        }
+        assert_eq!(relay.load(Ordering::Relaxed), 3652);
+        close_queue(&mut rx, &queued);
+        let counts =
+            || [&queued.flow, &*source, &*relay].map(|count| count.load(Ordering::Relaxed));
+        assert_eq!(counts(), [0, 0, 0], "all given back");
+        // An ended flow takes nothing more, and counts nothing for it.
+        assert!(!enqueue(&tx, &queued, Bytes::from(vec![0u8; 1000])));
+        assert_eq!(counts(), [0, 0, 0]);
     }
 
     #[test]
