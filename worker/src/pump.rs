@@ -81,8 +81,8 @@ pub async fn out_of_stream<W: AsyncWrite + Unpin>(
     }
 }
 
-/// Writes every chunk, in order, with as few vectored writes as the socket allows, and lets go
-/// of each (and so of the packet buffer behind it) once it is written.
+/// Writes every chunk, in order, with as few vectored writes as the socket allows, then lets
+/// go of them (and so of the packet buffers behind them) rather than keep them to the next read.
 async fn write_all_chunks<W: AsyncWrite + Unpin>(
     to: &mut W,
     chunks: &mut [Bytes],
@@ -90,7 +90,6 @@ async fn write_all_chunks<W: AsyncWrite + Unpin>(
     let mut first = 0;
     while first < chunks.len() {
         if chunks[first].is_empty() {
-            chunks[first] = Bytes::new();
             first += 1;
             continue;
         }
@@ -114,11 +113,11 @@ async fn write_all_chunks<W: AsyncWrite + Unpin>(
             chunk.advance(take);
             written -= take;
             if chunk.is_empty() {
-                *chunk = Bytes::new();
                 first += 1;
             }
         }
     }
+    chunks.fill(Bytes::new());
     Ok(())
 }
 
