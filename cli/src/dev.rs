@@ -183,7 +183,8 @@ fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File> {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => bail!(
             "another `postern dev` is running with the data directory {}; stop it first, or \
-             pass --data-dir DIR (and --api-addr) for a second one",
+             pass --data-dir DIR and --api-addr ADDR for a second one (with its own \
+             POSTERN_CONFIG_DIR, or its login replaces the first one's saved profile)",
             data_dir.display()
         ),
         Err(std::fs::TryLockError::Error(e)) => {
@@ -356,19 +357,19 @@ async fn ensure_tcp_port_free(addr: SocketAddr) -> Result<()> {
 }
 
 fn banner(api_url: &str, session_addr: SocketAddr, data_dir: &Path, admin: &str, password: &str) {
-    println!(
+    let text = format!(
         "Postern dev is running (controller {api_url}, worker {DEV_WORKER} on {session_addr}, \
-         data in {})",
+         data in {})\n\
+         Admin login: {admin} / {password}   (a logged-in profile has been saved)\n\
+         Try:\n  \
+         postern targets list\n  \
+         postern connect {DEMO_TARGET} -- psql -h 127.0.0.1 -p {{port}} -U postgres -c 'select 1'\n  \
+         postern sessions list\n\
+         Ctrl-C stops it.\n",
         data_dir.display()
     );
-    println!("Admin login: {admin} / {password}   (a logged-in profile has been saved)");
-    println!("Try:");
-    println!("  postern targets list");
-    println!(
-        "  postern connect {DEMO_TARGET} -- psql -h 127.0.0.1 -p {{port}} -U postgres -c 'select 1'"
-    );
-    println!("  postern sessions list");
-    println!("Ctrl-C stops it.");
+    // A reader that stopped reading (`postern dev | head`) must not stop the servers.
+    let _ = crate::output::write_stdout(format_args!("{text}"));
 }
 
 async fn wait_for_shutdown_signal() {

@@ -78,6 +78,8 @@ where
     runtime.shutdown_timeout(Duration::from_millis(200));
     match result {
         Ok(code) => code,
+        // The reader asked for no more (`| head`): like any Unix tool, stop without a word.
+        Err(e) if e.is::<output::StdoutClosed>() => ExitCode::SUCCESS,
         Err(e) => {
             print_error(&e);
             ExitCode::FAILURE
@@ -85,12 +87,24 @@ where
     }
 }
 
-/// Prints `error: <message>` and its causes on stderr.
+/// Prints `error: <message>` and its causes on stderr, each cause once: a cause whose text
+/// the line above already holds (a library that repeats its source in its own message) adds
+/// nothing.
 pub fn print_error(e: &anyhow::Error) {
-    eprintln!("error: {e}");
+    eprintln!("{}", error_text(e));
+}
+
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = format!("error: {e}");
+    let mut above = e.to_string();
     for cause in e.chain().skip(1) {
-        eprintln!("  caused by: {cause}");
+        let line = cause.to_string();
+        if !above.contains(&line) {
+            text.push_str(&format!("\n  caused by: {line}"));
+        }
+        above = line;
     }
+    text
 }
 
 fn init_tracing(verbose: u8) {
@@ -118,4 +132,42 @@ pub(crate) fn dev_runtime(thread_name: &str) -> std::io::Result<tokio::runtime::
         builder.worker_threads(1);
     }
     builder.thread_name(thread_name).enable_all().build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("database \"x\" does not exist: {0}")]
+    struct Repeats(#[source] std::io::Error);
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let io = || std::io::Error::other("database \"x\" does not exist");
+        // A library error that repeats its source's text: the source adds nothing.
+        let e = anyhow::Error::new(Repeats(io())).context("cannot open the store");
+        assert_eq!(
+            error_text(&e),
+            "error: cannot open the store\n  caused by: database \"x\" does not exist: \
+             database \"x\" does not exist"
+        );
+        // Distinct causes all show, in order.
+        let e = anyhow::Error::new(io())
+            .context("connecting")
+            .context("starting");
+        assert_eq!(
+            error_text(&e),
+            "error: starting\n  caused by: connecting\n  caused by: database \"x\" does not exist"
+        );
+    }
+
+    #[test]
+    fn a_closed_stdout_is_told_apart_from_other_write_failures() {
+        let closed = output::stdout_error(std::io::ErrorKind::BrokenPipe.into());
+        assert!(closed.context("listing").is::<output::StdoutClosed>());
+        let full = output::stdout_error(std::io::Error::from_raw_os_error(28));
+        assert!(!full.is::<output::StdoutClosed>());
+        assert!(error_text(&full).starts_with("error: writing to stdout\n  caused by: "));
+    }
 }

@@ -2,15 +2,55 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::io::Write as _;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
 
+/// Stdout was closed by its reader (`postern audit list | head`): the command stops there,
+/// quietly and successfully, as the reader asked for no more.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout was closed by its reader")]
+pub struct StdoutClosed;
+
+/// What writing `text` to stdout failed with: [`StdoutClosed`] for a reader that went away,
+/// anything else (a full disk behind a redirect) as an error that says it was stdout.
+pub fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        StdoutClosed.into()
+    } else {
+        anyhow::Error::new(e).context("writing to stdout")
+    }
+}
+
+/// Writes `args` to stdout; unlike `print!`, a closed or failing stdout is an error to
+/// return, not a panic.
+pub fn write_stdout(args: std::fmt::Arguments<'_>) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(args)
+        .and_then(|()| out.flush())
+        .map_err(stdout_error)
+}
+
+/// `println!` that returns a closed or failing stdout as an error ([`write_stdout`]) from the
+/// enclosing function, which must return `anyhow::Result`.
+#[macro_export]
+macro_rules! outln {
+    () => { $crate::output::write_stdout(format_args!("\n"))? };
+    ($($arg:tt)*) => { $crate::output::write_stdout(format_args!("{}\n", format_args!($($arg)*)))? };
+}
+
+/// `print!` that returns a closed or failing stdout as an error (see [`outln!`]).
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::output::write_stdout(format_args!($($arg)*))? };
+}
+
 /// Prints `value` as pretty JSON on stdout.
 pub fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(value).context("encoding JSON output")?;
-    println!("{text}");
+    outln!("{text}");
     Ok(())
 }
 
@@ -58,22 +98,31 @@ impl Table {
         out
     }
 
+    /// Renders the rows without the header (more rows of a table already printed).
+    pub fn render_rows(&self) -> String {
+        let all = self.render();
+        all.split_once('\n')
+            .map_or(String::new(), |(_, rows)| rows.to_owned())
+    }
+
     /// Prints the table on stdout, or `empty` if it has no rows.
-    pub fn print(&self, empty: &str) {
+    pub fn print(&self, empty: &str) -> Result<()> {
         if self.rows.len() <= 1 {
-            println!("{empty}");
+            outln!("{empty}");
         } else {
-            print!("{}", self.render());
+            out!("{}", self.render());
         }
+        Ok(())
     }
 }
 
 /// Prints `key: value` lines with the values aligned.
-pub fn print_fields(fields: &[(&str, String)]) {
+pub fn print_fields(fields: &[(&str, String)]) -> Result<()> {
     let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
     for (k, v) in fields {
-        println!("{:<width$} {v}", format!("{k}:"));
+        outln!("{:<width$} {v}", format!("{k}:"));
     }
+    Ok(())
 }
 
 /// A Unix time as RFC 3339 (UTC).

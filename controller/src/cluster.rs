@@ -35,12 +35,12 @@ pub enum ClusterError {
     #[error("cluster TLS setup failed: {0}")]
     Tls(String),
     /// Binding the UDP socket failed.
-    #[error("cannot listen for workers on {addr}: {source}")]
+    #[error("cannot listen for workers on {addr}: {error}")]
     Bind {
         /// Address.
         addr: SocketAddr,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Certificate issuance failed.
     #[error(transparent)]
@@ -255,7 +255,7 @@ pub fn endpoint(keys: &RootKeys, addr: SocketAddr) -> Result<quinn::Endpoint, Cl
             .map_err(|_| ClusterError::Tls("idle".into()))?,
     ));
     config.transport_config(Arc::new(transport));
-    quinn::Endpoint::server(config, addr).map_err(|source| ClusterError::Bind { addr, source })
+    quinn::Endpoint::server(config, addr).map_err(|error| ClusterError::Bind { addr, error })
 }
 
 /// Accepts worker connections until the endpoint closes.

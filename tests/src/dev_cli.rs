@@ -158,6 +158,27 @@ fn dev_then_connect_runs_real_psql_through_the_worker() {
         "no bytes counted: {last}"
     );
 
+    // A session asked for longer than the target allows is shortened, and the user told.
+    let out = postern(
+        &dir,
+        &["connect", "demo-postgres", "-d", "100h", "--", "true"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the longest demo-postgres allows (asked for 4d 4h)"),
+        "{stderr}"
+    );
+    let out = postern(
+        &dir,
+        &["connect", "demo-postgres", "-d", "30m", "--", "true"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !stderr.contains("note:"),
+        "{stderr}"
+    );
+
     // A mistyped target gets a clear error and a non-zero exit.
     let out = postern(&dir, &["connect", "demo-postgre", "--", "true"]);
     assert!(!out.status.success());
@@ -194,6 +215,35 @@ fn dev_then_connect_runs_real_psql_through_the_worker() {
     assert!(out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("s_nope"), "{stderr}");
+
+    // A reader that stops reading (`postern audit list | head`) ends the command quietly:
+    // no panic, no error, whichever way it prints. The pipe's read end is closed before
+    // the command starts, so its first write fails.
+    let session = last["id"].as_str().expect("session id").to_owned();
+    for args in [
+        &["audit", "list"][..],
+        &["audit", "export"][..],
+        &["sessions", "show", &session][..],
+        &["roles", "show", "admin"][..],
+        &["targets", "list", "--json"][..],
+    ] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let out = Command::new(postern_bin())
+            .args(args)
+            .env("POSTERN_CONFIG_DIR", dir.path().join("config"))
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run postern");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stderr.is_empty(),
+            "{args:?} into a closed pipe: {:?}\n{stderr}",
+            out.status
+        );
+    }
 }
 
 /// `postern dev --database-url`: the same dev stack with the controller's state in

@@ -387,16 +387,33 @@ async fn a_per_session_role_is_created_used_and_dropped() {
     .await;
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}\n{stderr}\n{}", pg.log());
-    // Logged in as the session's own role, acting as the group.
+    // Logged in as the session's own role, acting as the group; the client that asked for
+    // another user is told.
     assert_eq!(stdout, format!("{GROUP_ROLE}|{role}"), "{stderr}");
-    // A second connection of the session uses the same role.
+    assert!(
+        stderr.contains(&format!(
+            "logs in as its own database role \"{role}\", a member of \"{GROUP_ROLE}\", not \"carol\""
+        )),
+        "{stderr}"
+    );
+    // A second connection of the session uses the same role; asking for the group role, as
+    // `postern psql --db-user GROUP` does, draws no notice.
     let out = client(
         "psql",
         addr,
-        &["-XAt", "-d", "postgres", "-c", "select session_user"],
+        &[
+            "-XAt",
+            "-U",
+            GROUP_ROLE,
+            "-d",
+            "postgres",
+            "-c",
+            "select session_user",
+        ],
     )
     .await;
     assert_eq!(text(&out).0, role, "{:?}", text(&out));
+    assert!(!text(&out).1.contains("logs in as"), "{:?}", text(&out));
 
     // While the session lives: its role exists, expires with it, and the leftover is gone.
     assert_eq!(session_roles(&pg), std::slice::from_ref(&role));

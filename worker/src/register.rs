@@ -221,9 +221,19 @@ async fn post_register(
     token: &str,
     csr_pem: String,
 ) -> Result<RegisterResponse, RegisterError> {
-    let unreachable = |e: reqwest::Error| RegisterError::Unreachable {
-        url: url.to_owned(),
-        reason: error_chain(&e),
+    let unreachable = |e: reqwest::Error| {
+        let mut reason = error_chain(&e);
+        if unknown_issuer(&e) {
+            reason.push_str(
+                " (the controller's certificate is not from a CA this worker trusts: set \
+                 controller_ca_fingerprint, or POSTERN_CONTROLLER_CA_FINGERPRINT, to the CA \
+                 SHA-256 that `postern workers create` printed)",
+            );
+        }
+        RegisterError::Unreachable {
+            url: url.to_owned(),
+            reason,
+        }
     };
     let request = RegisterRequest {
         activation_token: token.to_owned(),
@@ -334,6 +344,25 @@ fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), Register
 }
 
 /// An error and its causes on one line (reqwest's own message is terse).
+/// Whether `e` comes from a TLS handshake that found the server's certificate issued by a CA
+/// it does not trust. An `io::Error` shows its inner error's text but leaves it out of the
+/// `source()` chain, so inner errors are opened too.
+fn unknown_issuer(e: &(dyn std::error::Error + 'static)) -> bool {
+    if matches!(
+        e.downcast_ref::<rustls::Error>(),
+        Some(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer
+        ))
+    ) {
+        return true;
+    }
+    let inner = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+        .map(|inner| inner as &(dyn std::error::Error + 'static));
+    inner.is_some_and(unknown_issuer) || e.source().is_some_and(unknown_issuer)
+}
+
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
@@ -346,4 +375,27 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_untrusted_controller_certificate_is_found_inside_io_errors() {
+        let tls = |e| rustls::Error::InvalidCertificate(e);
+        let wrapped = |e: rustls::Error| {
+            std::io::Error::other(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        };
+        assert!(unknown_issuer(&wrapped(tls(
+            rustls::CertificateError::UnknownIssuer
+        ))));
+        // Another certificate failure, or none, gets no CA hint.
+        assert!(!unknown_issuer(&wrapped(tls(
+            rustls::CertificateError::Expired
+        ))));
+        assert!(!unknown_issuer(&std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused
+        )));
+    }
 }

@@ -66,10 +66,11 @@ pub async fn run(ctx: &Ctx, cmd: AuditCmd) -> Result<ExitCode> {
                     after = last.seq;
                     if ctx.json {
                         for e in &events {
-                            println!("{}", serde_json::to_string(e)?);
+                            crate::outln!("{}", serde_json::to_string(e)?);
                         }
                     } else {
-                        table(&events).print("");
+                        // The header was printed once, above the first events.
+                        crate::out!("{}", table(&events).render_rows());
                     }
                 }
             }
@@ -79,9 +80,9 @@ pub async fn run(ctx: &Ctx, cmd: AuditCmd) -> Result<ExitCode> {
             if ctx.json {
                 print_json(&v)?;
             } else if v.ok {
-                println!("OK: the audit chain of {} events verifies.", v.checked);
+                crate::outln!("OK: the audit chain of {} events verifies.", v.checked);
             } else {
-                println!(
+                crate::outln!(
                     "BROKEN: {}",
                     v.reason
                         .as_deref()
@@ -102,6 +103,10 @@ pub async fn run(ctx: &Ctx, cmd: AuditCmd) -> Result<ExitCode> {
                 )),
                 None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
             };
+            let failed = |e: std::io::Error| match &output {
+                Some(path) => anyhow::Error::new(e).context(format!("writing {}", path.display())),
+                None => crate::output::stdout_error(e),
+            };
             // Page through the chain oldest first, so exports of any size stay bounded.
             let mut after = 0i64;
             let mut written = 0usize;
@@ -113,7 +118,7 @@ pub async fn run(ctx: &Ctx, cmd: AuditCmd) -> Result<ExitCode> {
                 q.push(("after_seq", after.to_string()));
                 let events: Vec<AuditEvent> = api.get(&["v1", "audit"], &q).await?;
                 for e in &events {
-                    writeln!(out, "{}", serde_json::to_string(e)?)?;
+                    writeln!(out, "{}", serde_json::to_string(e)?).map_err(failed)?;
                 }
                 written += events.len();
                 match events.last() {
@@ -121,7 +126,7 @@ pub async fn run(ctx: &Ctx, cmd: AuditCmd) -> Result<ExitCode> {
                     _ => break,
                 }
             }
-            out.flush()?;
+            out.flush().map_err(failed)?;
             if let Some(path) = output {
                 eprintln!("Exported {written} events to {}.", path.display());
             }
@@ -168,7 +173,7 @@ fn show(ctx: &Ctx, events: &[AuditEvent], empty: &str) -> Result<ExitCode> {
     if ctx.json {
         print_json(&events)?;
     } else {
-        table(events).print(empty);
+        table(events).print(empty)?;
     }
     ok()
 }

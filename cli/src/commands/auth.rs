@@ -64,7 +64,7 @@ pub(super) fn save_login(ctx: &Ctx, resp: LoginResponse) -> Result<ExitCode> {
             "expires_at": resp.expires_at,
         }))?;
     } else {
-        println!(
+        crate::outln!(
             "Logged in to {} as {} (token expires {})",
             ctx.addr,
             resp.user,
@@ -102,7 +102,7 @@ async fn login_request(
 pub async fn logout(ctx: &Ctx) -> Result<ExitCode> {
     if ctx.token.is_none() {
         if !ctx.json {
-            println!("Not logged in.");
+            crate::outln!("Not logged in.");
         }
         return ok();
     }
@@ -121,9 +121,9 @@ pub async fn logout(ctx: &Ctx) -> Result<ExitCode> {
     if ctx.json {
         print_json(&json!({ "addr": ctx.addr, "revoked": revoked }))?;
     } else if ctx.token_from_profile {
-        println!("Logged out of {}.", ctx.addr);
+        crate::outln!("Logged out of {}.", ctx.addr);
     } else {
-        println!("Token revoked (it came from --token or POSTERN_TOKEN, not the profile).");
+        crate::outln!("Token revoked (it came from --token or POSTERN_TOKEN, not the profile).");
     }
     ok()
 }
@@ -140,7 +140,7 @@ pub async fn whoami(ctx: &Ctx) -> Result<ExitCode> {
             ("Groups", list(&me.groups)),
             ("Roles", list(&me.roles)),
             ("Token expires", when(me.token_expires_at)),
-        ]);
+        ])?;
     }
     ok()
 }

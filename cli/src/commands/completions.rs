@@ -30,7 +30,7 @@ pub fn man(dir: Option<&Path>) -> Result<ExitCode> {
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             clap_mangen::generate_to(cmd, dir)
                 .with_context(|| format!("cannot write the manual pages to {}", dir.display()))?;
-            println!("Manual pages written to {}", dir.display());
+            crate::outln!("Manual pages written to {}", dir.display());
         }
         None => {
             let mut page = Vec::new();

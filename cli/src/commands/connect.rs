@@ -91,6 +91,18 @@ pub(super) async fn run_session(ctx: &Ctx, args: SessionRequest) -> Result<ExitC
     };
     let _accept = session.serve(listener);
     announce(ctx, &auth, &session, addr, &args.command)?;
+    // The controller shortens a session asked for longer than the target allows: say so.
+    if let Some(asked) = args.duration {
+        let granted = session.expires_at() - postern_proto::unix_now();
+        if granted.saturating_add(60) < i64::try_from(asked).unwrap_or(i64::MAX) {
+            eprintln!(
+                "note: the session lasts {}, the longest {} allows (asked for {})",
+                crate::output::short_duration(granted.max(0).unsigned_abs()),
+                auth.target,
+                crate::output::short_duration(asked)
+            );
+        }
+    }
 
     if args.command.is_empty() {
         wait_for_end(session, &mut signals).await
@@ -149,7 +161,7 @@ fn announce(
 ) -> Result<()> {
     if ctx.json {
         // One line, so a script can read it as soon as the port is served.
-        println!(
+        crate::outln!(
             "{}",
             json!({
                 "session_id": session.session_id(),
@@ -177,7 +189,7 @@ fn announce(
     );
     match command.first() {
         None => {
-            println!(
+            crate::outln!(
                 "{text}\nListening on {addr} — connect your client there. Ctrl-C ends the session."
             );
             let _ = std::io::stdout().flush();

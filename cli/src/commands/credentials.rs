@@ -75,7 +75,7 @@ pub async fn run(ctx: &Ctx, cmd: CredentialsCmd) -> Result<ExitCode> {
             api.delete(&["v1", "targets", &target, "credential"])
                 .await?;
             if !ctx.json {
-                println!("Removed the credential of target {target}.");
+                crate::outln!("Removed the credential of target {target}.");
             }
             ok()
         }
@@ -92,9 +92,10 @@ fn show(ctx: &Ctx, info: &CredentialInfo, verb: &str) -> Result<ExitCode> {
             CredentialKind::SshCa => "SSH certificate (controller CA)",
             CredentialKind::PostgresAdmin => "PostgreSQL admin (per-session roles)",
         };
-        println!(
+        crate::outln!(
             "{verb}: {kind} for user '{}' on target {}.",
-            info.username, info.target
+            info.username,
+            info.target
         );
     }
     ok()
@@ -117,11 +118,13 @@ async fn set_ssh_ca(ctx: &Ctx, target: &str, username: String) -> Result<ExitCod
     if ctx.json {
         print_json(&serde_json::json!({"credential": info, "ssh_ca": ca.public_key}))?;
     } else {
-        println!(
+        crate::outln!(
             "Stored: SSH certificate mode for user '{}' on target {}.\n\
              Trust the Postern SSH user CA on the target (sshd_config `TrustedUserCAKeys FILE`,\n\
              FILE holding this line):\n{}",
-            info.username, info.target, ca.public_key
+            info.username,
+            info.target,
+            ca.public_key
         );
     }
     ok()

@@ -25,13 +25,13 @@ pub async fn run(ctx: &Ctx, cmd: GroupsCmd) -> Result<ExitCode> {
                 let members = marked(&g.members, &g.idp_members);
                 t.row(vec![g.name, members]);
             }
-            t.print("No groups.");
+            t.print("No groups.")?;
             return ok();
         }
         GroupsCmd::Delete { name } => {
             api.delete(&["v1", "groups", &name]).await?;
             if !ctx.json {
-                println!("Deleted group {name}.");
+                crate::outln!("Deleted group {name}.");
             }
             return ok();
         }
@@ -62,8 +62,8 @@ pub async fn run(ctx: &Ctx, cmd: GroupsCmd) -> Result<ExitCode> {
     if ctx.json {
         print_json(&group)?;
     } else {
-        println!("{done}");
-        println!("Members: {}", marked(&group.members, &group.idp_members));
+        crate::outln!("{done}");
+        crate::outln!("Members: {}", marked(&group.members, &group.idp_members));
     }
     ok()
 }

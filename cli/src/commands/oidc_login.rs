@@ -235,8 +235,8 @@ pub async fn list_methods(ctx: &Ctx) -> Result<ExitCode> {
     }
     for m in &methods.methods {
         match m.kind.as_str() {
-            "password" => println!("password\tpostern login --user NAME"),
-            _ => println!(
+            "password" => crate::outln!("password\tpostern login --user NAME"),
+            _ => crate::outln!(
                 "{}\tpostern login --method {}{}\t{}",
                 m.name,
                 m.name,

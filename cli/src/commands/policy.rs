@@ -32,12 +32,12 @@ pub async fn run(ctx: &Ctx, cmd: PolicyCmd) -> Result<ExitCode> {
         print_json(&d)?;
     } else {
         let verdict = if d.allowed { "ALLOWED" } else { "DENIED" };
-        println!("{verdict}: {user} {} on {target}", d.action);
-        println!(
+        crate::outln!("{verdict}: {user} {} on {target}", d.action);
+        crate::outln!(
             "  rule:   {}",
             d.rule.as_deref().unwrap_or("none (nothing allows it)")
         );
-        println!("  reason: {}", d.reason);
+        crate::outln!("  reason: {}", d.reason);
     }
     Ok(if d.allowed {
         ExitCode::SUCCESS

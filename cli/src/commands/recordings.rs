@@ -51,14 +51,16 @@ pub async fn run(ctx: &Ctx, cmd: RecordingsCmd) -> Result<ExitCode> {
                     bytes(r.size),
                 ]);
             }
-            t.print("No recordings.");
+            t.print("No recordings.")?;
             ok()
         }
         RecordingsCmd::Export { id, output } => {
             let cast = api.get_text(&["v1", "recordings", &id]).await?;
             match output.as_deref() {
                 Some(p) if p.as_os_str() == "-" => {
-                    std::io::stdout().write_all(cast.as_bytes())?;
+                    std::io::stdout()
+                        .write_all(cast.as_bytes())
+                        .map_err(crate::output::stdout_error)?;
                 }
                 _ => {
                     let path = output.unwrap_or_else(|| format!("{id}.cast").into());
@@ -105,8 +107,10 @@ async fn play(cast: &str, speed: f64) -> Result<ExitCode> {
         if pause > 0.0 {
             tokio::time::sleep(Duration::from_secs_f64(pause)).await;
         }
-        stdout.write_all(data.as_bytes())?;
-        stdout.flush()?;
+        stdout
+            .write_all(data.as_bytes())
+            .and_then(|()| stdout.flush())
+            .map_err(crate::output::stdout_error)?;
     }
     ok()
 }

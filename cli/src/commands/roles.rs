@@ -29,7 +29,7 @@ pub async fn run(ctx: &Ctx, cmd: RolesCmd) -> Result<ExitCode> {
                     crate::output::list(&bound),
                 ]);
             }
-            t.print("No roles.");
+            t.print("No roles.")?;
             return ok();
         }
         RolesCmd::Show { name } => {
@@ -44,7 +44,7 @@ pub async fn run(ctx: &Ctx, cmd: RolesCmd) -> Result<ExitCode> {
         RolesCmd::Delete { name } => {
             api.delete(&["v1", "roles", &name]).await?;
             if !ctx.json {
-                println!("Deleted role {name}.");
+                crate::outln!("Deleted role {name}.");
             }
             return ok();
         }
@@ -64,9 +64,9 @@ pub async fn run(ctx: &Ctx, cmd: RolesCmd) -> Result<ExitCode> {
         print_json(&role)?;
     } else {
         if !done.is_empty() {
-            println!("{done}");
+            crate::outln!("{done}");
         }
-        show(&role);
+        show(&role)?;
     }
     ok()
 }
@@ -103,10 +103,10 @@ async fn bind(api: &crate::client::ApiClient, verb: &str, b: BindArgs) -> Result
     Ok((role, done))
 }
 
-fn show(r: &Role) {
-    println!("Role {}", r.name);
+fn show(r: &Role) -> Result<()> {
+    crate::outln!("Role {}", r.name);
     if r.rules.is_empty() {
-        println!("  no rules");
+        crate::outln!("  no rules");
     }
     let mut t = Table::new(&["  #", "EFFECT", "ACTIONS", "TARGETS", "LABELS", "LOGINS"]);
     for (i, rule) in r.rules.iter().enumerate() {
@@ -125,10 +125,11 @@ fn show(r: &Role) {
         ]);
     }
     if !r.rules.is_empty() {
-        print!("{}", t.render());
+        crate::out!("{}", t.render());
     }
     let bound: Vec<String> = r.bindings.iter().map(principal).collect();
-    println!("Bound to: {}", crate::output::list(&bound));
+    crate::outln!("Bound to: {}", crate::output::list(&bound));
+    Ok(())
 }
 
 /// `allow connect on pg-* with env=prod`.

@@ -64,21 +64,23 @@ pub async fn run(ctx: &Ctx, cmd: SessionsCmd) -> Result<ExitCode> {
                     bytes(s.bytes_down),
                 ]);
             }
-            t.print("No sessions.");
+            t.print("No sessions.")?;
         }
         SessionsCmd::Show { id } => {
             let s: Session = api.get(&["v1", "sessions", &id], &[]).await?;
             show(ctx, &s)?;
             if !ctx.json {
-                timeline(&api, &id).await;
+                timeline(&api, &id).await?;
             }
         }
         SessionsCmd::Cancel { id } => {
             let s: Session = api.post_empty(&["v1", "sessions", &id, "cancel"]).await?;
             if !ctx.json {
-                println!(
+                crate::outln!(
                     "Cancelled session {} ({} to {}); its connections are being closed.",
-                    s.id, s.user, s.target
+                    s.id,
+                    s.user,
+                    s.target
                 );
             }
             show(ctx, &s)?;
@@ -114,21 +116,21 @@ fn show(ctx: &Ctx, s: &Session) -> Result<()> {
         ("Connections", s.connections.to_string()),
         ("Bytes up", bytes(s.bytes_up)),
         ("Bytes down", bytes(s.bytes_down)),
-    ]);
+    ])?;
     Ok(())
 }
 
 /// The session's audit timeline (authorization, activation, each connection with bytes,
 /// statements, exec commands, how it ended), for those allowed to read the audit log.
-async fn timeline(api: &crate::client::ApiClient, id: &str) {
+async fn timeline(api: &crate::client::ApiClient, id: &str) -> Result<()> {
     let query = [("session", id.to_owned()), ("limit", "10000".to_owned())];
     let events: Vec<postern_controller::api::types::AuditEvent> =
         match api.get(&["v1", "audit"], &query).await {
             Ok(events) => events,
-            Err(_) => return, // no audit:read: the summary above is all this user may see
+            Err(_) => return Ok(()), // no audit:read: the summary above is all this user may see
         };
-    println!();
-    println!("Timeline:");
+    crate::outln!();
+    crate::outln!("Timeline:");
     let mut t = crate::output::Table::new(&["TIME", "ACTOR", "EVENT", "DETAILS"]);
     for e in events {
         t.row(vec![
@@ -138,5 +140,5 @@ async fn timeline(api: &crate::client::ApiClient, id: &str) {
             super::audit::details(&e.details),
         ]);
     }
-    t.print("(no events)");
+    t.print("(no events)")
 }

@@ -33,7 +33,7 @@ pub async fn run(ctx: &Ctx, cmd: TargetsCmd) -> Result<ExitCode> {
                     yes_no(x.enabled),
                 ]);
             }
-            t.print("No targets.");
+            t.print("No targets.")?;
         }
         TargetsCmd::Show { name } => {
             let target: Target = api.get(&["v1", "targets", &name], &[]).await?;
@@ -52,7 +52,7 @@ pub async fn run(ctx: &Ctx, cmd: TargetsCmd) -> Result<ExitCode> {
             };
             let target: Target = api.post(&["v1", "targets"], &body).await?;
             if !ctx.json {
-                println!("Created target {}.", target.name);
+                crate::outln!("Created target {}.", target.name);
             }
             show(ctx, &target)?;
         }
@@ -77,14 +77,14 @@ pub async fn run(ctx: &Ctx, cmd: TargetsCmd) -> Result<ExitCode> {
             };
             let target: Target = api.patch(&["v1", "targets", &a.name], &body).await?;
             if !ctx.json {
-                println!("Updated target {}.", target.name);
+                crate::outln!("Updated target {}.", target.name);
             }
             show(ctx, &target)?;
         }
         TargetsCmd::Delete { name } => {
             api.delete(&["v1", "targets", &name]).await?;
             if !ctx.json {
-                println!("Deleted target {name}.");
+                crate::outln!("Deleted target {name}.");
             }
         }
     }
@@ -110,7 +110,7 @@ fn show(ctx: &Ctx, t: &Target) -> Result<()> {
         ("Worker filter", kv_list(&t.worker_filter)),
         ("Enabled", yes_no(t.enabled)),
         ("Created", rfc3339(t.created_at)),
-    ]);
+    ])?;
     Ok(())
 }
 

@@ -32,7 +32,7 @@ pub async fn run(ctx: &Ctx, cmd: UsersCmd) -> Result<ExitCode> {
                     rfc3339(u.created_at),
                 ]);
             }
-            t.print("No users.");
+            t.print("No users.")?;
         }
         UsersCmd::Show { name } => {
             let user: User = api.get(&["v1", "users", &name], &[]).await?;
@@ -60,7 +60,7 @@ pub async fn run(ctx: &Ctx, cmd: UsersCmd) -> Result<ExitCode> {
                 } else {
                     "without a password (SSO only, or set one later with `postern users set-password`)"
                 };
-                println!("Created user {} {how}.", user.name);
+                crate::outln!("Created user {} {how}.", user.name);
             }
             show(ctx, &user)?;
         }
@@ -105,7 +105,7 @@ pub async fn run(ctx: &Ctx, cmd: UsersCmd) -> Result<ExitCode> {
                 )
                 .await?;
             if !ctx.json {
-                println!(
+                crate::outln!(
                     "Set the password of {}; their other logins have ended.",
                     user.name
                 );
@@ -116,9 +116,9 @@ pub async fn run(ctx: &Ctx, cmd: UsersCmd) -> Result<ExitCode> {
             let user: User = api.get(&["v1", "users", &name], &[]).await?;
             api.delete(&["v1", "users", &name]).await?;
             if !ctx.json {
-                println!("Deleted user {name}.");
+                crate::outln!("Deleted user {name}.");
                 if !user.has_password {
-                    println!(
+                    crate::outln!(
                         "note: a user who logs in with single sign-on is created afresh at their next login; to keep someone out, lock the user (`postern users lock NAME`) rather than delete it"
                     );
                 }
@@ -127,7 +127,7 @@ pub async fn run(ctx: &Ctx, cmd: UsersCmd) -> Result<ExitCode> {
         UsersCmd::Lock { name } => {
             let user: User = api.post_empty(&["v1", "users", &name, "lock"]).await?;
             if !ctx.json {
-                println!(
+                crate::outln!(
                     "Locked user {}: logins and new sessions are refused, open sessions cancelled.",
                     user.name
                 );
@@ -137,7 +137,7 @@ pub async fn run(ctx: &Ctx, cmd: UsersCmd) -> Result<ExitCode> {
         UsersCmd::Unlock { name } => {
             let user: User = api.post_empty(&["v1", "users", &name, "unlock"]).await?;
             if !ctx.json {
-                println!("Unlocked user {}.", user.name);
+                crate::outln!("Unlocked user {}.", user.name);
             }
             show(ctx, &user)?;
         }
@@ -158,6 +158,6 @@ fn show(ctx: &Ctx, u: &User) -> Result<()> {
         ),
         ("Groups", super::groups::marked(&u.groups, &u.idp_groups)),
         ("Created", rfc3339(u.created_at)),
-    ]);
+    ])?;
     Ok(())
 }

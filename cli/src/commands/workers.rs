@@ -32,27 +32,27 @@ pub async fn run(ctx: &Ctx, cmd: WorkersCmd) -> Result<ExitCode> {
             }
             let w = &created.worker;
             let token = &created.activation_token;
-            println!("Created worker {} (tags: {}).", w.name, kv_list(&w.tags));
-            println!();
-            println!("One-time activation token (shown once, valid 24 h):");
-            println!();
-            println!("    {token}");
-            println!();
-            println!("Start the worker with it on a host that can reach your targets:");
-            println!();
-            println!("    POSTERN_CONTROLLER_URL={} \\", ctx.addr);
+            crate::outln!("Created worker {} (tags: {}).", w.name, kv_list(&w.tags));
+            crate::outln!();
+            crate::outln!("One-time activation token (shown once, valid 24 h):");
+            crate::outln!();
+            crate::outln!("    {token}");
+            crate::outln!();
+            crate::outln!("Start the worker with it on a host that can reach your targets:");
+            crate::outln!();
+            crate::outln!("    POSTERN_CONTROLLER_URL={} \\", ctx.addr);
             if let Some(fp) = ctx
                 .ca_pem
                 .as_deref()
                 .and_then(|pem| crate::trust::pem_fingerprint(pem).ok())
             {
-                println!("    POSTERN_CONTROLLER_CA_FINGERPRINT={fp} \\");
+                crate::outln!("    POSTERN_CONTROLLER_CA_FINGERPRINT={fp} \\");
             }
-            println!("    POSTERN_ACTIVATION_TOKEN={token} \\");
-            println!("    POSTERN_DATA_DIR=/var/lib/postern-worker \\");
-            println!("    postern-worker");
-            println!();
-            println!(
+            crate::outln!("    POSTERN_ACTIVATION_TOKEN={token} \\");
+            crate::outln!("    POSTERN_DATA_DIR=/var/lib/postern-worker \\");
+            crate::outln!("    postern-worker");
+            crate::outln!();
+            crate::outln!(
                 "(or put controller_url, activation_token and data_dir in its TOML config). \
                  It registers, then `postern workers list` shows it connected."
             );
@@ -90,7 +90,7 @@ pub async fn run(ctx: &Ctx, cmd: WorkersCmd) -> Result<ExitCode> {
                     opt(w.active_sessions),
                 ]);
             }
-            t.print("No workers. Create one with `postern workers create NAME`.");
+            t.print("No workers. Create one with `postern workers create NAME`.")?;
         }
         WorkersCmd::Delete { name } => {
             // What it was decides what deleting it did (a worker that never registered had
@@ -103,10 +103,10 @@ pub async fn run(ctx: &Ctx, cmd: WorkersCmd) -> Result<ExitCode> {
             api.delete(&["v1", "workers", &name]).await?;
             if !ctx.json {
                 match before {
-                    Some(w) if w.status == "pending" => println!(
+                    Some(w) if w.status == "pending" => crate::outln!(
                         "Deleted worker {name}; its activation token can no longer be used."
                     ),
-                    _ => println!(
+                    _ => crate::outln!(
                         "Deleted worker {name}: its sessions have ended and its certificate is \
                          no longer trusted."
                     ),

@@ -67,12 +67,12 @@ const WORKER_NAME_SUFFIX: &str = ".worker.postern.internal";
 #[non_exhaustive]
 pub enum RelayError {
     /// The UDP socket could not be bound.
-    #[error("cannot listen for relayed sessions on {addr}: {source}")]
+    #[error("cannot listen for relayed sessions on {addr}: {error}")]
     Bind {
         /// Address.
         addr: SocketAddr,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The worker's cluster connection refused or lost the stream (worker side).
     #[error("worker stream: {0}")]
@@ -86,8 +86,8 @@ pub enum RelayError {
 pub fn bind(addr: SocketAddr) -> Result<UdpSocket, RelayError> {
     let std = std::net::UdpSocket::bind(addr)
         .and_then(|s| s.set_nonblocking(true).map(|()| s))
-        .map_err(|source| RelayError::Bind { addr, source })?;
-    UdpSocket::from_std(std).map_err(|source| RelayError::Bind { addr, source })
+        .map_err(|error| RelayError::Bind { addr, error })?;
+    UdpSocket::from_std(std).map_err(|error| RelayError::Bind { addr, error })
 }
 
 /// What the relay knows of one client address.

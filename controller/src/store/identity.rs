@@ -347,7 +347,7 @@ impl Store {
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound {
                 kind: "member",
-                name: format!("{user}' in group '{group}"),
+                name: format!("user '{user}' is not a member of group '{group}'"),
                 suggestion: None,
             });
         }
@@ -482,7 +482,7 @@ impl Store {
             .await?
             .ok_or_else(|| StoreError::NotFound {
                 kind: "rule",
-                name: format!("#{position} of role '{role}'"),
+                name: format!("#{position} in role '{role}'"),
                 suggestion: None,
             })?;
         let rule: Rule = json_col(&row, "rule")?;
@@ -540,7 +540,7 @@ impl Store {
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound {
                 kind: "binding",
-                name: format!("{role}' to {kind} '{name}"),
+                name: format!("role '{role}' is not bound to {kind} '{name}'"),
                 suggestion: None,
             });
         }

@@ -56,12 +56,28 @@ pub enum Backend {
     Postgres,
 }
 
+/// `no target named 'x'; did you mean 'y'?`. Things known by an ID (sessions, recordings) or
+/// a position (rules) have no name, and a missing relation (a membership, a binding) is
+/// described whole by its `name`.
+fn not_found(kind: &str, name: &str, suggestion: Option<&str>) -> String {
+    let what = match kind {
+        "session" | "recording" => format!("no {kind} with ID '{name}'"),
+        "rule" => format!("no rule {name}"),
+        "member" | "binding" => name.to_owned(),
+        _ => format!("no {kind} named '{name}'"),
+    };
+    match suggestion {
+        Some(s) => format!("{what}; did you mean '{s}'?"),
+        None => what,
+    }
+}
+
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     /// The named thing does not exist.
-    #[error("no {kind} named '{name}'{}", suggestion.as_ref().map(|s| format!("; did you mean '{s}'?")).unwrap_or_default())]
+    #[error("{}", not_found(kind, name, suggestion.as_deref()))]
     NotFound {
         /// `user`, `target`, …
         kind: &'static str,

@@ -445,3 +445,28 @@ async fn audit_chain_verifies_and_names_tampering() {
     })
     .await;
 }
+
+#[test]
+fn not_found_messages_name_things_the_way_users_type_them() {
+    let text = |kind, name: &str, suggestion: Option<&str>| {
+        StoreError::NotFound {
+            kind,
+            name: name.to_owned(),
+            suggestion: suggestion.map(str::to_owned),
+        }
+        .to_string()
+    };
+    assert_eq!(
+        text("target", "pg-prd", Some("pg-prod")),
+        "no target named 'pg-prd'; did you mean 'pg-prod'?"
+    );
+    assert_eq!(text("session", "foo", None), "no session with ID 'foo'");
+    assert_eq!(
+        text("rule", "#9 in role 'dev'", None),
+        "no rule #9 in role 'dev'"
+    );
+    assert_eq!(
+        text("member", "user 'bob' is not a member of group 'ops'", None),
+        "user 'bob' is not a member of group 'ops'"
+    );
+}

@@ -257,8 +257,11 @@ async fn serve_connection(
     };
     let ready = auth::log_in(tcp, &login, &startup, counts).await?;
     let client_key = pg.cancel.issue(&session.id, ready.server_key);
+    // Per-session roles log in as the session's own role, a member of the one it was opened for.
+    let chosen = session.claims.login.as_deref().unwrap_or(&login.user);
     let greeting = startup::greeting(
         &startup,
+        chosen,
         &login.user,
         &ready,
         client_key.as_ref().map(|k| k.key),

@@ -89,8 +89,11 @@ async fn read_more(recv: &mut RecvStream, buf: &mut BytesMut, max: usize) -> Res
 /// What the client gets once the worker is logged in: `NegotiateProtocolVersion` if it asked
 /// for more than 3.0, `AuthenticationOk` (it was never asked for a password), the server's
 /// parameters and notices, the cancel key of the worker's own, and `ReadyForQuery`.
+/// `chosen` is the database user the session was opened for, `login_user` the one the worker
+/// logged in as: the same, or the session's own role, a member of `chosen`.
 pub(super) fn greeting(
     startup: &Startup,
+    chosen: &str,
     login_user: &str,
     ready: &Ready,
     client_key: Option<CancelKey>,
@@ -106,15 +109,18 @@ pub(super) fn greeting(
         out.extend_from_slice(&codec::negotiate_protocol_version(&options));
     }
     out.extend_from_slice(&codec::auth_ok());
-    // The client named another user than the session logs in as (psql's -U, or the OS user
-    // it sends by default): say so, rather than run as someone else without a word.
-    if let Some(asked) = startup.param("user").filter(|u| *u != login_user) {
+    // The client named another user than the session was opened for (psql's -U, or the OS
+    // user it sends by default): say so, rather than run as someone else without a word.
+    if let Some(asked) = startup.param("user").filter(|u| *u != chosen) {
+        let acting = if login_user == chosen {
+            format!("database user \"{chosen}\",")
+        } else {
+            format!("its own database role \"{login_user}\", a member of \"{chosen}\",")
+        };
         out.extend_from_slice(&codec::notice(
-            &format!(
-                "this Postern session logs in as database user \"{login_user}\", not \"{asked}\""
-            ),
-            "the session's login is chosen when it is opened: postern psql TARGET --db-user USER \
-             (or postern connect TARGET --login USER)",
+            &format!("this Postern session logs in as {acting} not \"{asked}\""),
+            "the session's database user is chosen when it is opened: \
+             postern psql TARGET --db-user USER",
         ));
     }
     out.extend_from_slice(&ready.greeting);
