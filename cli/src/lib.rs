@@ -46,7 +46,8 @@ where
 
     let cli = match args::Cli::try_parse_from(args) {
         Ok(cli) => cli,
-        Err(e) => {
+        Err(mut e) => {
+            suggest_double_dash(&mut e);
             let _ = e.print();
             return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
@@ -85,6 +86,32 @@ where
             ExitCode::FAILURE
         }
     }
+}
+
+/// `postern connect pg psql …`: a word clap does not expect after the target of a command
+/// that runs one (`connect`, `psql`, `ssh`) is most likely that command, which belongs after
+/// `--`. Clap already suggests `--` for words that start with `-`.
+fn suggest_double_dash(e: &mut clap::Error) {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let suggested = match e.get(ContextKind::Suggested) {
+        Some(ContextValue::StyledStrs(tips)) => !tips.is_empty(),
+        other => other.is_some(),
+    };
+    if e.kind() != ErrorKind::UnknownArgument || suggested {
+        return;
+    }
+    let usage = e.get(ContextKind::Usage).map(ToString::to_string);
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return;
+    };
+    if arg.starts_with('-') || !usage.is_some_and(|u| u.contains("[-- <")) {
+        return;
+    }
+    let tip = format!("to run '{arg}' in the session, put it after '--': TARGET -- {arg} …");
+    e.insert(
+        ContextKind::Suggested,
+        ContextValue::StyledStrs(vec![tip.into()]),
+    );
 }
 
 /// Prints `error: <message>` and its causes on stderr, each cause once: a cause whose text
@@ -159,6 +186,27 @@ mod tests {
         assert_eq!(
             error_text(&e),
             "error: starting\n  caused by: connecting\n  caused by: database \"x\" does not exist"
+        );
+    }
+
+    #[test]
+    fn a_command_without_double_dash_gets_the_tip() {
+        let rendered = |argv: &[&str]| {
+            let mut e = args::Cli::try_parse_from(argv).expect_err("a usage error");
+            suggest_double_dash(&mut e);
+            e.render().to_string()
+        };
+        let text = rendered(&["postern", "connect", "pg", "psql", "-h", "x"]);
+        assert!(
+            text.contains("tip: to run 'psql' in the session, put it after '--': TARGET -- psql"),
+            "{text}"
+        );
+        // Commands that run nothing get no such tip, and clap's own tip for `-c` stays.
+        assert!(!rendered(&["postern", "targets", "list", "extra"]).contains("tip:"));
+        let text = rendered(&["postern", "psql", "pg", "-c", "select 1"]);
+        assert!(
+            text.contains("use '-- -c'") && !text.contains("in the session"),
+            "{text}"
         );
     }
 
