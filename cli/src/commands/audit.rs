@@ -38,14 +38,14 @@ pub async fn run(ctx: &Ctx, cmd: AuditCmd) -> Result<ExitCode> {
         AuditCmd::Tail { follow, mut filter } => {
             filter.limit = filter.limit.or(Some(20));
             let events: Vec<AuditEvent> = api.get(&["v1", "audit"], &query(&filter)).await?;
-            show(
-                ctx,
-                &events,
-                if follow { "" } else { "No audit events match." },
-            )?;
             if !follow {
-                return ok();
+                return show(ctx, &events, "No audit events match.");
             }
+            if !events.is_empty() || ctx.json {
+                show(ctx, &events, "")?;
+            }
+            // The header goes above the first events, once.
+            let mut header_shown = !events.is_empty();
             let mut after = match events.last() {
                 Some(e) => e.seq,
                 None => head(&api).await?,
@@ -68,9 +68,11 @@ pub async fn run(ctx: &Ctx, cmd: AuditCmd) -> Result<ExitCode> {
                         for e in &events {
                             crate::outln!("{}", serde_json::to_string(e)?);
                         }
-                    } else {
-                        // The header was printed once, above the first events.
+                    } else if header_shown {
                         crate::out!("{}", table(&events).render_rows());
+                    } else {
+                        crate::out!("{}", table(&events).render());
+                        header_shown = true;
                     }
                 }
             }
