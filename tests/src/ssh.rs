@@ -258,6 +258,37 @@ async fn exec_in_key_and_certificate_mode() {
         e.details["command"] == "exit 3" && e.details["exit_status"] == 3
     })
     .await;
+    // A command without a terminal is audited, not recorded; one on a terminal (`ssh -tt
+    // host bash` is a shell by another name) is recorded like a shell.
+    assert_eq!(s.list_recordings().await.len(), 0);
+    let out = s
+        .run(&[
+            "ssh",
+            "demo-ssh",
+            "--",
+            "-tt",
+            "echo on-a-terminal-$((6*7))",
+        ])
+        .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let recordings = loop {
+        let recordings = s.list_recordings().await;
+        if recordings.iter().any(|r| r.ended_at.is_some()) || Instant::now() > deadline {
+            break recordings;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(recordings.len(), 1, "{recordings:?}");
+    let (_, cast) = s.export_recording(&recordings[0].id).await;
+    assert!(
+        cast.contains("on-a-terminal-42"),
+        "output not recorded:\n{cast}"
+    );
+    s.expect_audit("ssh.exec", |e| {
+        e.details["command"] == "echo on-a-terminal-$((6*7))" && e.details["exit_status"] == 0
+    })
+    .await;
     // Certificate mode: a certificate for the session's login, named after the session.
     s.expect_audit("ssh.certificate", |e| {
         e.details["principal"] == LOGIN && e.actor == "alice"

@@ -168,6 +168,47 @@ impl Hop {
         Ok(ok)
     }
 
+    /// Starts recording `channel` (a shell, or `command` on a terminal); whether it may go
+    /// on. An interaction that cannot be recorded is refused, with the reason on the
+    /// channel's stderr (DESIGN §6).
+    async fn start_recording(
+        &mut self,
+        channel: ChannelId,
+        session: &mut server::Session,
+        command: Option<&str>,
+    ) -> Result<bool, russh::Error> {
+        let Some(link) = self.links.get(&channel) else {
+            session.channel_failure(channel)?;
+            return Ok(false);
+        };
+        let (width, height, term) = link.pty();
+        match Recorder::start(&self.ctx, width, height, term).await {
+            Ok(recorder) => {
+                if let Some(link) = self.links.get_mut(&channel) {
+                    link.set_recorder(recorder);
+                }
+                Ok(true)
+            }
+            Err(e) => {
+                let what = if command.is_some() {
+                    "command"
+                } else {
+                    "shell"
+                };
+                tracing::warn!(session = %self.ctx.session.id, "{what} refused: {e}");
+                self.ctx.audit(
+                    "ssh.shell_refused",
+                    json!({"error": e.to_string(), "command": command}),
+                );
+                let message =
+                    format!("postern: {what} refused: the session cannot be recorded: {e}\r\n");
+                let _ = session.extended_data(channel, 1, Bytes::from(message));
+                session.channel_failure(channel)?;
+                Ok(false)
+            }
+        }
+    }
+
     fn refuse(&self, request: &str, details: serde_json::Value) {
         tracing::info!(session = %self.ctx.session.id, request, "ssh forwarding refused");
         let mut details = details;
@@ -381,28 +422,8 @@ impl server::Handler for Hop {
         channel: ChannelId,
         session: &mut server::Session,
     ) -> Result<(), Self::Error> {
-        let Some(link) = self.links.get(&channel) else {
-            session.channel_failure(channel)?;
+        if !self.start_recording(channel, session, None).await? {
             return Ok(());
-        };
-        // An unrecorded shell is refused (DESIGN §6).
-        let (width, height, term) = link.pty();
-        match Recorder::start(&self.ctx, width, height, term).await {
-            Ok(recorder) => {
-                if let Some(link) = self.links.get_mut(&channel) {
-                    link.set_recorder(recorder);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(session = %self.ctx.session.id, "shell refused: {e}");
-                self.ctx
-                    .audit("ssh.shell_refused", json!({"error": e.to_string()}));
-                let message =
-                    format!("postern: shell refused: the session cannot be recorded: {e}\r\n");
-                let _ = session.extended_data(channel, 1, Bytes::from(message));
-                session.channel_failure(channel)?;
-                return Ok(());
-            }
         }
         self.ctx
             .audit("ssh.shell", json!({"login": self.ctx.login}));
@@ -417,6 +438,19 @@ impl server::Handler for Hop {
         session: &mut server::Session,
     ) -> Result<(), Self::Error> {
         let command = String::from_utf8_lossy(data).into_owned();
+        // A command on a terminal (`ssh -t host bash`) is as interactive as a shell, and is
+        // recorded like one; without a terminal it is audited with its exit status.
+        let on_terminal = self
+            .links
+            .get(&channel)
+            .is_some_and(|link| link.pty().2.is_some());
+        if on_terminal
+            && !self
+                .start_recording(channel, session, Some(&command))
+                .await?
+        {
+            return Ok(());
+        }
         if let Some(link) = self.links.get_mut(&channel) {
             link.set_exec(command);
         }
