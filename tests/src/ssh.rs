@@ -298,6 +298,28 @@ async fn exec_in_key_and_certificate_mode() {
         s.sshd.log().contains("postern:s_"),
         "sshd did not log the cert key id"
     );
+
+    // A damaged key (its armour kept, its body cut) is refused when stored, as the worker
+    // would read it, and the stored key stays in use.
+    let lines: Vec<&str> = s.sshd.user_key_pem.lines().collect();
+    let damaged = [lines[0], lines[1], lines[lines.len() - 1]].join("\n");
+    let err =
+        s.c.admin
+            .call::<serde_json::Value, _>(
+                Method::PUT,
+                "/v1/targets/demo-ssh/credential",
+                Some(&json!({"kind": "ssh_key", "username": LOGIN, "secret": damaged})),
+            )
+            .await
+            .expect_err("a damaged key");
+    assert_eq!(err.status, 400, "{}", err.message);
+    assert!(
+        err.message.contains("the SSH key cannot be read"),
+        "{}",
+        err.message
+    );
+    let out = s.run(&["ssh", "demo-ssh", "--", "echo still"]).await;
+    assert_eq!(text(&out.stdout), "still\n", "{}", text(&out.stderr));
     s.c.stop().await;
 }
 

@@ -17,6 +17,7 @@ const PSQL: &str = "psql";
 
 /// Runs `postern psql`.
 pub async fn run(ctx: &Ctx, args: PsqlArgs) -> Result<ExitCode> {
+    check_psql_args(&args.psql_args)?;
     // psql speaks to a tcp or postgres target; an ssh one is refused before a session is
     // made for nothing (if the caller may look the target up; the session refuses it anyway).
     if let Ok(target) = ctx
@@ -28,6 +29,13 @@ pub async fn run(ctx: &Ctx, args: PsqlArgs) -> Result<ExitCode> {
             bail!(
                 "target '{}' is an ssh target, not a database: use `postern ssh {}`",
                 target.name,
+                target.name
+            );
+        }
+        if target.kind == TargetType::Tcp {
+            eprintln!(
+                "note: '{}' is a tcp target: psql runs through it, but its statements are not \
+                 audited (a postgres target audits them and brokers the login)",
                 target.name
             );
         }
@@ -56,6 +64,33 @@ pub async fn run(ctx: &Ctx, args: PsqlArgs) -> Result<ExitCode> {
         },
     )
     .await
+}
+
+/// psql is pointed at the session's local port: a host or port of the user's own would
+/// connect around the session, unaudited, and still look like a `postern psql` that worked.
+fn check_psql_args(extra: &[String]) -> Result<()> {
+    for arg in extra {
+        let names_server = ["-h", "-p", "--host", "--port"].iter().any(|opt| {
+            arg == opt
+                || (opt.len() == 2 && arg.starts_with(opt))
+                || arg.starts_with(&format!("{opt}="))
+        }) || [
+            "postgres://",
+            "postgresql://",
+            "host=",
+            "hostaddr=",
+            "port=",
+        ]
+        .iter()
+        .any(|p| arg.starts_with(p));
+        if names_server {
+            bail!(
+                "'{arg}': postern psql points psql at the session itself; leave out the host \
+                 and port (choose the database and user with --db and --db-user)"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The user name of the target's password credential, if the caller may read it (an admin
@@ -93,6 +128,30 @@ fn psql_command(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_or_port_of_the_users_own_is_refused() {
+        let check = |args: &[&str]| {
+            check_psql_args(&args.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>())
+        };
+        assert!(check(&["-c", "select 'host=1', 2"]).is_ok());
+        assert!(check(&["-X", "-v", "ON_ERROR_STOP=1", "-f", "q.sql"]).is_ok());
+        for bad in [
+            &["-h", "127.0.0.1", "-c", "select 1"][..],
+            &["-p", "5432"],
+            &["-p5432"],
+            &["--host=db"],
+            &["--port", "5432"],
+            &["postgresql://u@db:5432/app"],
+            &["host=db dbname=app"],
+        ] {
+            let err = check(bad).expect_err("refused");
+            assert!(
+                err.to_string().contains("leave out the host"),
+                "{bad:?}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn psql_arguments() {

@@ -22,6 +22,9 @@ use crate::session::{new_client_key, open_session};
 
 /// Runs `postern ssh`.
 pub async fn run(ctx: &Ctx, args: SshArgs) -> Result<ExitCode> {
+    if args.scp {
+        check_scp_operands(&args.target, &args.args)?;
+    }
     let mut signals = Signals::new()?;
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .await
@@ -74,6 +77,61 @@ pub async fn run(ctx: &Ctx, args: SshArgs) -> Result<ExitCode> {
     let code = supervise(session, program, &argv, &mut signals).await;
     drop(files);
     code
+}
+
+/// scp's options that take a value (`scp -P 22`, or `-P22`).
+const SCP_VALUE_OPTIONS: &str = "DFJSPXcilo";
+
+/// Every session reaches one host, its target, which scp operands must name as `TARGET:path`
+/// (every host name is sent to the session): a copy naming another host would land on the
+/// target without a word, and one naming none would copy locally and report success.
+fn check_scp_operands(target: &str, args: &[String]) -> Result<()> {
+    let mut remote = false;
+    let mut operands = args.iter();
+    while let Some(arg) = operands.next() {
+        if let Some(flags) = arg.strip_prefix('-').filter(|f| !f.is_empty()) {
+            // `-P 22`: the value is the next argument, unless it is attached (`-P22`).
+            if let Some(at) = flags.find(|c| SCP_VALUE_OPTIONS.contains(c)) {
+                if at + 1 == flags.len() {
+                    operands.next();
+                }
+            }
+            continue;
+        }
+        let Some(host) = scp_host(arg) else {
+            continue;
+        };
+        if host != target {
+            bail!(
+                "'{arg}' names the host '{host}', but this session reaches only '{target}': \
+                 write {target}:PATH"
+            );
+        }
+        remote = true;
+    }
+    if !remote {
+        bail!(
+            "scp needs a path on the target: postern ssh {target} --scp -- FILE {target}:PATH \
+             (or -- {target}:PATH .)"
+        );
+    }
+    Ok(())
+}
+
+/// The host an scp operand names (`[user@]host:path`, `scp://[user@]host[:port]/path`), as
+/// scp reads it: a colon before any slash makes it remote.
+fn scp_host(operand: &str) -> Option<&str> {
+    let host = if let Some(rest) = operand.strip_prefix("scp://") {
+        let authority = rest.split('/').next().unwrap_or(rest);
+        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+    } else {
+        let colon = operand.find(':')?;
+        if colon == 0 || operand[..colon].contains('/') {
+            return None;
+        }
+        &operand[..colon]
+    };
+    Some(host.rsplit_once('@').map_or(host, |(_, h)| h))
 }
 
 /// `ssh`, `scp` or `sftp` with the options that pin the worker and use the session key,
@@ -194,4 +252,40 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
         .open(path)
         .and_then(|mut f| f.write_all(bytes))
         .with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod scp_tests {
+    use super::*;
+
+    fn check(args: &[&str]) -> Result<()> {
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        check_scp_operands("web", &args)
+    }
+
+    #[test]
+    fn scp_operands_must_name_the_target() {
+        for ok in [
+            &["file.txt", "web:/tmp/"][..],
+            &["web:/etc/hostname", "."],
+            &["-P", "22", "-r", "dir", "deploy@web:dir"],
+            &["-o", "Compression=yes", "scp://deploy@web:22/tmp/x", "./x"],
+            &["-P22", "./a:b", "web:"],
+        ] {
+            assert!(check(ok).is_ok(), "{ok:?}: {:?}", check(ok));
+        }
+        let err = check(&["big.bin", "/tmp/x.bin"]).expect_err("a local copy");
+        assert!(
+            err.to_string().contains("scp needs a path on the target"),
+            "{err}"
+        );
+        let err = check(&["big.bin", "otherhost:/tmp/x"]).expect_err("another host");
+        assert!(
+            err.to_string().contains("names the host 'otherhost'"),
+            "{err}"
+        );
+        // An option's value is not an operand.
+        assert!(check(&["-i", "web:key", "f"]).is_err());
+        assert!(check(&["-o", "web:x"]).is_err());
+    }
 }

@@ -261,8 +261,13 @@ pub async fn authorize(
         )));
     }
     if let Some(wanted) = req.target_type.filter(|t| *t != target.kind) {
+        let command = match target.kind {
+            TargetType::Ssh => "ssh",
+            TargetType::Postgres => "psql",
+            TargetType::Tcp => "connect",
+        };
         return Err(ApiError::BadRequest(format!(
-            "target '{}' is a {} target, not {}: use `postern connect {}`",
+            "target '{}' is a {} target, not {}: use `postern {command} {}`",
             target.name,
             target.kind.as_str(),
             wanted.as_str(),
@@ -506,6 +511,14 @@ pub async fn set_credential(
             "target '{name}' is a {} target, which takes {takes}",
             target.kind.as_str()
         )));
+    }
+    // Read as the worker will read it, so a damaged key fails here, not at the next session.
+    if req.kind == CredentialKind::SshKey {
+        if let Err(e) = russh::keys::decode_secret_key(req.secret.trim(), None) {
+            return Err(ApiError::BadRequest(format!(
+                "the SSH key cannot be read: {e}"
+            )));
+        }
     }
     let kind = match req.kind {
         CredentialKind::Password => "password",
