@@ -551,6 +551,34 @@ async fn cancelling_the_session_ends_the_shell() {
     s.c.admin.cancel_session(&sessions[0].id).await;
     tmux.wait_gone().await;
     assert!(cancelled.elapsed() < Duration::from_secs(10));
+
+    // A command without a terminal gets no hang-up from sshd when its client goes: the
+    // worker ends it on the target when the session is cut.
+    let mark = format!("sleep 47.{}", std::process::id());
+    let running = || {
+        std::process::Command::new("pgrep")
+            // The command itself (`bash -c` execs it), not the local ssh naming it.
+            .args(["-f", &format!("^{mark}$")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let mut client = s
+        .postern(&["ssh", "demo-ssh", "--", &mark], false)
+        .spawn()
+        .expect("postern ssh");
+    wait_for(running, "the command to start on the target").await;
+    let sessions: Vec<Session> =
+        s.c.admin
+            .ok(Method::GET, "/v1/sessions?active=true", None::<&()>)
+            .await;
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    s.c.admin.cancel_session(&sessions[0].id).await;
+    let status = tokio::time::timeout(Duration::from_secs(10), client.wait())
+        .await
+        .expect("postern ssh ends with the session")
+        .expect("wait");
+    assert!(!status.success());
+    wait_for(|| !running(), "the command to end on the target").await;
     s.c.stop().await;
 }
 

@@ -1,7 +1,7 @@
 //! `postern connect TARGET [--port N] [-- CMD ARGS...]`: authorize, open the session, serve a
 //! local port, and either wait for Ctrl-C or run CMD against the port.
 
-use std::io::Write;
+use std::io::{IsTerminal as _, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{ExitCode, ExitStatus};
 
@@ -267,7 +267,13 @@ pub(super) async fn supervise(
                 return Ok(ExitCode::from(143));
             }
             end = session.closed() => {
-                eprintln!("session ended: {end}");
+                // The command may hold the terminal in raw mode (ssh, psql's pager), where a
+                // line feed does not return the cursor: end the line both ways.
+                if std::io::stderr().is_terminal() {
+                    eprint!("\r\nsession ended: {end}\r\n");
+                } else {
+                    eprintln!("session ended: {end}");
+                }
                 let _ = child.start_kill();
                 let _ = child.wait().await;
                 return Ok(ExitCode::FAILURE);

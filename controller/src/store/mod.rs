@@ -321,7 +321,13 @@ impl Store {
 pub fn closest(wanted: &str, names: &[String]) -> Option<String> {
     names
         .iter()
-        .map(|n| (strsim::jaro_winkler(wanted, n), n))
+        .map(|n| {
+            // Jaro-Winkler misses a swap in a short name (`wbe`, `gp`), where its match
+            // window is a single letter: one edit or swap counts as close too.
+            let one_edit = strsim::osa_distance(wanted, n) <= 1 && n.chars().count() >= 2;
+            let score = strsim::jaro_winkler(wanted, n).max(if one_edit { 0.85 } else { 0.0 });
+            (score, n)
+        })
         .filter(|(score, _)| *score >= 0.8)
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, n)| n.clone())

@@ -470,3 +470,19 @@ fn not_found_messages_name_things_the_way_users_type_them() {
         "user 'bob' is not a member of group 'ops'"
     );
 }
+
+#[test]
+fn a_typo_in_a_short_name_finds_it() {
+    let names: Vec<String> = ["web", "pg", "prod-db", "admin"].map(String::from).to_vec();
+    for (typed, meant) in [
+        ("wbe", "web"),
+        ("gp", "pg"),
+        ("prod-bd", "prod-db"),
+        ("admn", "admin"),
+    ] {
+        assert_eq!(closest(typed, &names).as_deref(), Some(meant), "{typed}");
+    }
+    for far in ["mail", "x", "staging"] {
+        assert_eq!(closest(far, &names), None, "{far}");
+    }
+}

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use russh::server::{self, Msg};
 use russh::{client, Channel, ChannelId, ChannelMsg, ChannelWriteHalf, Pty, Sig};
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::recording::Recorder;
 use super::server::Ctx;
@@ -78,6 +78,9 @@ struct Meta {
 /// The engineer-facing callbacks' view of a relayed channel.
 pub(crate) struct ChannelLink {
     up: mpsc::UnboundedSender<Up>,
+    /// Told when the engineer closes the channel; dropped unsent when the connection goes
+    /// without closing it (the session was cut, or its client left).
+    closed: Option<oneshot::Sender<()>>,
     backlog: Arc<Backlog>,
     replies: mpsc::UnboundedReceiver<bool>,
     meta: Arc<Mutex<Meta>>,
@@ -88,6 +91,14 @@ impl ChannelLink {
     /// engineer is granted shrinks to a trickle until the target catches up.
     pub(crate) fn backlogged(&self) -> bool {
         self.backlog.bytes.load(Ordering::Acquire) > BACKLOG
+    }
+
+    /// The engineer closed the channel: the target's closes after what is queued.
+    pub(crate) fn close(mut self) {
+        self.send(Up::Close);
+        if let Some(closed) = self.closed.take() {
+            let _ = closed.send(());
+        }
     }
 
     /// Queues `msg` for the target; false if the target channel is gone.
@@ -171,73 +182,130 @@ pub(crate) fn link(
     // The target's replies to forwarded requests, in order.
     let (reply_tx, reply_rx) = mpsc::unbounded_channel();
     let (up_tx, up_rx) = mpsc::unbounded_channel();
+    let (closed_tx, closed_rx) = oneshot::channel();
     let backlog = Arc::new(Backlog::default());
     let meta = Arc::new(Mutex::new(Meta::default()));
     let link = ChannelLink {
         up: up_tx,
+        closed: Some(closed_tx),
         backlog: backlog.clone(),
         replies: reply_rx,
         meta: meta.clone(),
     };
-    let up = upstream(up_rx, to_target, backlog);
+    let up = upstream(up_rx, closed_rx, to_target, backlog);
     let down = downstream(ctx, id, from_target, to_client, handle, reply_tx, meta);
     (link, up, down)
 }
 
 /// Engineer → target: writes the queued messages in order, each waiting for the target's
-/// window.
+/// window. If the engineer's side goes without closing the channel (the session was cut, or
+/// its client left), the target is asked to end the channel's command and the channel is
+/// closed ([`hang_up`]): a command without a terminal gets no hang-up of its own from sshd
+/// and would run on. This task must outlive the connection for that (it is not aborted with
+/// it), and stops waiting on a write the target does not take once the engineer is gone.
 async fn upstream(
     mut queue: mpsc::UnboundedReceiver<Up>,
+    mut closed: oneshot::Receiver<()>,
     to_target: ChannelWriteHalf<client::Msg>,
     backlog: Arc<Backlog>,
 ) {
-    while let Some(msg) = queue.recv().await {
-        let written = match msg {
-            Up::Data(data) | Up::ExtendedData(_, data) if data.is_empty() => Ok(()),
-            Up::Data(data) => {
-                let n = data.len();
-                let r = to_target.data_bytes(data).await;
-                drained(&backlog, n);
-                r
+    // Whether the engineer closed the channel in order (then every queued write completes).
+    let mut closing = false;
+    loop {
+        let Some(msg) = queue.recv().await else {
+            // Every sender is gone, and no `Close` came first.
+            hang_up(&to_target).await;
+            break;
+        };
+        let mut write = std::pin::pin!(relay(&to_target, msg, &backlog));
+        let written = if closing {
+            write.await
+        } else {
+            tokio::select! {
+                r = &mut write => r,
+                told = &mut closed => match told {
+                    Ok(()) => {
+                        closing = true;
+                        write.await
+                    }
+                    Err(_) => {
+                        hang_up(&to_target).await;
+                        break;
+                    }
+                },
             }
-            Up::ExtendedData(ext, data) => {
-                let n = data.len();
-                let r = to_target.extended_data_bytes(ext, data).await;
-                drained(&backlog, n);
-                r
-            }
-            Up::Eof => to_target.eof().await,
-            Up::Close => {
-                let _ = to_target.close().await;
+        };
+        match written {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(_) => {
+                tracing::debug!("target channel gone while relaying from the engineer");
                 break;
             }
-            Up::Pty {
-                term,
-                cols,
-                rows,
-                pix_width,
-                pix_height,
-                modes,
-            } => {
-                to_target
-                    .request_pty(true, &term, cols, rows, pix_width, pix_height, &modes)
-                    .await
-            }
-            // Sent without want-reply by OpenSSH; the target's AcceptEnv decides.
-            Up::Env(name, value) => to_target.set_env(false, name, value).await,
-            Up::Shell => to_target.request_shell(true).await,
-            Up::Exec(command) => to_target.exec(true, command).await,
-            Up::Subsystem(name) => to_target.request_subsystem(true, name).await,
-            Up::WindowChange(c, r, pw, ph) => to_target.window_change(c, r, pw, ph).await,
-            Up::Signal(sig) => to_target.signal(sig).await,
-        };
-        if written.is_err() {
-            tracing::debug!("target channel gone while relaying from the engineer");
-            break;
         }
     }
     // Nothing drains the queue any more: stop throttling the engineer.
     backlog.bytes.store(0, Ordering::Release);
+}
+
+/// How long telling the target that the engineer is gone may take.
+const HANG_UP_GRACE: Duration = Duration::from_secs(2);
+
+/// Asks the target to end the channel's command (SIGTERM), then closes the channel.
+async fn hang_up(to_target: &ChannelWriteHalf<client::Msg>) {
+    let told = async {
+        let _ = to_target.signal(Sig::TERM).await;
+        let _ = to_target.close().await;
+    };
+    let _ = tokio::time::timeout(HANG_UP_GRACE, told).await;
+}
+
+/// Writes one queued message to the target; `Ok(false)` once the channel is closed.
+async fn relay(
+    to_target: &ChannelWriteHalf<client::Msg>,
+    msg: Up,
+    backlog: &Backlog,
+) -> Result<bool, russh::Error> {
+    match msg {
+        Up::Data(data) | Up::ExtendedData(_, data) if data.is_empty() => Ok(()),
+        Up::Data(data) => {
+            let n = data.len();
+            let r = to_target.data_bytes(data).await;
+            drained(backlog, n);
+            r
+        }
+        Up::ExtendedData(ext, data) => {
+            let n = data.len();
+            let r = to_target.extended_data_bytes(ext, data).await;
+            drained(backlog, n);
+            r
+        }
+        Up::Eof => to_target.eof().await,
+        Up::Close => {
+            let _ = to_target.close().await;
+            return Ok(false);
+        }
+        Up::Pty {
+            term,
+            cols,
+            rows,
+            pix_width,
+            pix_height,
+            modes,
+        } => {
+            to_target
+                .request_pty(true, &term, cols, rows, pix_width, pix_height, &modes)
+                .await
+        }
+        // Sent without want-reply by OpenSSH; the target's AcceptEnv decides.
+        Up::Env(name, value) => to_target.set_env(false, name, value).await,
+        Up::Shell => to_target.request_shell(true).await,
+        Up::Exec(command) => to_target.exec(true, command).await,
+        Up::Subsystem(name) => to_target.request_subsystem(true, name).await,
+        Up::WindowChange(c, r, pw, ph) => to_target.window_change(c, r, pw, ph).await,
+        Up::Signal(sig) => to_target.signal(sig).await,
+    }
+    .map(|()| true)
 }
 
 fn drained(backlog: &Backlog, n: usize) {

@@ -128,7 +128,8 @@ struct Hop {
     thumbprint: Option<String>,
     target: Option<Result<Arc<Target>, String>>,
     links: HashMap<ChannelId, ChannelLink>,
-    /// Target → engineer tasks; dropped (aborted) with the connection.
+    /// Target → engineer tasks; dropped (aborted) with the connection (the engineer → target
+    /// ones end on their own, see `channel::upstream`).
     tasks: JoinSet<()>,
 }
 
@@ -276,7 +277,8 @@ impl server::Handler for Hop {
                 let (link, up, down) =
                     channel::link(self.ctx.clone(), channel, session.handle(), target_channel);
                 self.links.insert(id, link);
-                self.tasks.spawn(up);
+                // Not aborted with the connection: it tells the target when that goes.
+                tokio::spawn(up);
                 self.tasks.spawn(down);
             }
             Err(e) => {
@@ -558,7 +560,7 @@ impl server::Handler for Hop {
         _session: &mut server::Session,
     ) -> Result<(), Self::Error> {
         if let Some(link) = self.links.remove(&channel) {
-            link.send(Up::Close);
+            link.close();
         }
         Ok(())
     }

@@ -45,9 +45,9 @@ pub(crate) enum TargetError {
     /// The target's host key differs from the one learnt earlier (target side).
     #[error("the host key of target {0} has changed: refusing to log in (remove its line from the worker's ssh_known_hosts if the change is expected)")]
     HostKeyChanged(String),
-    /// The target refused the login (target side).
-    #[error("the target refused the login as '{0}'")]
-    LoginRefused(String),
+    /// The target refused the login (target side), with a hint for the credential used.
+    #[error("the target refused the login as '{0}'{1}")]
+    LoginRefused(String, &'static str),
     /// The brokered key cannot be used.
     #[error("the brokered SSH key is unusable: {0}")]
     BadKey(String),
@@ -147,9 +147,18 @@ pub(crate) async fn connect(ctx: &Ctx) -> Result<Target, TargetError> {
         }
         _ => return Err(TargetError::BadKey("unsupported credential kind".into())),
     };
+    // In certificate mode the usual cause is a target that does not trust the CA yet.
+    let hint = match credential {
+        Credential::SshCertificate { .. } => {
+            " (certificate mode: its sshd must list the controller's SSH CA, from `postern \
+             credentials set TARGET --ssh-ca` or GET /v1/ssh/ca, in TrustedUserCAKeys, and the \
+             login must exist there)"
+        }
+        _ => "",
+    };
     match auth {
         Ok(AuthResult::Success) => Ok(Target { handle }),
-        Ok(AuthResult::Failure { .. }) => Err(TargetError::LoginRefused(login)),
+        Ok(AuthResult::Failure { .. }) => Err(TargetError::LoginRefused(login, hint)),
         Err(e) => Err(unreachable(e.to_string())),
     }
 }
