@@ -21,7 +21,7 @@ use bytes::Bytes;
 use russh::server::{self, Msg};
 use russh::{client, Channel, ChannelId, ChannelMsg, ChannelWriteHalf, Pty, Sig};
 use serde_json::json;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, watch};
 
 use super::recording::Recorder;
 use super::server::Ctx;
@@ -78,9 +78,6 @@ struct Meta {
 /// The engineer-facing callbacks' view of a relayed channel.
 pub(crate) struct ChannelLink {
     up: mpsc::UnboundedSender<Up>,
-    /// Told when the engineer closes the channel; dropped unsent when the connection goes
-    /// without closing it (the session was cut, or its client left).
-    closed: Option<oneshot::Sender<()>>,
     backlog: Arc<Backlog>,
     replies: mpsc::UnboundedReceiver<bool>,
     meta: Arc<Mutex<Meta>>,
@@ -91,14 +88,6 @@ impl ChannelLink {
     /// engineer is granted shrinks to a trickle until the target catches up.
     pub(crate) fn backlogged(&self) -> bool {
         self.backlog.bytes.load(Ordering::Acquire) > BACKLOG
-    }
-
-    /// The engineer closed the channel: the target's closes after what is queued.
-    pub(crate) fn close(mut self) {
-        self.send(Up::Close);
-        if let Some(closed) = self.closed.take() {
-            let _ = closed.send(());
-        }
     }
 
     /// Queues `msg` for the target; false if the target channel is gone.
@@ -170,6 +159,7 @@ pub(crate) fn link(
     channel: Channel<Msg>,
     handle: server::Handle,
     target: Channel<client::Msg>,
+    connection: watch::Receiver<()>,
 ) -> (
     ChannelLink,
     impl Future<Output = ()> + Send + 'static,
@@ -182,64 +172,53 @@ pub(crate) fn link(
     // The target's replies to forwarded requests, in order.
     let (reply_tx, reply_rx) = mpsc::unbounded_channel();
     let (up_tx, up_rx) = mpsc::unbounded_channel();
-    let (closed_tx, closed_rx) = oneshot::channel();
     let backlog = Arc::new(Backlog::default());
     let meta = Arc::new(Mutex::new(Meta::default()));
     let link = ChannelLink {
         up: up_tx,
-        closed: Some(closed_tx),
         backlog: backlog.clone(),
         replies: reply_rx,
         meta: meta.clone(),
     };
-    let up = upstream(up_rx, closed_rx, to_target, backlog);
+    let up = upstream(up_rx, connection, to_target, backlog);
     let down = downstream(ctx, id, from_target, to_client, handle, reply_tx, meta);
     (link, up, down)
 }
 
 /// Engineer → target: writes the queued messages in order, each waiting for the target's
-/// window. If the engineer's side goes without closing the channel (the session was cut, or
-/// its client left), the target is asked to end the channel's command and the channel is
-/// closed ([`hang_up`]): a command without a terminal gets no hang-up of its own from sshd
-/// and would run on. This task must outlive the connection for that (it is not aborted with
-/// it), and stops waiting on a write the target does not take once the engineer is gone.
+/// window. When the engineer's connection goes (the session was cut, or its client left)
+/// before the channel was closed, the target is asked to end the channel's command and the
+/// channel is closed ([`hang_up`]): a command without a terminal gets no hang-up of its own
+/// from sshd and would run on. So this task is not aborted with the connection: it learns
+/// of its end from `connection` (whose sender the connection's handler holds), also while
+/// it waits on a write the target does not take.
 async fn upstream(
     mut queue: mpsc::UnboundedReceiver<Up>,
-    mut closed: oneshot::Receiver<()>,
+    mut connection: watch::Receiver<()>,
     to_target: ChannelWriteHalf<client::Msg>,
     backlog: Arc<Backlog>,
 ) {
-    // Whether the engineer closed the channel in order (then every queued write completes).
-    let mut closing = false;
     loop {
-        let Some(msg) = queue.recv().await else {
-            // Every sender is gone, and no `Close` came first.
-            hang_up(&to_target).await;
-            break;
-        };
-        let mut write = std::pin::pin!(relay(&to_target, msg, &backlog));
-        let written = if closing {
-            write.await
-        } else {
-            tokio::select! {
-                r = &mut write => r,
-                told = &mut closed => match told {
-                    Ok(()) => {
-                        closing = true;
-                        write.await
+        let written = tokio::select! {
+            biased;
+            msg = queue.recv() => match msg {
+                Some(msg) => {
+                    tokio::select! {
+                        more = relay(&to_target, msg, &backlog) => Ok(more),
+                        // Only the handler's end wakes this: nothing is ever sent.
+                        _ = connection.changed() => Err(Gone),
                     }
-                    Err(_) => {
-                        hang_up(&to_target).await;
-                        break;
-                    }
-                },
-            }
+                }
+                // Every sender is gone, and no `Close` came first.
+                None => Err(Gone),
+            },
+            _ = connection.changed() => Err(Gone),
         };
         match written {
             Ok(true) => {}
             Ok(false) => break,
-            Err(_) => {
-                tracing::debug!("target channel gone while relaying from the engineer");
+            Err(Gone) => {
+                hang_up(&to_target).await;
                 break;
             }
         }
@@ -247,6 +226,9 @@ async fn upstream(
     // Nothing drains the queue any more: stop throttling the engineer.
     backlog.bytes.store(0, Ordering::Release);
 }
+
+/// The engineer's side went without closing the channel.
+struct Gone;
 
 /// How long telling the target that the engineer is gone may take.
 const HANG_UP_GRACE: Duration = Duration::from_secs(2);
@@ -260,13 +242,10 @@ async fn hang_up(to_target: &ChannelWriteHalf<client::Msg>) {
     let _ = tokio::time::timeout(HANG_UP_GRACE, told).await;
 }
 
-/// Writes one queued message to the target; `Ok(false)` once the channel is closed.
-async fn relay(
-    to_target: &ChannelWriteHalf<client::Msg>,
-    msg: Up,
-    backlog: &Backlog,
-) -> Result<bool, russh::Error> {
-    match msg {
+/// Writes one queued message to the target; false once the channel is closed or the target
+/// is gone.
+async fn relay(to_target: &ChannelWriteHalf<client::Msg>, msg: Up, backlog: &Backlog) -> bool {
+    let written: Result<(), russh::Error> = match msg {
         Up::Data(data) | Up::ExtendedData(_, data) if data.is_empty() => Ok(()),
         Up::Data(data) => {
             let n = data.len();
@@ -283,7 +262,7 @@ async fn relay(
         Up::Eof => to_target.eof().await,
         Up::Close => {
             let _ = to_target.close().await;
-            return Ok(false);
+            return false;
         }
         Up::Pty {
             term,
@@ -304,8 +283,11 @@ async fn relay(
         Up::Subsystem(name) => to_target.request_subsystem(true, name).await,
         Up::WindowChange(c, r, pw, ph) => to_target.window_change(c, r, pw, ph).await,
         Up::Signal(sig) => to_target.signal(sig).await,
+    };
+    if written.is_err() {
+        tracing::debug!("target channel gone while relaying from the engineer");
     }
-    .map(|()| true)
+    written.is_ok()
 }
 
 fn drained(backlog: &Backlog, n: usize) {

@@ -12,6 +12,7 @@ use russh::server::{self, Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Verified
 use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet, Pty, Sig};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::channel::{self, ChannelLink, Up};
@@ -90,6 +91,7 @@ where
         target: None,
         links: HashMap::new(),
         tasks: JoinSet::new(),
+        connection: watch::channel(()).0,
     };
     let running = match server::run_stream(Arc::new(config), stream, handler).await {
         Ok(running) => running,
@@ -131,6 +133,8 @@ struct Hop {
     /// Target → engineer tasks; dropped (aborted) with the connection (the engineer → target
     /// ones end on their own, see `channel::upstream`).
     tasks: JoinSet<()>,
+    /// Dropped with the connection, which the engineer → target tasks see.
+    connection: watch::Sender<()>,
 }
 
 impl Hop {
@@ -274,8 +278,13 @@ impl server::Handler for Hop {
         reply.accept().await;
         match opened {
             Ok(target_channel) => {
-                let (link, up, down) =
-                    channel::link(self.ctx.clone(), channel, session.handle(), target_channel);
+                let (link, up, down) = channel::link(
+                    self.ctx.clone(),
+                    channel,
+                    session.handle(),
+                    target_channel,
+                    self.connection.subscribe(),
+                );
                 self.links.insert(id, link);
                 // Not aborted with the connection: it tells the target when that goes.
                 tokio::spawn(up);
@@ -560,7 +569,7 @@ impl server::Handler for Hop {
         _session: &mut server::Session,
     ) -> Result<(), Self::Error> {
         if let Some(link) = self.links.remove(&channel) {
-            link.close();
+            link.send(Up::Close);
         }
         Ok(())
     }
