@@ -211,6 +211,16 @@ fn dev_then_connect_runs_real_psql_through_the_worker() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("did you mean"), "{args:?}: {stderr}");
     }
+    // So does an action no event has.
+    let out = postern(&dir, &["audit", "list", "--action", "sesion.authorize"]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no audit event has the action 'sesion.authorize'"),
+        "{stderr}"
+    );
+    let out = postern(&dir, &["audit", "list", "--action", "session.authorize"]);
+    assert!(out.status.success() && out.stderr.is_empty());
     let out = postern(&dir, &["recordings", "list", "--session", "s_nope"]);
     assert!(out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);

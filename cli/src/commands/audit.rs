@@ -32,6 +32,9 @@ pub async fn run(ctx: &Ctx, cmd: AuditCmd) -> Result<ExitCode> {
                     ],
                 )
                 .await;
+                if let Some(action) = &filter.action {
+                    unknown_action(&api, action).await;
+                }
             }
             show(ctx, &events, "No audit events match.")
         }
@@ -134,6 +137,24 @@ pub async fn run(ctx: &Ctx, cmd: AuditCmd) -> Result<ExitCode> {
             }
             ok()
         }
+    }
+}
+
+/// After an empty list filtered by `action`: says so if no event at all has that action, so
+/// that a mistyped one is not read as "nothing happened".
+async fn unknown_action(api: &ApiClient, action: &str) {
+    let any: Result<Vec<AuditEvent>, _> = api
+        .get(
+            &["v1", "audit"],
+            &[("action", action.to_owned()), ("limit", "1".to_owned())],
+        )
+        .await;
+    if any.is_ok_and(|events| events.is_empty()) {
+        eprintln!(
+            "note: no audit event has the action '{action}'; actions look like \
+             session.authorize or auth.login (`postern audit list` shows them), and a prefix \
+             ends in '.' (session.)"
+        );
     }
 }
 

@@ -77,10 +77,12 @@ pub async fn run(ctx: &Ctx, cmd: SessionsCmd) -> Result<ExitCode> {
             let s: Session = api.post_empty(&["v1", "sessions", &id, "cancel"]).await?;
             if !ctx.json {
                 crate::outln!(
-                    "Cancelled session {} ({} to {}); its connections are being closed.",
+                    "Cancelled session {} ({} to {}); its connections are being closed \
+                     (`postern sessions show {}` counts them once the worker reports them).",
                     s.id,
                     s.user,
-                    s.target
+                    s.target,
+                    s.id
                 );
             }
             show(ctx, &s)?;
