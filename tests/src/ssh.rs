@@ -142,6 +142,20 @@ impl Setup {
         serde_json::from_slice(&list.stdout).expect("json list")
     }
 
+    /// The recordings once there is one and all have ended (the end reaches the controller
+    /// shortly after the client has left), or as they are after 5 s.
+    async fn finished_recordings(&self) -> Vec<Recording> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let recordings = self.list_recordings().await;
+            let ended = !recordings.is_empty() && recordings.iter().all(|r| r.ended_at.is_some());
+            if ended || Instant::now() > deadline {
+                return recordings;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// `postern recordings export ID -o FILE` as the admin: the file and its text.
     async fn export_recording(&self, id: &str) -> (std::path::PathBuf, String) {
         let path = self.home.path().join(format!("{id}.cast"));
@@ -271,14 +285,7 @@ async fn exec_in_key_and_certificate_mode() {
         ])
         .await;
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let recordings = loop {
-        let recordings = s.list_recordings().await;
-        if recordings.iter().any(|r| r.ended_at.is_some()) || Instant::now() > deadline {
-            break recordings;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let recordings = s.finished_recordings().await;
     assert_eq!(recordings.len(), 1, "{recordings:?}");
     let (_, cast) = s.export_recording(&recordings[0].id).await;
     assert!(
@@ -496,15 +503,7 @@ async fn interactive_shell_is_recorded() {
     tmux.send("exit");
     tmux.wait_gone().await;
 
-    // The shell's end reaches the controller shortly after the client has left.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let recordings = loop {
-        let recordings = s.list_recordings().await;
-        if recordings.iter().all(|r| r.ended_at.is_some()) || Instant::now() > deadline {
-            break recordings;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let recordings = s.finished_recordings().await;
     assert_eq!(recordings.len(), 1, "{recordings:?}");
     assert!(recordings[0].ended_at.is_some(), "recording never ended");
     let id = recordings[0].id.clone();
