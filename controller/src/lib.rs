@@ -339,8 +339,31 @@ pub async fn run(
 }
 
 fn load_kek(config: &ControllerConfig) -> Result<Kek, StartError> {
+    if let Some(kek) = read_kek(config)? {
+        return Ok(kek);
+    }
+    // Only a bootstrapping (dev) controller invents its KEK (`read_kek` says when).
+    let path = config
+        .kek_file
+        .as_deref()
+        .unwrap_or(std::path::Path::new(""));
+    let kek = Kek::generate_base64();
+    write_private(path, &kek)
+        .map_err(|e| StartError::Io(format!("cannot write {}: {e}", path.display())))?;
+    Ok(Kek::from_base64(&kek)?)
+}
+
+/// Checks that the controller will have its key-encryption key (`--check-config`), without
+/// making one.
+pub fn check_kek(config: &ControllerConfig) -> Result<(), StartError> {
+    read_kek(config).map(|_| ())
+}
+
+/// The key-encryption key from `POSTERN_KEK` or `kek_file`; `None` when a bootstrapping
+/// controller is to make `kek_file`.
+fn read_kek(config: &ControllerConfig) -> Result<Option<Kek>, StartError> {
     if let Ok(k) = std::env::var("POSTERN_KEK") {
-        return Ok(Kek::from_base64(&k)?);
+        return Ok(Some(Kek::from_base64(&k)?));
     }
     let Some(path) = &config.kek_file else {
         return Err(StartError::Io(
@@ -348,14 +371,8 @@ fn load_kek(config: &ControllerConfig) -> Result<Kek, StartError> {
         ));
     };
     match std::fs::read_to_string(path) {
-        Ok(text) => Ok(Kek::from_base64(&text)?),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && config.bootstrap_admin => {
-            // Only a bootstrapping (dev) controller invents its KEK.
-            let kek = Kek::generate_base64();
-            write_private(path, &kek)
-                .map_err(|e| StartError::Io(format!("cannot write {}: {e}", path.display())))?;
-            Ok(Kek::from_base64(&kek)?)
-        }
+        Ok(text) => Ok(Some(Kek::from_base64(&text)?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && config.bootstrap_admin => Ok(None),
         Err(e) => Err(StartError::Io(format!(
             "cannot read kek_file {}: {e}",
             path.display()

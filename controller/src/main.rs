@@ -94,6 +94,19 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
     if let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) {
         postern_controller::tls::check_files(cert, key)?;
     }
+    // A warning: the key may be a secret mounted only where the controller runs.
+    if let Err(e) = postern_controller::check_kek(&config) {
+        eprintln!("warning: {e} (the controller does not start without it)");
+    }
+    for method in config.oidc.iter().filter(|m| m.client_secret.is_none()) {
+        eprintln!(
+            "warning: single sign-on method '{}' has no client_secret (nor {}): the controller \
+             logs in as a public client, and an IdP that registered it as a confidential one \
+             refuses with invalid_client",
+            method.name,
+            method.secret_env_var()
+        );
+    }
     if !config.oidc.is_empty() {
         // Warnings only: an IdP that is down now must not keep the controller from starting
         // (this check runs before every start under systemd).

@@ -518,4 +518,28 @@ fn example_configs_load_and_unknown_keys_are_named() {
     let out = check_config("postern-controller", &bad);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("insecure_http"));
+
+    // What keeps a controller from starting, or SSO from working, is warned about: no
+    // key-encryption key to read, and a login method without its client secret.
+    let warned = dir.path().join("warned.toml");
+    std::fs::write(
+        &warned,
+        format!(
+            "database_url = \"sqlite://x.db\"\nkek_file = \"{}\"\n\
+             [[oidc]]\nname = \"corp\"\nissuer = \"http://127.0.0.1:9/\"\nclient_id = \"c\"\n",
+            dir.path().join("no-such-kek").display()
+        ),
+    )
+    .expect("write");
+    let out = check_config("postern-controller", &warned);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cannot read kek_file") && stderr.contains("does not start without it"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("'corp' has no client_secret (nor POSTERN_OIDC_CORP_CLIENT_SECRET)"),
+        "{stderr}"
+    );
 }

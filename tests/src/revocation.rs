@@ -536,13 +536,32 @@ async fn a_replaced_connection_does_not_disconnect_the_worker() {
         events.len()
     };
     let before = connects().await;
-    let second = postern_worker::start(crate::harness::worker_config(
+    // One data directory takes one worker: a second start on it is refused, saying why.
+    let refused = postern_worker::start(crate::harness::worker_config(
         &c.admin.base,
         &c.dir.path().join("worker"),
         None,
     ))
     .await
-    .expect("a second worker process with the same identity");
+    .expect_err("a second worker on the same data directory");
+    assert!(
+        refused
+            .to_string()
+            .contains("another worker is running with the data directory"),
+        "{refused}"
+    );
+    // The same identity in a data directory of its own.
+    let copy = c.dir.path().join("worker-copy");
+    std::fs::create_dir_all(&copy).expect("copy dir");
+    for entry in std::fs::read_dir(c.dir.path().join("worker")).expect("worker dir") {
+        let path = entry.expect("entry").path();
+        if path.is_file() && path.file_name() != Some("worker.lock".as_ref()) {
+            std::fs::copy(&path, copy.join(path.file_name().expect("name"))).expect("copy");
+        }
+    }
+    let second = postern_worker::start(crate::harness::worker_config(&c.admin.base, &copy, None))
+        .await
+        .expect("a second worker process with the same identity");
     // Once the second has replaced the first's connection, the first goes away before it
     // reconnects (its first retry waits 200 ms).
     for _ in 0..250 {

@@ -169,8 +169,10 @@ impl WorkerConfig {
             return Err(ConfigError::Invalid {
                 key: "grace_period",
                 message: format!(
-                    "{} is longer than the most sessions may outlive their controller (30 days)",
-                    humantime::format_duration(self.grace_period)
+                    "{} s ({:.1} days) is longer than the most sessions may outlive their \
+                     controller (30 days)",
+                    self.grace_period.as_secs(),
+                    self.grace_period.as_secs_f64() / 86_400.0
                 ),
             });
         }

@@ -98,6 +98,13 @@ pub enum WorkerError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// Another worker runs with the same data directory.
+    #[error(
+        "another worker is running with the data directory {} (it holds worker.lock there): \
+         stop it first, or give this one a data_dir of its own",
+        .0.display()
+    )]
+    DataDirInUse(std::path::PathBuf),
     /// The audit spool could not be opened.
     #[error("cannot open the audit spool in {path}: {error}")]
     Spool {
@@ -120,6 +127,8 @@ pub struct WorkerHandle {
     listener: Option<JoinHandle<()>>,
     control: Option<JoinHandle<()>>,
     watchdog: Option<JoinHandle<()>>,
+    /// The lock on the data directory, held while the worker runs.
+    _data_dir_lock: std::fs::File,
 }
 
 /// Registers if needed, binds the session listener and starts the control connection;
@@ -133,6 +142,10 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
             "controller_url is plain HTTP to another machine: the activation token travels in clear; use https://"
         );
     }
+    // Two workers on one data directory would share an identity (and take the controller
+    // connection from each other in turn) and an audit spool.
+    let data_dir_lock = register::lock_data_dir(&config.data_dir)?
+        .ok_or_else(|| WorkerError::DataDirInUse(config.data_dir.clone()))?;
     // Bound before registering, so that a taken port fails the start at once.
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(
@@ -175,6 +188,12 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
         (Some(public), false) => public.clone(),
         (None, false) => session_addr.to_string(),
     };
+    if outbound_only && config.public_addr.is_some() {
+        tracing::warn!(
+            "public_addr is not used in outbound-only mode: clients reach this worker through \
+             the controller's relay, and it listens on no port"
+        );
+    }
     if !outbound_only && config.public_addr.is_none() && session_addr.ip().is_unspecified() {
         tracing::warn!(
             "listening on {session_addr} without public_addr: clients will be told to dial \
@@ -266,6 +285,7 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
         listener: Some(listener),
         control: Some(control),
         watchdog: Some(watchdog),
+        _data_dir_lock: data_dir_lock,
     })
 }
 

@@ -306,6 +306,28 @@ fn parse_certs_bytes(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String>
     Ok(certs)
 }
 
+/// An exclusive lock on `DIR/worker.lock` (the directory made if missing), or `None` if
+/// another process holds it.
+pub(crate) fn lock_data_dir(dir: &Path) -> Result<Option<std::fs::File>, RegisterError> {
+    create_private_dir(dir)?;
+    let path = dir.join("worker.lock");
+    let io = |error| RegisterError::Io {
+        path: path.clone(),
+        error,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(error)) => Err(io(error)),
+    }
+}
+
 fn create_private_dir(dir: &Path) -> Result<(), RegisterError> {
     let io = |error| RegisterError::Io {
         path: dir.to_owned(),

@@ -18,6 +18,9 @@ pub struct Identity {
     pub groups: Vec<String>,
     /// Group names from the claim that are not valid Postern names.
     pub ignored_groups: Vec<String>,
+    /// Whether the groups claim was absent (an IdP may leave it out for no groups, or the
+    /// method names a claim the IdP never sends).
+    pub groups_claim_missing: bool,
 }
 
 /// The ID token's claims do not satisfy the method.
@@ -117,6 +120,7 @@ pub fn identity(config: &OidcConfig, claims: &Map<String, Value>) -> Result<Iden
             value: user,
         });
     }
+    let groups_claim_missing = claims.get(&config.groups_claim).is_none();
     let raw: Vec<String> = match claims.get(&config.groups_claim) {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],
@@ -139,6 +143,7 @@ pub fn identity(config: &OidcConfig, claims: &Map<String, Value>) -> Result<Iden
         user,
         groups,
         ignored_groups,
+        groups_claim_missing,
     })
 }
 
@@ -176,6 +181,18 @@ mod tests {
         assert_eq!(id.user, "alice@example.com");
         assert_eq!(id.groups, vec!["engineering", "ops"]);
         assert_eq!(id.ignored_groups, vec!["bad group!"]);
+        assert!(!id.groups_claim_missing);
+    }
+
+    #[test]
+    fn a_missing_groups_claim_is_told_from_an_empty_one() {
+        let base = json!({"sub": "u1", "email": "a@example.com", "email_verified": true});
+        let id = identity(&corp(), &claims(base.clone())).expect("accepted");
+        assert!(id.groups.is_empty() && id.groups_claim_missing);
+        let mut with_empty = base;
+        with_empty["groups"] = json!([]);
+        let id = identity(&corp(), &claims(with_empty)).expect("accepted");
+        assert!(id.groups.is_empty() && !id.groups_claim_missing);
     }
 
     #[test]
