@@ -128,8 +128,12 @@ async fn run(path: &std::path::Path) -> anyhow::Result<()> {
         // Shown once, on stdout and never in the log: the store keeps only its hash.
         println!("Bootstrap admin created: {} / {}", boot.user, boot.password);
     }
+    let relay = handle
+        .relay_addr()
+        .map(|a| format!(", relay {a}"))
+        .unwrap_or_default();
     println!(
-        "postern-controller listening: API {}, cluster {}, cluster CA SHA-256 {}",
+        "postern-controller listening: API {}, cluster {}{relay}, cluster CA SHA-256 {}",
         handle.api_url(),
         handle.cluster_addr(),
         handle.ca_fingerprint()
