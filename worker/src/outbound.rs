@@ -238,8 +238,9 @@ impl AsyncUdpSocket for VirtualSocket {
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
         let mut inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
+        let room = bufs.len().min(meta.len());
         let mut filled = 0;
-        for (buf, meta) in bufs.iter_mut().zip(meta.iter_mut()) {
+        while filled < room {
             let next = if filled == 0 {
                 match inbox.poll_recv(cx) {
                     Poll::Ready(next) => next,
@@ -251,11 +252,13 @@ impl AsyncUdpSocket for VirtualSocket {
             let Some((addr, datagram)) = next else {
                 break;
             };
+            let buf = &mut bufs[filled];
             if datagram.len() > buf.len() || datagram.len() > MAX_DATAGRAM {
+                // Dropped, as a network would; the next one is waited for as usual.
                 continue;
             }
             buf[..datagram.len()].copy_from_slice(&datagram);
-            *meta = RecvMeta {
+            meta[filled] = RecvMeta {
                 addr,
                 len: datagram.len(),
                 stride: datagram.len(),
@@ -265,11 +268,10 @@ impl AsyncUdpSocket for VirtualSocket {
             filled += 1;
         }
         if filled == 0 {
-            // The relay holds a sender for as long as the endpoint lives.
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "the relay is gone",
-            )));
+            // The relay, which holds the sender for as long as the worker runs, is gone: the
+            // worker is stopping and nothing more will arrive. Waiting (rather than an
+            // error, which quinn logs as one) lets the endpoint close quietly.
+            return Poll::Pending;
         }
         Poll::Ready(Ok(filled))
     }
@@ -286,5 +288,48 @@ struct AlwaysWritable;
 impl UdpPoller for AlwaysWritable {
     fn poll_writable(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn poll(socket: &VirtualSocket, bufs: &mut [Vec<u8>]) -> Poll<io::Result<Vec<Vec<u8>>>> {
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut slices: Vec<IoSliceMut<'_>> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        let mut meta = vec![RecvMeta::default(); slices.len()];
+        socket
+            .poll_recv(&mut cx, &mut slices, &mut meta)
+            .map_ok(|n| (0..n).map(|i| slices[i][..meta[i].len].to_vec()).collect())
+    }
+
+    #[test]
+    fn an_oversized_datagram_is_dropped_and_a_gone_relay_is_quiet() {
+        let (tx, rx) = mpsc::channel(8);
+        let socket = VirtualSocket {
+            local: flow_addr(0, 0),
+            inbox: Mutex::new(rx),
+            flows: Mutex::new(HashMap::new()),
+        };
+        let from = flow_addr(1, 1);
+        let mut bufs = vec![vec![0u8; 16]; 2];
+        // Too large for the buffer: dropped, and the one after it still arrives.
+        tx.try_send((from, Bytes::from(vec![1u8; 32])))
+            .expect("send");
+        tx.try_send((from, Bytes::from_static(b"hello")))
+            .expect("send");
+        match poll(&socket, &mut bufs) {
+            Poll::Ready(Ok(got)) => assert_eq!(got, vec![b"hello".to_vec()]),
+            other => panic!("expected the second datagram, got {other:?}"),
+        }
+        // Only an oversized one: nothing to hand over yet, not an error.
+        tx.try_send((from, Bytes::from(vec![1u8; 32])))
+            .expect("send");
+        assert!(poll(&socket, &mut bufs).is_pending());
+        // The relay gone (the worker stopping): waiting, not an error quinn would log.
+        drop(tx);
+        assert!(poll(&socket, &mut bufs).is_pending());
     }
 }
