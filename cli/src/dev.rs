@@ -1,6 +1,6 @@
 //! `postern dev`: a controller and a worker in this process, on loopback, with SQLite (or
 //! the PostgreSQL database of `--database-url`) and generated keys under one data directory; it logs the bootstrap admin in, saves the profile,
-//! and makes a demo target, so that `postern ...` works at once in another terminal.
+//! and makes the demo targets, so that `postern ...` works at once in another terminal.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,7 +11,8 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use postern_controller::api::types::{
-    CreateTarget, CreateWorker, CreatedWorker, Target, TargetType, Worker,
+    CreateTarget, CreateWorker, CreatedWorker, CredentialKind, SetCredential, Target, TargetType,
+    Worker,
 };
 
 use crate::args::DevArgs;
@@ -24,6 +25,9 @@ use crate::profile::{config_dir, create_private_dir, write_private_file, Profile
 pub const DEV_WORKER: &str = "dev-worker";
 /// The target `postern dev` creates: the local PostgreSQL, proxied as plain TCP.
 pub const DEMO_TARGET: &str = "demo-postgres";
+/// The same PostgreSQL as a `postgres` target: the worker logs in as `postgres` (a brokered
+/// credential; the engineer never holds it) and audits each statement.
+pub const DEMO_PG_TARGET: &str = "demo-pg";
 const DEMO_ADDRESS: &str = "127.0.0.1:5432";
 /// User name of the bootstrap admin when the controller did not just create it.
 const DEFAULT_ADMIN: &str = "admin";
@@ -134,7 +138,7 @@ pub async fn run(args: DevArgs, json: bool) -> Result<ExitCode> {
         .save(&config_dir()?)?;
 
         let api = ApiClient::new(&api_url, Some(login.token))?;
-        ensure_demo_target(&api).await?;
+        ensure_demo_targets(&api).await?;
         let worker = start_worker(&runtime, &api, &api_url, &data_dir).await?;
         anyhow::Ok((admin, password, worker))
     };
@@ -217,16 +221,35 @@ fn admin_credentials(
     }
 }
 
-async fn ensure_demo_target(api: &ApiClient) -> Result<()> {
-    match api
-        .get::<Target>(&["v1", "targets", DEMO_TARGET], &[])
+/// The demo targets, made on the first run: the local PostgreSQL as `tcp` and as `postgres`.
+async fn ensure_demo_targets(api: &ApiClient) -> Result<()> {
+    ensure_demo_target(api, DEMO_TARGET, TargetType::Tcp).await?;
+    if ensure_demo_target(api, DEMO_PG_TARGET, TargetType::Postgres).await? {
+        // A password the worker answers with if the server asks; with trust authentication
+        // (a fresh local PostgreSQL) it is never asked for.
+        let credential = SetCredential {
+            kind: CredentialKind::Password,
+            username: "postgres".to_owned(),
+            secret: postern_proto::ids::random_base32(24),
+        };
+        api.put::<_, serde_json::Value>(
+            &["v1", "targets", DEMO_PG_TARGET, "credential"],
+            &credential,
+        )
         .await
-    {
-        Ok(_) => Ok(()),
+        .context("setting the demo-pg credential")?;
+    }
+    Ok(())
+}
+
+/// Creates the demo target `name` unless it exists; whether it was created.
+async fn ensure_demo_target(api: &ApiClient, name: &str, kind: TargetType) -> Result<bool> {
+    match api.get::<Target>(&["v1", "targets", name], &[]).await {
+        Ok(_) => Ok(false),
         Err(e) if e.is_not_found() => {
             let body = CreateTarget {
-                name: DEMO_TARGET.to_owned(),
-                kind: TargetType::Tcp,
+                name: name.to_owned(),
+                kind,
                 address: DEMO_ADDRESS.to_owned(),
                 labels: [("env".to_owned(), "dev".to_owned())].into(),
                 default_duration_secs: None,
@@ -236,10 +259,10 @@ async fn ensure_demo_target(api: &ApiClient) -> Result<()> {
             };
             api.post::<_, Target>(&["v1", "targets"], &body)
                 .await
-                .context("creating the demo target")?;
-            Ok(())
+                .with_context(|| format!("creating the demo target {name}"))?;
+            Ok(true)
         }
-        Err(e) => Err(e).context("looking up the demo target"),
+        Err(e) => Err(e).with_context(|| format!("looking up the demo target {name}")),
     }
 }
 
@@ -364,6 +387,8 @@ fn banner(api_url: &str, session_addr: SocketAddr, data_dir: &Path, admin: &str,
          Try:\n  \
          postern targets list\n  \
          postern connect {DEMO_TARGET} -- psql -h 127.0.0.1 -p {{port}} -U postgres -c 'select 1'\n  \
+         postern psql {DEMO_PG_TARGET} -- -c 'select 1'      (logged in for you; each statement audited)\n  \
+         postern audit list --action postgres.query\n  \
          postern sessions list\n\
          Ctrl-C stops it.\n",
         data_dir.display()

@@ -158,6 +158,30 @@ fn dev_then_connect_runs_real_psql_through_the_worker() {
         "no bytes counted: {last}"
     );
 
+    // demo-pg: the same server as a `postgres` target, logged in for the engineer, each
+    // statement audited.
+    let out = postern(&dir, &["psql", "demo-pg", "--", "-XAtc", "select 41 + 1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "42",
+        "{stderr}"
+    );
+    let mut audited = String::new();
+    for _ in 0..50 {
+        let out = postern(
+            &dir,
+            &["audit", "list", "--action", "postgres.query", "--json"],
+        );
+        audited = String::from_utf8_lossy(&out.stdout).into_owned();
+        if audited.contains("select 41 + 1") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(audited.contains("select 41 + 1"), "{audited}");
+
     // A session asked for longer than the target allows is shortened, and the user told.
     let out = postern(
         &dir,
