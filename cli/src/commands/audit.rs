@@ -151,9 +151,9 @@ async fn unknown_action(api: &ApiClient, action: &str) {
         .await;
     if any.is_ok_and(|events| events.is_empty()) {
         eprintln!(
-            "note: no audit event has the action '{action}'; actions look like \
-             session.authorize or auth.login (`postern audit list` shows them), and a prefix \
-             ends in '.' (session.)"
+            "note: no audit event has the action '{action}' (yet: a worker's events reach the \
+             controller within a second or so); actions look like session.authorize or \
+             auth.login (`postern audit list` shows them), and a prefix ends in '.' (session.)"
         );
     }
 }
