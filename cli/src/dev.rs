@@ -177,23 +177,16 @@ pub async fn run(args: DevArgs, json: bool) -> Result<ExitCode> {
 /// An exclusive lock on `DIR/dev.lock`, or why not.
 fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File> {
     let path = data_dir.join("dev.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => bail!(
+    let locked = postern_worker::try_lock_file(&path)
+        .with_context(|| format!("cannot lock {}", path.display()))?;
+    match locked {
+        Some(file) => Ok(file),
+        None => bail!(
             "another `postern dev` is running with the data directory {}; stop it first, or \
              pass --data-dir DIR and --api-addr ADDR for a second one (with its own \
              POSTERN_CONFIG_DIR, or its login replaces the first one's saved profile)",
             data_dir.display()
         ),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("cannot lock {}", path.display()))
-        }
     }
 }
 

@@ -14,7 +14,7 @@ use time::format_description::well_known::Rfc3339;
 #[error("stdout was closed by its reader")]
 pub struct StdoutClosed;
 
-/// What writing `text` to stdout failed with: [`StdoutClosed`] for a reader that went away,
+/// What writing to stdout failed with: [`StdoutClosed`] for a reader that went away,
 /// anything else (a full disk behind a redirect) as an error that says it was stdout.
 pub fn stdout_error(e: std::io::Error) -> anyhow::Error {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
@@ -29,6 +29,14 @@ pub fn stdout_error(e: std::io::Error) -> anyhow::Error {
 pub fn write_stdout(args: std::fmt::Arguments<'_>) -> Result<()> {
     let mut out = std::io::stdout().lock();
     out.write_fmt(args)
+        .and_then(|()| out.flush())
+        .map_err(stdout_error)
+}
+
+/// Writes `bytes` to stdout, as [`write_stdout`] does text.
+pub fn write_stdout_bytes(bytes: &[u8]) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)
         .and_then(|()| out.flush())
         .map_err(stdout_error)
 }

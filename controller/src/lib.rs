@@ -339,18 +339,15 @@ pub async fn run(
 }
 
 fn load_kek(config: &ControllerConfig) -> Result<Kek, StartError> {
-    if let Some(kek) = read_kek(config)? {
-        return Ok(kek);
+    match read_kek(config)? {
+        FoundKek::Read(kek) => Ok(kek),
+        FoundKek::ToMake(path) => {
+            let kek = Kek::generate_base64();
+            write_private(path, &kek)
+                .map_err(|e| StartError::Io(format!("cannot write {}: {e}", path.display())))?;
+            Ok(Kek::from_base64(&kek)?)
+        }
     }
-    // Only a bootstrapping (dev) controller invents its KEK (`read_kek` says when).
-    let path = config
-        .kek_file
-        .as_deref()
-        .unwrap_or(std::path::Path::new(""));
-    let kek = Kek::generate_base64();
-    write_private(path, &kek)
-        .map_err(|e| StartError::Io(format!("cannot write {}: {e}", path.display())))?;
-    Ok(Kek::from_base64(&kek)?)
 }
 
 /// Checks that the controller will have its key-encryption key (`--check-config`), without
@@ -359,11 +356,19 @@ pub fn check_kek(config: &ControllerConfig) -> Result<(), StartError> {
     read_kek(config).map(|_| ())
 }
 
-/// The key-encryption key from `POSTERN_KEK` or `kek_file`; `None` when a bootstrapping
-/// controller is to make `kek_file`.
-fn read_kek(config: &ControllerConfig) -> Result<Option<Kek>, StartError> {
+/// What [`read_kek`] found.
+enum FoundKek<'a> {
+    /// From `POSTERN_KEK` or `kek_file`.
+    Read(Kek),
+    /// No `kek_file` yet: only a bootstrapping (dev) controller invents its KEK, there.
+    ToMake(&'a std::path::Path),
+}
+
+/// The key-encryption key from `POSTERN_KEK` or `kek_file`, or where a bootstrapping
+/// controller is to make it.
+fn read_kek(config: &ControllerConfig) -> Result<FoundKek<'_>, StartError> {
     if let Ok(k) = std::env::var("POSTERN_KEK") {
-        return Ok(Some(Kek::from_base64(&k)?));
+        return Ok(FoundKek::Read(Kek::from_base64(&k)?));
     }
     let Some(path) = &config.kek_file else {
         return Err(StartError::Io(
@@ -371,8 +376,10 @@ fn read_kek(config: &ControllerConfig) -> Result<Option<Kek>, StartError> {
         ));
     };
     match std::fs::read_to_string(path) {
-        Ok(text) => Ok(Some(Kek::from_base64(&text)?)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && config.bootstrap_admin => Ok(None),
+        Ok(text) => Ok(FoundKek::Read(Kek::from_base64(&text)?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && config.bootstrap_admin => {
+            Ok(FoundKek::ToMake(path))
+        }
         Err(e) => Err(StartError::Io(format!(
             "cannot read kek_file {}: {e}",
             path.display()

@@ -315,17 +315,7 @@ pub(crate) fn lock_data_dir(dir: &Path) -> Result<Option<std::fs::File>, Registe
         path: path.clone(),
         error,
     };
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(io)?;
-    match file.try_lock() {
-        Ok(()) => Ok(Some(file)),
-        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-        Err(std::fs::TryLockError::Error(error)) => Err(io(error)),
-    }
+    crate::try_lock_file(&path).map_err(io)
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), RegisterError> {
@@ -365,7 +355,6 @@ fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), Register
     std::fs::rename(&tmp, path).map_err(io)
 }
 
-/// An error and its causes on one line (reqwest's own message is terse).
 /// Whether `e` comes from a TLS handshake that found the server's certificate issued by a CA
 /// it does not trust. An `io::Error` shows its inner error's text but leaves it out of the
 /// `source()` chain, so inner errors are opened too.
@@ -385,6 +374,7 @@ fn unknown_issuer(e: &(dyn std::error::Error + 'static)) -> bool {
     inner.is_some_and(unknown_issuer) || e.source().is_some_and(unknown_issuer)
 }
 
+/// An error and its causes on one line (reqwest's own message is terse).
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();

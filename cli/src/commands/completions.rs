@@ -1,7 +1,6 @@
 //! `postern completions SHELL` and `postern man`: generated from the clap definitions in
 //! [`crate::args`], so they never drift from the real command line.
 
-use std::io::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -9,6 +8,7 @@ use anyhow::{Context as _, Result};
 use clap::CommandFactory as _;
 
 use crate::args::Cli;
+use crate::output::write_stdout_bytes;
 
 /// Prints the completion script for `shell` on stdout.
 pub fn completions(shell: clap_complete::Shell) -> Result<ExitCode> {
@@ -16,7 +16,7 @@ pub fn completions(shell: clap_complete::Shell) -> Result<ExitCode> {
     // Generated in memory: clap_complete panics on a write error (`postern completions | head`).
     let mut script = Vec::new();
     clap_complete::generate(shell, &mut cmd, "postern", &mut script);
-    print_all(&script).context("writing the completion script")?;
+    write_stdout_bytes(&script).context("writing the completion script")?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -37,19 +37,10 @@ pub fn man(dir: Option<&Path>) -> Result<ExitCode> {
             clap_mangen::Man::new(cmd)
                 .render(&mut page)
                 .context("rendering the manual page")?;
-            print_all(&page).context("writing the manual page")?;
+            write_stdout_bytes(&page).context("writing the manual page")?;
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Writes `bytes` to stdout; a reader that went away (`| head`) is not an error.
-fn print_all(bytes: &[u8]) -> std::io::Result<()> {
-    let mut out = std::io::stdout().lock();
-    match out.write_all(bytes).and_then(|()| out.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => other,
-    }
 }
 
 #[cfg(test)]

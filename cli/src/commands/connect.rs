@@ -1,7 +1,7 @@
 //! `postern connect TARGET [--port N] [-- CMD ARGS...]`: authorize, open the session, serve a
 //! local port, and either wait for Ctrl-C or run CMD against the port.
 
-use std::io::{IsTerminal as _, Write};
+use std::io::IsTerminal as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{ExitCode, ExitStatus};
 
@@ -171,7 +171,6 @@ fn announce(
                 "target": auth.target,
             })
         );
-        let _ = std::io::stdout().flush();
         return Ok(());
     }
     let limit = match session.connection_limit() {
@@ -192,7 +191,6 @@ fn announce(
             crate::outln!(
                 "{text}\nListening on {addr} — connect your client there. Ctrl-C ends the session."
             );
-            let _ = std::io::stdout().flush();
         }
         Some(program) => {
             eprintln!("{text}\nListening on {addr}; the session ends when `{program}` exits.");

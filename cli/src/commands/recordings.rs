@@ -1,7 +1,6 @@
 //! `postern recordings list | play ID [--speed N] | export ID [-o FILE]`: the asciicast v2
 //! recordings of SSH shells, kept by the controller.
 
-use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -58,9 +57,7 @@ pub async fn run(ctx: &Ctx, cmd: RecordingsCmd) -> Result<ExitCode> {
             let cast = api.get_text(&["v1", "recordings", &id]).await?;
             match output.as_deref() {
                 Some(p) if p.as_os_str() == "-" => {
-                    std::io::stdout()
-                        .write_all(cast.as_bytes())
-                        .map_err(crate::output::stdout_error)?;
+                    crate::output::write_stdout_bytes(cast.as_bytes())?;
                 }
                 _ => {
                     let path = output.unwrap_or_else(|| format!("{id}.cast").into());
@@ -93,7 +90,6 @@ async fn play(cast: &str, speed: f64) -> Result<ExitCode> {
     if header["version"] != 2 {
         bail!("not an asciicast v2 recording");
     }
-    let mut stdout = std::io::stdout();
     let mut last = 0.0f64;
     for line in lines {
         let Ok((t, kind, data)) = serde_json::from_str::<(f64, String, String)>(line) else {
@@ -107,10 +103,7 @@ async fn play(cast: &str, speed: f64) -> Result<ExitCode> {
         if pause > 0.0 {
             tokio::time::sleep(Duration::from_secs_f64(pause)).await;
         }
-        stdout
-            .write_all(data.as_bytes())
-            .and_then(|()| stdout.flush())
-            .map_err(crate::output::stdout_error)?;
+        crate::output::write_stdout_bytes(data.as_bytes())?;
     }
     ok()
 }

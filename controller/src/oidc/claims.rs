@@ -120,8 +120,9 @@ pub fn identity(config: &OidcConfig, claims: &Map<String, Value>) -> Result<Iden
             value: user,
         });
     }
-    let groups_claim_missing = claims.get(&config.groups_claim).is_none();
-    let raw: Vec<String> = match claims.get(&config.groups_claim) {
+    let groups_claim = claims.get(&config.groups_claim);
+    let groups_claim_missing = groups_claim.is_none();
+    let raw: Vec<String> = match groups_claim {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(items)) => items

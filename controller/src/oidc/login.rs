@@ -134,19 +134,19 @@ pub async fn verify(
         .store
         .sync_oidc_groups(&user.name, &m.issuer, &id.groups)
         .await?;
-    if id.groups_claim_missing && !removed.is_empty() {
-        // Either the user left every group, or the method names a claim the IdP never sends
-        // (then every SSO user loses their groups): worth an operator's look.
-        tracing::warn!(
-            method = %m.name,
-            user = %user.name,
-            ?removed,
-            "the ID token has no '{}' claim: the user's single sign-on groups were removed; \
-             check groups_claim if the IdP sends groups under another name",
-            m.groups_claim
-        );
-    }
     if !removed.is_empty() {
+        if id.groups_claim_missing {
+            // Either the user left every group, or the method names a claim the IdP never
+            // sends (then every SSO user loses their groups): worth an operator's look.
+            tracing::warn!(
+                method = %m.name,
+                user = %user.name,
+                ?removed,
+                "the ID token has no '{}' claim: the user's single sign-on groups were removed; \
+                 check groups_claim if the IdP sends groups under another name",
+                m.groups_claim
+            );
+        }
         // A group the IdP no longer lists may have been what allowed an open session.
         crate::revoke::reevaluate(state, &format!("oidc:{}", m.name)).await?;
     }

@@ -125,6 +125,11 @@ impl ChannelLink {
         }
     }
 
+    /// Whether the engineer asked for a terminal on this channel.
+    pub(crate) fn on_terminal(&self) -> bool {
+        self.meta().pty.is_some()
+    }
+
     pub(crate) fn set_recorder(&mut self, recorder: Recorder) {
         self.meta().recorder = Some(recorder);
     }

@@ -454,7 +454,7 @@ impl server::Handler for Hop {
         let on_terminal = self
             .links
             .get(&channel)
-            .is_some_and(|link| link.pty().2.is_some());
+            .is_some_and(ChannelLink::on_terminal);
         if on_terminal
             && !self
                 .start_recording(channel, session, Some(&command))
