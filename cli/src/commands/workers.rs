@@ -74,11 +74,7 @@ pub async fn run(ctx: &Ctx, cmd: WorkersCmd) -> Result<ExitCode> {
                 "SESSIONS",
             ]);
             for w in workers {
-                // An outbound-only worker's address is its controller's relay.
-                let addr = match (w.session_addr, w.mode.as_str()) {
-                    (Some(a), "outbound-only") if !a.is_empty() => Some(format!("{a} (relay)")),
-                    (a, _) => a.filter(|a| !a.is_empty()),
-                };
+                let addr = shown_address(&w);
                 t.row(vec![
                     w.name,
                     w.status,
@@ -115,4 +111,44 @@ pub async fn run(ctx: &Ctx, cmd: WorkersCmd) -> Result<ExitCode> {
         }
     }
     ok()
+}
+
+/// The ADDRESS column. An outbound-only worker's address is the relay of the controller it is
+/// connected to; once it is gone, the last one says nothing (that controller may not even run
+/// a relay now).
+fn shown_address(w: &Worker) -> Option<String> {
+    let addr = w.session_addr.as_deref().filter(|a| !a.is_empty())?;
+    match w.mode.as_str() {
+        "outbound-only" if !w.connected => None,
+        "outbound-only" => Some(format!("{addr} (relay)")),
+        _ => Some(addr.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_disconnected_outbound_worker_shows_no_relay_address() {
+        let mut w = Worker {
+            name: "w1".into(),
+            status: "registered".into(),
+            mode: "outbound-only".into(),
+            connected: true,
+            session_addr: Some("127.0.0.1:9203".into()),
+            tags: Default::default(),
+            last_seen: None,
+            created_at: 0,
+            active_sessions: None,
+            active_connections: None,
+        };
+        assert_eq!(shown_address(&w).as_deref(), Some("127.0.0.1:9203 (relay)"));
+        w.connected = false;
+        assert_eq!(shown_address(&w), None);
+        w.mode = "direct".into();
+        assert_eq!(shown_address(&w).as_deref(), Some("127.0.0.1:9203"));
+        w.session_addr = Some(String::new());
+        assert_eq!(shown_address(&w), None);
+    }
 }
