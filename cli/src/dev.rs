@@ -166,11 +166,11 @@ pub async fn run(args: DevArgs, json: bool) -> Result<ExitCode> {
     }
 
     wait_for_shutdown_signal().await;
-    eprintln!("Stopping...");
+    crate::errln!("Stopping...");
     runtime.shutdown(worker).await;
     runtime.stop();
     controller.shutdown().await;
-    eprintln!("Stopped.");
+    crate::errln!("Stopped.");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -274,9 +274,9 @@ async fn start_worker(
             Ok(worker) if wait_connected(api, RECONNECT_WAIT).await => return Ok(worker),
             Ok(worker) => {
                 runtime.shutdown(worker).await;
-                eprintln!("note: {DEV_WORKER} did not reconnect with its saved identity; registering it afresh");
+                crate::errln!("note: {DEV_WORKER} did not reconnect with its saved identity; registering it afresh");
             }
-            Err(e) => eprintln!(
+            Err(e) => crate::errln!(
                 "note: {DEV_WORKER} could not start with its saved identity ({e}); registering it afresh"
             ),
         }
@@ -305,7 +305,7 @@ async fn start_worker(
         .await
         .context("starting the dev worker")?;
     if !wait_connected(api, REGISTER_WAIT).await {
-        eprintln!(
+        crate::errln!(
             "warning: {DEV_WORKER} has not connected to the controller yet; sessions will fail \
              until it does (see `postern workers list`)"
         );

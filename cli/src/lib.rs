@@ -70,7 +70,7 @@ where
     let runtime = match built {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            crate::errln!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -118,7 +118,7 @@ fn suggest_double_dash(e: &mut clap::Error) {
 /// the line above already holds (a library that repeats its source in its own message) adds
 /// nothing.
 pub fn print_error(e: &anyhow::Error) {
-    eprintln!("{}", error_text(e));
+    crate::errln!("{}", error_text(e));
 }
 
 fn error_text(e: &anyhow::Error) -> String {

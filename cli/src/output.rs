@@ -55,6 +55,25 @@ macro_rules! out {
     ($($arg:tt)*) => { $crate::output::write_stdout(format_args!($($arg)*))? };
 }
 
+/// Writes `args` to stderr; unlike `eprint!`, a closed or failing stderr loses the message
+/// (there is nowhere left to report it) instead of panicking.
+pub fn write_stderr(args: std::fmt::Arguments<'_>) {
+    let _ = std::io::stderr().lock().write_fmt(args);
+}
+
+/// `eprintln!` that never panics ([`write_stderr`]).
+#[macro_export]
+macro_rules! errln {
+    () => { $crate::output::write_stderr(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::output::write_stderr(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// `eprint!` that never panics ([`write_stderr`]).
+#[macro_export]
+macro_rules! errout {
+    ($($arg:tt)*) => { $crate::output::write_stderr(format_args!($($arg)*)) };
+}
+
 /// Prints `value` as pretty JSON on stdout.
 pub fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(value).context("encoding JSON output")?;
@@ -148,8 +167,8 @@ pub fn relative(unix: i64) -> String {
 
 /// A Unix time relative to `now`.
 pub fn relative_to(unix: i64, now: i64) -> String {
-    let delta = unix - now;
-    if delta.abs() < 1 {
+    let delta = unix.saturating_sub(now);
+    if delta == 0 {
         return "now".into();
     }
     let span = short_duration(delta.unsigned_abs());
@@ -171,7 +190,7 @@ pub fn short_duration(secs: u64) -> String {
     if secs < 60 {
         return format!("{secs}s");
     }
-    let mins = (secs + 30) / 60;
+    let mins = secs / 60 + u64::from(secs % 60 >= 30);
     let (d, h, m) = (mins / 1440, (mins % 1440) / 60, mins % 60);
     match (d, h, m) {
         (0, 0, m) => format!("{m}m"),
@@ -234,6 +253,7 @@ mod tests {
         assert_eq!(short_duration(3540), "59m");
         assert_eq!(short_duration(8 * 3600 - 60), "7h 59m");
         assert_eq!(short_duration(2 * 86400 + 3 * 3600 + 50), "2d 3h");
+        assert!(short_duration(u64::MAX).ends_with('d'), "no overflow");
         assert_eq!(relative_to(100 + 3540, 100), "in 59m");
         assert_eq!(relative_to(100, 100 + 7200), "2h ago");
     }

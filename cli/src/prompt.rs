@@ -25,22 +25,22 @@ pub async fn read_line() -> Result<String> {
 
 /// Asks for a line on the terminal.
 pub async fn ask(prompt: &str) -> Result<String> {
-    eprint!("{prompt}");
+    crate::errout!("{prompt}");
     let _ = std::io::stderr().flush();
     interruptible(read_line()).await
 }
 
 /// Asks for a password on the terminal without echoing it.
 pub async fn ask_password(prompt: &str) -> Result<String> {
-    eprint!("{prompt}");
+    crate::errout!("{prompt}");
     let _ = std::io::stderr().flush();
     let echo_off = EchoOff::new();
     if !echo_off.0 {
-        eprint!("(stty failed: the password will be visible) ");
+        crate::errout!("(stty failed: the password will be visible) ");
     }
     let result = interruptible(read_line()).await;
     drop(echo_off);
-    eprintln!();
+    crate::errln!();
     result
 }
 

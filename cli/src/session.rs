@@ -459,7 +459,7 @@ async fn accept_loop(listener: TcpListener, conn: Connection) {
         tokio::spawn(async move {
             match proxy_one(&conn, tcp).await {
                 Ok((up, down)) => tracing::debug!(up, down, "connection closed"),
-                Err(e @ SessionError::ConnRefused { .. }) => eprintln!("{e}"),
+                Err(e @ SessionError::ConnRefused { .. }) => crate::errln!("{e}"),
                 Err(SessionError::Ended(_)) => {}
                 Err(e) => tracing::debug!("connection ended: {e}"),
             }

@@ -67,7 +67,7 @@ pub async fn establish(
             ctx.addr
         ),
         None if interactive => {
-            eprintln!(
+            crate::errln!(
                 "The controller at {} uses a certificate from its own cluster CA, which this \
                  machine does not trust yet.\n  CA SHA-256 fingerprint: {got}\n  (the same: {})\n\
                  Compare it with the fingerprint the controller printed at start (\"cluster CA \

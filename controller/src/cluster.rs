@@ -863,8 +863,8 @@ async fn store_events(
             state.metrics.connection_closed(up, down);
             let figures = per_session.entry(session).or_default();
             figures.0 += 1;
-            figures.1 += up;
-            figures.2 += down;
+            figures.1 = figures.1.saturating_add(up);
+            figures.2 = figures.2.saturating_add(down);
         }
     }
     for (session, (connections, up, down)) in per_session {

@@ -98,6 +98,8 @@ pub struct ControllerConfig {
 pub const DEFAULT_RECORDING_MAX_BYTES: u64 = 256 << 20;
 /// Below this a recording could not hold one batch of a worker's events.
 const MIN_RECORDING_MAX_BYTES: u64 = 64 << 10;
+/// Longest `token_ttl`: a year and a day.
+const MAX_TOKEN_TTL_SECS: u64 = 366 * 86_400;
 
 fn default_recording_max_bytes() -> u64 {
     DEFAULT_RECORDING_MAX_BYTES
@@ -321,10 +323,10 @@ impl ControllerConfig {
                 ),
             });
         }
-        if self.token_ttl.as_secs() < 60 {
+        if !(60..=MAX_TOKEN_TTL_SECS).contains(&self.token_ttl.as_secs()) {
             return Err(ConfigError::Invalid {
                 key: "token_ttl".into(),
-                message: "must be at least 1 minute".into(),
+                message: "must be between 1 minute and 366 days".into(),
             });
         }
         Ok(())
@@ -344,6 +346,13 @@ mod tests {
         assert_eq!(ok.token_ttl, Duration::from_secs(7200));
         assert!(ok.validate().is_ok());
         assert!(toml::from_str::<ControllerConfig>("database_url = \"x\"\nbogus = 1\n").is_err());
+        for ttl in [Duration::from_secs(59), Duration::from_secs(u64::MAX)] {
+            let bad = ControllerConfig {
+                token_ttl: ttl,
+                ..ok.clone()
+            };
+            assert!(bad.validate().is_err(), "token_ttl {ttl:?}");
+        }
     }
 
     #[test]

@@ -102,7 +102,8 @@ impl AppState {
         details: serde_json::Value,
     ) -> Result<LoginResponse, StoreError> {
         let (token, hash) = new_api_token();
-        let expires_at = now() + self.token_ttl.as_secs() as i64;
+        let expires_at =
+            now().saturating_add(i64::try_from(self.token_ttl.as_secs()).unwrap_or(i64::MAX));
         self.store.insert_token(&hash, &user, expires_at).await?;
         let resource = format!("user:{user}");
         self.audit(&user, "auth.login", &resource, "success", details)

@@ -278,6 +278,24 @@ fn dev_then_connect_runs_real_psql_through_the_worker() {
             out.status
         );
     }
+    // Nor does a stderr that went away (`postern … 2>&1 | true`) turn a note or an error
+    // into a panic: the command ends as it would have, its message lost.
+    for (args, code) in [
+        (&["audit", "list", "--action", "no.such.action"][..], 0),
+        (&["sessions", "show", "s_nope"][..], 1),
+    ] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let out = Command::new(postern_bin())
+            .args(args)
+            .env("POSTERN_CONFIG_DIR", dir.path().join("config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(writer)
+            .output()
+            .expect("run postern");
+        assert_eq!(out.status.code(), Some(code), "{args:?} with stderr closed");
+    }
 }
 
 /// `postern dev --database-url`: the same dev stack with the controller's state in

@@ -133,7 +133,7 @@ pub async fn run(ctx: &Ctx, cmd: AuditCmd) -> Result<ExitCode> {
             }
             out.flush().map_err(failed)?;
             if let Some(path) = output {
-                eprintln!("Exported {written} events to {}.", path.display());
+                crate::errln!("Exported {written} events to {}.", path.display());
             }
             ok()
         }
@@ -150,7 +150,7 @@ async fn unknown_action(api: &ApiClient, action: &str) {
         )
         .await;
     if any.is_ok_and(|events| events.is_empty()) {
-        eprintln!(
+        crate::errln!(
             "note: no audit event has the action '{action}' (yet: a worker's events reach the \
              controller within a second or so); actions look like session.authorize or \
              auth.login (`postern audit list` shows them), and a prefix ends in '.' (session.)"

@@ -109,7 +109,7 @@ pub async fn logout(ctx: &Ctx) -> Result<ExitCode> {
     let revoked = match ctx.api()?.post_no_content(&["v1", "auth", "logout"]).await {
         Ok(()) | Err(ApiError::Unauthenticated) => true,
         Err(e) => {
-            eprintln!("warning: could not revoke the token at the controller: {e}");
+            crate::errln!("warning: could not revoke the token at the controller: {e}");
             false
         }
     };

@@ -93,9 +93,11 @@ pub(super) async fn run_session(ctx: &Ctx, args: SessionRequest) -> Result<ExitC
     announce(ctx, &auth, &session, addr, &args.command)?;
     // The controller shortens a session asked for longer than the target allows: say so.
     if let Some(asked) = args.duration {
-        let granted = session.expires_at() - postern_proto::unix_now();
+        let granted = session
+            .expires_at()
+            .saturating_sub(postern_proto::unix_now());
         if granted.saturating_add(60) < i64::try_from(asked).unwrap_or(i64::MAX) {
-            eprintln!(
+            crate::errln!(
                 "note: the session lasts {}, the longest {} allows (asked for {})",
                 crate::output::short_duration(granted.max(0).unsigned_abs()),
                 auth.target,
@@ -193,7 +195,7 @@ fn announce(
             );
         }
         Some(program) => {
-            eprintln!("{text}\nListening on {addr}; the session ends when `{program}` exits.");
+            crate::errln!("{text}\nListening on {addr}; the session ends when `{program}` exits.");
         }
     }
     Ok(())
@@ -205,11 +207,11 @@ async fn wait_for_end(session: Session, signals: &mut Signals) -> Result<ExitCod
         _ = signals.int.recv() => {}
         _ = signals.term.recv() => {}
         end = session.closed() => {
-            eprintln!("session ended: {end}");
+            crate::errln!("session ended: {end}");
             return Ok(ExitCode::FAILURE);
         }
     }
-    eprintln!("Ending session {}.", session.session_id());
+    crate::errln!("Ending session {}.", session.session_id());
     session.close().await;
     Ok(ExitCode::SUCCESS)
 }
@@ -268,9 +270,9 @@ pub(super) async fn supervise(
                 // The command may hold the terminal in raw mode (ssh, psql's pager), where a
                 // line feed does not return the cursor: end the line both ways.
                 if std::io::stderr().is_terminal() {
-                    eprint!("\r\nsession ended: {end}\r\n");
+                    crate::errout!("\r\nsession ended: {end}\r\n");
                 } else {
-                    eprintln!("session ended: {end}");
+                    crate::errln!("session ended: {end}");
                 }
                 let _ = child.start_kill();
                 let _ = child.wait().await;

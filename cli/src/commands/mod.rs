@@ -153,7 +153,7 @@ async fn unknown_names(api: &ApiClient, named: &[(&str, Option<&str>)]) {
         };
         if let Err(e) = api.get::<serde_json::Value>(&["v1", kind, name], &[]).await {
             if e.is_not_found() {
-                eprintln!("note: {e}");
+                crate::errln!("note: {e}");
             }
         }
     }

@@ -41,14 +41,14 @@ pub async fn login(ctx: &Ctx, args: &LoginArgs) -> Result<ExitCode> {
     }
     let (attempt, expires_at, waiting) = {
         let d: OidcDeviceStart = api.post(&["v1", "auth", "oidc", "device"], &req).await?;
-        eprintln!(
+        crate::errln!(
             "To log in with {}, open this URL on any device:\n",
             d.method
         );
-        eprintln!("  {}\n", d.verification_uri);
-        eprintln!("and enter the code:  {}\n", d.user_code);
+        crate::errln!("  {}\n", d.verification_uri);
+        crate::errln!("and enter the code:  {}\n", d.user_code);
         if let Some(full) = &d.verification_uri_complete {
-            eprintln!("(or open {full} , which has the code filled in)\n");
+            crate::errln!("(or open {full} , which has the code filled in)\n");
         }
         (
             d.attempt_id,
@@ -92,29 +92,30 @@ async fn code_login(
     match listener {
         Some(l) => {
             if open_browser(&s.auth_url) {
-                eprintln!(
+                crate::errln!(
                     "Opened your browser to log in with {}. If it did not open, visit:\n",
                     s.method
                 );
             } else {
-                eprintln!(
+                crate::errln!(
                     "To log in with {}, open this URL in a browser on this machine:\n",
                     s.method
                 );
             }
-            eprintln!("  {}\n", s.auth_url);
-            eprintln!(
+            crate::errln!("  {}\n", s.auth_url);
+            crate::errln!(
                 "(The browser comes back to this terminal on 127.0.0.1: if it runs on another \
                  machine, stop this and use `postern login --oidc --no-browser`.)\n"
             );
             tokio::spawn(browser_returns(l, state, codes_tx));
         }
         None => {
-            eprintln!(
+            crate::errln!(
                 "To log in with {}, open this URL in a browser:\n\n  {}\n",
-                s.method, s.auth_url
+                s.method,
+                s.auth_url
             );
-            eprintln!("then type here the confirmation code the browser shows.");
+            crate::errln!("then type here the confirmation code the browser shows.");
             std::thread::spawn(move || typed_codes(&codes_tx));
         }
     }
@@ -210,7 +211,7 @@ async fn answer_browser(stream: Option<TcpStream>, status: &str, title: &str, te
 /// wrong code comes with its answer, from [`confirm`]).
 fn typed_codes(codes: &mpsc::Sender<CodeFrom>) {
     let mut line = String::new();
-    eprint!("{CODE_PROMPT}");
+    crate::errout!("{CODE_PROMPT}");
     let _ = std::io::stderr().flush();
     loop {
         line.clear();
@@ -264,7 +265,7 @@ async fn wait(
     let mut tick = 0usize;
     let clear = |tty: bool| {
         if tty {
-            eprint!("\r\x1b[2K");
+            crate::errout!("\r\x1b[2K");
         }
     };
     loop {
@@ -281,7 +282,7 @@ async fn wait(
                 bail!("login failed: {message}");
             }
             OidcAttempt::Pending { .. } | OidcAttempt::Confirm { .. }
-                if postern_proto::unix_now() > expires_at + 5 =>
+                if postern_proto::unix_now() > expires_at.saturating_add(5) =>
             {
                 clear(tty);
                 bail!("the login was not completed in time: run `postern login` again");
@@ -291,7 +292,7 @@ async fn wait(
         // Ten spinner frames per poll, or a confirmation code.
         for _ in 0..10 {
             if tty {
-                eprint!(
+                crate::errout!(
                     "\r{} {waiting}… (Ctrl-C to give up)",
                     frames[tick % frames.len()]
                 );
@@ -369,9 +370,9 @@ async fn confirm(
 async fn retry(browser: Option<TcpStream>, title: &str, text: &str) {
     if browser.is_some() {
         answer_browser(browser, "400 Bad Request", title, text).await;
-        eprintln!("\n{text}");
+        crate::errln!("\n{text}");
     } else {
-        eprint!("{text}\n{CODE_PROMPT}");
+        crate::errout!("{text}\n{CODE_PROMPT}");
         let _ = std::io::stderr().flush();
     }
 }

@@ -33,7 +33,7 @@ pub async fn run(ctx: &Ctx, args: PsqlArgs) -> Result<ExitCode> {
             );
         }
         if target.kind == TargetType::Tcp {
-            eprintln!(
+            crate::errln!(
                 "note: '{}' is a tcp target: psql runs through it, but its statements are not \
                  audited (a postgres target audits them and brokers the login)",
                 target.name

@@ -64,7 +64,7 @@ pub async fn run(ctx: &Ctx, cmd: RecordingsCmd) -> Result<ExitCode> {
                     std::fs::write(&path, &cast)
                         .with_context(|| format!("cannot write {}", path.display()))?;
                     if !ctx.json {
-                        eprintln!("Wrote {} ({}).", path.display(), bytes(cast.len() as i64));
+                        crate::errln!("Wrote {} ({}).", path.display(), bytes(cast.len() as i64));
                     }
                 }
             }

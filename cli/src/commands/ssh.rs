@@ -65,7 +65,7 @@ pub async fn run(ctx: &Ctx, args: SshArgs) -> Result<ExitCode> {
     };
     let _accept = session.serve(listener);
     let files = HopFiles::write(&key.private_key_pem(), &ssh, &auth.target)?;
-    eprintln!(
+    crate::errln!(
         "Session {} to {} as {} via worker {}, expires {}.",
         session.session_id(),
         auth.target,
@@ -221,7 +221,7 @@ impl HopFiles {
 impl Drop for HopFiles {
     fn drop(&mut self) {
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            eprintln!(
+            crate::errln!(
                 "warning: cannot remove the session's temporary files in {}: {e}",
                 self.dir.display()
             );

@@ -183,9 +183,9 @@ pub fn validate(methods: &[OidcConfig]) -> Result<(), ConfigError> {
                 "claim names must not be empty".into(),
             ));
         }
-        if m.device_poll_interval
-            .is_some_and(|d| d < Duration::from_secs(1) || d > Duration::from_secs(60))
-        {
+        if m.device_poll_interval.is_some_and(|d| {
+            d < super::provider::MIN_DEVICE_POLL || d > super::provider::MAX_DEVICE_POLL
+        }) {
             return Err(invalid(
                 key("device_poll_interval"),
                 "must be between 1s and 60s".into(),

@@ -259,14 +259,17 @@ async fn device_login(
     details: &CoreDeviceAuthorizationResponse,
     left: Duration,
 ) -> Result<LoginResponse, Failure> {
-    let claims = match p.device_wait(details, left).await {
-        Ok(c) => c,
-        Err(ProviderError::Refused(m)) if m.starts_with("expired_token") => {
-            return Err(Failure::anonymous(
-                "the device login expired before it was approved: start again",
-            ))
+    let expired =
+        || Failure::anonymous("the device login expired before it was approved: start again");
+    // oauth2 checks its timeout only between polls, after sleeping a whole interval: the
+    // attempt's expiry bounds the wait itself (and so how long it holds its slot).
+    let claims = match tokio::time::timeout(left, p.device_wait(details, left)).await {
+        Err(_) => return Err(expired()),
+        Ok(Ok(c)) => c,
+        Ok(Err(ProviderError::Refused(m))) if m.starts_with("expired_token") => {
+            return Err(expired())
         }
-        Err(e) => return Err(e.into()),
+        Ok(Err(e)) => return Err(e.into()),
     };
     match state.store.claim_oidc_attempt(attempt).await? {
         Claim::Claimed => finish(state, p, "device", &claims).await,

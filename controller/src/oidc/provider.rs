@@ -231,10 +231,7 @@ impl Provider {
         }
         let details: CoreDeviceAuthorizationResponse =
             request.request_async(&http).await.map_err(token_error)?;
-        Ok(match self.config.device_poll_interval {
-            Some(i) => with_interval(details, i)?,
-            None => details,
-        })
+        bounded_poll(details, self.config.device_poll_interval)
     }
 
     /// Polls the token endpoint until the user approves, refuses, or `timeout` passes; returns
@@ -399,6 +396,27 @@ async fn send(http: reqwest::Client, request: HttpRequest) -> Result<HttpRespons
     builder.body(body).map_err(|e| HttpError(e.to_string()))
 }
 
+/// Bounds on a device login's poll interval, configured (`device_poll_interval`) or the
+/// provider's.
+pub const MIN_DEVICE_POLL: Duration = Duration::from_secs(1);
+/// See [`MIN_DEVICE_POLL`].
+pub const MAX_DEVICE_POLL: Duration = Duration::from_secs(60);
+
+/// The device authorization answer with the configured poll interval, or else the provider's
+/// own bounded like a configured one: a huge value would hold the login's wait past its expiry
+/// (and overflow oauth2's `slow_down` step).
+fn bounded_poll(
+    details: CoreDeviceAuthorizationResponse,
+    configured: Option<Duration>,
+) -> Result<CoreDeviceAuthorizationResponse, ProviderError> {
+    let interval =
+        configured.unwrap_or_else(|| details.interval().clamp(MIN_DEVICE_POLL, MAX_DEVICE_POLL));
+    if interval == details.interval() {
+        return Ok(details);
+    }
+    with_interval(details, interval)
+}
+
 /// Replaces the poll interval of a device authorization answer (oauth2 offers no setter).
 fn with_interval(
     details: CoreDeviceAuthorizationResponse,
@@ -446,4 +464,30 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(interval: u64) -> CoreDeviceAuthorizationResponse {
+        serde_json::from_value(serde_json::json!({
+            "device_code": "d",
+            "user_code": "U",
+            "verification_uri": "https://idp.example/device",
+            "expires_in": 600,
+            "interval": interval,
+        }))
+        .expect("a device authorization answer")
+    }
+
+    #[test]
+    fn the_providers_poll_interval_is_bounded_and_a_configured_one_wins() {
+        let secs = |d: CoreDeviceAuthorizationResponse| d.interval().as_secs();
+        assert_eq!(secs(bounded_poll(answer(u64::MAX), None).expect("ok")), 60);
+        assert_eq!(secs(bounded_poll(answer(0), None).expect("ok")), 1);
+        assert_eq!(secs(bounded_poll(answer(5), None).expect("ok")), 5);
+        let two = Some(Duration::from_secs(2));
+        assert_eq!(secs(bounded_poll(answer(u64::MAX), two).expect("ok")), 2);
+    }
 }
