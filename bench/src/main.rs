@@ -777,7 +777,7 @@ async fn audit(backend: &str, events: usize) -> Result<Value> {
         r??;
     }
     let secs = start.elapsed().as_secs_f64();
-    let verified = store.verify_audit().await?;
+    let verified = store.verify_audit(None).await?;
     store.close().await;
     if backend == "postgres" {
         let mut c = <sqlx::AnyConnection as sqlx::Connection>::connect(admin).await?;

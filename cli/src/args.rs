@@ -597,8 +597,14 @@ pub enum AuditCmd {
         #[command(flatten)]
         filter: AuditFilter,
     },
-    /// Walk the hash chain and name the first event that breaks it.
-    Verify,
+    /// Walk the hash chain and name the first event that breaks it; on success, print the
+    /// head's position and hash to keep outside the database (an anchor).
+    Verify {
+        /// A position and hash printed by an earlier verify (SEQ:HASH): the chain must still
+        /// hold that event, which a chain recomputed from some earlier event on does not.
+        #[arg(long, value_name = "SEQ:HASH")]
+        anchor: Option<postern_controller::api::types::AuditAnchor>,
+    },
     /// Write matching events as JSON lines (for a SIEM), oldest first.
     Export {
         /// Output format.
@@ -637,8 +643,9 @@ pub struct AuditFilter {
     /// Only events up to DURATION ago or an RFC 3339 time.
     #[arg(long, value_parser = parse_since, value_name = "WHEN")]
     pub until: Option<i64>,
-    /// At most N events (the newest N).
-    #[arg(long, value_name = "N")]
+    /// At most N events, the newest N (1 to 100000; default: 100 for list, 20 for tail,
+    /// every event for export).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i64).range(1..=100_000))]
     pub limit: Option<i64>,
 }
 

@@ -74,6 +74,67 @@ macro_rules! errout {
     ($($arg:tt)*) => { $crate::output::write_stderr(format_args!($($arg)*)) };
 }
 
+/// A file written whole or not at all, readable by its owner only (exports hold statements,
+/// commands and screens): the bytes go to `NAME.partial` beside it, which [`Self::commit`]
+/// renames over `path`; dropped uncommitted, the partial file goes and `path` is untouched.
+pub struct PrivateFile {
+    path: std::path::PathBuf,
+    partial: std::path::PathBuf,
+    file: Option<std::io::BufWriter<std::fs::File>>,
+}
+
+impl PrivateFile {
+    /// Starts writing `path`.
+    pub fn create(path: &std::path::Path) -> Result<Self> {
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(".partial");
+        let partial = path.with_file_name(name);
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = options
+            .open(&partial)
+            .with_context(|| format!("cannot create {}", partial.display()))?;
+        Ok(Self {
+            path: path.to_owned(),
+            partial,
+            file: Some(std::io::BufWriter::new(file)),
+        })
+    }
+
+    /// Puts the written file in place.
+    pub fn commit(mut self) -> Result<()> {
+        let Some(file) = self.file.take() else {
+            return Ok(());
+        };
+        let written = file
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|f| f.sync_all());
+        written
+            .and_then(|()| std::fs::rename(&self.partial, &self.path))
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
+}
+
+impl std::io::Write for PrivateFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.as_mut().map_or(Ok(0), |f| f.write(buf))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.as_mut().map_or(Ok(()), |f| f.flush())
+    }
+}
+
+impl Drop for PrivateFile {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.partial);
+        }
+    }
+}
+
 /// Prints `value` as pretty JSON on stdout.
 pub fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(value).context("encoding JSON output")?;

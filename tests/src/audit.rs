@@ -333,23 +333,66 @@ async fn filters_export_verify_and_permissions() {
     assert!(!lines.is_empty());
     assert!(lines.iter().all(|l| l["actor"] == "bob"), "export filter");
 
-    // `postern audit verify` through the real CLI.
-    let out = Command::new(postern_bin())
-        .args(["audit", "verify"])
-        .env("POSTERN_ADDR", &c.admin.base)
-        .env(
-            "POSTERN_TOKEN",
-            c.admin.token.as_deref().unwrap_or_default(),
-        )
-        .env("POSTERN_CONFIG_DIR", c.dir.path().join("cli"))
-        .output()
-        .expect("postern audit verify");
+    // `postern audit verify` through the real CLI: it prints the head to keep as an anchor,
+    // which a later verify checks.
+    let cli = |args: &[&str], token: &str| {
+        let out = Command::new(postern_bin())
+            .args(args)
+            .env("POSTERN_ADDR", &c.admin.base)
+            .env("POSTERN_TOKEN", token)
+            .env("POSTERN_CONFIG_DIR", c.dir.path().join("cli"))
+            .output()
+            .expect("run postern");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let token = c.admin.token.clone().unwrap_or_default();
+    let (code, stdout, _) = cli(&["audit", "verify"], &token);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(stdout.contains("verifies"), "{stdout}");
+    let head = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Head: "))
+        .unwrap_or_else(|| panic!("no head printed: {stdout}"))
+        .to_owned();
+    let (code, stdout, _) = cli(&["audit", "verify", "--anchor", &head], &token);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(stdout.contains("still has the anchored hash"), "{stdout}");
+    let (seq, _) = head.split_once(':').expect("SEQ:HASH");
+    let forged = format!("{seq}:{}", "ab".repeat(32));
+    let (code, stdout, _) = cli(&["audit", "verify", "--anchor", &forged], &token);
+    assert_eq!(code, Some(1), "{stdout}");
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
+        stdout.contains(&format!("BROKEN: event #{seq} ")),
+        "{stdout}"
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("verifies"));
+    let (code, _, stderr) = cli(&["audit", "verify", "--anchor", "12"], &token);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("expected SEQ:HASH"), "{stderr}");
+
+    // `export --limit N` writes the newest N; a file is replaced only by a complete export.
+    let file = c.dir.path().join("export.jsonl");
+    let path = file.to_str().expect("utf-8 path");
+    let (code, _, stderr) = cli(&["audit", "export", "--limit", "2", "-o", path], &token);
+    assert_eq!(code, Some(0), "{stderr}");
+    let kept = std::fs::read_to_string(&file).expect("export file");
+    assert_eq!(kept.lines().count(), 2, "{kept}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&file).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o077, 0, "export readable by others: {mode:o}");
+    }
+    let (code, _, stderr) = cli(&["audit", "export", "-o", path], "pt_not_a_token");
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&file).expect("export file"),
+        kept,
+        "a refused export changed the file"
+    );
+    let (code, _, stderr) = cli(&["audit", "list", "--since", "1m", "--until", "1h"], &token);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("later than --until"), "{stderr}");
 
     // No audit:read, no audit.
     let err = bob

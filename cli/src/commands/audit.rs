@@ -1,28 +1,53 @@
 //! `postern audit list | tail [-f] | verify | export`.
 
-use std::io::Write as _;
 use std::process::ExitCode;
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Result};
 
 use postern_controller::api::types::{AuditEvent, AuditVerification};
 
 use super::{ok, Ctx};
 use crate::args::{AuditCmd, AuditFilter};
 use crate::client::ApiClient;
-use crate::output::{print_json, rfc3339, Table};
+use crate::output::{print_json, rfc3339, PrivateFile, Table};
 
 /// How long one follow request waits for new events before asking again.
 const FOLLOW_WAIT_SECS: u64 = 25;
 /// Page size when exporting.
 const EXPORT_PAGE: i64 = 5_000;
 
+/// Events `audit list` shows without `--limit`.
+const LIST_DEFAULT: i64 = 100;
+
 /// Runs an `audit` subcommand.
 pub async fn run(ctx: &Ctx, cmd: AuditCmd) -> Result<ExitCode> {
+    let filter = match &cmd {
+        AuditCmd::List(f)
+        | AuditCmd::Tail { filter: f, .. }
+        | AuditCmd::Export { filter: f, .. } => Some(f),
+        AuditCmd::Verify { .. } => None,
+    };
+    if let Some(AuditFilter {
+        since: Some(since),
+        until: Some(until),
+        ..
+    }) = filter
+    {
+        if since > until {
+            bail!(
+                "--since {} is later than --until {}: no event can match",
+                rfc3339(*since),
+                rfc3339(*until)
+            );
+        }
+    }
     let api = ctx.api()?;
     match cmd {
-        AuditCmd::List(filter) => {
+        AuditCmd::List(mut filter) => {
+            let defaulted = filter.limit.is_none();
+            filter.limit = filter.limit.or(Some(LIST_DEFAULT));
             let events: Vec<AuditEvent> = api.get(&["v1", "audit"], &query(&filter)).await?;
+            let cut = defaulted && events.len() as i64 == LIST_DEFAULT && !ctx.json;
             if events.is_empty() {
                 super::unknown_names(
                     &api,
@@ -36,7 +61,14 @@ pub async fn run(ctx: &Ctx, cmd: AuditCmd) -> Result<ExitCode> {
                     unknown_action(&api, action).await;
                 }
             }
-            show(ctx, &events, "No audit events match.")
+            let shown = show(ctx, &events, "No audit events match.")?;
+            if cut {
+                crate::errln!(
+                    "note: these are the newest {LIST_DEFAULT} matching events; --limit N shows \
+                     more, `postern audit export` all of them"
+                );
+            }
+            Ok(shown)
         }
         AuditCmd::Tail { follow, mut filter } => {
             filter.limit = filter.limit.or(Some(20));
@@ -80,12 +112,25 @@ pub async fn run(ctx: &Ctx, cmd: AuditCmd) -> Result<ExitCode> {
                 }
             }
         }
-        AuditCmd::Verify => {
-            let v: AuditVerification = api.get(&["v1", "audit", "verify"], &[]).await?;
+        AuditCmd::Verify { anchor } => {
+            let q: Vec<(&str, String)> = anchor.iter().map(|a| ("anchor", a.to_string())).collect();
+            let v: AuditVerification = api.get(&["v1", "audit", "verify"], &q).await?;
             if ctx.json {
                 print_json(&v)?;
             } else if v.ok {
                 crate::outln!("OK: the audit chain of {} events verifies.", v.checked);
+                if let Some(a) = &anchor {
+                    crate::outln!("Event #{} still has the anchored hash.", a.seq);
+                }
+                if let Some(hash) = &v.head_hash {
+                    crate::outln!("Head: {}:{hash}", v.checked);
+                    crate::outln!(
+                        "Keep the head where the database's administrators cannot write: \
+                         `postern audit verify --anchor {}:{hash}` later shows whether any event \
+                         up to it was rewritten (a chain recomputed from scratch verifies on its own).",
+                        v.checked
+                    );
+                }
             } else {
                 crate::outln!(
                     "BROKEN: {}",
@@ -101,43 +146,57 @@ pub async fn run(ctx: &Ctx, cmd: AuditCmd) -> Result<ExitCode> {
             })
         }
         AuditCmd::Export { output, filter, .. } => {
-            let mut out: Box<dyn std::io::Write> = match &output {
-                Some(path) => Box::new(std::io::BufWriter::new(
-                    std::fs::File::create(path)
-                        .with_context(|| format!("cannot create {}", path.display()))?,
-                )),
-                None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+            // A file is replaced only by a complete export (a refused or failed one leaves
+            // what was there).
+            let mut file = output.as_deref().map(PrivateFile::create).transpose()?;
+            let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+            let mut out: &mut dyn std::io::Write = match file.as_mut() {
+                Some(f) => f,
+                None => &mut stdout,
             };
             let failed = |e: std::io::Error| match &output {
                 Some(path) => anyhow::Error::new(e).context(format!("writing {}", path.display())),
                 None => crate::output::stdout_error(e),
             };
-            // Page through the chain oldest first, so exports of any size stay bounded.
-            let mut after = 0i64;
             let mut written = 0usize;
-            loop {
-                let mut q = query(&AuditFilter {
-                    limit: Some(EXPORT_PAGE),
-                    ..filter.clone()
-                });
-                q.push(("after_seq", after.to_string()));
-                let events: Vec<AuditEvent> = api.get(&["v1", "audit"], &q).await?;
-                for e in &events {
-                    writeln!(out, "{}", serde_json::to_string(e)?).map_err(failed)?;
-                }
-                written += events.len();
-                match events.last() {
-                    Some(last) if events.len() as i64 == EXPORT_PAGE => after = last.seq,
-                    _ => break,
+            if filter.limit.is_some() {
+                // The newest N, oldest first, in one answer (N is at most MAX_LIMIT).
+                let events: Vec<AuditEvent> = api.get(&["v1", "audit"], &query(&filter)).await?;
+                written = write_lines(&mut out, &events).map_err(failed)?;
+            } else {
+                // Page through the chain oldest first, so exports of any size stay bounded.
+                let mut after = 0i64;
+                loop {
+                    let mut q = query(&AuditFilter {
+                        limit: Some(EXPORT_PAGE),
+                        ..filter.clone()
+                    });
+                    q.push(("after_seq", after.to_string()));
+                    let events: Vec<AuditEvent> = api.get(&["v1", "audit"], &q).await?;
+                    written += write_lines(&mut out, &events).map_err(failed)?;
+                    match events.last() {
+                        Some(last) if events.len() as i64 == EXPORT_PAGE => after = last.seq,
+                        _ => break,
+                    }
                 }
             }
             out.flush().map_err(failed)?;
-            if let Some(path) = output {
+            if let (Some(file), Some(path)) = (file, output) {
+                file.commit()?;
                 crate::errln!("Exported {written} events to {}.", path.display());
             }
             ok()
         }
     }
+}
+
+/// Writes `events` as JSON lines; how many.
+fn write_lines(out: &mut dyn std::io::Write, events: &[AuditEvent]) -> std::io::Result<usize> {
+    for e in events {
+        serde_json::to_writer(&mut *out, e)?;
+        out.write_all(b"\n")?;
+    }
+    Ok(events.len())
 }
 
 /// After an empty list filtered by `action`: says so if no event at all has that action, so

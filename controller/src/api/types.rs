@@ -655,4 +655,42 @@ pub struct AuditVerification {
     pub first_bad_id: Option<i64>,
     /// What is wrong, for a person.
     pub reason: Option<String>,
+    /// The newest event's chain hash, when the chain verifies: kept where the database's
+    /// administrators cannot write, it is an [`AuditAnchor`] for later checks.
+    #[serde(default)]
+    pub head_hash: Option<String>,
+}
+
+/// `SEQ:HASH`, a chain position and the hash `audit verify` reported for it. A hash chain
+/// alone cannot show that it was recomputed from some event on; a position's hash recorded
+/// outside the database can: the chain verified later must still have it there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditAnchor {
+    /// Chain position.
+    pub seq: i64,
+    /// Its hash (64 lower-case hex digits).
+    pub hash: String,
+}
+
+impl std::str::FromStr for AuditAnchor {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            format!("'{s}': expected SEQ:HASH, as `postern audit verify` prints them (e.g. 42:9f86d08…, 64 hex digits)")
+        };
+        let (seq, hash) = s.trim().split_once(':').ok_or_else(bad)?;
+        let seq: i64 = seq.trim_start_matches('#').parse().map_err(|_| bad())?;
+        let hash = hash.trim().to_ascii_lowercase();
+        if seq < 1 || hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        Ok(Self { seq, hash })
+    }
+}
+
+impl std::fmt::Display for AuditAnchor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.seq, self.hash)
+    }
 }

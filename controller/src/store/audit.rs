@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use sqlx::Row;
 
 use super::{json_col, now, Backend, NewSession, Store, StoreError};
-use crate::api::types::{AuditEvent, AuditQuery, AuditVerification};
+use crate::api::types::{AuditAnchor, AuditEvent, AuditQuery, AuditVerification};
 
 /// An event to append.
 #[derive(Debug, Clone)]
@@ -289,7 +289,12 @@ impl Store {
     }
 
     /// Walks the whole chain and reports the first event that breaks it.
-    pub async fn verify_audit(&self) -> Result<AuditVerification, StoreError> {
+    /// Walks the chain from its first event; with `anchor`, the event at its position must
+    /// also have its hash.
+    pub async fn verify_audit(
+        &self,
+        anchor: Option<&AuditAnchor>,
+    ) -> Result<AuditVerification, StoreError> {
         const PAGE: i64 = 5_000;
         let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
             .fetch_one(&self.pool)
@@ -306,6 +311,7 @@ impl Store {
             first_bad_seq: Some(seq),
             first_bad_id: id,
             reason: Some(reason),
+            head_hash: None,
         };
         if unchained > 0 {
             let row = sqlx::query(
@@ -364,6 +370,9 @@ impl Store {
                 if stored_hash.as_deref() != Some(computed.as_str()) {
                     return Ok(broken(seq, Some(id), format!("event #{seq} (id {id}) was altered: its content does not match its hash")));
                 }
+                if anchor.is_some_and(|a| a.seq == seq && a.hash != computed) {
+                    return Ok(broken(seq, Some(id), format!("event #{seq} (id {id}) is not the one anchored: the chain was rewritten at or before it")));
+                }
                 prev = computed;
                 expect_seq += 1;
             }
@@ -376,12 +385,20 @@ impl Store {
                 format!("the chain ends at event #{last} but its head records #{head_seq}: events were removed from the end"),
             ));
         }
+        if let Some(a) = anchor.filter(|a| a.seq > last) {
+            return Ok(broken(
+                last + 1,
+                None,
+                format!("the chain ends at event #{last}, before the anchored #{}: it was cut and its head rewritten", a.seq),
+            ));
+        }
         Ok(AuditVerification {
             ok: true,
             checked: last,
             first_bad_seq: None,
             first_bad_id: None,
             reason: None,
+            head_hash: (last > 0).then_some(prev),
         })
     }
 }

@@ -377,7 +377,7 @@ async fn audit_chain_verifies_and_names_tampering() {
             0,
             "duplicate stored"
         );
-        let ok = s.verify_audit().await.expect("verify");
+        let ok = s.verify_audit(None).await.expect("verify");
         assert!(ok.ok, "{ok:?}");
         assert_eq!(ok.checked, 22);
 
@@ -395,16 +395,37 @@ async fn audit_chain_verifies_and_names_tampering() {
             (23, 1_521),
             "consecutive seq"
         );
-        let ok = s.verify_audit().await.expect("verify");
+        let ok = s.verify_audit(None).await.expect("verify");
         assert!(ok.ok, "{ok:?}");
         assert_eq!(ok.checked, 1_521);
+        let head = crate::api::types::AuditAnchor {
+            seq: 1_521,
+            hash: ok.head_hash.clone().expect("head hash"),
+        };
+        let at_11 = |hash: &str| crate::api::types::AuditAnchor {
+            seq: 11,
+            hash: hash.to_owned(),
+        };
+        let hash_11: String = sqlx::query_scalar("SELECT hash FROM audit_events WHERE seq = 11")
+            .fetch_one(&s.pool)
+            .await
+            .expect("hash of #11");
+        for anchor in [&head, &at_11(&hash_11)] {
+            let anchored = s.verify_audit(Some(anchor)).await.expect("verify");
+            assert!(anchored.ok, "{anchor}: {anchored:?}");
+        }
+        let wrong = s
+            .verify_audit(Some(&at_11(&"0".repeat(64))))
+            .await
+            .expect("verify");
+        assert_eq!((wrong.ok, wrong.first_bad_seq), (false, Some(11)), "{wrong:?}");
 
         // Edit one row behind the store's back: verify names it.
         sqlx::query("UPDATE audit_events SET details = '{\"n\":999}' WHERE seq = 7")
             .execute(&s.pool)
             .await
             .expect("tamper");
-        let bad = s.verify_audit().await.expect("verify");
+        let bad = s.verify_audit(None).await.expect("verify");
         assert!(!bad.ok);
         assert_eq!(bad.first_bad_seq, Some(7), "{bad:?}");
         assert!(
@@ -418,14 +439,14 @@ async fn audit_chain_verifies_and_names_tampering() {
             .await
             .expect("restore");
         assert!(
-            s.verify_audit().await.expect("verify").ok,
+            s.verify_audit(None).await.expect("verify").ok,
             "restored row verifies again"
         );
         sqlx::query("DELETE FROM audit_events WHERE seq = 12")
             .execute(&s.pool)
             .await
             .expect("delete");
-        let bad = s.verify_audit().await.expect("verify");
+        let bad = s.verify_audit(None).await.expect("verify");
         assert_eq!(bad.first_bad_seq, Some(12), "{bad:?}");
 
         // Removing the newest events is caught by the head.
@@ -433,7 +454,7 @@ async fn audit_chain_verifies_and_names_tampering() {
             .execute(&s.pool)
             .await
             .expect("truncate");
-        let bad = s.verify_audit().await.expect("verify");
+        let bad = s.verify_audit(None).await.expect("verify");
         assert!(!bad.ok);
         assert!(
             bad.reason
@@ -441,6 +462,27 @@ async fn audit_chain_verifies_and_names_tampering() {
                 .unwrap_or("")
                 .contains("removed from the end"),
             "{bad:?}"
+        );
+
+        // Cut the chain and rewrite its head to match, then append anew: the chain verifies
+        // on its own, but not against the head anchored before.
+        sqlx::query("UPDATE audit_head SET seq = 11, hash = $1 WHERE id = 1")
+            .bind(&hash_11)
+            .execute(&s.pool)
+            .await
+            .expect("rewrite head");
+        s.append_audit(std::slice::from_ref(&NewEvent {
+            event_id: Some("rewritten".into()),
+            ..e.clone()
+        }))
+        .await
+        .expect("append after the rewrite");
+        assert!(s.verify_audit(None).await.expect("verify").ok);
+        let rewritten = s.verify_audit(Some(&head)).await.expect("verify");
+        assert!(!rewritten.ok, "{rewritten:?}");
+        assert!(
+            rewritten.reason.as_deref().unwrap_or("").contains("anchored #1521"),
+            "{rewritten:?}"
         );
     })
     .await;
