@@ -61,8 +61,11 @@ pub async fn run(ctx: &Ctx, cmd: RecordingsCmd) -> Result<ExitCode> {
                 }
                 _ => {
                     let path = output.unwrap_or_else(|| format!("{id}.cast").into());
-                    std::fs::write(&path, &cast)
-                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    // Owner-only, as a screen may show anything typed or printed.
+                    let mut file = crate::output::PrivateFile::create(&path)?;
+                    std::io::Write::write_all(&mut file, cast.as_bytes())
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    file.commit()?;
                     if !ctx.json {
                         crate::errln!("Wrote {} ({}).", path.display(), bytes(cast.len() as i64));
                     }

@@ -152,6 +152,27 @@ fn sqlite_pool(n: u32) -> AnyPoolOptions {
         })
 }
 
+/// Creates the database file of a `sqlite:` URL readable by its owner only, if it does not
+/// exist yet (it holds password hashes, sealed keys and every audited statement; SQLite
+/// gives its `-wal` and `-shm` files the database file's permissions).
+fn create_private_file(url: &str) {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let path = rest.split('?').next().unwrap_or_default();
+    if path.is_empty() {
+        return;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    // An existing file is left as it is; any other failure (a missing directory, say) is
+    // SQLite's to report when it opens the file.
+    let _ = options.open(path);
+}
+
 impl Store {
     /// Connects to `url` (`sqlite://path`, `sqlite::memory:`, `postgres://…`) and migrates.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
@@ -177,6 +198,7 @@ impl Store {
                     let pool = sqlite_pool(1).connect(&url).await?;
                     (pool.clone(), pool)
                 } else {
+                    create_private_file(&url);
                     let writes = sqlite_pool(1).connect(&url).await?;
                     sqlx::query("PRAGMA journal_mode = WAL")
                         .execute(&writes)

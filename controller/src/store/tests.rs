@@ -69,6 +69,15 @@ where
     let sqlite = Store::open(&format!("sqlite://{}", dir.join("t.db").display()))
         .await
         .expect("open sqlite");
+    #[cfg(unix)]
+    for file in ["t.db", "t.db-wal"] {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(dir.join(file))
+            .expect("database file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{file} readable by others: {mode:o}");
+    }
     assert_eq!(sqlite.backend(), Backend::Sqlite);
     body(sqlite.clone()).await;
     sqlite.close().await;
