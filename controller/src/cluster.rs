@@ -292,7 +292,10 @@ async fn serve_worker(state: AppState, conn: quinn::Connection) {
     let worker = match state.store.worker_by_fingerprint(&fp).await {
         Ok(Some(w)) => w,
         Ok(None) => {
-            conn.close(1u32.into(), b"unknown or deleted worker");
+            conn.close(
+                1u32.into(),
+                postern_proto::cluster::UNKNOWN_WORKER.as_bytes(),
+            );
             return;
         }
         Err(e) => {

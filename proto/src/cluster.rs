@@ -353,6 +353,10 @@ impl From<SpooledEvent> for ReceivedEvent {
     }
 }
 
+/// The close reason a controller gives a worker whose certificate names no worker it has
+/// (deleted, or registered with another cluster).
+pub const UNKNOWN_WORKER: &str = "unknown or deleted worker";
+
 /// `value` as JSON text.
 pub fn raw_json(value: &serde_json::Value) -> Box<serde_json::value::RawValue> {
     // A `Value` always serializes (its map keys are strings).

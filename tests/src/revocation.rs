@@ -498,10 +498,12 @@ async fn a_session_ended_before_its_client_arrives_never_starts() {
 }
 
 /// Deleting a worker ends its sessions and cuts their open connections at once, instead of
-/// leaving them to run until the worker's grace period and listed active until expiry.
+/// leaving them to run until the worker's grace period and listed active until expiry. A
+/// worker created again under the name registers anew with its new activation token, on the
+/// data directory the deleted one left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_worker_ends_its_sessions() {
-    let c = Cluster::start().await.expect("cluster");
+    let mut c = Cluster::start().await.expect("cluster");
     let echo = echo_server().await;
     c.create_target("echo", &echo.to_string(), &[]).await;
     let (session, traffic, id) = live_session(&c.admin, "echo").await;
@@ -512,6 +514,52 @@ async fn deleting_a_worker_ends_its_sessions() {
             .await;
     })
     .await;
+    let gone = || async {
+        for _ in 0..200 {
+            let workers: Vec<postern_controller::api::types::Worker> =
+                c.admin.ok(Method::GET, "/v1/workers", None::<&()>).await;
+            if !workers.iter().any(|w| w.connected) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the worker is still listed connected after 10 s");
+    };
+    if let Some(w) = c.worker.take() {
+        w.shutdown().await;
+    }
+    let created: postern_controller::api::types::CreatedWorker = c
+        .admin
+        .ok(
+            Method::POST,
+            "/v1/workers",
+            Some(&json!({"name": "w1", "tags": {}})),
+        )
+        .await;
+    let dir = c.dir.path().join("worker");
+    let start = |token: &str| {
+        postern_worker::start(crate::harness::worker_config(
+            &c.admin.base,
+            &dir,
+            Some(token.to_owned()),
+        ))
+    };
+    let worker = start(&created.activation_token)
+        .await
+        .expect("the worker starts with its new token");
+    c.wait_worker_connected()
+        .await
+        .expect("re-registered with the new token");
+    worker.shutdown().await;
+    gone().await;
+    // Restarted with the same (now used) token, or with one that is no good, it goes on with
+    // the identity it has.
+    for token in [created.activation_token.as_str(), "pwa_not_a_token"] {
+        let worker = start(token).await.expect("the worker starts");
+        c.wait_worker_connected().await.expect("connected again");
+        worker.shutdown().await;
+        gone().await;
+    }
     c.stop().await;
 }
 

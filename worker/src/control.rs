@@ -126,6 +126,19 @@ impl ControlTask {
                     // That controller may be gone: try the next one.
                     next = next.wrapping_add(1);
                 }
+                Err(e)
+                    if e.to_string()
+                        .contains(postern_proto::cluster::UNKNOWN_WORKER) =>
+                {
+                    tracing::error!(
+                        controller = %addr,
+                        "the controller does not know this worker's certificate (the worker was \
+                         deleted, or data_dir was registered with another cluster): create it \
+                         again (`postern workers create NAME`) and restart this worker with the \
+                         new activation_token"
+                    );
+                    next = next.wrapping_add(1);
+                }
                 Err(e) => {
                     tracing::warn!(controller = %addr, "cannot reach the controller: {e}");
                     next = next.wrapping_add(1);

@@ -92,7 +92,7 @@ pub fn normalize_fingerprint(text: &str) -> Option<String> {
     (hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit())).then_some(hex)
 }
 
-fn hex_sha256(der: &[u8]) -> String {
+pub(crate) fn hex_sha256(der: &[u8]) -> String {
     postern_proto::hex(&Sha256::digest(der))
 }
 

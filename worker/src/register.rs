@@ -98,6 +98,10 @@ impl From<rcgen::Error> for RegisterError {
 struct WorkerFile {
     name: String,
     cluster_addrs: Vec<String>,
+    /// SHA-256 (hex) of the activation token this identity was registered with: another
+    /// token in the configuration means the worker was created anew.
+    #[serde(default)]
+    token_sha256: Option<String>,
 }
 
 /// The controller's error body (`{"error": code, "message": text}`).
@@ -120,9 +124,40 @@ pub(crate) async fn load_or_register(config: &WorkerConfig) -> Result<Identity, 
         register(&client, &config.controller_url, token, dir).await?;
         return load(dir);
     }
+    if let Some(token) = config.activation_token.as_deref().filter(|t| !t.is_empty()) {
+        if registered_token(dir).as_deref() != Some(token_hash(token).as_str()) {
+            // A token this identity was not registered with: the worker was deleted and
+            // created again (its old certificate is no longer accepted). A token that is not
+            // good keeps the identity there is.
+            let client = crate::controller_http::client(config, &[], REGISTER_TIMEOUT).await?;
+            match register(&client, &config.controller_url, token, dir).await {
+                Ok(()) => {
+                    tracing::info!("registered again with the new activation_token: the earlier identity in data_dir is replaced");
+                    return load(dir);
+                }
+                Err(e @ RegisterError::Refused { .. }) => tracing::warn!(
+                    "activation_token is not the one this worker registered with, and it cannot \
+                     register again with it ({e}); going on with the identity in data_dir"
+                ),
+                Err(e) => return Err(e),
+            }
+        }
+    }
     let mut identity = load(dir)?;
     refresh_cluster_addrs(config, dir, &mut identity).await;
     Ok(identity)
+}
+
+/// The hash of the activation token the identity in `dir` was registered with, if recorded.
+fn registered_token(dir: &Path) -> Option<String> {
+    let text = std::fs::read(dir.join(WORKER_FILE)).ok()?;
+    serde_json::from_slice::<WorkerFile>(&text)
+        .ok()?
+        .token_sha256
+}
+
+fn token_hash(token: &str) -> String {
+    crate::controller_http::hex_sha256(token.as_bytes())
 }
 
 /// Asks the controller where its cluster listeners are now (they may have moved since
@@ -153,6 +188,7 @@ async fn refresh_cluster_addrs(config: &WorkerConfig, dir: &Path, identity: &mut
     let file = WorkerFile {
         name: identity.name.clone(),
         cluster_addrs: info.cluster_addrs.clone(),
+        token_sha256: registered_token(dir),
     };
     match serde_json::to_vec_pretty(&file) {
         Ok(json) => {
@@ -205,6 +241,7 @@ async fn register(
     let worker_file = WorkerFile {
         name: name.clone(),
         cluster_addrs: answer.cluster_addrs,
+        token_sha256: Some(token_hash(token)),
     };
     let json = serde_json::to_vec_pretty(&worker_file)
         .map_err(|e| RegisterError::BadAnswer(e.to_string()))?;

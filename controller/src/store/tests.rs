@@ -427,7 +427,11 @@ async fn audit_chain_verifies_and_names_tampering() {
             .verify_audit(Some(&at_11(&"0".repeat(64))))
             .await
             .expect("verify");
-        assert_eq!((wrong.ok, wrong.first_bad_seq), (false, Some(11)), "{wrong:?}");
+        assert_eq!(
+            (wrong.ok, wrong.first_bad_seq),
+            (false, Some(11)),
+            "{wrong:?}"
+        );
 
         // Edit one row behind the store's back: verify names it.
         sqlx::query("UPDATE audit_events SET details = '{\"n\":999}' WHERE seq = 7")
@@ -490,7 +494,11 @@ async fn audit_chain_verifies_and_names_tampering() {
         let rewritten = s.verify_audit(Some(&head)).await.expect("verify");
         assert!(!rewritten.ok, "{rewritten:?}");
         assert!(
-            rewritten.reason.as_deref().unwrap_or("").contains("anchored #1521"),
+            rewritten
+                .reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("anchored #1521"),
             "{rewritten:?}"
         );
     })
