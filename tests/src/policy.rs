@@ -281,6 +281,13 @@ async fn target_limits_are_checked_when_set() {
         .await
         .expect_err("a default longer than the maximum");
     assert_eq!(err.status, 400, "{}", err.message);
+    let err = c
+        .admin
+        .call::<serde_json::Value, _>(Method::PATCH, "/v1/targets/t1", Some(&json!({})))
+        .await
+        .expect_err("a change of nothing");
+    assert_eq!(err.status, 400, "{}", err.message);
+    assert!(err.message.contains("nothing to change"), "{}", err.message);
     // A lower maximum alone takes the default down with it; 0 removes the connection limit.
     let t: serde_json::Value = c
         .admin

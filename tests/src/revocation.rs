@@ -169,6 +169,14 @@ async fn revocations_cut_open_connections() {
         (e.actor.as_str(), e.details["reason"].as_str()),
         ("admin", Some("user locked"))
     );
+    // The change comes first in the log, then the revocation it caused.
+    let lock = audited(&c.admin, "user.lock", |e| e.resource == "user:bob").await;
+    assert!(
+        lock.seq < e.seq,
+        "user.lock #{} after session.revoke #{}",
+        lock.seq,
+        e.seq
+    );
     let cut = audited(&c.admin, "session.connections_cut", |e| {
         e.resource == format!("session:{id}")
     })

@@ -75,6 +75,12 @@ pub async fn run(ctx: &Ctx, cmd: TargetsCmd) -> Result<ExitCode> {
                     _ => None,
                 },
             };
+            if body.is_empty() {
+                anyhow::bail!(
+                    "nothing to change: give what to set (--address, --label, --default-duration, \
+                     --max-duration, --connection-limit, --worker-filter, --enable or --disable)"
+                );
+            }
             let target: Target = api.patch(&["v1", "targets", &a.name], &body).await?;
             if !ctx.json {
                 crate::outln!("Updated target {}.", target.name);

@@ -258,9 +258,6 @@ async fn set_locked(
     }
     let u = state.store.set_user_locked(&name, locked).await?;
     let action = if locked { "user.lock" } else { "user.unlock" };
-    if locked {
-        crate::revoke::end_user_sessions(&state, &name, "user locked", caller.name()).await?;
-    }
     state
         .audit(
             caller.name(),
@@ -270,6 +267,9 @@ async fn set_locked(
             json!({}),
         )
         .await?;
+    if locked {
+        crate::revoke::end_user_sessions(&state, &name, "user locked", caller.name()).await?;
+    }
     Ok(Json(user_view(&state, u).await?))
 }
 
@@ -355,8 +355,6 @@ pub async fn delete_group(
 ) -> Result<StatusCode, ApiError> {
     caller.require(&state, "groups:write", None).await?;
     state.store.delete_group(&name).await?;
-    // Open sessions the change no longer allows end now, not at their expiry.
-    crate::revoke::reevaluate(&state, caller.name()).await?;
     state
         .audit(
             caller.name(),
@@ -366,6 +364,8 @@ pub async fn delete_group(
             json!({}),
         )
         .await?;
+    // Open sessions the change no longer allows end now, not at their expiry.
+    crate::revoke::reevaluate(&state, caller.name()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -398,8 +398,6 @@ pub async fn remove_member(
 ) -> ApiResult<Group> {
     caller.require(&state, "groups:write", None).await?;
     state.store.remove_member(&name, &user).await?;
-    // Open sessions the change no longer allows end now, not at their expiry.
-    crate::revoke::reevaluate(&state, caller.name()).await?;
     state
         .audit(
             caller.name(),
@@ -409,6 +407,8 @@ pub async fn remove_member(
             json!({"user": user}),
         )
         .await?;
+    // Open sessions the change no longer allows end now, not at their expiry.
+    crate::revoke::reevaluate(&state, caller.name()).await?;
     Ok(Json(group_view(&state, &name).await?))
 }
 
@@ -481,8 +481,6 @@ pub async fn delete_role(
         )));
     }
     state.store.delete_role(&name).await?;
-    // Open sessions the change no longer allows end now, not at their expiry.
-    crate::revoke::reevaluate(&state, caller.name()).await?;
     state
         .audit(
             caller.name(),
@@ -492,6 +490,8 @@ pub async fn delete_role(
             json!({}),
         )
         .await?;
+    // Open sessions the change no longer allows end now, not at their expiry.
+    crate::revoke::reevaluate(&state, caller.name()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -536,8 +536,6 @@ pub async fn add_rule(
             .map_err(|e| ApiError::BadRequest(format!("invalid target glob '{g}': {e}")))?;
     }
     state.store.add_rule(&name, &rule).await?;
-    // Open sessions the change no longer allows end now, not at their expiry.
-    crate::revoke::reevaluate(&state, caller.name()).await?;
     state
         .audit(
             caller.name(),
@@ -547,6 +545,8 @@ pub async fn add_rule(
             json!({"rule": rule}),
         )
         .await?;
+    // Open sessions the change no longer allows end now, not at their expiry.
+    crate::revoke::reevaluate(&state, caller.name()).await?;
     Ok(Json(role_view(&state, &name).await?))
 }
 
@@ -568,8 +568,6 @@ pub async fn remove_rule(
         )));
     }
     let rule = state.store.remove_rule(&name, position).await?;
-    // Open sessions the change no longer allows end now, not at their expiry.
-    crate::revoke::reevaluate(&state, caller.name()).await?;
     state
         .audit(
             caller.name(),
@@ -579,6 +577,8 @@ pub async fn remove_rule(
             json!({"position": position, "rule": rule}),
         )
         .await?;
+    // Open sessions the change no longer allows end now, not at their expiry.
+    crate::revoke::reevaluate(&state, caller.name()).await?;
     Ok(Json(role_view(&state, &name).await?))
 }
 
@@ -623,8 +623,6 @@ pub async fn unbind(
              admin do it, or bind yourself a role that allows roles:write first)"
         )));
     }
-    // Open sessions the change no longer allows end now, not at their expiry.
-    crate::revoke::reevaluate(&state, caller.name()).await?;
     state
         .audit(
             caller.name(),
@@ -634,5 +632,7 @@ pub async fn unbind(
             json!({"principal": who}),
         )
         .await?;
+    // Open sessions the change no longer allows end now, not at their expiry.
+    crate::revoke::reevaluate(&state, caller.name()).await?;
     Ok(Json(role_view(&state, &name).await?))
 }

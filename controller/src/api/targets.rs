@@ -172,6 +172,11 @@ pub async fn update(
     Json(req): Json<UpdateTarget>,
 ) -> ApiResult<Target> {
     caller.require(&state, "targets:write", None).await?;
+    if req.is_empty() {
+        return Err(ApiError::BadRequest(
+            "nothing to change: give at least one field of the target to set".into(),
+        ));
+    }
     if let Some(a) = &req.address {
         check_address(a)?;
     }
@@ -184,12 +189,7 @@ pub async fn update(
         )?;
     }
     let t = state.store.update_target(&name, &req).await?;
-    if !t.enabled {
-        crate::revoke::end_target_sessions(&state, &name, "target disabled", caller.name()).await?;
-    } else if req.labels.is_some() {
-        // Label changes can take a target out of a role's reach.
-        crate::revoke::reevaluate(&state, caller.name()).await?;
-    }
+    // The change is recorded before the session ends it causes.
     state
         .audit(
             caller.name(),
@@ -199,6 +199,12 @@ pub async fn update(
             json!({"change": req}),
         )
         .await?;
+    if !t.enabled {
+        crate::revoke::end_target_sessions(&state, &name, "target disabled", caller.name()).await?;
+    } else if req.labels.is_some() {
+        // Label changes can take a target out of a role's reach.
+        crate::revoke::reevaluate(&state, caller.name()).await?;
+    }
     Ok(Json(t))
 }
 

@@ -290,6 +290,28 @@ pub struct UpdateTarget {
     pub enabled: Option<bool>,
 }
 
+impl UpdateTarget {
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        let Self {
+            address,
+            labels,
+            default_duration_secs,
+            max_duration_secs,
+            connection_limit,
+            worker_filter,
+            enabled,
+        } = self;
+        address.is_none()
+            && labels.is_none()
+            && default_duration_secs.is_none()
+            && max_duration_secs.is_none()
+            && connection_limit.is_none()
+            && worker_filter.is_none()
+            && enabled.is_none()
+    }
+}
+
 /// A worker as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Worker {
