@@ -283,48 +283,112 @@ pub(crate) fn credential_login(credential: Option<&(String, String, String)>) ->
 
 /// Delivers cancellations that other controllers NOTIFY to the workers this controller
 /// holds, and relays their audit-head announcements to local followers. Runs for the
-/// controller's life on PostgreSQL; `PgListener` reconnects by itself.
+/// controller's life on PostgreSQL, reconnecting (and catching up) when its connection goes.
 pub async fn listen_for_cancels(state: AppState, database_url: String) {
-    let mut listener = loop {
-        match sqlx::postgres::PgListener::connect(&database_url).await {
+    let mut listener = listen(&database_url).await;
+    loop {
+        // `try_recv` says when the connection was lost: notifications sent until it is
+        // back are gone, so what they would have said is read from the store instead.
+        let lost = match listener.try_recv().await {
+            Ok(Some(n)) => {
+                notified(&state, &n);
+                continue;
+            }
+            Ok(None) => "the connection was lost".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        let since = now() - CATCH_UP_MARGIN_SECS;
+        tracing::warn!(reason = %lost, "cancellation listener interrupted; reconnecting");
+        drop(listener);
+        listener = listen(&database_url).await;
+        catch_up(&state, since).await;
+    }
+}
+
+/// How far before a lost listener connection was noticed its catch-up looks: a connection
+/// can be dead a while before a read finds out.
+const CATCH_UP_MARGIN_SECS: i64 = 60;
+
+/// How long one attempt to connect the listener may take.
+const LISTEN_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A listener on the cancellation and audit channels, once the database takes one.
+async fn listen(database_url: &str) -> sqlx::postgres::PgListener {
+    loop {
+        // Bounded: sqlx's own connect retries some refusals for up to 30 s.
+        let connect = tokio::time::timeout(
+            LISTEN_CONNECT_TIMEOUT,
+            sqlx::postgres::PgListener::connect(database_url),
+        );
+        match connect.await.unwrap_or(Err(sqlx::Error::PoolTimedOut)) {
             Ok(mut l) => match l
                 .listen_all([CANCEL_CHANNEL, crate::audit::AUDIT_CHANNEL])
                 .await
             {
-                Ok(()) => break l,
+                Ok(()) => return l,
                 Err(e) => tracing::error!(error = %e, "cannot LISTEN for cancellations"),
             },
             Err(e) => tracing::error!(error = %e, "cannot connect to LISTEN for cancellations"),
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
-    };
-    loop {
-        match listener.recv().await {
-            Ok(n) if n.channel() == crate::audit::AUDIT_CHANNEL => {
-                if let Ok(seq) = n.payload().parse::<i64>() {
-                    state.audit_log.announce(seq);
-                }
-            }
-            Ok(n) => match serde_json::from_str::<CancelNote>(n.payload()) {
-                Ok(note) => {
-                    if state.metrics.time_revocation(&note.session_id, || {
-                        state.workers.cancel(
-                            &note.worker,
-                            &note.session_id,
-                            &note.reason,
-                            &note.actor,
-                        )
-                    }) {
-                        tracing::info!(session = %note.session_id, worker = %note.worker, "delivered a cancellation from another controller");
+    }
+}
+
+/// After the listener was away: sessions that ended since `since` on workers this controller
+/// holds are cancelled on them (a worker that ended one already just acknowledges), and
+/// followers of the audit log learn its head.
+async fn catch_up(state: &AppState, since: i64) {
+    for attempt in 1..=10 {
+        match state.store.sessions_ended_since(since).await {
+            Ok(ended) => {
+                let held = state.workers.connected();
+                let mut sent = 0;
+                for (id, worker, reason) in ended {
+                    if held.iter().any(|w| w.eq_ignore_ascii_case(&worker))
+                        && state.workers.cancel(&worker, &id, &reason, "system")
+                    {
+                        sent += 1;
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "ignoring a malformed cancellation notice"),
-            },
+                if sent > 0 {
+                    tracing::info!(
+                        sessions = sent,
+                        "re-sent the cancellations the listener may have missed"
+                    );
+                }
+                if let Ok(head) = state.store.audit_head().await {
+                    state.audit_log.announce(head);
+                }
+                return;
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "cancellation listener interrupted; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tracing::warn!(error = %e, attempt, "cannot read the sessions ended while the listener was away");
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
+    }
+}
+
+/// Acts on a notification: a new audit head, or a cancellation for a worker this controller
+/// may hold.
+fn notified(state: &AppState, n: &sqlx::postgres::PgNotification) {
+    if n.channel() == crate::audit::AUDIT_CHANNEL {
+        if let Ok(seq) = n.payload().parse::<i64>() {
+            state.audit_log.announce(seq);
+        }
+        return;
+    }
+    match serde_json::from_str::<CancelNote>(n.payload()) {
+        Ok(note) => {
+            if state.metrics.time_revocation(&note.session_id, || {
+                state
+                    .workers
+                    .cancel(&note.worker, &note.session_id, &note.reason, &note.actor)
+            }) {
+                tracing::info!(session = %note.session_id, worker = %note.worker, "delivered a cancellation from another controller");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "ignoring a malformed cancellation notice"),
     }
 }
 

@@ -444,8 +444,15 @@ pub async fn echo_server() -> SocketAddr {
 /// A throwaway PostgreSQL database on the local server, dropped by [`PgDb::drop_db`].
 pub struct PgDb {
     name: String,
+    role: Option<String>,
     /// Its URL.
     pub url: String,
+}
+
+async fn admin_connection() -> sqlx::AnyConnection {
+    <sqlx::AnyConnection as sqlx::Connection>::connect(&pg_admin_url())
+        .await
+        .expect("connect as admin")
 }
 
 fn pg_admin_url() -> String {
@@ -473,6 +480,53 @@ impl PgDb {
         PgDb {
             url: format!("{base}/{name}"),
             name,
+            role: None,
+        }
+    }
+
+    /// A login role of its own (not a superuser) that owns the database; the URL to
+    /// connect as it. [`Self::admit_role`] can then keep that role out while others go on.
+    pub async fn owner_role(&mut self) -> String {
+        let role = format!("{}_owner", self.name);
+        let mut conn = admin_connection().await;
+        for sql in [
+            format!("CREATE ROLE {role} LOGIN"),
+            format!("ALTER DATABASE {} OWNER TO {role}", self.name),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&mut conn)
+                .await
+                .expect("owner role");
+        }
+        self.role = Some(role.clone());
+        // The local server trusts loopback logins: the role needs no password.
+        let (scheme, rest) = self.url.split_once("://").expect("a URL");
+        let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+        format!("{scheme}://{role}@{host}")
+    }
+
+    /// Lets the [`Self::owner_role`] open new connections, or keeps it out (those open
+    /// stay), and with `false` also ends its connections that listen for notifications: the
+    /// database gone for a while, as a controller's listener sees it.
+    pub async fn admit_role(&self, allowed: bool) {
+        let role = self.role.as_deref().expect("owner_role first");
+        let mut conn = admin_connection().await;
+        let limit = if allowed { -1 } else { 0 };
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER ROLE {role} CONNECTION LIMIT {limit}"
+        )))
+        .execute(&mut conn)
+        .await
+        .expect("alter role");
+        if !allowed {
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE usename = $1 AND query LIKE 'LISTEN%'",
+            )
+            .bind(role)
+            .execute(&mut conn)
+            .await
+            .expect("end the listeners");
         }
     }
 
@@ -488,6 +542,12 @@ impl PgDb {
         .execute(&mut conn)
         .await
         .expect("drop test database");
+        if let Some(role) = &self.role {
+            sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {role}")))
+                .execute(&mut conn)
+                .await
+                .expect("drop the owner role");
+        }
     }
 }
 

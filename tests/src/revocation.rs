@@ -362,9 +362,11 @@ async fn worker_fails_closed_and_survives_a_quick_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_through_a_second_controller_reaches_the_worker() {
-    let db = PgDb::create().await;
+    let mut db = PgDb::create().await;
+    // The first controller logs in as a role of its own, which can be kept out.
+    let first_url = db.owner_role().await;
     let c = Cluster::start_with(ClusterOptions {
-        database_url: Some(db.url.clone()),
+        database_url: Some(first_url),
         ..Default::default()
     })
     .await
@@ -402,6 +404,22 @@ async fn cancel_through_a_second_controller_reaches_the_worker() {
         "took {:?}",
         cut.duration_since(t0)
     );
+    let end = session.closed().await;
+    assert!(end.reason.contains("cancelled by admin"), "{}", end.reason);
+
+    // A cancel whose notification the first controller's listener misses (its connection
+    // gone, the database taking no new one) still reaches the worker once the listener is
+    // back: it reads what ended while it was away.
+    let (session, mut traffic, id) = live_session(&c.admin, "echo").await;
+    db.admit_role(false).await;
+    admin2.cancel_session(&id).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(traffic.alive(), "cut while no listener could be told");
+    db.admit_role(true).await;
+    traffic
+        .wait_cut(Duration::from_secs(15))
+        .await
+        .expect("the cancel missed while the listener was away reached the worker");
     let end = session.closed().await;
     assert!(end.reason.contains("cancelled by admin"), "{}", end.reason);
 

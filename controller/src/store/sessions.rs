@@ -156,6 +156,32 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Sessions that ended at or after `since` on some worker: `(id, worker, end reason)`,
+    /// at most 10,000.
+    pub async fn sessions_ended_since(
+        &self,
+        since: i64,
+    ) -> Result<Vec<(String, String, String)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, worker_name, end_reason FROM sessions \
+             WHERE status = 'terminated' AND ended_at >= $1 AND worker_name <> '' \
+             ORDER BY ended_at LIMIT 10000",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("id")?,
+                    r.try_get("worker_name")?,
+                    r.try_get::<Option<String>, _>("end_reason")?
+                        .unwrap_or_default(),
+                ))
+            })
+            .collect()
+    }
+
     /// Ends every live session whose expiry has passed; returns how many.
     pub async fn expire_sessions(&self, now: i64) -> Result<u64, StoreError> {
         let done = sqlx::query(
