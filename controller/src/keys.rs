@@ -132,7 +132,7 @@ impl std::fmt::Debug for RootKeys {
     }
 }
 
-const SESSION_KEY: &str = "session-signing";
+pub(crate) const SESSION_KEY: &str = "session-signing";
 const CLUSTER_CA: &str = "cluster-ca";
 
 impl RootKeys {

@@ -96,6 +96,8 @@ pub struct ControllerHandle {
     tasks: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
     audit_task: JoinHandle<()>,
+    /// On SQLite, the lock that keeps a second controller off the database.
+    _db_lock: Option<std::fs::File>,
 }
 
 impl ControllerHandle {
@@ -152,8 +154,10 @@ impl ControllerHandle {
 pub async fn start(mut config: ControllerConfig) -> Result<ControllerHandle, StartError> {
     config.validate()?;
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let kek = load_kek(&config)?;
+    let db_lock = lock_sqlite(&config.database_url)?;
+    let found_kek = read_kek(&config)?;
     let store = Store::open(&config.database_url).await?;
+    let kek = load_kek(found_kek, &store).await?;
     let keys = RootKeys::load_or_create(&store, &kek).await?;
     let issuer = store.cluster_id().await?;
 
@@ -324,6 +328,7 @@ pub async fn start(mut config: ControllerConfig) -> Result<ControllerHandle, Sta
         tasks: vec![api, cluster],
         audit_task,
         background,
+        _db_lock: db_lock,
     })
 }
 
@@ -338,10 +343,20 @@ pub async fn run(
     Ok(())
 }
 
-fn load_kek(config: &ControllerConfig) -> Result<Kek, StartError> {
-    match read_kek(config)? {
+/// The key-encryption key found, or made where a bootstrapping controller makes it: only once
+/// the database opened, and only for a database holding no keys (a new key would not open
+/// them, and an operator might keep the wrong one).
+async fn load_kek(found: FoundKek<'_>, store: &Store) -> Result<Kek, StartError> {
+    match found {
         FoundKek::Read(kek) => Ok(kek),
         FoundKek::ToMake(path) => {
+            if store.root_key(keys::SESSION_KEY).await?.is_some() {
+                return Err(StartError::Io(format!(
+                    "{} does not exist, but the database already holds keys sealed with a \
+                     key-encryption key: restore that kek_file (a new one cannot open them)",
+                    path.display()
+                )));
+            }
             let kek = Kek::generate_base64();
             write_private(path, &kek)
                 .map_err(|e| StartError::Io(format!("cannot write {}: {e}", path.display())))?;
@@ -387,6 +402,25 @@ fn read_kek(config: &ControllerConfig) -> Result<FoundKek<'_>, StartError> {
     }
 }
 
+/// On SQLite, takes `DB-controller.lock` beside the database file: one controller per SQLite
+/// database (a second one would take workers' connections without seeing the first's
+/// sessions, and cancels through it would reach no one; several controllers need PostgreSQL).
+fn lock_sqlite(database_url: &str) -> Result<Option<std::fs::File>, StartError> {
+    let Some(db) = store::sqlite_file(database_url) else {
+        return Ok(None);
+    };
+    let path = format!("{db}-controller.lock");
+    match postern_proto::try_lock_file(std::path::Path::new(&path)) {
+        Ok(Some(lock)) => Ok(Some(lock)),
+        Ok(None) => Err(StartError::Io(format!(
+            "another controller is running on the SQLite database {db} (it holds {path}): one \
+             controller per SQLite database; several controllers share a PostgreSQL database"
+        ))),
+        // A directory SQLite cannot use either: its own error says so.
+        Err(_) => Ok(None),
+    }
+}
+
 /// Writes a file readable by its owner only.
 pub fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write as _;
@@ -413,7 +447,13 @@ async fn bootstrap_admin(
     }
     let password = postern_proto::ids::random_base32(15);
     let hash = auth::hash_password(&password).map_err(StartError::Io)?;
-    store.create_user("admin", Some(&hash)).await?;
+    match store.create_user("admin", Some(&hash)).await {
+        Ok(_) => {}
+        // Another controller starting on the same new database made it first: that one
+        // bootstraps (and prints the password).
+        Err(store::StoreError::Conflict(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
     if store.require_role("admin").await.is_err() {
         store.create_role("admin").await?;
         store

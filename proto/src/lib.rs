@@ -47,6 +47,22 @@ pub fn worker_server_name(worker_name: &str) -> String {
 /// The DNS name every controller's cluster certificate carries.
 pub const CONTROLLER_SERVER_NAME: &str = "controller.postern.internal";
 
+/// An exclusive lock on the file `path` (created if missing), held until the file is closed;
+/// `None` if another process holds it. One process per data directory (the worker, `postern
+/// dev`) or SQLite database (the controller).
+pub fn try_lock_file(path: &std::path::Path) -> std::io::Result<Option<std::fs::File>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(error)) => Err(error),
+    }
+}
+
 /// The current time in whole seconds since the Unix epoch.
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now()

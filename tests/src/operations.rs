@@ -543,3 +543,40 @@ fn example_configs_load_and_unknown_keys_are_named() {
         "{stderr}"
     );
 }
+
+/// Two controllers started at once on a new PostgreSQL database, both with
+/// `bootstrap_admin` (as the Compose and Kubernetes examples run them): both come up, one
+/// of them makes the admin, and its password logs in through either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_controllers_started_together_bootstrap_once() {
+    let db = crate::harness::PgDb::create().await;
+    let dir = TempDir::new("postern-bootstrap-race");
+    postern_controller::write_private(
+        &dir.path().join("kek"),
+        &postern_controller::keys::Kek::generate_base64(),
+    )
+    .expect("kek");
+    let options = ClusterOptions {
+        database_url: Some(db.url.clone()),
+        ..Default::default()
+    };
+    let (a, b) = tokio::join!(
+        postern_controller::start(controller_config(dir.path(), &options)),
+        postern_controller::start(controller_config(dir.path(), &options)),
+    );
+    let (a, b) = (a.expect("first controller"), b.expect("second controller"));
+    let boots: Vec<_> = [&a, &b]
+        .iter()
+        .filter_map(|c| c.bootstrap().cloned())
+        .collect();
+    assert_eq!(boots.len(), 1, "exactly one bootstraps");
+    for c in [&a, &b] {
+        Api::new(&format!("http://{}", c.api_addr()))
+            .login(&boots[0].user, &boots[0].password)
+            .await
+            .expect("the admin logs in through either controller");
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+    db.drop_db().await;
+}

@@ -314,9 +314,36 @@ async fn worker_fails_closed_and_survives_a_quick_restart() {
     let echo = echo_server().await;
     c.create_target("echo", &echo.to_string(), &[]).await;
 
+    // A second controller on the same SQLite database is refused while the first runs.
+    let refused =
+        postern_controller::start(controller_config(c.dir.path(), &ClusterOptions::default()))
+            .await
+            .expect_err("two controllers on one SQLite database");
+    assert!(
+        refused
+            .to_string()
+            .contains("another controller is running on the SQLite database"),
+        "{refused}"
+    );
+
     // Restart within the grace period: the session survives.
     let (session, mut traffic, _) = live_session(&c.admin, "echo").await;
     c.controller.take().expect("controller").shutdown().await;
+    // Started without its key-encryption key, a bootstrapping controller does not make a
+    // new one for a database whose keys an old one sealed.
+    let kek = c.dir.path().join("kek");
+    let kept = c.dir.path().join("kek.kept");
+    std::fs::rename(&kek, &kept).expect("move the kek away");
+    let refused =
+        postern_controller::start(controller_config(c.dir.path(), &ClusterOptions::default()))
+            .await
+            .expect_err("no kek for a database with keys");
+    assert!(
+        refused.to_string().contains("restore that kek_file"),
+        "{refused}"
+    );
+    assert!(!kek.exists(), "a new kek was written");
+    std::fs::rename(&kept, &kek).expect("put the kek back");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         traffic.alive(),

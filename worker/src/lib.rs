@@ -115,21 +115,7 @@ pub enum WorkerError {
     },
 }
 
-/// An exclusive lock on the file `path` (created if missing), held until the file is closed;
-/// `None` if another process holds it. One process per data directory, for the worker and
-/// for `postern dev`.
-pub fn try_lock_file(path: &std::path::Path) -> std::io::Result<Option<std::fs::File>> {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)?;
-    match file.try_lock() {
-        Ok(()) => Ok(Some(file)),
-        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-        Err(std::fs::TryLockError::Error(error)) => Err(error),
-    }
-}
+pub use postern_proto::try_lock_file;
 
 /// A running worker. Dropping it stops the worker in the background; [`Self::shutdown`]
 /// stops it and waits.

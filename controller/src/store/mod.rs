@@ -152,18 +152,22 @@ fn sqlite_pool(n: u32) -> AnyPoolOptions {
         })
 }
 
+/// The file of a `sqlite:` URL (`None` for another database or an in-memory one).
+pub fn sqlite_file(url: &str) -> Option<&str> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    (!path.is_empty() && !path.contains(":memory:")).then_some(path)
+}
+
 /// Creates the database file of a `sqlite:` URL readable by its owner only, if it does not
 /// exist yet (it holds password hashes, sealed keys and every audited statement; SQLite
 /// gives its `-wal` and `-shm` files the database file's permissions).
 fn create_private_file(url: &str) {
-    let rest = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
-        .unwrap_or(url);
-    let path = rest.split('?').next().unwrap_or_default();
-    if path.is_empty() {
+    let Some(path) = sqlite_file(url) else {
         return;
-    }
+    };
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
