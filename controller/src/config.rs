@@ -41,7 +41,9 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControllerConfig {
-    /// `sqlite://PATH` (default store) or `postgres://…`.
+    /// `sqlite://PATH` (default store) or `postgres://…`; may come from
+    /// `POSTERN_DATABASE_URL(_FILE)` instead of the file.
+    #[serde(default)]
     pub database_url: String,
     /// HTTP API listen address.
     #[serde(default = "default_api_listen")]
@@ -121,7 +123,7 @@ mod humantime_serde_compat {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+        postern_proto::parse_duration(&s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -233,10 +235,11 @@ impl ControllerConfig {
         crate::oidc::config::apply_env(&mut self.oidc, &get);
         crate::tls::apply_env(self, &get);
         if let Some(v) = get("POSTERN_TOKEN_TTL") {
-            self.token_ttl = humantime::parse_duration(&v).map_err(|e| ConfigError::Invalid {
-                key: "POSTERN_TOKEN_TTL".into(),
-                message: e.to_string(),
-            })?;
+            self.token_ttl =
+                postern_proto::parse_duration(&v).map_err(|message| ConfigError::Invalid {
+                    key: "POSTERN_TOKEN_TTL".into(),
+                    message,
+                })?;
         }
         Ok(())
     }
@@ -253,6 +256,14 @@ impl ControllerConfig {
             });
         }
         let url = self.database_url.as_str();
+        if url.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "database_url".into(),
+                message: "not set: give it in the file or as POSTERN_DATABASE_URL / \
+                          POSTERN_DATABASE_URL_FILE"
+                    .into(),
+            });
+        }
         if !["sqlite:", "postgres://", "postgresql://"]
             .iter()
             .any(|scheme| url.starts_with(scheme))
@@ -323,6 +334,25 @@ impl ControllerConfig {
                 ),
             });
         }
+        let announced = self
+            .cluster_public_addrs
+            .iter()
+            .map(|a| ("cluster_public_addrs", a))
+            .chain(
+                self.relay_public_addr
+                    .iter()
+                    .map(|a| ("relay_public_addr", a)),
+            );
+        for (key, addr) in announced {
+            if !is_host_port(addr) {
+                return Err(ConfigError::Invalid {
+                    key: key.into(),
+                    message: format!(
+                        "{addr:?}: expected HOST:PORT (a name or address, and a port)"
+                    ),
+                });
+            }
+        }
         if !(60..=MAX_TOKEN_TTL_SECS).contains(&self.token_ttl.as_secs()) {
             return Err(ConfigError::Invalid {
                 key: "token_ttl".into(),
@@ -331,6 +361,18 @@ impl ControllerConfig {
         }
         Ok(())
     }
+}
+
+/// `host:port` or `[v6]:port`, as workers and clients dial it.
+fn is_host_port(addr: &str) -> bool {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return false;
+    };
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => !host.is_empty() && !host.contains([':', '/', ' ', '[', ']']),
+    };
+    host_ok && port.parse::<u16>().is_ok_and(|p| p > 0)
 }
 
 #[cfg(test)]
@@ -346,6 +388,20 @@ mod tests {
         assert_eq!(ok.token_ttl, Duration::from_secs(7200));
         assert!(ok.validate().is_ok());
         assert!(toml::from_str::<ControllerConfig>("database_url = \"x\"\nbogus = 1\n").is_err());
+        for good in ["postern.example.com:9202", "10.0.0.1:9202", "[::1]:9202"] {
+            assert!(is_host_port(good), "{good}");
+        }
+        for bad in [
+            "not an addr",
+            "nohost",
+            ":9202",
+            "h:0",
+            "h:99999",
+            "::1:9202",
+            "h/x:1",
+        ] {
+            assert!(!is_host_port(bad), "{bad}");
+        }
         for ttl in [Duration::from_secs(59), Duration::from_secs(u64::MAX)] {
             let bad = ControllerConfig {
                 token_ttl: ttl,

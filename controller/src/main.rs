@@ -94,9 +94,12 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
     if let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) {
         postern_controller::tls::check_files(cert, key)?;
     }
-    // A warning: the key may be a secret mounted only where the controller runs.
-    if let Err(e) = postern_controller::check_kek(&config) {
-        eprintln!("warning: {e} (the controller does not start without it)");
+    // A key that is not there is a warning (it may be a secret mounted only where the
+    // controller runs); one that is there and is no key is an error.
+    match postern_controller::check_kek(&config) {
+        Ok(()) => {}
+        Err(e @ postern_controller::StartError::Keys(_)) => return Err(e.into()),
+        Err(e) => eprintln!("warning: {e} (the controller does not start without it)"),
     }
     for method in config.oidc.iter().filter(|m| m.client_secret.is_none()) {
         eprintln!(

@@ -63,6 +63,13 @@ pub fn try_lock_file(path: &std::path::Path) -> std::io::Result<Option<std::fs::
     }
 }
 
+/// A duration in configuration (`90s`, `15m`, `12h`, `7d`, `1h 30m`), with an error that
+/// says what was expected.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("'{text}': expected a duration such as 90s, 15m, 12h or 7d ({e})"))
+}
+
 /// The current time in whole seconds since the Unix epoch.
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now()

@@ -542,6 +542,31 @@ fn example_configs_load_and_unknown_keys_are_named() {
         stderr.contains("'corp' has no client_secret (nor POSTERN_OIDC_CORP_CLIENT_SECRET)"),
         "{stderr}"
     );
+
+    // A key file that holds no key, and an announced address no one can dial, are errors.
+    let short_kek = dir.path().join("short-kek");
+    std::fs::write(&short_kek, "c2hvcnQ=\n").expect("write");
+    for (body, named) in [
+        (
+            format!("kek_file = \"{}\"\n", short_kek.display()),
+            "invalid key-encryption key",
+        ),
+        (
+            "cluster_public_addrs = [\"not an addr\"]\n".to_owned(),
+            "cluster_public_addrs",
+        ),
+        (
+            "relay_public_addr = \"nohost\"\n".to_owned(),
+            "relay_public_addr",
+        ),
+    ] {
+        let file = dir.path().join("refused.toml");
+        std::fs::write(&file, format!("database_url = \"sqlite://x.db\"\n{body}")).expect("write");
+        let out = check_config("postern-controller", &file);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{body}: {stderr}");
+        assert!(stderr.contains(named), "{body}: {stderr}");
+    }
 }
 
 /// Two controllers started at once on a new PostgreSQL database, both with

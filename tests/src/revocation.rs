@@ -909,3 +909,47 @@ impl FakeWorker {
         self.conn.close(0u32.into(), b"done");
     }
 }
+
+/// A controller that comes back with its cluster listener somewhere else is found again: a
+/// worker that has tried every address it knows asks the API (its `controller_url`) where
+/// the cluster listeners are now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_finds_a_cluster_listener_that_moved() {
+    let (api, cluster) = free_addrs();
+    let mut c = Cluster::start_with(ClusterOptions {
+        addrs: Some((api, cluster)),
+        ..Default::default()
+    })
+    .await
+    .expect("cluster");
+    c.controller.take().expect("controller").shutdown().await;
+    let (_, moved) = free_addrs();
+    c.controller = Some(
+        postern_controller::start(controller_config(
+            c.dir.path(),
+            &ClusterOptions {
+                addrs: Some((api, moved)),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("controller back with another cluster port"),
+    );
+    let found = async {
+        loop {
+            let workers: Vec<postern_controller::api::types::Worker> =
+                c.admin.ok(Method::GET, "/v1/workers", None::<&()>).await;
+            if workers.iter().any(|w| w.connected) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(40), found)
+        .await
+        .expect("the worker found the moved cluster listener");
+    let saved = std::fs::read_to_string(c.dir.path().join("worker").join("worker.json"))
+        .expect("worker.json");
+    assert!(saved.contains(&moved.to_string()), "{saved}");
+    c.stop().await;
+}

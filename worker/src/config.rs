@@ -262,11 +262,12 @@ impl WorkerConfig {
             };
         }
         if let Some(v) = get("POSTERN_GRACE_PERIOD") {
-            self.grace_period = humantime::parse_duration(&v).map_err(|e| ConfigError::Env {
-                var: "POSTERN_GRACE_PERIOD",
-                reason: format!("{e} (expected a duration such as 15s)"),
-                value: v,
-            })?;
+            self.grace_period =
+                postern_proto::parse_duration(&v).map_err(|reason| ConfigError::Env {
+                    var: "POSTERN_GRACE_PERIOD",
+                    reason,
+                    value: v,
+                })?;
         }
         if let Some(v) = get("POSTERN_CONTROLLER_CA_FILE") {
             self.controller_ca_file = (!v.is_empty()).then(|| PathBuf::from(v));
@@ -310,11 +311,7 @@ fn default_grace_period() -> Duration {
 /// Parses `"15s"`, `"1m 30s"` and the like.
 fn deserialize_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
-    humantime::parse_duration(&text).map_err(|e| {
-        serde::de::Error::custom(format!(
-            "invalid duration {text:?}: {e} (expected e.g. \"15s\")"
-        ))
-    })
+    postern_proto::parse_duration(&text).map_err(serde::de::Error::custom)
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use postern_proto::frame::FrameError;
 use postern_proto::session::close;
 use postern_proto::{token, CONTROLLER_SERVER_NAME, PROTOCOL_VERSION};
 use quinn::{Connection, RecvStream, SendStream, VarInt};
+use rustls_pki_types::CertificateDer;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep, timeout, Instant};
 
@@ -80,6 +81,13 @@ pub(crate) struct ControlTask {
     pub(crate) stop: watch::Receiver<bool>,
     /// When this worker started (its hello says how long ago).
     pub(crate) started: Instant,
+    /// Where to ask for the cluster addresses again once none of them answers: the
+    /// configuration (its `controller_url`), the worker's name and the cluster CA.
+    pub(crate) addr_source: (
+        crate::config::WorkerConfig,
+        String,
+        Vec<CertificateDer<'static>>,
+    ),
 }
 
 /// How a served connection ended.
@@ -142,6 +150,16 @@ impl ControlTask {
                 Err(e) => {
                     tracing::warn!(controller = %addr, "cannot reach the controller: {e}");
                     next = next.wrapping_add(1);
+                }
+            }
+            // Every known address tried without a lasting connection: the controllers may
+            // have moved or new ones come, which the API knows.
+            if next.is_multiple_of(self.cluster_addrs.len().max(1)) {
+                let (config, name, ca) = &self.addr_source;
+                if crate::register::refresh_cluster_addrs(config, name, ca, &mut self.cluster_addrs)
+                    .await
+                {
+                    next = 0;
                 }
             }
             let pause = backoff + jitter(backoff);

@@ -144,7 +144,13 @@ pub(crate) async fn load_or_register(config: &WorkerConfig) -> Result<Identity, 
         }
     }
     let mut identity = load(dir)?;
-    refresh_cluster_addrs(config, dir, &mut identity).await;
+    refresh_cluster_addrs(
+        config,
+        &identity.name,
+        &identity.ca,
+        &mut identity.cluster_addrs,
+    )
+    .await;
     Ok(identity)
 }
 
@@ -160,12 +166,19 @@ fn token_hash(token: &str) -> String {
     crate::controller_http::hex_sha256(token.as_bytes())
 }
 
-/// Asks the controller where its cluster listeners are now (they may have moved since
-/// registration) and saves the answer. Best effort: on any failure the saved ones are used.
-async fn refresh_cluster_addrs(config: &WorkerConfig, dir: &Path, identity: &mut Identity) {
+/// Asks the controller where its cluster listeners are now (they may have moved or been
+/// added since registration) and saves the answer in `config.data_dir`; whether `addrs`
+/// changed. Best effort: on any failure the saved ones are used.
+pub(crate) async fn refresh_cluster_addrs(
+    config: &WorkerConfig,
+    name: &str,
+    ca: &[CertificateDer<'static>],
+    addrs: &mut Vec<String>,
+) -> bool {
+    let dir = &config.data_dir;
     let url = format!("{}/v1/cluster", config.controller_url.trim_end_matches('/'));
     let fetch = async {
-        let client = crate::controller_http::client(config, &identity.ca, REFRESH_TIMEOUT)
+        let client = crate::controller_http::client(config, ca, REFRESH_TIMEOUT)
             .await
             .map_err(|e| tracing::debug!(error = %e, "no client for the controller API"))
             .ok()?;
@@ -179,14 +192,14 @@ async fn refresh_cluster_addrs(config: &WorkerConfig, dir: &Path, identity: &mut
     };
     let Some(info) = fetch.await.filter(|i| !i.cluster_addrs.is_empty()) else {
         tracing::debug!(%url, "could not refresh cluster addresses; using the saved ones");
-        return;
+        return false;
     };
-    if info.cluster_addrs == identity.cluster_addrs {
-        return;
+    if info.cluster_addrs == *addrs {
+        return false;
     }
     tracing::info!(addrs = ?info.cluster_addrs, "controller cluster addresses changed");
     let file = WorkerFile {
-        name: identity.name.clone(),
+        name: name.to_owned(),
         cluster_addrs: info.cluster_addrs.clone(),
         token_sha256: registered_token(dir),
     };
@@ -198,7 +211,8 @@ async fn refresh_cluster_addrs(config: &WorkerConfig, dir: &Path, identity: &mut
         }
         Err(e) => tracing::warn!(error = %e, "cannot encode the new cluster addresses"),
     }
-    identity.cluster_addrs = info.cluster_addrs;
+    *addrs = info.cluster_addrs;
+    true
 }
 
 /// Generates a key, sends a CSR with the activation token and saves the answer.

@@ -83,7 +83,7 @@ mod opt_duration {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
+        postern_proto::parse_duration(&s)
             .map(Some)
             .map_err(serde::de::Error::custom)
     }
