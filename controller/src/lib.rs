@@ -166,6 +166,12 @@ pub async fn start(mut config: ControllerConfig) -> Result<ControllerHandle, Sta
         .local_addr()
         .map_err(|e| StartError::Io(e.to_string()))?;
     let cluster_addrs = if config.cluster_public_addrs.is_empty() {
+        if cluster_addr.ip().is_unspecified() {
+            tracing::warn!(
+                "cluster listener on {cluster_addr} without cluster_public_addrs: workers will \
+                 be told to dial {cluster_addr}; set cluster_public_addrs to addresses they can reach"
+            );
+        }
         vec![cluster_addr.to_string()]
     } else {
         config.cluster_public_addrs.clone()

@@ -40,7 +40,7 @@ pub(crate) struct Identity {
 #[non_exhaustive]
 pub enum RegisterError {
     /// No certificate yet and no activation token to get one.
-    #[error("worker is not registered: set activation_token (from `postern workers create NAME`)")]
+    #[error("worker is not registered: set activation_token (from `postern workers create NAME`; a POSTERN_ACTIVATION_TOKEN_FILE that is missing or empty gives none)")]
     NotRegistered,
     /// A file in the data directory could not be read or written.
     #[error("{path}: {error}")]
@@ -280,6 +280,15 @@ async fn post_register(
                  controller_ca_fingerprint, or POSTERN_CONTROLLER_CA_FINGERPRINT, to the CA \
                  SHA-256 that `postern workers create` printed)",
             );
+        }
+        // A TLS server answering a plain HTTP request reads to hyper as a bad response.
+        if let Some(rest) = url.strip_prefix("http://") {
+            if reason.contains("invalid HTTP version") {
+                let host = rest.split('/').next().unwrap_or(rest);
+                reason.push_str(&format!(
+                    " (the controller speaks HTTPS: set controller_url to https://{host})"
+                ));
+            }
         }
         RegisterError::Unreachable {
             url: url.to_owned(),

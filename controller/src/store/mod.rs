@@ -152,6 +152,20 @@ fn sqlite_pool(n: u32) -> AnyPoolOptions {
         })
 }
 
+/// `url` without the password it may hold, for messages.
+pub fn without_password(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((user, host)) => {
+                let user = user.split(':').next().unwrap_or_default();
+                format!("{scheme}://{user}@{host}")
+            }
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
 /// The file of a `sqlite:` URL (`None` for another database or an in-memory one).
 pub fn sqlite_file(url: &str) -> Option<&str> {
     let rest = url
@@ -188,31 +202,53 @@ impl Store {
         } else {
             return Err(StoreError::BadUrl(url.to_owned()));
         };
-        let (pool, writes) = match backend {
-            Backend::Sqlite => {
-                // WAL lets readers go on while the one writer writes.
-                let memory = url.contains(":memory:");
-                let url = if url.contains('?') || memory {
-                    url.to_owned()
-                } else {
-                    format!("{url}?mode=rwc")
-                };
-                if memory {
-                    // One connection is the whole database.
-                    let pool = sqlite_pool(1).connect(&url).await?;
-                    (pool.clone(), pool)
-                } else {
-                    create_private_file(&url);
-                    let writes = sqlite_pool(1).connect(&url).await?;
-                    sqlx::query("PRAGMA journal_mode = WAL")
-                        .execute(&writes)
-                        .await?;
-                    (sqlite_pool(8).connect(&url).await?, writes)
+        let opened = async {
+            Ok::<_, sqlx::Error>(match backend {
+                Backend::Sqlite => {
+                    // WAL lets readers go on while the one writer writes.
+                    let memory = url.contains(":memory:");
+                    let url = if url.contains('?') || memory {
+                        url.to_owned()
+                    } else {
+                        format!("{url}?mode=rwc")
+                    };
+                    if memory {
+                        // One connection is the whole database.
+                        let pool = sqlite_pool(1).connect(&url).await?;
+                        (pool.clone(), pool)
+                    } else {
+                        create_private_file(&url);
+                        let writes = sqlite_pool(1).connect(&url).await?;
+                        sqlx::query("PRAGMA journal_mode = WAL")
+                            .execute(&writes)
+                            .await?;
+                        (sqlite_pool(8).connect(&url).await?, writes)
+                    }
                 }
-            }
-            Backend::Postgres => {
-                let pool = pool_of(16).connect(url).await?;
-                (pool.clone(), pool)
+                Backend::Postgres => {
+                    let pool = pool_of(16).connect(url).await?;
+                    (pool.clone(), pool)
+                }
+            })
+        };
+        let (pool, writes) = match opened.await {
+            Ok(pools) => pools,
+            Err(e) => {
+                // A pool that timed out hides why: one plain connection says it (refused,
+                // no such database, …).
+                let why = match e {
+                    sqlx::Error::PoolTimedOut => {
+                        match <sqlx::AnyConnection as sqlx::Connection>::connect(url).await {
+                            Err(direct) => direct.to_string(),
+                            Ok(_) => e.to_string(),
+                        }
+                    }
+                    e => e.to_string(),
+                };
+                return Err(StoreError::Unavailable(format!(
+                    "cannot open the database {}: {why}",
+                    without_password(url)
+                )));
             }
         };
         let store = Store {
