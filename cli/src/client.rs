@@ -59,7 +59,7 @@ pub enum ApiError {
     #[error("not logged in: run `postern login` (or `postern dev`)")]
     NotLoggedIn,
     /// The token was refused.
-    #[error("your session token is invalid or expired: run `postern login`")]
+    #[error("your session token is invalid or expired: run `postern login` (`postern login --oidc` if you signed in through single sign-on)")]
     Unauthenticated,
     /// The controller answered with an error body.
     #[error("{message}")]

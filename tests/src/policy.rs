@@ -505,6 +505,14 @@ async fn a_rule_can_be_removed_by_its_number() {
         .await
         .expect_err("the admin's own rule");
     assert_eq!(err.status, 409, "{}", err.message);
+    // The same rule twice is refused, naming the one there.
+    let err = c
+        .admin
+        .call::<serde_json::Value, _>(Method::POST, "/v1/roles/dev/rules", Some(&rule("c-*")))
+        .await
+        .expect_err("a rule the role has");
+    assert_eq!(err.status, 409, "{}", err.message);
+    assert!(err.message.contains("#2"), "{}", err.message);
     c.stop().await;
 }
 

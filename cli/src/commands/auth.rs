@@ -43,7 +43,7 @@ pub async fn login(ctx: &Ctx, args: LoginArgs) -> Result<ExitCode> {
         prompt::read_line().await?
     };
     if password.is_empty() {
-        bail!("no password given");
+        bail!("no password given (to sign in through single sign-on, `postern login --oidc`)");
     }
     let resp = login_request(&ctx.anon_api()?, &user, password).await?;
     save_login(ctx, resp)

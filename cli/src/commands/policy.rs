@@ -32,7 +32,12 @@ pub async fn run(ctx: &Ctx, cmd: PolicyCmd) -> Result<ExitCode> {
         print_json(&d)?;
     } else {
         let verdict = if d.allowed { "ALLOWED" } else { "DENIED" };
-        crate::outln!("{verdict}: {user} {} on {target}", d.action);
+        if d.action.contains(':') {
+            // An admin action concerns no target.
+            crate::outln!("{verdict}: {user} {}", d.action);
+        } else {
+            crate::outln!("{verdict}: {user} {} on {target}", d.action);
+        }
         crate::outln!(
             "  rule:   {}",
             d.rule.as_deref().unwrap_or("none (nothing allows it)")

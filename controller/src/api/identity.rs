@@ -535,6 +535,13 @@ pub async fn add_rule(
         validate_glob(g)
             .map_err(|e| ApiError::BadRequest(format!("invalid target glob '{g}': {e}")))?;
     }
+    let (rules, _) = state.store.role(&name).await?;
+    if let Some(at) = rules.iter().position(|r| *r == rule) {
+        return Err(ApiError::Conflict(format!(
+            "role '{name}' already has this rule (#{})",
+            at + 1
+        )));
+    }
     state.store.add_rule(&name, &rule).await?;
     state
         .audit(

@@ -118,10 +118,13 @@ pub async fn policy_check(
     let credential = state.store.credential(&target.name).await?;
     let own = crate::revoke::credential_login(credential.as_ref());
     let login = q.login.as_deref().or(own).filter(|_| action == "connect");
-    let verdict = policy::check(&rules, &action, Some(tref)).and_then(|granted| match login {
-        Some(login) => policy::session_login(&rules, tref, login, own).map(|()| granted),
-        None => Ok(granted),
-    });
+    // Admin actions (NOUN:VERB) concern no target: checked as the API checks them.
+    let admin = action.contains(':');
+    let verdict =
+        policy::check(&rules, &action, (!admin).then_some(tref)).and_then(|granted| match login {
+            Some(login) => policy::session_login(&rules, tref, login, own).map(|()| granted),
+            None => Ok(granted),
+        });
     let action = match login {
         Some(login) => format!("{action} as '{login}'"),
         None => action,
@@ -129,12 +132,16 @@ pub async fn policy_check(
     Ok(Json(match verdict {
         Ok(g) => Decision {
             allowed: true,
-            reason: format!(
-                "'{action}' on target '{}' is allowed for '{}' by {}",
-                target.name,
-                q.user,
-                g.rule()
-            ),
+            reason: if admin {
+                format!("'{action}' is allowed for '{}' by {}", q.user, g.rule())
+            } else {
+                format!(
+                    "'{action}' on target '{}' is allowed for '{}' by {}",
+                    target.name,
+                    q.user,
+                    g.rule()
+                )
+            },
             rule: Some(g.rule().to_owned()),
             action,
         },

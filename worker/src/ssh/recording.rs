@@ -41,10 +41,12 @@ impl Cast {
         term: Option<&str>,
         title: &str,
     ) -> (Self, String) {
+        // A pty asked for without a size (`ssh -tt` from a pipe) reads as the classic
+        // terminal: players take no 0-column screen.
         let mut header = json!({
             "version": 2,
-            "width": width,
-            "height": height,
+            "width": if width == 0 { 80 } else { width },
+            "height": if height == 0 { 24 } else { height },
             "timestamp": timestamp,
             "title": title,
         });
@@ -285,5 +287,11 @@ mod tests {
         assert_eq!(h["env"]["TERM"], "xterm");
         let lines = cast.resize(120, 40);
         assert!(lines[0].contains("\"r\",\"120x40\""));
+        let (_, sizeless) = Cast::start(0, 0, 1_700_000_000, None, "t");
+        let h: serde_json::Value = serde_json::from_str(&sizeless).expect("json");
+        assert_eq!(
+            (h["width"].as_u64(), h["height"].as_u64()),
+            (Some(80), Some(24))
+        );
     }
 }
