@@ -122,14 +122,42 @@ async fn limit_reached(state: &AppState, worker: &str, recording_id: &str) {
     if let Err(e) = ended {
         tracing::error!(error = %e, session = %recording.session_id, "cannot end the session of a full recording");
     }
+    sealed(state, worker, recording_id).await;
 }
 
 /// Marks a recording finished.
 pub async fn end(state: &AppState, worker: &str, recording_id: &str) {
-    if let Err(e) = state.store.end_recording(recording_id, worker).await {
-        tracing::error!(error = %e, recording = recording_id, "cannot end a recording");
+    match state.store.end_recording(recording_id, worker).await {
+        Ok(true) => sealed(state, worker, recording_id).await,
+        // Ended already (at its size limit, sealed then), or not this worker's.
+        Ok(false) => {}
+        Err(e) => tracing::error!(error = %e, recording = recording_id, "cannot end a recording"),
     }
 }
+
+/// Audits a finished recording's size and SHA-256 (`recording.end`): the hash chain then
+/// covers the recording's text too, and `audit verify` finds a recording changed since.
+async fn sealed(state: &AppState, worker: &str, recording_id: &str) {
+    let sealed = async {
+        let recording = state.store.recording_info(recording_id).await?;
+        let (size, sha256) = state.store.recording_digest(recording_id).await?;
+        state
+            .audit(
+                &recording.user,
+                RECORDING_END,
+                &format!("session:{}", recording.session_id),
+                "success",
+                json!({"recording": recording_id, "size": size, "sha256": sha256, "worker": worker}),
+            )
+            .await
+    };
+    if let Err(e) = sealed.await {
+        tracing::error!(error = %e, recording = recording_id, "cannot audit the end of a recording");
+    }
+}
+
+/// The audit action that seals a finished recording.
+pub const RECORDING_END: &str = "recording.end";
 
 /// Signs a certificate for `public_key`, valid until the session expires, for `principal`
 /// only: the target's certificate-mode credential user, or a login the user's roles permit.

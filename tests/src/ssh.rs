@@ -533,6 +533,50 @@ async fn interactive_shell_is_recorded() {
     assert!(cat.status.success(), "asciinema cat: {}", text(&cat.stderr));
     assert!(text(&cat.stdout).contains("marker-42"));
     s.expect_audit("ssh.shell", |e| e.actor == "alice").await;
+
+    // The finished recording is sealed in the audit chain: a change to its stored text
+    // behind the store's back is what `audit verify` reports.
+    s.expect_audit("recording.end", |e| {
+        e.details["recording"] == id.as_str()
+            && e.details["sha256"].as_str().map(str::len) == Some(64)
+            && e.details["size"] == cast.len()
+    })
+    .await;
+    let verify = |c: &crate::harness::Api| {
+        let c = c.clone();
+        async move {
+            c.ok::<postern_controller::api::types::AuditVerification, ()>(
+                Method::GET,
+                "/v1/audit/verify",
+                None,
+            )
+            .await
+        }
+    };
+    let v = verify(&s.c.admin).await;
+    assert!(v.ok, "{v:?}");
+    let db = format!("sqlite://{}", s.c.dir.path().join("postern.db").display());
+    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&db)
+        .await
+        .expect("the controller's database");
+    let changed = sqlx::query(
+        "UPDATE recording_chunks SET data = replace(data, 'marker-42', 'marker-99') \
+         WHERE recording_id = $1",
+    )
+    .bind(&id)
+    .execute(&mut conn)
+    .await
+    .expect("tamper");
+    assert!(changed.rows_affected() > 0, "no chunk held the marker");
+    let v = verify(&s.c.admin).await;
+    assert!(!v.ok, "{v:?}");
+    assert!(
+        v.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains(&format!("recording {id} was changed")),
+        "{v:?}"
+    );
     s.c.stop().await;
 }
 

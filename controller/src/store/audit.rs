@@ -392,6 +392,29 @@ impl Store {
                 format!("the chain ends at event #{last}, before the anchored #{}: it was cut and its head rewritten", a.seq),
             ));
         }
+        // Finished recordings are sealed by a `recording.end` event holding their SHA-256.
+        let seals =
+            sqlx::query("SELECT id, seq, details FROM audit_events WHERE action = $1 ORDER BY seq")
+                .bind(crate::recordings::RECORDING_END)
+                .fetch_all(&self.pool)
+                .await?;
+        for r in &seals {
+            let (seq, id): (i64, i64) = (r.try_get("seq")?, r.try_get("id")?);
+            let details: serde_json::Value =
+                serde_json::from_str(&r.try_get::<String, _>("details")?).unwrap_or_default();
+            let (Some(recording), Some(sealed)) =
+                (details["recording"].as_str(), details["sha256"].as_str())
+            else {
+                continue;
+            };
+            let reason = match self.recording_digest(recording).await {
+                Ok((_, now)) if now == sealed => continue,
+                Ok(_) => format!("recording {recording} was changed after it ended: its text no longer has the SHA-256 that event #{seq} holds"),
+                Err(StoreError::NotFound { .. }) => format!("recording {recording}, sealed by event #{seq}, is missing"),
+                Err(e) => return Err(e),
+            };
+            return Ok(broken(seq, Some(id), reason));
+        }
         Ok(AuditVerification {
             ok: true,
             checked: last,

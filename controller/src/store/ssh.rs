@@ -150,9 +150,9 @@ impl Store {
         })
     }
 
-    /// Marks a recording finished.
-    pub async fn end_recording(&self, id: &str, worker: &str) -> Result<(), StoreError> {
-        sqlx::query(
+    /// Marks a recording finished; whether this call finished it.
+    pub async fn end_recording(&self, id: &str, worker: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query(
             "UPDATE recordings SET ended_at = $1 WHERE id = $2 AND worker_name = $3 AND ended_at IS NULL",
         )
         .bind(now())
@@ -160,7 +160,7 @@ impl Store {
         .bind(worker)
         .execute(&mut *self.writer().await?)
         .await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     /// Recordings, oldest first, optionally of one session only.
@@ -203,6 +203,17 @@ impl Store {
     /// One recording, without its text.
     pub async fn recording_info(&self, id: &str) -> Result<Recording, StoreError> {
         recording_from(&self.recording_row(id, RECORDING_COLS).await?)
+    }
+
+    /// The size and SHA-256 (hex) of a recording's asciicast text, as
+    /// [`Self::recording`] returns it.
+    pub async fn recording_digest(&self, id: &str) -> Result<(usize, String), StoreError> {
+        use sha2::Digest as _;
+        let (_, cast) = self.recording(id).await?;
+        Ok((
+            cast.len(),
+            postern_proto::hex(&sha2::Sha256::digest(cast.as_bytes())),
+        ))
     }
 
     /// One recording and its asciicast text.
