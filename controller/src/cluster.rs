@@ -1002,3 +1002,38 @@ mod tests {
         assert_eq!(worker_outcome("connection.close"), "success");
     }
 }
+
+/// How often a controller with several peers checks that it reaches the database.
+const STORE_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// With several controllers (more than one cluster address announced): while this one cannot
+/// reach the database, it can authorize nothing, activate no session and store no event, so
+/// it lets go of its workers after two failed checks in a row (5-10 s) and they connect to
+/// another controller (this one refuses them while its store is down). A lone controller
+/// keeps them: its sessions go on until the database is back.
+pub async fn release_workers_without_store(state: AppState) {
+    let mut tick = tokio::time::interval(STORE_CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failed = 0u32;
+    loop {
+        tick.tick().await;
+        let reached = tokio::time::timeout(STORE_CHECK_EVERY, state.store.ping()).await;
+        if matches!(reached, Ok(Ok(()))) {
+            failed = 0;
+            continue;
+        }
+        failed += 1;
+        let held = state.workers.connected();
+        if failed >= 2 && !held.is_empty() {
+            tracing::warn!(
+                workers = held.len(),
+                "the database does not answer: letting go of the workers so they connect to another controller"
+            );
+            for worker in held {
+                state
+                    .workers
+                    .disconnect(&worker, "controller store unavailable");
+            }
+        }
+    }
+}

@@ -317,6 +317,11 @@ pub async fn start(mut config: ControllerConfig) -> Result<ControllerHandle, Sta
             state.clone(),
             config.database_url.clone(),
         )));
+        if state.cluster_addrs.len() > 1 {
+            background.push(tokio::spawn(cluster::release_workers_without_store(
+                state.clone(),
+            )));
+        }
     }
     if let Some(socket) = relay_socket {
         background.push(tokio::spawn(relay::serve(state.clone(), socket)));

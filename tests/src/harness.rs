@@ -211,6 +211,8 @@ pub struct ClusterOptions {
     pub worker_mode: postern_proto::cluster::WorkerMode,
     /// The controller's `recording_max_bytes`; its default if `None`.
     pub recording_max_bytes: Option<u64>,
+    /// The controller's `cluster_public_addrs` (the bound address if empty).
+    pub cluster_public_addrs: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -222,6 +224,7 @@ impl Default for ClusterOptions {
             oidc: Vec::new(),
             worker_mode: Default::default(),
             recording_max_bytes: None,
+            cluster_public_addrs: Vec::new(),
         }
     }
 }
@@ -238,6 +241,7 @@ pub fn controller_config(dir: &Path, opts: &ClusterOptions) -> ControllerConfig 
         config.database_url = url.clone();
     }
     config.oidc = opts.oidc.clone();
+    config.cluster_public_addrs = opts.cluster_public_addrs.clone();
     if let Some(max) = opts.recording_max_bytes {
         config.recording_max_bytes = max;
     }
@@ -509,6 +513,12 @@ impl PgDb {
     /// stay), and with `false` also ends its connections that listen for notifications: the
     /// database gone for a while, as a controller's listener sees it.
     pub async fn admit_role(&self, allowed: bool) {
+        self.admit_role_ending(allowed, "LISTEN%").await;
+    }
+
+    /// [`Self::admit_role`], ending with `false` every connection of the role whose last
+    /// statement is `LIKE ended` (`%`: all of them, the database gone for that controller).
+    pub async fn admit_role_ending(&self, allowed: bool, ended: &str) {
         let role = self.role.as_deref().expect("owner_role first");
         let mut conn = admin_connection().await;
         let limit = if allowed { -1 } else { 0 };
@@ -521,9 +531,10 @@ impl PgDb {
         if !allowed {
             sqlx::query(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE usename = $1 AND query LIKE 'LISTEN%'",
+                 WHERE usename = $1 AND query LIKE $2",
             )
             .bind(role)
+            .bind(ended)
             .execute(&mut conn)
             .await
             .expect("end the listeners");

@@ -953,3 +953,72 @@ async fn a_worker_finds_a_cluster_listener_that_moved() {
     assert!(saved.contains(&moved.to_string()), "{saved}");
     c.stop().await;
 }
+
+/// With several controllers, one that cannot reach its database lets go of its workers,
+/// which connect to another: sessions are authorized and carried through that one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_without_its_database_hands_its_workers_over() {
+    let mut db = PgDb::create().await;
+    // The first controller logs in as a role of its own, which can be kept out.
+    let first_url = db.owner_role().await;
+    let (a_api, a_cluster) = free_addrs();
+    let (b_api, b_cluster) = free_addrs();
+    let announced = vec![a_cluster.to_string(), b_cluster.to_string()];
+    let c = Cluster::start_with(ClusterOptions {
+        database_url: Some(first_url),
+        addrs: Some((a_api, a_cluster)),
+        cluster_public_addrs: announced.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("first controller + worker on PostgreSQL");
+    let echo = echo_server().await;
+    c.create_target("echo", &echo.to_string(), &[]).await;
+    let mut second_config = controller_config(
+        c.dir.path(),
+        &ClusterOptions {
+            database_url: Some(db.url.clone()),
+            addrs: Some((b_api, b_cluster)),
+            cluster_public_addrs: announced,
+            ..Default::default()
+        },
+    );
+    second_config.bootstrap_admin = false;
+    let second = postern_controller::start(second_config)
+        .await
+        .expect("second controller");
+    let admin2 = Api::new(&format!("http://{}", second.api_addr()))
+        .login("admin", &c.admin_password)
+        .await
+        .expect("login on the second");
+
+    // The first controller's database goes away (for it alone).
+    db.admit_role_ending(false, "%").await;
+    let handed_over = async {
+        loop {
+            let events: Vec<AuditEvent> = admin2
+                .ok(
+                    Method::GET,
+                    "/v1/audit?action=worker.connect&limit=100",
+                    None::<&()>,
+                )
+                .await;
+            // Only the second controller can store events now.
+            if events.iter().any(|e| e.resource == "worker:w1") && events.len() >= 2 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(40), handed_over)
+        .await
+        .expect("the worker connected to the second controller");
+    let (session, mut traffic, _) = live_session(&admin2, "echo").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(traffic.alive(), "a session through the second controller");
+    drop(session);
+    db.admit_role(true).await;
+    second.shutdown().await;
+    c.stop().await;
+    db.drop_db().await;
+}

@@ -277,6 +277,12 @@ impl Store {
         self.writes.acquire().await
     }
 
+    /// Whether the database answers (`SELECT 1`).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// The backend in use.
     pub fn backend(&self) -> Backend {
         self.backend
