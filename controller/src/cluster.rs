@@ -989,20 +989,6 @@ async fn write_frame<T: serde::Serialize>(
         .map_err(|e| ClusterError::Stream(e.to_string()))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::worker_outcome;
-
-    #[test]
-    fn worker_refusals_and_failures_are_not_audited_as_successes() {
-        assert_eq!(worker_outcome("ssh.refused"), "denied");
-        assert_eq!(worker_outcome("ssh.shell_refused"), "denied");
-        assert_eq!(worker_outcome("ssh.target_failed"), "failure");
-        assert_eq!(worker_outcome("postgres.query"), "success");
-        assert_eq!(worker_outcome("connection.close"), "success");
-    }
-}
-
 /// How often a controller with several peers checks that it reaches the database.
 const STORE_CHECK_EVERY: Duration = Duration::from_secs(5);
 
@@ -1035,5 +1021,19 @@ pub async fn release_workers_without_store(state: AppState) {
                     .disconnect(&worker, "controller store unavailable");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_outcome;
+
+    #[test]
+    fn worker_refusals_and_failures_are_not_audited_as_successes() {
+        assert_eq!(worker_outcome("ssh.refused"), "denied");
+        assert_eq!(worker_outcome("ssh.shell_refused"), "denied");
+        assert_eq!(worker_outcome("ssh.target_failed"), "failure");
+        assert_eq!(worker_outcome("postgres.query"), "success");
+        assert_eq!(worker_outcome("connection.close"), "success");
     }
 }
