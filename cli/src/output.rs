@@ -75,22 +75,37 @@ macro_rules! errout {
 }
 
 /// A file written whole or not at all, readable by its owner only (exports hold statements,
-/// commands and screens): the bytes go to `NAME.partial` beside it, which [`Self::commit`]
-/// renames over `path`; dropped uncommitted, the partial file goes and `path` is untouched.
+/// commands and screens): the bytes go to `NAME.partial` beside it (made anew, never through
+/// a link), which [`Self::commit`] renames over `path`; dropped uncommitted or failing, the
+/// partial file goes and `path` is untouched. A device or pipe (`-o /dev/stdout`) is written
+/// as it is.
 pub struct PrivateFile {
     path: std::path::PathBuf,
-    partial: std::path::PathBuf,
+    partial: Option<std::path::PathBuf>,
     file: Option<std::io::BufWriter<std::fs::File>>,
 }
 
 impl PrivateFile {
     /// Starts writing `path`.
     pub fn create(path: &std::path::Path) -> Result<Self> {
+        if path.metadata().is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            return Ok(Self {
+                path: path.to_owned(),
+                partial: None,
+                file: Some(std::io::BufWriter::new(file)),
+            });
+        }
         let mut name = path.file_name().unwrap_or_default().to_os_string();
         name.push(".partial");
         let partial = path.with_file_name(name);
+        // A leftover (or something planted there) is not written through.
+        let _ = std::fs::remove_file(&partial);
         let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
+        options.write(true).create_new(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let file = options
@@ -98,7 +113,7 @@ impl PrivateFile {
             .with_context(|| format!("cannot create {}", partial.display()))?;
         Ok(Self {
             path: path.to_owned(),
-            partial,
+            partial: Some(partial),
             file: Some(std::io::BufWriter::new(file)),
         })
     }
@@ -108,13 +123,19 @@ impl PrivateFile {
         let Some(file) = self.file.take() else {
             return Ok(());
         };
-        let written = file
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .and_then(|f| f.sync_all());
-        written
-            .and_then(|()| std::fs::rename(&self.partial, &self.path))
-            .with_context(|| format!("writing {}", self.path.display()))
+        let flushed = file.into_inner().map_err(|e| e.into_error());
+        let placed = match &self.partial {
+            Some(partial) => flushed
+                .and_then(|f| f.sync_all())
+                .and_then(|()| std::fs::rename(partial, &self.path)),
+            None => flushed.map(drop),
+        };
+        if placed.is_err() {
+            if let Some(partial) = &self.partial {
+                let _ = std::fs::remove_file(partial);
+            }
+        }
+        placed.with_context(|| format!("writing {}", self.path.display()))
     }
 }
 
@@ -129,8 +150,8 @@ impl std::io::Write for PrivateFile {
 
 impl Drop for PrivateFile {
     fn drop(&mut self) {
-        if self.file.take().is_some() {
-            let _ = std::fs::remove_file(&self.partial);
+        if let (Some(_), Some(partial)) = (self.file.take(), &self.partial) {
+            let _ = std::fs::remove_file(partial);
         }
     }
 }
@@ -306,6 +327,42 @@ pub fn opt<T: ToString>(v: Option<T>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn private_files_are_whole_owner_only_and_never_written_through_a_link() {
+        use std::io::Write as _;
+        let dir = std::env::temp_dir().join(format!("postern-pf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("out.jsonl");
+        std::fs::write(&path, "kept\n").expect("old");
+        // Dropped uncommitted: the old file stays, no partial one is left.
+        let mut f = PrivateFile::create(&path).expect("create");
+        f.write_all(b"half").expect("write");
+        drop(f);
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "kept\n");
+        assert!(!dir.join("out.jsonl.partial").exists());
+        // A link planted at the partial name is replaced, not followed.
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "victim\n").expect("victim");
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(&victim, dir.join("out.jsonl.partial")).expect("link");
+        let mut f = PrivateFile::create(&path).expect("create");
+        f.write_all(b"new\n").expect("write");
+        f.commit().expect("commit");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "new\n");
+        assert_eq!(std::fs::read_to_string(&victim).expect("read"), "victim\n");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{mode:o}");
+        }
+        // A device is written as it is.
+        let mut f = PrivateFile::create(std::path::Path::new("/dev/null")).expect("device");
+        f.write_all(b"x").expect("write");
+        f.commit().expect("commit");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn durations_are_short() {

@@ -575,6 +575,9 @@ async fn handle(
                 }
                 None => (format!("worker:{worker}"), String::new()),
             };
+            if connections_cut == 0 && actor == crate::revoke::CATCH_UP_ACTOR {
+                return;
+            }
             let _ = state
                 .audit(
                     &actor,

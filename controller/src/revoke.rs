@@ -285,29 +285,66 @@ pub(crate) fn credential_login(credential: Option<&(String, String, String)>) ->
 /// holds, and relays their audit-head announcements to local followers. Runs for the
 /// controller's life on PostgreSQL, reconnecting (and catching up) when its connection goes.
 pub async fn listen_for_cancels(state: AppState, database_url: String) {
+    enum Step {
+        Received(Result<Option<sqlx::postgres::PgNotification>, sqlx::Error>),
+        Ping,
+    }
     let mut listener = listen(&database_url).await;
+    // When the connection last proved alive: a connection can be dead a while (a database
+    // host gone without a reset) before a read finds out, so it is pinged too.
+    let mut alive = now();
+    let mut ping = tokio::time::interval(LISTEN_PING_EVERY);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let step = tokio::select! {
+            received = listener.try_recv() => Step::Received(received),
+            _ = ping.tick() => Step::Ping,
+        };
         // `try_recv` says when the connection was lost: notifications sent until it is
         // back are gone, so what they would have said is read from the store instead.
-        let lost = match listener.try_recv().await {
-            Ok(Some(n)) => {
+        let lost = match step {
+            Step::Received(Ok(Some(n))) => {
+                alive = now();
                 notified(&state, &n);
                 continue;
             }
-            Ok(None) => "the connection was lost".to_owned(),
-            Err(e) => e.to_string(),
+            Step::Received(Ok(None)) => "the connection was lost".to_owned(),
+            Step::Received(Err(e)) => e.to_string(),
+            Step::Ping => {
+                let answered = tokio::time::timeout(
+                    LISTEN_CONNECT_TIMEOUT,
+                    sqlx::query("SELECT 1").execute(&mut listener),
+                )
+                .await;
+                match answered {
+                    Ok(Ok(_)) => {
+                        alive = now();
+                        continue;
+                    }
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "no answer to a ping".to_owned(),
+                }
+            }
         };
-        let since = now() - CATCH_UP_MARGIN_SECS;
+        let since = alive - CATCH_UP_MARGIN_SECS;
         tracing::warn!(reason = %lost, "cancellation listener interrupted; reconnecting");
         drop(listener);
         listener = listen(&database_url).await;
+        alive = now();
         catch_up(&state, since).await;
     }
 }
 
-/// How far before a lost listener connection was noticed its catch-up looks: a connection
-/// can be dead a while before a read finds out.
+/// Who re-sent a cancellation after the listener was away. Most sessions it re-sends had
+/// ended on their worker already: an acknowledgement that cut nothing is not audited.
+pub const CATCH_UP_ACTOR: &str = "controller (missed cancellation)";
+
+/// How far before the listener's connection last proved alive its catch-up looks (a
+/// notification may have been on its way).
 const CATCH_UP_MARGIN_SECS: i64 = 60;
+
+/// How often the listener's connection is pinged.
+const LISTEN_PING_EVERY: Duration = Duration::from_secs(30);
 
 /// How long one attempt to connect the listener may take.
 const LISTEN_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -345,7 +382,7 @@ async fn catch_up(state: &AppState, since: i64) {
                 let mut sent = 0;
                 for (id, worker, reason) in ended {
                     if held.iter().any(|w| w.eq_ignore_ascii_case(&worker))
-                        && state.workers.cancel(&worker, &id, &reason, "system")
+                        && state.workers.cancel(&worker, &id, &reason, CATCH_UP_ACTOR)
                     {
                         sent += 1;
                     }

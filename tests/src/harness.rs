@@ -509,16 +509,9 @@ impl PgDb {
         format!("{scheme}://{role}@{host}")
     }
 
-    /// Lets the [`Self::owner_role`] open new connections, or keeps it out (those open
-    /// stay), and with `false` also ends its connections that listen for notifications: the
-    /// database gone for a while, as a controller's listener sees it.
+    /// Lets the [`Self::owner_role`] connect, or with `false` keeps it out and ends its
+    /// connections: the database gone, for the controller that logs in as it alone.
     pub async fn admit_role(&self, allowed: bool) {
-        self.admit_role_ending(allowed, "LISTEN%").await;
-    }
-
-    /// [`Self::admit_role`], ending with `false` every connection of the role whose last
-    /// statement is `LIKE ended` (`%`: all of them, the database gone for that controller).
-    pub async fn admit_role_ending(&self, allowed: bool, ended: &str) {
         let role = self.role.as_deref().expect("owner_role first");
         let mut conn = admin_connection().await;
         let limit = if allowed { -1 } else { 0 };
@@ -530,11 +523,9 @@ impl PgDb {
         .expect("alter role");
         if !allowed {
             sqlx::query(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE usename = $1 AND query LIKE $2",
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
             )
             .bind(role)
-            .bind(ended)
             .execute(&mut conn)
             .await
             .expect("end the listeners");

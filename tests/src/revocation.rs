@@ -993,7 +993,7 @@ async fn a_controller_without_its_database_hands_its_workers_over() {
         .expect("login on the second");
 
     // The first controller's database goes away (for it alone).
-    db.admit_role_ending(false, "%").await;
+    db.admit_role(false).await;
     let handed_over = async {
         loop {
             let events: Vec<AuditEvent> = admin2

@@ -152,13 +152,15 @@ impl ControlTask {
                     next = next.wrapping_add(1);
                 }
             }
-            // Every known address tried without a lasting connection: the controllers may
-            // have moved or new ones come, which the API knows.
+            // Every known address tried once more: the controllers may have moved or new
+            // ones come, which the API knows (a stop does not wait for its answer).
             if next.is_multiple_of(self.cluster_addrs.len().max(1)) {
                 let (config, name, ca) = &self.addr_source;
-                if crate::register::refresh_cluster_addrs(config, name, ca, &mut self.cluster_addrs)
-                    .await
-                {
+                let refreshed = tokio::select! {
+                    changed = crate::register::refresh_cluster_addrs(config, name, ca, &mut self.cluster_addrs) => changed,
+                    _ = self.stop.changed() => return,
+                };
+                if refreshed {
                     next = 0;
                 }
             }

@@ -127,19 +127,30 @@ pub(crate) async fn load_or_register(config: &WorkerConfig) -> Result<Identity, 
     if let Some(token) = config.activation_token.as_deref().filter(|t| !t.is_empty()) {
         if registered_token(dir).as_deref() != Some(token_hash(token).as_str()) {
             // A token this identity was not registered with: the worker was deleted and
-            // created again (its old certificate is no longer accepted). A token that is not
-            // good keeps the identity there is.
-            let client = crate::controller_http::client(config, &[], REGISTER_TIMEOUT).await?;
-            match register(&client, &config.controller_url, token, dir).await {
+            // created again (its old certificate is no longer accepted). Whatever keeps it
+            // from registering, the identity there is stays in use; a token the controller
+            // refused is remembered, so that it is not tried at every start.
+            let attempt = async {
+                let client = crate::controller_http::client(config, &[], REGISTER_TIMEOUT).await?;
+                register(&client, &config.controller_url, token, dir).await
+            };
+            match attempt.await {
                 Ok(()) => {
                     tracing::info!("registered again with the new activation_token: the earlier identity in data_dir is replaced");
                     return load(dir);
                 }
-                Err(e @ RegisterError::Refused { .. }) => tracing::warn!(
-                    "activation_token is not the one this worker registered with, and it cannot \
-                     register again with it ({e}); going on with the identity in data_dir"
+                Err(e @ RegisterError::Refused { .. }) => {
+                    tracing::warn!(
+                        "activation_token is not the one this worker registered with, and it \
+                         cannot register again with it ({e}); going on with the identity in data_dir"
+                    );
+                    remember_token(dir, token);
+                }
+                Err(e) => tracing::warn!(
+                    "activation_token is not the one this worker registered with, and \
+                     registering again failed ({e}); going on with the identity in data_dir \
+                     (tried again at the next start)"
                 ),
-                Err(e) => return Err(e),
             }
         }
     }
@@ -160,6 +171,24 @@ fn registered_token(dir: &Path) -> Option<String> {
     serde_json::from_slice::<WorkerFile>(&text)
         .ok()?
         .token_sha256
+}
+
+/// Records `token` as the one tried for the identity in `dir` (best effort).
+fn remember_token(dir: &Path, token: &str) {
+    let path = dir.join(WORKER_FILE);
+    let Some(mut file) = std::fs::read(&path)
+        .ok()
+        .and_then(|text| serde_json::from_slice::<WorkerFile>(&text).ok())
+    else {
+        return;
+    };
+    file.token_sha256 = Some(token_hash(token));
+    let written = serde_json::to_vec_pretty(&file)
+        .map_err(|e| RegisterError::BadAnswer(e.to_string()))
+        .and_then(|json| write_file(&path, &json, false));
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "cannot note the refused activation token");
+    }
 }
 
 fn token_hash(token: &str) -> String {
@@ -250,8 +279,6 @@ async fn register(
     parse_certs(&answer.ca_pem).map_err(|r| RegisterError::BadAnswer(format!("ca_pem: {r}")))?;
 
     create_private_dir(dir)?;
-    write_file(&dir.join(KEY_FILE), key.serialize_pem().as_bytes(), true)?;
-    write_file(&dir.join(CA_FILE), answer.ca_pem.as_bytes(), false)?;
     let worker_file = WorkerFile {
         name: name.clone(),
         cluster_addrs: answer.cluster_addrs,
@@ -259,9 +286,21 @@ async fn register(
     };
     let json = serde_json::to_vec_pretty(&worker_file)
         .map_err(|e| RegisterError::BadAnswer(e.to_string()))?;
-    write_file(&dir.join(WORKER_FILE), &json, false)?;
-    // cert.pem marks the worker as registered, so it is written last.
-    write_file(&dir.join(CERT_FILE), answer.cert_pem.as_bytes(), false)?;
+    // Every file is written out before any is put in place (a full disk fails the first
+    // phase, leaving an identity there is untouched); cert.pem marks the worker as
+    // registered, so it goes last.
+    let staged = [
+        (KEY_FILE, key.serialize_pem().into_bytes(), true),
+        (CA_FILE, answer.ca_pem.into_bytes(), false),
+        (WORKER_FILE, json, false),
+        (CERT_FILE, answer.cert_pem.into_bytes(), false),
+    ]
+    .into_iter()
+    .map(|(file, contents, secret)| stage_file(&dir.join(file), &contents, secret))
+    .collect::<Result<Vec<_>, _>>()?;
+    for (tmp, path) in staged {
+        std::fs::rename(&tmp, &path).map_err(|error| RegisterError::Io { path, error })?;
+    }
     tracing::info!(worker = %name, "worker registered");
     Ok(())
 }
@@ -393,6 +432,17 @@ fn create_private_dir(dir: &Path) -> Result<(), RegisterError> {
 /// Writes through a temporary file and a rename, so a crash never leaves half a file;
 /// `secret` files are created with mode 0600.
 fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), RegisterError> {
+    let (tmp, path) = stage_file(path, contents, secret)?;
+    std::fs::rename(&tmp, &path).map_err(|error| RegisterError::Io { path, error })
+}
+
+/// Writes `contents` beside `path` (`NAME.tmp`, synced) for a rename into place; the
+/// temporary path and `path`.
+fn stage_file(
+    path: &Path,
+    contents: &[u8],
+    secret: bool,
+) -> Result<(PathBuf, PathBuf), RegisterError> {
     use std::io::Write as _;
     let io = |error| RegisterError::Io {
         path: path.to_owned(),
@@ -412,7 +462,7 @@ fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), Register
     let mut file = options.open(&tmp).map_err(io)?;
     file.write_all(contents).map_err(io)?;
     file.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    Ok((tmp, path.to_owned()))
 }
 
 /// Whether `e` comes from a TLS handshake that found the server's certificate issued by a CA

@@ -258,7 +258,8 @@ async fn set_locked(
     }
     let u = state.store.set_user_locked(&name, locked).await?;
     let action = if locked { "user.lock" } else { "user.unlock" };
-    state
+    // Recorded first; the sessions end even if the record fails.
+    let audited = state
         .audit(
             caller.name(),
             action,
@@ -266,10 +267,11 @@ async fn set_locked(
             "success",
             json!({}),
         )
-        .await?;
+        .await;
     if locked {
         crate::revoke::end_user_sessions(&state, &name, "user locked", caller.name()).await?;
     }
+    audited?;
     Ok(Json(user_view(&state, u).await?))
 }
 
@@ -355,7 +357,8 @@ pub async fn delete_group(
 ) -> Result<StatusCode, ApiError> {
     caller.require(&state, "groups:write", None).await?;
     state.store.delete_group(&name).await?;
-    state
+    // Recorded first; the sessions end even if the record fails.
+    let audited = state
         .audit(
             caller.name(),
             "group.delete",
@@ -363,9 +366,10 @@ pub async fn delete_group(
             "success",
             json!({}),
         )
-        .await?;
+        .await;
     // Open sessions the change no longer allows end now, not at their expiry.
     crate::revoke::reevaluate(&state, caller.name()).await?;
+    audited?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -398,7 +402,8 @@ pub async fn remove_member(
 ) -> ApiResult<Group> {
     caller.require(&state, "groups:write", None).await?;
     state.store.remove_member(&name, &user).await?;
-    state
+    // Recorded first; the sessions end even if the record fails.
+    let audited = state
         .audit(
             caller.name(),
             "group.remove_member",
@@ -406,9 +411,10 @@ pub async fn remove_member(
             "success",
             json!({"user": user}),
         )
-        .await?;
+        .await;
     // Open sessions the change no longer allows end now, not at their expiry.
     crate::revoke::reevaluate(&state, caller.name()).await?;
+    audited?;
     Ok(Json(group_view(&state, &name).await?))
 }
 
@@ -481,7 +487,8 @@ pub async fn delete_role(
         )));
     }
     state.store.delete_role(&name).await?;
-    state
+    // Recorded first; the sessions end even if the record fails.
+    let audited = state
         .audit(
             caller.name(),
             "role.delete",
@@ -489,9 +496,10 @@ pub async fn delete_role(
             "success",
             json!({}),
         )
-        .await?;
+        .await;
     // Open sessions the change no longer allows end now, not at their expiry.
     crate::revoke::reevaluate(&state, caller.name()).await?;
+    audited?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -543,7 +551,8 @@ pub async fn add_rule(
         )));
     }
     state.store.add_rule(&name, &rule).await?;
-    state
+    // Recorded first; the sessions end even if the record fails.
+    let audited = state
         .audit(
             caller.name(),
             "role.add_rule",
@@ -551,9 +560,10 @@ pub async fn add_rule(
             "success",
             json!({"rule": rule}),
         )
-        .await?;
+        .await;
     // Open sessions the change no longer allows end now, not at their expiry.
     crate::revoke::reevaluate(&state, caller.name()).await?;
+    audited?;
     Ok(Json(role_view(&state, &name).await?))
 }
 
@@ -575,7 +585,8 @@ pub async fn remove_rule(
         )));
     }
     let rule = state.store.remove_rule(&name, position).await?;
-    state
+    // Recorded first; the sessions end even if the record fails.
+    let audited = state
         .audit(
             caller.name(),
             "role.remove_rule",
@@ -583,9 +594,10 @@ pub async fn remove_rule(
             "success",
             json!({"position": position, "rule": rule}),
         )
-        .await?;
+        .await;
     // Open sessions the change no longer allows end now, not at their expiry.
     crate::revoke::reevaluate(&state, caller.name()).await?;
+    audited?;
     Ok(Json(role_view(&state, &name).await?))
 }
 
@@ -630,7 +642,8 @@ pub async fn unbind(
              admin do it, or bind yourself a role that allows roles:write first)"
         )));
     }
-    state
+    // Recorded first; the sessions end even if the record fails.
+    let audited = state
         .audit(
             caller.name(),
             "role.unbind",
@@ -638,8 +651,9 @@ pub async fn unbind(
             "success",
             json!({"principal": who}),
         )
-        .await?;
+        .await;
     // Open sessions the change no longer allows end now, not at their expiry.
     crate::revoke::reevaluate(&state, caller.name()).await?;
+    audited?;
     Ok(Json(role_view(&state, &name).await?))
 }

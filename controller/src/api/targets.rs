@@ -189,8 +189,9 @@ pub async fn update(
         )?;
     }
     let t = state.store.update_target(&name, &req).await?;
-    // The change is recorded before the session ends it causes.
-    state
+    // The change is recorded before the session ends it causes, which happen even if the
+    // record fails.
+    let audited = state
         .audit(
             caller.name(),
             "target.update",
@@ -198,13 +199,14 @@ pub async fn update(
             "success",
             json!({"change": req}),
         )
-        .await?;
+        .await;
     if !t.enabled {
         crate::revoke::end_target_sessions(&state, &name, "target disabled", caller.name()).await?;
     } else if req.labels.is_some() {
         // Label changes can take a target out of a role's reach.
         crate::revoke::reevaluate(&state, caller.name()).await?;
     }
+    audited?;
     Ok(Json(t))
 }
 

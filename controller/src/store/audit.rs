@@ -329,11 +329,13 @@ impl Store {
         let (mut expect_seq, mut prev) = (1i64, String::new());
         loop {
             let sql = format!(
-                "SELECT {EVENT_COLS} FROM audit_events WHERE seq >= $1 ORDER BY seq LIMIT $2"
+                "SELECT {EVENT_COLS} FROM audit_events WHERE seq >= $1 AND seq <= $3 ORDER BY seq LIMIT $2"
             );
+            // Up to the head read first: events appended meanwhile are the next verify's.
             let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(expect_seq)
                 .bind(PAGE)
+                .bind(head_seq)
                 .fetch_all(&self.pool)
                 .await?;
             if rows.is_empty() {
@@ -385,6 +387,23 @@ impl Store {
                 format!("the chain ends at event #{last} but its head records #{head_seq}: events were removed from the end"),
             ));
         }
+        // Events past the head (read after them, so that an append meanwhile cannot look
+        // like one): the head was set back.
+        let newest: Option<i64> = sqlx::query("SELECT MAX(seq) AS m FROM audit_events")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("m")?;
+        let head_now: i64 = sqlx::query("SELECT seq FROM audit_head WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("seq")?;
+        if let Some(newest) = newest.filter(|n| *n > head_now) {
+            return Ok(broken(
+                head_now + 1,
+                None,
+                format!("events up to #{newest} are stored past the chain's head #{head_now}: the head was set back"),
+            ));
+        }
         if let Some(a) = anchor.filter(|a| a.seq > last) {
             return Ok(broken(
                 last + 1,
@@ -392,12 +411,16 @@ impl Store {
                 format!("the chain ends at event #{last}, before the anchored #{}: it was cut and its head rewritten", a.seq),
             ));
         }
-        // Finished recordings are sealed by a `recording.end` event holding their SHA-256.
-        let seals =
-            sqlx::query("SELECT id, seq, details FROM audit_events WHERE action = $1 ORDER BY seq")
-                .bind(crate::recordings::RECORDING_END)
-                .fetch_all(&self.pool)
-                .await?;
+        // Finished recordings are sealed by a `recording.end` event holding their SHA-256;
+        // only the controller's own (a worker's events carry an event id) count.
+        let seals = sqlx::query(
+            "SELECT id, seq, details FROM audit_events \
+             WHERE action = $1 AND event_id IS NULL AND seq <= $2 ORDER BY seq",
+        )
+        .bind(crate::recordings::RECORDING_END)
+        .bind(last)
+        .fetch_all(&self.pool)
+        .await?;
         for r in &seals {
             let (seq, id): (i64, i64) = (r.try_get("seq")?, r.try_get("id")?);
             let details: serde_json::Value =

@@ -154,15 +154,21 @@ fn sqlite_pool(n: u32) -> AnyPoolOptions {
 
 /// `url` without the password it may hold, for messages.
 pub fn without_password(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.split_once('@') {
-            Some((user, host)) => {
-                let user = user.split(':').next().unwrap_or_default();
-                format!("{scheme}://{user}@{host}")
-            }
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    // The user information ends at the last '@' before any query (a password may hold '@').
+    let (location, query) = match rest.split_once('?') {
+        Some((location, query)) => (location, Some(query)),
+        None => (rest, None),
+    };
+    let Some((userinfo, host)) = location.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    let user = userinfo.split(':').next().unwrap_or_default();
+    match query {
+        Some(query) => format!("{scheme}://{user}@{host}?{query}"),
+        None => format!("{scheme}://{user}@{host}"),
     }
 }
 

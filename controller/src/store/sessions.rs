@@ -157,7 +157,7 @@ impl Store {
     }
 
     /// Sessions that ended at or after `since` on some worker: `(id, worker, end reason)`,
-    /// at most 10,000.
+    /// the newest 10,000 at most.
     pub async fn sessions_ended_since(
         &self,
         since: i64,
@@ -165,7 +165,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT id, worker_name, end_reason FROM sessions \
              WHERE status = 'terminated' AND ended_at >= $1 AND worker_name <> '' \
-             ORDER BY ended_at LIMIT 10000",
+             ORDER BY ended_at DESC LIMIT 10000",
         )
         .bind(since)
         .fetch_all(&self.pool)

@@ -501,8 +501,47 @@ async fn audit_chain_verifies_and_names_tampering() {
                 .contains("anchored #1521"),
             "{rewritten:?}"
         );
+
+        // The head set back over events that are still there.
+        let hash_5: String = sqlx::query_scalar("SELECT hash FROM audit_events WHERE seq = 5")
+            .fetch_one(&s.pool)
+            .await
+            .expect("hash of #5");
+        sqlx::query("UPDATE audit_head SET seq = 5, hash = $1 WHERE id = 1")
+            .bind(&hash_5)
+            .execute(&s.pool)
+            .await
+            .expect("set the head back");
+        let bad = s.verify_audit(None).await.expect("verify");
+        assert!(!bad.ok, "{bad:?}");
+        assert!(
+            bad.reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("past the chain's head #5"),
+            "{bad:?}"
+        );
     })
     .await;
+}
+
+#[test]
+fn database_urls_in_messages_hold_no_password() {
+    use super::without_password;
+    for (url, shown) in [
+        ("postgres://u:secret@db:5432/p", "postgres://u@db:5432/p"),
+        (
+            "postgres://u:p@ss@db/p?sslmode=disable",
+            "postgres://u@db/p?sslmode=disable",
+        ),
+        ("postgres://u@db/p", "postgres://u@db/p"),
+        (
+            "sqlite:///var/lib/postern/postern.db",
+            "sqlite:///var/lib/postern/postern.db",
+        ),
+    ] {
+        assert_eq!(without_password(url), shown, "{url}");
+    }
 }
 
 #[test]
