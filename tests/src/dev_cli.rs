@@ -261,16 +261,7 @@ fn dev_then_connect_runs_real_psql_through_the_worker() {
         &["roles", "show", "admin"][..],
         &["targets", "list", "--json"][..],
     ] {
-        let (reader, writer) = std::io::pipe().expect("pipe");
-        drop(reader);
-        let out = Command::new(postern_bin())
-            .args(args)
-            .env("POSTERN_CONFIG_DIR", dir.path().join("config"))
-            .stdin(Stdio::null())
-            .stdout(writer)
-            .stderr(Stdio::piped())
-            .output()
-            .expect("run postern");
+        let out = into_closed_pipe(&dir, args, Stream::Stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             out.status.success() && stderr.is_empty(),
@@ -284,18 +275,32 @@ fn dev_then_connect_runs_real_psql_through_the_worker() {
         (&["audit", "list", "--action", "no.such.action"][..], 0),
         (&["sessions", "show", "s_nope"][..], 1),
     ] {
-        let (reader, writer) = std::io::pipe().expect("pipe");
-        drop(reader);
-        let out = Command::new(postern_bin())
-            .args(args)
-            .env("POSTERN_CONFIG_DIR", dir.path().join("config"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(writer)
-            .output()
-            .expect("run postern");
+        let out = into_closed_pipe(&dir, args, Stream::Stderr);
         assert_eq!(out.status.code(), Some(code), "{args:?} with stderr closed");
     }
+}
+
+/// Which output of a command goes into a pipe nobody reads.
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Runs `postern ARGS` of the dev instance in `dir` with `closed` going into a pipe whose
+/// read end is closed before it starts (its first write fails); the other output is kept.
+fn into_closed_pipe(dir: &TempDir, args: &[&str], closed: Stream) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let mut command = Command::new(postern_bin());
+    command
+        .args(args)
+        .env("POSTERN_CONFIG_DIR", dir.path().join("config"))
+        .stdin(Stdio::null());
+    match closed {
+        Stream::Stdout => command.stdout(writer).stderr(Stdio::piped()),
+        Stream::Stderr => command.stdout(Stdio::piped()).stderr(writer),
+    };
+    command.output().expect("run postern")
 }
 
 /// `postern dev --database-url`: the same dev stack with the controller's state in

@@ -387,37 +387,47 @@ async fn worker_fails_closed_and_survives_a_quick_restart() {
     c.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_through_a_second_controller_reaches_the_worker() {
+/// Two controllers on one new PostgreSQL database (same KEK file): the first, started with
+/// `first`'s options, logs in as a database role of its own (which [`PgDb::admit_role`] can
+/// keep out), holds the worker and has an `echo` target; the second, with `second`'s
+/// options, does not bootstrap. The database, the cluster, the second controller and an
+/// admin client of it.
+async fn two_controllers(
+    first: ClusterOptions,
+    second: ClusterOptions,
+) -> (PgDb, Cluster, postern_controller::ControllerHandle, Api) {
     let mut db = PgDb::create().await;
-    // The first controller logs in as a role of its own, which can be kept out.
     let first_url = db.owner_role().await;
     let c = Cluster::start_with(ClusterOptions {
         database_url: Some(first_url),
-        ..Default::default()
+        ..first
     })
     .await
     .expect("first controller + worker on PostgreSQL");
     let echo = echo_server().await;
     c.create_target("echo", &echo.to_string(), &[]).await;
-
-    // A second controller on the same database (same KEK file, no bootstrap).
     let mut second_config = controller_config(
         c.dir.path(),
         &ClusterOptions {
             database_url: Some(db.url.clone()),
-            ..Default::default()
+            ..second
         },
     );
     second_config.bootstrap_admin = false;
     let second = postern_controller::start(second_config)
         .await
         .expect("second controller");
-    let password = c.admin_password.clone();
     let admin2 = Api::new(&format!("http://{}", second.api_addr()))
-        .login("admin", &password)
+        .login("admin", &c.admin_password)
         .await
         .expect("login on the second");
+    (db, c, second, admin2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_through_a_second_controller_reaches_the_worker() {
+    let (db, c, second, admin2) =
+        two_controllers(ClusterOptions::default(), ClusterOptions::default()).await;
 
     let (session, traffic, id) = live_session(&c.admin, "echo").await;
     let t0 = Instant::now();
@@ -958,39 +968,21 @@ async fn a_worker_finds_a_cluster_listener_that_moved() {
 /// which connect to another: sessions are authorized and carried through that one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_without_its_database_hands_its_workers_over() {
-    let mut db = PgDb::create().await;
-    // The first controller logs in as a role of its own, which can be kept out.
-    let first_url = db.owner_role().await;
-    let (a_api, a_cluster) = free_addrs();
-    let (b_api, b_cluster) = free_addrs();
-    let announced = vec![a_cluster.to_string(), b_cluster.to_string()];
-    let c = Cluster::start_with(ClusterOptions {
-        database_url: Some(first_url),
-        addrs: Some((a_api, a_cluster)),
-        cluster_public_addrs: announced.clone(),
-        ..Default::default()
-    })
-    .await
-    .expect("first controller + worker on PostgreSQL");
-    let echo = echo_server().await;
-    c.create_target("echo", &echo.to_string(), &[]).await;
-    let mut second_config = controller_config(
-        c.dir.path(),
-        &ClusterOptions {
-            database_url: Some(db.url.clone()),
-            addrs: Some((b_api, b_cluster)),
+    let (a, b) = (free_addrs(), free_addrs());
+    let announced = vec![a.1.to_string(), b.1.to_string()];
+    let (db, c, second, admin2) = two_controllers(
+        ClusterOptions {
+            addrs: Some(a),
+            cluster_public_addrs: announced.clone(),
+            ..Default::default()
+        },
+        ClusterOptions {
+            addrs: Some(b),
             cluster_public_addrs: announced,
             ..Default::default()
         },
-    );
-    second_config.bootstrap_admin = false;
-    let second = postern_controller::start(second_config)
-        .await
-        .expect("second controller");
-    let admin2 = Api::new(&format!("http://{}", second.api_addr()))
-        .login("admin", &c.admin_password)
-        .await
-        .expect("login on the second");
+    )
+    .await;
 
     // The first controller's database goes away (for it alone).
     db.admit_role(false).await;
