@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
-use postern_controller::api::types::Session;
+use postern_controller::api::types::{Session, Worker};
 
 use super::{ok, Ctx};
 use crate::args::SessionsCmd;
@@ -76,14 +76,33 @@ pub async fn run(ctx: &Ctx, cmd: SessionsCmd) -> Result<ExitCode> {
         SessionsCmd::Cancel { id } => {
             let s: Session = api.post_empty(&["v1", "sessions", &id, "cancel"]).await?;
             if !ctx.json {
-                crate::outln!(
-                    "Cancelled session {} ({} to {}); its connections are being closed \
-                     (`postern sessions show {}` counts them once the worker reports them).",
-                    s.id,
-                    s.user,
-                    s.target,
-                    s.id
-                );
+                // Whether a controller holds its worker now (if the caller may look).
+                let connected = api
+                    .get::<Vec<Worker>>(&["v1", "workers"], &[])
+                    .await
+                    .ok()
+                    .and_then(|all| all.into_iter().find(|w| w.name == s.worker))
+                    .map(|w| w.connected);
+                if connected == Some(false) {
+                    crate::outln!(
+                        "Cancelled session {} ({} to {}). Its worker {} is not connected to any \
+                         controller: it ends the session when it reconnects, or on its own \
+                         once its grace period without a controller is over.",
+                        s.id,
+                        s.user,
+                        s.target,
+                        s.worker
+                    );
+                } else {
+                    crate::outln!(
+                        "Cancelled session {} ({} to {}); its connections are being closed \
+                         (`postern sessions show {}` counts them once the worker reports them).",
+                        s.id,
+                        s.user,
+                        s.target,
+                        s.id
+                    );
+                }
             }
             show(ctx, &s)?;
         }
