@@ -311,7 +311,13 @@ pub async fn start(mut config: ControllerConfig) -> Result<ControllerHandle, Sta
     });
     let cluster = tokio::spawn(cluster::serve(state.clone(), endpoint.clone()));
     // Loops that run for the controller's life; aborted at shutdown.
-    let mut background = vec![tokio::spawn(revoke::sweep_expired(state.clone()))];
+    let mut background = vec![
+        tokio::spawn(revoke::sweep_expired(state.clone())),
+        tokio::spawn({
+            let state = state.clone();
+            async move { recordings::seal_unsealed(&state).await }
+        }),
+    ];
     if state.store.backend() == store::Backend::Postgres {
         background.push(tokio::spawn(revoke::listen_for_cancels(
             state.clone(),

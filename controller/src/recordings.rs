@@ -135,6 +135,29 @@ pub async fn end(state: &AppState, worker: &str, recording_id: &str) {
     }
 }
 
+/// Seals every finished recording that has no seal yet: one whose controller stopped between
+/// ending and sealing it, and those finished before recordings were sealed. Run at start.
+pub async fn seal_unsealed(state: &AppState) {
+    let found = async {
+        let sealed = state.store.sealed_recordings().await?;
+        let recordings = state.store.recordings(None).await?;
+        Ok::<_, crate::store::StoreError>(
+            recordings
+                .into_iter()
+                .filter(|r| r.ended_at.is_some() && !sealed.contains(&r.id))
+                .collect::<Vec<_>>(),
+        )
+    };
+    match found.await {
+        Ok(unsealed) => {
+            for r in unsealed {
+                sealed(state, &r.worker, &r.id).await;
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot look for finished recordings without a seal"),
+    }
+}
+
 /// Audits a finished recording's size and SHA-256 (`recording.end`): the hash chain then
 /// covers the recording's text too, and `audit verify` finds a recording changed since.
 async fn sealed(state: &AppState, worker: &str, recording_id: &str) {

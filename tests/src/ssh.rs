@@ -495,7 +495,7 @@ async fn scp_and_sftp_copy_files_intact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interactive_shell_is_recorded() {
-    let s = setup().await;
+    let mut s = setup().await;
     let tmux = shell_in_tmux(&s, "rec");
     tmux.wait_for_screen(":~$").await;
     tmux.send("echo marker-$((6*7))");
@@ -559,6 +559,46 @@ async fn interactive_shell_is_recorded() {
     let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&db)
         .await
         .expect("the controller's database");
+
+    // A recording that ended without its seal (its controller stopped in between) is
+    // sealed when a controller starts.
+    sqlx::query(
+        "INSERT INTO recordings (id, session_id, user_name, target_name, worker_name, started_at, size, content, ended_at) \
+         SELECT 'r_unsealed', session_id, user_name, target_name, worker_name, started_at, size, content, ended_at \
+         FROM recordings WHERE id = $1",
+    )
+    .bind(&id)
+    .execute(&mut conn)
+    .await
+    .expect("an ended recording without a seal");
+    s.c.controller.take().expect("controller").shutdown().await;
+    let restarted = postern_controller::start(crate::harness::controller_config(
+        s.c.dir.path(),
+        &crate::harness::ClusterOptions::default(),
+    ))
+    .await
+    .expect("the controller starts again");
+    let admin = crate::harness::Api::new(&format!("http://{}", restarted.api_addr()))
+        .login("admin", &s.c.admin_password)
+        .await
+        .expect("admin login");
+    let mut sealed = false;
+    for _ in 0..100 {
+        let events: Vec<AuditEvent> = admin
+            .ok(Method::GET, "/v1/audit?action=recording.end", None::<&()>)
+            .await;
+        if events
+            .iter()
+            .any(|e| e.details["recording"] == "r_unsealed")
+        {
+            sealed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(sealed, "the unsealed recording was not sealed at start");
+    let v = verify(&admin).await;
+    assert!(v.ok, "{v:?}");
     let changed = sqlx::query(
         "UPDATE recording_chunks SET data = replace(data, 'marker-42', 'marker-99') \
          WHERE recording_id = $1",
@@ -568,7 +608,7 @@ async fn interactive_shell_is_recorded() {
     .await
     .expect("tamper");
     assert!(changed.rows_affected() > 0, "no chunk held the marker");
-    let v = verify(&s.c.admin).await;
+    let v = verify(&admin).await;
     assert!(!v.ok, "{v:?}");
     assert!(
         v.reason
@@ -577,6 +617,7 @@ async fn interactive_shell_is_recorded() {
             .contains(&format!("recording {id} was changed")),
         "{v:?}"
     );
+    restarted.shutdown().await;
     s.c.stop().await;
 }
 

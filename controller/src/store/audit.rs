@@ -280,6 +280,24 @@ impl Store {
         Ok(out)
     }
 
+    /// The recordings the controller has sealed (`recording.end` events of its own).
+    pub async fn sealed_recordings(&self) -> Result<HashSet<String>, StoreError> {
+        let rows =
+            sqlx::query("SELECT details FROM audit_events WHERE action = $1 AND event_id IS NULL")
+                .bind(crate::recordings::RECORDING_END)
+                .fetch_all(&self.pool)
+                .await?;
+        let mut sealed = HashSet::new();
+        for r in &rows {
+            let details: serde_json::Value =
+                serde_json::from_str(&r.try_get::<String, _>("details")?).unwrap_or_default();
+            if let Some(id) = details["recording"].as_str() {
+                sealed.insert(id.to_owned());
+            }
+        }
+        Ok(sealed)
+    }
+
     /// The newest `seq` stored.
     pub async fn audit_head(&self) -> Result<i64, StoreError> {
         let row = sqlx::query("SELECT seq FROM audit_head WHERE id = 1")
