@@ -131,7 +131,11 @@ pub(crate) async fn load_or_register(config: &WorkerConfig) -> Result<Identity, 
             // from registering, the identity there is stays in use; a token the controller
             // refused is remembered, so that it is not tried at every start.
             let attempt = async {
-                let client = crate::controller_http::client(config, &[], REGISTER_TIMEOUT).await?;
+                // The cluster CA saved at the first registration still vouches for the API
+                // of the same cluster.
+                let saved_ca = load(dir).map(|i| i.ca).unwrap_or_default();
+                let client =
+                    crate::controller_http::client(config, &saved_ca, REGISTER_TIMEOUT).await?;
                 register(&client, &config.controller_url, token, dir).await
             };
             match attempt.await {
