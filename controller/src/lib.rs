@@ -367,18 +367,48 @@ async fn load_kek(found: FoundKek<'_>, store: &Store) -> Result<Kek, StartError>
     match found {
         FoundKek::Read(kek) => Ok(kek),
         FoundKek::ToMake(path) => {
+            let cannot =
+                |e: std::io::Error| StartError::Io(format!("cannot write {}: {e}", path.display()));
             if store.root_key(keys::SESSION_KEY).await?.is_some() {
+                // Another controller starting beside this one made the file before it
+                // stored its keys; otherwise the key that sealed them is missing.
+                if let Some(made) = read_made_kek(path)? {
+                    return Ok(made);
+                }
                 return Err(StartError::Io(format!(
                     "{} does not exist, but the database already holds keys sealed with a \
                      key-encryption key: restore that kek_file (a new one cannot open them)",
                     path.display()
                 )));
             }
+            // Written whole beside it, then linked into place: of two controllers making it
+            // at once, one links and the other reads what that one made.
+            let mut name = path.file_name().unwrap_or_default().to_os_string();
+            name.push(format!(".{}", postern_proto::ids::random_base32(8)));
+            let tmp = path.with_file_name(name);
             let kek = Kek::generate_base64();
-            write_private(path, &kek)
-                .map_err(|e| StartError::Io(format!("cannot write {}: {e}", path.display())))?;
-            Ok(Kek::from_base64(&kek)?)
+            write_private(&tmp, &kek).map_err(cannot)?;
+            let linked = std::fs::hard_link(&tmp, path);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => Ok(Kek::from_base64(&kek)?),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read_made_kek(path)?
+                    .ok_or_else(|| StartError::Io(format!("{} vanished", path.display()))),
+                Err(e) => Err(cannot(e)),
+            }
         }
+    }
+}
+
+/// The key in `path` if the file is there now.
+fn read_made_kek(path: &std::path::Path) -> Result<Option<Kek>, StartError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(Kek::from_base64(&text)?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StartError::Io(format!(
+            "cannot read kek_file {}: {e}",
+            path.display()
+        ))),
     }
 }
 
@@ -412,6 +442,14 @@ fn read_kek(config: &ControllerConfig) -> Result<FoundKek<'_>, StartError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && config.bootstrap_admin => {
             Ok(FoundKek::ToMake(path))
         }
+        // Raw bytes rather than their base64: a file that is there but holds no key.
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            Err(keys::KeyError::BadKek(format!(
+                "{} is not text: expected the base64 of 32 random bytes (head -c 32 /dev/urandom | base64)",
+                path.display()
+            ))
+            .into())
+        }
         Err(e) => Err(StartError::Io(format!(
             "cannot read kek_file {}: {e}",
             path.display()
@@ -426,6 +464,10 @@ fn lock_sqlite(database_url: &str) -> Result<Option<std::fs::File>, StartError> 
     let Some(db) = store::sqlite_file(database_url) else {
         return Ok(None);
     };
+    // Beside the file itself, whatever link or relative path names it.
+    let db = std::fs::canonicalize(db)
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| db.to_owned());
     let path = format!("{db}-controller.lock");
     match postern_proto::try_lock_file(std::path::Path::new(&path)) {
         Ok(Some(lock)) => Ok(Some(lock)),

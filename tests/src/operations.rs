@@ -574,13 +574,23 @@ fn example_configs_load_and_unknown_keys_are_named() {
 /// of them makes the admin, and its password logs in through either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_controllers_started_together_bootstrap_once() {
+    // With the key-encryption key given, and with none yet: one of them makes it, the other
+    // uses that one.
+    for kek_given in [true, false] {
+        bootstrap_race(kek_given).await;
+    }
+}
+
+async fn bootstrap_race(kek_given: bool) {
     let db = crate::harness::PgDb::create().await;
     let dir = TempDir::new("postern-bootstrap-race");
-    postern_controller::write_private(
-        &dir.path().join("kek"),
-        &postern_controller::keys::Kek::generate_base64(),
-    )
-    .expect("kek");
+    if kek_given {
+        postern_controller::write_private(
+            &dir.path().join("kek"),
+            &postern_controller::keys::Kek::generate_base64(),
+        )
+        .expect("kek");
+    }
     let options = ClusterOptions {
         database_url: Some(db.url.clone()),
         ..Default::default()
@@ -603,5 +613,13 @@ async fn two_controllers_started_together_bootstrap_once() {
     }
     a.shutdown().await;
     b.shutdown().await;
+    // The key on disk is the one that sealed the database: a controller starts on it.
+    let mut again = controller_config(dir.path(), &options);
+    again.bootstrap_admin = false;
+    postern_controller::start(again)
+        .await
+        .expect("a controller starts again on the kek_file")
+        .shutdown()
+        .await;
     db.drop_db().await;
 }

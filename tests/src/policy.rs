@@ -505,7 +505,8 @@ async fn a_rule_can_be_removed_by_its_number() {
         .await
         .expect_err("the admin's own rule");
     assert_eq!(err.status, 409, "{}", err.message);
-    // The same rule twice is refused, naming the one there.
+    // The same rule twice is refused, naming the one there, whatever the order or repeats
+    // of its actions.
     let err = c
         .admin
         .call::<serde_json::Value, _>(Method::POST, "/v1/roles/dev/rules", Some(&rule("c-*")))
@@ -513,6 +514,30 @@ async fn a_rule_can_be_removed_by_its_number() {
         .expect_err("a rule the role has");
     assert_eq!(err.status, 409, "{}", err.message);
     assert!(err.message.contains("#2"), "{}", err.message);
+    let both = |actions: serde_json::Value| json!({"effect": "allow", "actions": actions, "targets": "d-*"});
+    let role: serde_json::Value = c
+        .admin
+        .ok(
+            Method::POST,
+            "/v1/roles/dev/rules",
+            Some(&both(json!(["read", "connect", "connect"]))),
+        )
+        .await;
+    assert_eq!(
+        role["rules"][2]["actions"],
+        json!(["read", "connect"]),
+        "{role}"
+    );
+    let err = c
+        .admin
+        .call::<serde_json::Value, _>(
+            Method::POST,
+            "/v1/roles/dev/rules",
+            Some(&both(json!(["connect", "read"]))),
+        )
+        .await
+        .expect_err("the same rule, its actions in another order");
+    assert_eq!(err.status, 409, "{}", err.message);
     c.stop().await;
 }
 

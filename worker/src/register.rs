@@ -102,6 +102,9 @@ struct WorkerFile {
     /// token in the configuration means the worker was created anew.
     #[serde(default)]
     token_sha256: Option<String>,
+    /// SHA-256 (hex) of the last other token the controller refused (not tried again).
+    #[serde(default)]
+    refused_token_sha256: Option<String>,
 }
 
 /// The controller's error body (`{"error": code, "message": text}`).
@@ -125,7 +128,9 @@ pub(crate) async fn load_or_register(config: &WorkerConfig) -> Result<Identity, 
         return load(dir);
     }
     if let Some(token) = config.activation_token.as_deref().filter(|t| !t.is_empty()) {
-        if registered_token(dir).as_deref() != Some(token_hash(token).as_str()) {
+        let hash = Some(token_hash(token));
+        let (registered, refused) = tokens_seen(dir);
+        if registered != hash && refused != hash {
             // A token this identity was not registered with: the worker was deleted and
             // created again (its old certificate is no longer accepted). Whatever keeps it
             // from registering, the identity there is stays in use; a token the controller
@@ -169,12 +174,14 @@ pub(crate) async fn load_or_register(config: &WorkerConfig) -> Result<Identity, 
     Ok(identity)
 }
 
-/// The hash of the activation token the identity in `dir` was registered with, if recorded.
-fn registered_token(dir: &Path) -> Option<String> {
-    let text = std::fs::read(dir.join(WORKER_FILE)).ok()?;
-    serde_json::from_slice::<WorkerFile>(&text)
-        .ok()?
-        .token_sha256
+/// The hashes of the activation token the identity in `dir` was registered with and of the
+/// last one refused, as far as recorded.
+fn tokens_seen(dir: &Path) -> (Option<String>, Option<String>) {
+    std::fs::read(dir.join(WORKER_FILE))
+        .ok()
+        .and_then(|text| serde_json::from_slice::<WorkerFile>(&text).ok())
+        .map(|f| (f.token_sha256, f.refused_token_sha256))
+        .unwrap_or_default()
 }
 
 /// Records `token` as the one tried for the identity in `dir` (best effort).
@@ -186,7 +193,7 @@ fn remember_token(dir: &Path, token: &str) {
     else {
         return;
     };
-    file.token_sha256 = Some(token_hash(token));
+    file.refused_token_sha256 = Some(token_hash(token));
     let written = serde_json::to_vec_pretty(&file)
         .map_err(|e| RegisterError::BadAnswer(e.to_string()))
         .and_then(|json| write_file(&path, &json, false));
@@ -231,10 +238,12 @@ pub(crate) async fn refresh_cluster_addrs(
         return false;
     }
     tracing::info!(addrs = ?info.cluster_addrs, "controller cluster addresses changed");
+    let (token_sha256, refused_token_sha256) = tokens_seen(dir);
     let file = WorkerFile {
         name: name.to_owned(),
         cluster_addrs: info.cluster_addrs.clone(),
-        token_sha256: registered_token(dir),
+        token_sha256,
+        refused_token_sha256,
     };
     match serde_json::to_vec_pretty(&file) {
         Ok(json) => {
@@ -287,6 +296,7 @@ async fn register(
         name: name.clone(),
         cluster_addrs: answer.cluster_addrs,
         token_sha256: Some(token_hash(token)),
+        refused_token_sha256: None,
     };
     let json = serde_json::to_vec_pretty(&worker_file)
         .map_err(|e| RegisterError::BadAnswer(e.to_string()))?;

@@ -44,10 +44,16 @@ pub async fn run(ctx: &Ctx, cmd: AuditCmd) -> Result<ExitCode> {
     let api = ctx.api()?;
     match cmd {
         AuditCmd::List(mut filter) => {
+            // One more than shown, to know whether the default cut anything.
             let defaulted = filter.limit.is_none();
-            filter.limit = filter.limit.or(Some(LIST_DEFAULT));
-            let events: Vec<AuditEvent> = api.get(&["v1", "audit"], &query(&filter)).await?;
-            let cut = defaulted && events.len() as i64 == LIST_DEFAULT && !ctx.json;
+            filter.limit = filter.limit.or(Some(LIST_DEFAULT + 1));
+            let mut events: Vec<AuditEvent> = api.get(&["v1", "audit"], &query(&filter)).await?;
+            let cut = defaulted && events.len() as i64 > LIST_DEFAULT;
+            if cut {
+                // Oldest first: the extra one is the oldest.
+                events.remove(0);
+            }
+            let cut = cut && !ctx.json;
             if events.is_empty() {
                 super::unknown_names(
                     &api,
@@ -122,13 +128,12 @@ pub async fn run(ctx: &Ctx, cmd: AuditCmd) -> Result<ExitCode> {
                 if let Some(a) = &anchor {
                     crate::outln!("Event #{} still has the anchored hash.", a.seq);
                 }
-                if let Some(hash) = &v.head_hash {
-                    crate::outln!("Head: {}:{hash}", v.checked);
+                if let (Some(seq), Some(hash)) = (v.head_seq, &v.head_hash) {
+                    crate::outln!("Head: {seq}:{hash}");
                     crate::outln!(
                         "Keep the head where the database's administrators cannot write: \
-                         `postern audit verify --anchor {}:{hash}` later shows whether any event \
-                         up to it was rewritten (a chain recomputed from scratch verifies on its own).",
-                        v.checked
+                         `postern audit verify --anchor {seq}:{hash}` later shows whether any event \
+                         up to it was rewritten (a chain recomputed from scratch verifies on its own)."
                     );
                 }
             } else {

@@ -511,6 +511,7 @@ pub async fn add_rule(
     Json(rule): Json<Rule>,
 ) -> ApiResult<Role> {
     caller.require(&state, "roles:write", None).await?;
+    let rule = rule.without_repeats();
     if rule.actions.is_empty() {
         return Err(ApiError::BadRequest(
             "a rule needs at least one action".into(),
@@ -544,7 +545,7 @@ pub async fn add_rule(
             .map_err(|e| ApiError::BadRequest(format!("invalid target glob '{g}': {e}")))?;
     }
     let (rules, _) = state.store.role(&name).await?;
-    if let Some(at) = rules.iter().position(|r| *r == rule) {
+    if let Some(at) = rules.iter().position(|r| r.same_as(&rule)) {
         return Err(ApiError::Conflict(format!(
             "role '{name}' already has this rule (#{})",
             at + 1

@@ -157,6 +157,32 @@ pub struct Rule {
     pub logins: Vec<String>,
 }
 
+impl Rule {
+    /// The same rule with each action and login once, in their first order.
+    pub fn without_repeats(mut self) -> Self {
+        let mut seen = std::collections::HashSet::new();
+        self.actions.retain(|a| seen.insert(a.clone()));
+        seen.clear();
+        self.logins.retain(|l| seen.insert(l.clone()));
+        self
+    }
+
+    /// Whether `other` says the same, whatever the order of its actions and logins.
+    pub fn same_as(&self, other: &Rule) -> bool {
+        let sorted = |v: &[String]| {
+            let mut v = v.to_vec();
+            v.sort();
+            v.dedup();
+            v
+        };
+        self.effect == other.effect
+            && self.targets == other.targets
+            && self.labels == other.labels
+            && sorted(&self.actions) == sorted(&other.actions)
+            && sorted(&self.logins) == sorted(&other.logins)
+    }
+}
+
 /// Who a role is bound to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -681,6 +707,9 @@ pub struct AuditVerification {
     /// administrators cannot write, it is an [`AuditAnchor`] for later checks.
     #[serde(default)]
     pub head_hash: Option<String>,
+    /// The newest event's position, with [`Self::head_hash`] the anchor `SEQ:HASH`.
+    #[serde(default)]
+    pub head_seq: Option<i64>,
 }
 
 /// `SEQ:HASH`, a chain position and the hash `audit verify` reported for it. A hash chain

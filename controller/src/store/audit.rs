@@ -330,6 +330,7 @@ impl Store {
             first_bad_id: id,
             reason: Some(reason),
             head_hash: None,
+            head_seq: None,
         };
         if unchained > 0 {
             let row = sqlx::query(
@@ -463,6 +464,7 @@ impl Store {
             first_bad_id: None,
             reason: None,
             head_hash: (last > 0).then_some(prev),
+            head_seq: (last > 0).then_some(last),
         })
     }
 }
