@@ -170,7 +170,15 @@ async fn sealed(state: &AppState, worker: &str, recording_id: &str) {
                 RECORDING_END,
                 &format!("session:{}", recording.session_id),
                 "success",
-                json!({"recording": recording_id, "size": size, "sha256": sha256, "worker": worker}),
+                json!({
+                    "recording": recording_id,
+                    "size": size,
+                    "sha256": sha256,
+                    "worker": worker,
+                    "user": recording.user,
+                    "target": recording.target,
+                    "session": recording.session_id,
+                }),
             )
             .await
     };

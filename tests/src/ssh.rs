@@ -599,6 +599,36 @@ async fn interactive_shell_is_recorded() {
     assert!(sealed, "the unsealed recording was not sealed at start");
     let v = verify(&admin).await;
     assert!(v.ok, "{v:?}");
+    // Whose the recording is, is sealed too.
+    let moved = |user: String, id: String| {
+        sqlx::query("UPDATE recordings SET user_name = $1 WHERE id = $2")
+            .bind(user)
+            .bind(id)
+    };
+    let owner: String = sqlx::query_scalar("SELECT user_name FROM recordings WHERE id = $1")
+        .bind(&id)
+        .fetch_one(&mut conn)
+        .await
+        .expect("owner");
+    moved("mallory".into(), id.clone())
+        .execute(&mut conn)
+        .await
+        .expect("tamper");
+    let v = verify(&admin).await;
+    assert!(
+        !v.ok
+            && v.reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("names user 'mallory'"),
+        "{v:?}"
+    );
+    moved(owner, id.clone())
+        .execute(&mut conn)
+        .await
+        .expect("put back");
+    let v = verify(&admin).await;
+    assert!(v.ok, "{v:?}");
     let changed = sqlx::query(
         "UPDATE recording_chunks SET data = replace(data, 'marker-42', 'marker-99') \
          WHERE recording_id = $1",

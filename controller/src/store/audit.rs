@@ -450,7 +450,27 @@ impl Store {
                 continue;
             };
             let reason = match self.recording_digest(recording).await {
-                Ok((_, now)) if now == sealed => continue,
+                Ok((_, now)) if now == sealed => {
+                    // Whose it is, too: the seal names the recording's user, target and
+                    // session.
+                    let row = self.recording_info(recording).await?;
+                    let differs = [
+                        ("user", &row.user),
+                        ("target", &row.target),
+                        ("session", &row.session_id),
+                    ]
+                    .into_iter()
+                    .find(|(key, value)| {
+                        details[*key].as_str().is_some_and(|s| s != value.as_str())
+                    });
+                    match differs {
+                        None => continue,
+                        Some((key, value)) => format!(
+                            "recording {recording} now names {key} '{value}', not the '{}' that event #{seq} sealed",
+                            details[key].as_str().unwrap_or_default()
+                        ),
+                    }
+                }
                 Ok(_) => format!("recording {recording} was changed after it ended: its text no longer has the SHA-256 that event #{seq} holds"),
                 Err(StoreError::NotFound { .. }) => format!("recording {recording}, sealed by event #{seq}, is missing"),
                 Err(e) => return Err(e),
