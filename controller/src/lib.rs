@@ -405,11 +405,21 @@ fn read_made_kek(path: &std::path::Path) -> Result<Option<Kek>, StartError> {
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(Some(Kek::from_base64(&text)?)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(StartError::Io(format!(
-            "cannot read kek_file {}: {e}",
-            path.display()
-        ))),
+        Err(e) => Err(kek_file_error(path, e)),
     }
+}
+
+/// Why `kek_file` gave no key.
+fn kek_file_error(path: &std::path::Path, e: std::io::Error) -> StartError {
+    if e.kind() == std::io::ErrorKind::InvalidData {
+        // Raw bytes rather than their base64: a file that is there but holds no key.
+        return keys::KeyError::BadKek(format!(
+            "{} is not text: expected the base64 of 32 random bytes (head -c 32 /dev/urandom | base64)",
+            path.display()
+        ))
+        .into();
+    }
+    StartError::Io(format!("cannot read kek_file {}: {e}", path.display()))
 }
 
 /// Checks that the controller will have its key-encryption key (`--check-config`), without
@@ -442,18 +452,7 @@ fn read_kek(config: &ControllerConfig) -> Result<FoundKek<'_>, StartError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && config.bootstrap_admin => {
             Ok(FoundKek::ToMake(path))
         }
-        // Raw bytes rather than their base64: a file that is there but holds no key.
-        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-            Err(keys::KeyError::BadKek(format!(
-                "{} is not text: expected the base64 of 32 random bytes (head -c 32 /dev/urandom | base64)",
-                path.display()
-            ))
-            .into())
-        }
-        Err(e) => Err(StartError::Io(format!(
-            "cannot read kek_file {}: {e}",
-            path.display()
-        ))),
+        Err(e) => Err(kek_file_error(path, e)),
     }
 }
 

@@ -162,8 +162,7 @@ pub async fn seal_unsealed(state: &AppState) {
 /// covers the recording's text too, and `audit verify` finds a recording changed since.
 async fn sealed(state: &AppState, worker: &str, recording_id: &str) {
     let sealed = async {
-        let recording = state.store.recording_info(recording_id).await?;
-        let (size, sha256) = state.store.recording_digest(recording_id).await?;
+        let (recording, size, sha256) = state.store.recording_digest(recording_id).await?;
         state
             .audit(
                 &recording.user,

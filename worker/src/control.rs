@@ -82,12 +82,8 @@ pub(crate) struct ControlTask {
     /// When this worker started (its hello says how long ago).
     pub(crate) started: Instant,
     /// Where to ask for the cluster addresses again once none of them answers: the
-    /// configuration (its `controller_url`), the worker's name and the cluster CA.
-    pub(crate) addr_source: (
-        crate::config::WorkerConfig,
-        String,
-        Vec<CertificateDer<'static>>,
-    ),
+    /// configuration (its `controller_url`) and the cluster CA.
+    pub(crate) addr_source: (crate::config::WorkerConfig, Vec<CertificateDer<'static>>),
 }
 
 /// How a served connection ended.
@@ -155,9 +151,9 @@ impl ControlTask {
             // Every known address tried once more: the controllers may have moved or new
             // ones come, which the API knows (a stop does not wait for its answer).
             if next.is_multiple_of(self.cluster_addrs.len().max(1)) {
-                let (config, name, ca) = &self.addr_source;
+                let (config, ca) = &self.addr_source;
                 let refreshed = tokio::select! {
-                    changed = crate::register::refresh_cluster_addrs(config, name, ca, &mut self.cluster_addrs) => changed,
+                    changed = crate::register::refresh_cluster_addrs(config, ca, &mut self.cluster_addrs) => changed,
                     _ = self.stop.changed() => return,
                 };
                 if refreshed {

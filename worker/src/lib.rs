@@ -248,7 +248,7 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
             outbox: outbox_rx,
             stop: control_stop_rx,
             started,
-            addr_source: (config.clone(), identity.name.clone(), identity.ca.clone()),
+            addr_source: (config.clone(), identity.ca.clone()),
         }
         .run(),
     );

@@ -164,41 +164,44 @@ pub(crate) async fn load_or_register(config: &WorkerConfig) -> Result<Identity, 
         }
     }
     let mut identity = load(dir)?;
-    refresh_cluster_addrs(
-        config,
-        &identity.name,
-        &identity.ca,
-        &mut identity.cluster_addrs,
-    )
-    .await;
+    refresh_cluster_addrs(config, &identity.ca, &mut identity.cluster_addrs).await;
     Ok(identity)
 }
 
 /// The hashes of the activation token the identity in `dir` was registered with and of the
 /// last one refused, as far as recorded.
 fn tokens_seen(dir: &Path) -> (Option<String>, Option<String>) {
-    std::fs::read(dir.join(WORKER_FILE))
-        .ok()
-        .and_then(|text| serde_json::from_slice::<WorkerFile>(&text).ok())
+    read_worker_file(dir)
         .map(|f| (f.token_sha256, f.refused_token_sha256))
         .unwrap_or_default()
 }
 
 /// Records `token` as the one tried for the identity in `dir` (best effort).
 fn remember_token(dir: &Path, token: &str) {
-    let path = dir.join(WORKER_FILE);
-    let Some(mut file) = std::fs::read(&path)
-        .ok()
-        .and_then(|text| serde_json::from_slice::<WorkerFile>(&text).ok())
-    else {
+    update_worker_file(dir, "the refused activation token", |file| {
+        file.refused_token_sha256 = Some(token_hash(token));
+    });
+}
+
+/// `worker.json` in `dir`, if it is there and readable.
+fn read_worker_file(dir: &Path) -> Option<WorkerFile> {
+    let text = std::fs::read(dir.join(WORKER_FILE)).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// Changes `worker.json` in `dir` with `change` (best effort: a failure is logged, naming
+/// `what` was to be saved).
+fn update_worker_file(dir: &Path, what: &str, change: impl FnOnce(&mut WorkerFile)) {
+    let Some(mut file) = read_worker_file(dir) else {
+        tracing::warn!("cannot save {what}: {WORKER_FILE} is unreadable");
         return;
     };
-    file.refused_token_sha256 = Some(token_hash(token));
+    change(&mut file);
     let written = serde_json::to_vec_pretty(&file)
         .map_err(|e| RegisterError::BadAnswer(e.to_string()))
-        .and_then(|json| write_file(&path, &json, false));
+        .and_then(|json| write_file(&dir.join(WORKER_FILE), &json, false));
     if let Err(e) = written {
-        tracing::warn!(error = %e, "cannot note the refused activation token");
+        tracing::warn!(error = %e, "cannot save {what}");
     }
 }
 
@@ -211,11 +214,9 @@ fn token_hash(token: &str) -> String {
 /// changed. Best effort: on any failure the saved ones are used.
 pub(crate) async fn refresh_cluster_addrs(
     config: &WorkerConfig,
-    name: &str,
     ca: &[CertificateDer<'static>],
     addrs: &mut Vec<String>,
 ) -> bool {
-    let dir = &config.data_dir;
     let url = format!("{}/v1/cluster", config.controller_url.trim_end_matches('/'));
     let fetch = async {
         let client = crate::controller_http::client(config, ca, REFRESH_TIMEOUT)
@@ -238,21 +239,9 @@ pub(crate) async fn refresh_cluster_addrs(
         return false;
     }
     tracing::info!(addrs = ?info.cluster_addrs, "controller cluster addresses changed");
-    let (token_sha256, refused_token_sha256) = tokens_seen(dir);
-    let file = WorkerFile {
-        name: name.to_owned(),
-        cluster_addrs: info.cluster_addrs.clone(),
-        token_sha256,
-        refused_token_sha256,
-    };
-    match serde_json::to_vec_pretty(&file) {
-        Ok(json) => {
-            if let Err(e) = write_file(&dir.join(WORKER_FILE), &json, false) {
-                tracing::warn!(error = %e, "cannot save the new cluster addresses");
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "cannot encode the new cluster addresses"),
-    }
+    update_worker_file(&config.data_dir, "the new cluster addresses", |file| {
+        file.cluster_addrs = info.cluster_addrs.clone();
+    });
     *addrs = info.cluster_addrs;
     true
 }

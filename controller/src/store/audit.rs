@@ -70,6 +70,13 @@ impl NewEvent {
     }
 }
 
+/// A `recording.end` event: its row id, chain position and details.
+struct Seal {
+    id: i64,
+    seq: i64,
+    details: serde_json::Value,
+}
+
 /// What an event's hash covers: seq, time, actor, action, resource, outcome, session_id,
 /// event_id, details, prev_hash. A tuple serializes as the JSON array `[seq, time, …]`, byte
 /// for byte what `json!([…]).to_string()` gives, without building a `Value` first.
@@ -282,20 +289,35 @@ impl Store {
 
     /// The recordings the controller has sealed (`recording.end` events of its own).
     pub async fn sealed_recordings(&self) -> Result<HashSet<String>, StoreError> {
-        let rows =
-            sqlx::query("SELECT details FROM audit_events WHERE action = $1 AND event_id IS NULL")
-                .bind(crate::recordings::RECORDING_END)
-                .fetch_all(&self.pool)
-                .await?;
-        let mut sealed = HashSet::new();
-        for r in &rows {
-            let details: serde_json::Value =
-                serde_json::from_str(&r.try_get::<String, _>("details")?).unwrap_or_default();
-            if let Some(id) = details["recording"].as_str() {
-                sealed.insert(id.to_owned());
-            }
-        }
-        Ok(sealed)
+        Ok(self
+            .recording_seals(i64::MAX)
+            .await?
+            .into_iter()
+            .filter_map(|s| s.details["recording"].as_str().map(str::to_owned))
+            .collect())
+    }
+
+    /// The controller's own `recording.end` events (a worker's carry an event id) up to
+    /// chain position `up_to`, oldest first.
+    async fn recording_seals(&self, up_to: i64) -> Result<Vec<Seal>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, seq, details FROM audit_events \
+             WHERE action = $1 AND event_id IS NULL AND seq <= $2 ORDER BY seq",
+        )
+        .bind(crate::recordings::RECORDING_END)
+        .bind(up_to)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Seal {
+                    id: r.try_get("id")?,
+                    seq: r.try_get("seq")?,
+                    details: serde_json::from_str(&r.try_get::<String, _>("details")?)
+                        .unwrap_or_default(),
+                })
+            })
+            .collect()
     }
 
     /// The newest `seq` stored.
@@ -306,9 +328,9 @@ impl Store {
         Ok(row.try_get("seq")?)
     }
 
-    /// Walks the whole chain and reports the first event that breaks it.
-    /// Walks the chain from its first event; with `anchor`, the event at its position must
-    /// also have its hash.
+    /// Walks the whole chain and reports the first event that breaks it; with `anchor`, the
+    /// event at its position must also have its hash. Sealed recordings are checked against
+    /// their seals.
     pub async fn verify_audit(
         &self,
         anchor: Option<&AuditAnchor>,
@@ -430,30 +452,16 @@ impl Store {
                 format!("the chain ends at event #{last}, before the anchored #{}: it was cut and its head rewritten", a.seq),
             ));
         }
-        // Finished recordings are sealed by a `recording.end` event holding their SHA-256;
-        // only the controller's own (a worker's events carry an event id) count.
-        let seals = sqlx::query(
-            "SELECT id, seq, details FROM audit_events \
-             WHERE action = $1 AND event_id IS NULL AND seq <= $2 ORDER BY seq",
-        )
-        .bind(crate::recordings::RECORDING_END)
-        .bind(last)
-        .fetch_all(&self.pool)
-        .await?;
-        for r in &seals {
-            let (seq, id): (i64, i64) = (r.try_get("seq")?, r.try_get("id")?);
-            let details: serde_json::Value =
-                serde_json::from_str(&r.try_get::<String, _>("details")?).unwrap_or_default();
+        // Finished recordings are sealed by a `recording.end` event holding their SHA-256
+        // and whose they are.
+        for Seal { id, seq, details } in self.recording_seals(last).await? {
             let (Some(recording), Some(sealed)) =
                 (details["recording"].as_str(), details["sha256"].as_str())
             else {
                 continue;
             };
             let reason = match self.recording_digest(recording).await {
-                Ok((_, now)) if now == sealed => {
-                    // Whose it is, too: the seal names the recording's user, target and
-                    // session.
-                    let row = self.recording_info(recording).await?;
+                Ok((row, _, now)) if now == sealed => {
                     let differs = [
                         ("user", &row.user),
                         ("target", &row.target),

@@ -205,15 +205,16 @@ impl Store {
         recording_from(&self.recording_row(id, RECORDING_COLS).await?)
     }
 
-    /// The size and SHA-256 (hex) of a recording's asciicast text, as
+    /// A recording without its text, and the size and SHA-256 (hex) of the text as
     /// [`Self::recording`] returns it.
-    pub async fn recording_digest(&self, id: &str) -> Result<(usize, String), StoreError> {
+    pub async fn recording_digest(
+        &self,
+        id: &str,
+    ) -> Result<(Recording, usize, String), StoreError> {
         use sha2::Digest as _;
-        let (_, cast) = self.recording(id).await?;
-        Ok((
-            cast.len(),
-            postern_proto::hex(&sha2::Sha256::digest(cast.as_bytes())),
-        ))
+        let (recording, cast) = self.recording(id).await?;
+        let sha256 = postern_proto::hex(&sha2::Sha256::digest(cast.as_bytes()));
+        Ok((recording, cast.len(), sha256))
     }
 
     /// One recording and its asciicast text.
