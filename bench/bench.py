@@ -37,6 +37,7 @@ LOGINS = int(os.environ.get("BENCH_LOGINS", "5"))
 SESSIONS = int(os.environ.get("BENCH_SESSIONS", "20"))
 REVOKES = int(os.environ.get("BENCH_REVOKES", "67"))
 AUDIT_EVENTS = int(os.environ.get("BENCH_AUDIT_EVENTS", "50000"))
+FLOOR_ROUND_TRIPS = int(os.environ.get("BENCH_FLOOR_ROUND_TRIPS", "50000"))
 AUTHZ = int(os.environ.get("BENCH_AUTHZ", "2000"))
 IDLE = int(os.environ.get("BENCH_IDLE_CONNS", "10000"))
 PG_SCALE = int(os.environ.get("BENCH_PG_SCALE", "10"))
@@ -595,6 +596,18 @@ def measure_audit(res):
             failures[f"audit-{backend}"] = (r.stderr or r.stdout).strip()[-300:]
 
 
+def measure_floor(res):
+    """quinn-proto alone, in memory: each end's time in it per small round trip."""
+    r = run([PBENCH, "--threads", "1", "quic-floor", "--round-trips", str(FLOOR_ROUND_TRIPS)],
+            timeout=300, check=False)
+    try:
+        f = json.loads(r.stdout.strip().splitlines()[-1])
+        res.add("floor", "client", f["client_us_per_round_trip"])
+        res.add("floor", "worker", f["worker_us_per_round_trip"])
+    except (ValueError, KeyError, IndexError):
+        failures["quic-floor"] = (r.stderr or r.stdout).strip()[-300:]
+
+
 def measure_revoke(env, res):
     try:
         r = run([PBENCH, "revoke", *env.api_args("bench-echo"), "--count", str(REVOKES)],
@@ -745,6 +758,13 @@ def report(env, res, idle, elapsed):
         lines.append("Audit append throughput, hash chain on (events/s, 64 concurrent "
                      "writers, group commit): " + ", ".join(f"{c} {v:,.0f}" for c, v in aud.items()))
         out["groups"]["audit"] = aud
+    fl = {c: statistics.median(s) for (g, c), s in res.rows.items() if g == "floor"}
+    if fl:
+        lines.append(f"quinn-proto alone, per 70-byte request and 110-byte answer (in memory: both "
+                     f"ends on one thread, the session's TLS suite and transports, no sockets, "
+                     f"runtime or relay; {FLOOR_ROUND_TRIPS:,} round trips): client "
+                     f"{fl['client']:.2f} µs, worker {fl['worker']:.2f} µs of CPU per round trip")
+        out["groups"]["quic_floor_us"] = fl
 
     # targets
     def m(g, c):
@@ -907,6 +927,8 @@ def main():
             measure_revoke(env, res)
         if want("audit"):
             measure_audit(res)
+        if want("floor"):
+            measure_floor(res)
     idle = None
     if want("idle") and IDLE > 0:
         log(f"idle scale: {IDLE} connections")

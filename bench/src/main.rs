@@ -17,6 +17,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
+mod floor;
+
 use postern_cli::session::{
     client_config, new_client_key, open_session, open_session_on, prepare, Session, WorkerHint,
 };
@@ -119,6 +121,19 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         hold_secs: u64,
     },
+    /// quinn-proto alone, both ends in one thread, datagrams in memory: the time each end
+    /// spends in it per request/response round trip, with the session's TLS suite and
+    /// transports (no sockets, runtime or relay; see bench/README.md).
+    QuicFloor {
+        #[arg(long, default_value_t = 100_000)]
+        round_trips: usize,
+        /// Request size, bytes (a `pgbench -S` query is ~70).
+        #[arg(long, default_value_t = 70)]
+        request: usize,
+        /// Response size, bytes (its answer is ~110).
+        #[arg(long, default_value_t = 110)]
+        response: usize,
+    },
     /// A session with a tunable client transport (experiments; the worker side is as built),
     /// serving 127.0.0.1:PORT until SIGTERM, then printing the QUIC connection's stats.
     Tunnel {
@@ -191,6 +206,11 @@ fn main() -> Result<()> {
                 pid,
                 hold_secs,
             } => idle(&api, conns, per_session, pid, hold_secs).await,
+            Cmd::QuicFloor {
+                round_trips,
+                request,
+                response,
+            } => floor::run(round_trips, request, response),
             Cmd::Tunnel {
                 api,
                 port,

@@ -280,9 +280,7 @@ fn dial(
     key: &ClientKey,
 ) -> Result<quinn::Connecting, SessionError> {
     let mut config = client_config(ca_pem, key)?;
-    let mut transport = transport_config();
-    postern_worker::udp::tune_for_path(&mut transport, addr);
-    config.transport_config(Arc::new(transport));
+    config.transport_config(Arc::new(worker_transport(addr)));
     endpoint
         .connect_with(config, addr, server_name)
         .map_err(|e| SessionError::BadAuthorization(format!("cannot dial the worker: {e}")))
@@ -559,6 +557,14 @@ pub fn client_config(ca_pem: &str, key: &ClientKey) -> Result<quinn::ClientConfi
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     config.transport_config(Arc::new(transport_config()));
     Ok(config)
+}
+
+/// The transport a session uses towards the worker at `addr`: [`transport_config`] with
+/// packets sized for the path.
+pub fn worker_transport(addr: SocketAddr) -> quinn::TransportConfig {
+    let mut transport = transport_config();
+    postern_worker::udp::tune_for_path(&mut transport, addr);
+    transport
 }
 
 /// Windows sized for bulk transfer at high bandwidth-delay products, and keep-alives well

@@ -59,7 +59,7 @@ use tokio::task::JoinHandle;
 pub use config::{ConfigError, WorkerConfig};
 pub use postgres::PostgresConfig;
 pub use register::RegisterError;
-pub use tls::{session_crypto, TlsError};
+pub use tls::{session_crypto, session_transport_for, TlsError};
 
 /// How long the listener may take to end its sessions at shutdown.
 const LISTENER_STOP_TIMEOUT: Duration = Duration::from_secs(5);

@@ -107,9 +107,8 @@ async fn handle(
 ) {
     let connecting = match per_path {
         Some(base) => {
-            let mut transport = crate::tls::session_transport();
-            crate::udp::tune_for_path(&mut transport, incoming.remote_address());
             let mut config = (*base).clone();
+            let transport = crate::tls::session_transport_for(incoming.remote_address());
             config.transport_config(Arc::new(transport));
             incoming.accept_with(Arc::new(config))
         }

@@ -109,6 +109,13 @@ pub(crate) fn session_transport() -> TransportConfig {
     transport
 }
 
+/// [`session_transport`] with packets sized for the path to the client at `peer`.
+pub fn session_transport_for(peer: std::net::SocketAddr) -> TransportConfig {
+    let mut transport = session_transport();
+    crate::udp::tune_for_path(&mut transport, peer);
+    transport
+}
+
 /// The DER SubjectPublicKeyInfo of the certificate the client presented (and proved
 /// possession of) on `conn`, if any.
 pub(crate) fn client_spki(conn: &quinn::Connection) -> Option<Vec<u8>> {

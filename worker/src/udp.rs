@@ -59,21 +59,25 @@ pub fn endpoint(
     if let Err(e) = state.set_send_buffer_size(fd.into(), SOCKET_BUFFER) {
         tracing::debug!("cannot enlarge the UDP send buffer: {e}");
     }
+    quinn::Endpoint::new_with_abstract_socket(
+        endpoint_config()?,
+        server,
+        Arc::new(socket),
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
+/// A session endpoint's configuration: the packet size it accepts (a transport parameter;
+/// the peer still discovers what the path carries).
+pub fn endpoint_config() -> std::io::Result<quinn::EndpointConfig> {
     let mut config = quinn::EndpointConfig::default();
-    // What this endpoint accepts (a transport parameter); the peer still discovers what
-    // the path carries.
     let accepted = configured_cap()
         .unwrap_or(MAX_UDP_PAYLOAD)
         .max(MIN_UDP_PAYLOAD);
     config
         .max_udp_payload_size(accepted)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
-    quinn::Endpoint::new_with_abstract_socket(
-        config,
-        server,
-        Arc::new(socket),
-        Arc::new(quinn::TokioRuntime),
-    )
+    Ok(config)
 }
 
 /// quinn's tokio socket, less two kinds of needless wake-up:
