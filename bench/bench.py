@@ -37,6 +37,7 @@ LOGINS = int(os.environ.get("BENCH_LOGINS", "5"))
 SESSIONS = int(os.environ.get("BENCH_SESSIONS", "20"))
 REVOKES = int(os.environ.get("BENCH_REVOKES", "67"))
 AUDIT_EVENTS = int(os.environ.get("BENCH_AUDIT_EVENTS", "50000"))
+CPU_PINGS = int(os.environ.get("BENCH_CPU_PINGS", "10000"))
 FLOOR_ROUND_TRIPS = int(os.environ.get("BENCH_FLOOR_ROUND_TRIPS", "50000"))
 AUTHZ = int(os.environ.get("BENCH_AUTHZ", "2000"))
 IDLE = int(os.environ.get("BENCH_IDLE_CONNS", "10000"))
@@ -145,6 +146,11 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 def tree_cpu(roots):
     """CPU seconds (user + system, reaped children included) of the process trees."""
+    return sum(tree_cpu_split(roots))
+
+
+def tree_cpu_split(roots):
+    """(user, system) CPU seconds, reaped children included, of the process trees."""
     stats = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -155,19 +161,22 @@ def tree_cpu(roots):
         except OSError:
             continue
         rest = txt[txt.rfind(")") + 2:].split()
-        stats[int(d)] = (int(rest[1]), sum(int(x) for x in rest[11:15]))
+        # utime, stime, cutime, cstime
+        f = [int(x) for x in rest[11:15]]
+        stats[int(d)] = (int(rest[1]), f[0] + f[2], f[1] + f[3])
     children = {}
-    for pid, (ppid, _) in stats.items():
+    for pid, (ppid, _, _) in stats.items():
         children.setdefault(ppid, []).append(pid)
-    total, stack, seen = 0, list(roots), set()
+    user, system, stack, seen = 0, 0, list(roots), set()
     while stack:
         pid = stack.pop()
         if pid in seen or pid not in stats:
             continue
         seen.add(pid)
-        total += stats[pid][1]
+        user += stats[pid][1]
+        system += stats[pid][2]
         stack += children.get(pid, [])
-    return total / CLK_TCK
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def run(argv, timeout, env=None, check=True):
@@ -533,6 +542,24 @@ def connlat(env, config):
         return None, None
 
 
+def rtt_cpu(env, config):
+    """The tunnel's (user, system) CPU per one-byte echo round trip, µs: CPU_PINGS echoes on
+    one connection, the tunnel's process trees read around them."""
+    roots = env.roots.get(config)
+    if not roots or CPU_PINGS <= 0:
+        return None, None
+    port = env.tunnels[config]["echo"]
+    try:
+        u0, s0 = tree_cpu_split(roots)
+        run([PBENCH, "connlat", "--addr", f"127.0.0.1:{port}", "--count", "1", "--warmup", "0",
+             "--pings", str(CPU_PINGS)], timeout=300)
+        u1, s1 = tree_cpu_split(roots)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        log(f"echo CPU via {config} failed: {e}")
+        return None, None
+    return (u1 - u0) * 1e6 / CPU_PINGS, (s1 - s0) * 1e6 / CPU_PINGS
+
+
 def wall(argv, n, env=None):
     out = []
     for _ in range(n):
@@ -688,8 +715,10 @@ def report(env, res, idle, elapsed):
         lines.append("")
         lines.append(f"{title}  [{unit}, {'higher' if higher else 'lower'} is better]")
         cpu_col = gkey in ("tput1", "tput4")
+        rtt_col = gkey == "rtt"
         lines.append(f"  {'':{w}} {'median':>10} {'min–max':>19} {'× best peer':>12}"
-                     + (f" {'CPU s/GB':>9}" if cpu_col else ""))
+                     + (f" {'CPU s/GB':>9}" if cpu_col else "")
+                     + (f" {'CPU µs user+sys':>16}" if rtt_col else ""))
         grp = {"unit": unit, "higher_is_better": higher, "best_peer": bc, "rows": {}}
         for c, s in rows:
             sm = summarize(s)
@@ -705,6 +734,16 @@ def report(env, res, idle, elapsed):
                 cpu = res.rows.get((gkey + "-cpu", c))
                 sm["tunnel_cpu_s_per_gb"] = statistics.median(cpu) if cpu else None
                 extra = f" {(f'{statistics.median(cpu):.2f}' if cpu else '-'):>9}"
+            if rtt_col:
+                user = res.rows.get(("rtt-cpu-user", c))
+                system = res.rows.get(("rtt-cpu-sys", c))
+                if user and system:
+                    sm["tunnel_cpu_us_per_round_trip"] = {"user": statistics.median(user),
+                                                          "system": statistics.median(system)}
+                    cell = f"{statistics.median(user):.1f}+{statistics.median(system):.1f}"
+                else:
+                    cell = "-"
+                extra = f" {cell:>16}"
             lines.append(f"  {label[:w]:{w}} {fmt(sm['median'], unit):>10} {rng:>19} "
                          f"{(f'{ratio:.2f}' if ratio else '-'):>12}{extra}{mark}")
         if gkey == "session":
@@ -853,6 +892,10 @@ def report(env, res, idle, elapsed):
                  "rathole server + client, postern dev + postern connect) per GB moved; the "
                  "2 cores are shared by sender, tunnel and receiver, so this is the cost that "
                  "caps throughput here.")
+    if CPU_PINGS > 0:
+        lines.append(f"CPU µs user+sys (echo round trip): the same processes' user and system "
+                     f"CPU per one-byte echo, over {CPU_PINGS:,} echoes on one connection "
+                     f"(both ends of the tunnel together; clock ticks of 10 ms).")
     lines.append(f"* = best peer (ssh, socat, rathole; direct and Postern excluded). Rounds: "
                  f"{ROUNDS}, peers interleaved (order rotated each round); min–max over "
                  f"rounds. Total time {elapsed / 60:.1f} min. JSON: bench/{RESULTS}")
@@ -908,6 +951,9 @@ def main():
                 first, rtt = connlat(env, c)
                 res.add("connlat", c, first)
                 res.add("rtt", c, rtt)
+                user, system = rtt_cpu(env, c)
+                res.add("rtt-cpu-user", c, user)
+                res.add("rtt-cpu-sys", c, system)
         if want("session"):
             measure_sessions(env, res)
         if want("tput"):
