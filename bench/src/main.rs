@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
+mod direct;
 mod floor;
 
 use postern_cli::session::{
@@ -134,6 +135,14 @@ enum Cmd {
         #[arg(long, default_value_t = 110)]
         response: usize,
     },
+    /// Experiment: the client side of a session on one task driving quinn-proto directly
+    /// (no quinn driver), serving 127.0.0.1:PORT until SIGTERM.
+    ProtoTunnel {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[arg(long)]
+        port: u16,
+    },
     /// A session with a tunable client transport (experiments; the worker side is as built),
     /// serving 127.0.0.1:PORT until SIGTERM, then printing the QUIC connection's stats.
     Tunnel {
@@ -211,6 +220,7 @@ fn main() -> Result<()> {
                 request,
                 response,
             } => floor::run(round_trips, request, response),
+            Cmd::ProtoTunnel { api, port } => direct::run(&api, port).await,
             Cmd::Tunnel {
                 api,
                 port,

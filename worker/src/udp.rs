@@ -80,6 +80,13 @@ pub fn endpoint_config() -> std::io::Result<quinn::EndpointConfig> {
     Ok(config)
 }
 
+/// `socket` as a session endpoint's socket ([`endpoint`] uses the same), for a driver of
+/// quinn-proto other than quinn's own (`postern-bench proto-tunnel`). Registers it with the
+/// current runtime's reactor.
+pub fn session_socket(socket: std::net::UdpSocket) -> io::Result<impl quinn::AsyncUdpSocket> {
+    Socket::new(socket)
+}
+
 /// quinn's tokio socket, less two kinds of needless wake-up:
 ///
 /// - after a receive that returned fewer datagrams than it had room for, the socket is known
