@@ -395,14 +395,8 @@ fn step(
             f.held = Some(held);
             return Ok(progress);
         }
-        let mut chunks = [held];
-        match conn.send_stream(id).write_chunks(&mut chunks) {
-            Ok(_) | Err(WriteError::Blocked) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let [rest] = chunks;
-        if !rest.is_empty() {
-            f.held = Some(rest);
+        f.held = offer(conn, id, held)?;
+        if f.held.is_some() {
             return Ok(progress);
         }
         progress = true;
@@ -425,18 +419,23 @@ fn step(
             break;
         }
         // One copy (this crate has no `unsafe` to read into uninitialised room).
-        let mut chunks = [Bytes::copy_from_slice(&f.buf[..n])];
-        match conn.send_stream(id).write_chunks(&mut chunks) {
-            Ok(_) | Err(WriteError::Blocked) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let [rest] = chunks;
-        if !rest.is_empty() {
-            f.held = Some(rest);
+        f.held = offer(conn, id, Bytes::copy_from_slice(&f.buf[..n]))?;
+        if f.held.is_some() {
             break;
         }
     }
     Ok(progress)
+}
+
+/// Writes `data` to stream `id` as far as flow control lets it; what it did not take.
+fn offer(conn: &mut Connection, id: StreamId, data: Bytes) -> Result<Option<Bytes>> {
+    let mut chunks = [data];
+    match conn.send_stream(id).write_chunks(&mut chunks) {
+        Ok(_) | Err(WriteError::Blocked) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let [rest] = chunks;
+    Ok((!rest.is_empty()).then_some(rest))
 }
 
 pub async fn run(api: &ApiArgs, port: u16) -> Result<Value> {
