@@ -27,6 +27,8 @@ const SERVER_NAME: &str = "worker.bench.invalid";
 const BATCH: usize = 10;
 /// Bound on the exchanges that move one message, so a stalled exchange fails the run.
 const MAX_EXCHANGES: usize = 1_000;
+/// Longest wait for a timer when nothing moves.
+const TIMER_WAIT: Duration = Duration::from_millis(20);
 
 /// One end: its endpoint, its connection once there is one, and its time inside quinn-proto.
 struct End {
@@ -195,6 +197,15 @@ fn deliver(
         got += to.read(id)?;
         if got >= data.len() {
             return Ok(());
+        }
+        // Nothing more moves until a timer of either end (the pacer, a delayed
+        // acknowledgement) is due: wait for it, outside the time counted.
+        let next = [&mut *from, &mut *to]
+            .into_iter()
+            .filter_map(|end| end.conn.as_mut().and_then(|(_, c)| c.poll_timeout()))
+            .min();
+        if let Some(at) = next {
+            std::thread::sleep(at.saturating_duration_since(Instant::now()).min(TIMER_WAIT));
         }
     }
     bail!("{got} of {} bytes arrived", data.len())
