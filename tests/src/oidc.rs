@@ -28,27 +28,40 @@ struct Sso {
     anon: Api,
 }
 
-async fn sso(tweak: impl FnOnce(&mut OidcConfig)) -> Sso {
-    let addrs = free_addrs();
-    let redirect = format!("http://{}/v1/auth/oidc/callback", addrs.0);
-    let idp = Idp::start(&redirect).await.expect("OpenID provider");
-    let mut m = OidcConfig::new("corp", &idp.issuer, CLIENT_ID, Some(CLIENT_SECRET));
-    m.scopes = vec!["email".into(), "groups".into()];
-    m.required_claims
-        .insert("email_verified".into(), json!(true));
-    m.allowed_domains = vec!["example.com".into()];
-    m.device_poll_interval = Some(Duration::from_secs(1));
-    m.device_flow = true;
-    tweak(&mut m);
-    let c = Cluster::start_with(ClusterOptions {
-        addrs: Some(addrs),
-        oidc: vec![m],
-        ..Default::default()
-    })
-    .await
-    .expect("cluster");
-    let anon = Api::new(&c.admin.base);
-    Sso { c, idp, anon }
+async fn sso(tweak: impl Fn(&mut OidcConfig)) -> Sso {
+    // The API's address goes into the redirect URL the provider is started with, so it is
+    // picked before the controller binds it; another test may take the port meanwhile (the
+    // provider takes ~1 s to start): then everything starts again on new ports.
+    for attempt in 1.. {
+        let addrs = free_addrs();
+        let redirect = format!("http://{}/v1/auth/oidc/callback", addrs.0);
+        let idp = Idp::start(&redirect).await.expect("OpenID provider");
+        let mut m = OidcConfig::new("corp", &idp.issuer, CLIENT_ID, Some(CLIENT_SECRET));
+        m.scopes = vec!["email".into(), "groups".into()];
+        m.required_claims
+            .insert("email_verified".into(), json!(true));
+        m.allowed_domains = vec!["example.com".into()];
+        m.device_poll_interval = Some(Duration::from_secs(1));
+        m.device_flow = true;
+        tweak(&mut m);
+        let started = Cluster::start_with(ClusterOptions {
+            addrs: Some(addrs),
+            oidc: vec![m],
+            ..Default::default()
+        })
+        .await;
+        match started {
+            Ok(c) => {
+                let anon = Api::new(&c.admin.base);
+                return Sso { c, idp, anon };
+            }
+            Err(e) if attempt < 3 && format!("{e:#}").contains("Address already in use") => {
+                eprintln!("port taken meanwhile ({e:#}); starting again");
+            }
+            Err(e) => panic!("cluster: {e:?}"),
+        }
+    }
+    unreachable!("the loop returns or panics")
 }
 
 impl Sso {
