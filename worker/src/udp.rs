@@ -50,19 +50,10 @@ pub fn endpoint(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
 ) -> std::io::Result<quinn::Endpoint> {
-    let socket = Socket::new(std::net::UdpSocket::bind(addr)?)?;
-    let (state, fd) = (&socket.state, socket.io.get_ref());
-    // Best effort: a smaller buffer still works, only less well under load.
-    if let Err(e) = state.set_recv_buffer_size(fd.into(), SOCKET_BUFFER) {
-        tracing::debug!("cannot enlarge the UDP receive buffer: {e}");
-    }
-    if let Err(e) = state.set_send_buffer_size(fd.into(), SOCKET_BUFFER) {
-        tracing::debug!("cannot enlarge the UDP send buffer: {e}");
-    }
     quinn::Endpoint::new_with_abstract_socket(
         endpoint_config()?,
         server,
-        Arc::new(socket),
+        Arc::new(Socket::with_buffers(std::net::UdpSocket::bind(addr)?)?),
         Arc::new(quinn::TokioRuntime),
     )
 }
@@ -84,7 +75,7 @@ pub fn endpoint_config() -> std::io::Result<quinn::EndpointConfig> {
 /// quinn-proto other than quinn's own (`postern-bench proto-tunnel`). Registers it with the
 /// current runtime's reactor.
 pub fn session_socket(socket: std::net::UdpSocket) -> io::Result<impl quinn::AsyncUdpSocket> {
-    Socket::new(socket)
+    Socket::with_buffers(socket)
 }
 
 /// quinn's tokio socket, less two kinds of needless wake-up:
@@ -116,6 +107,20 @@ impl Socket {
             state,
             blocked: AtomicBool::new(false),
         })
+    }
+
+    /// [`Socket::new`] with large socket buffers where the kernel allows them.
+    fn with_buffers(socket: std::net::UdpSocket) -> io::Result<Self> {
+        let socket = Socket::new(socket)?;
+        let (state, fd) = (&socket.state, socket.io.get_ref());
+        // Best effort: a smaller buffer still works, only less well under load.
+        if let Err(e) = state.set_recv_buffer_size(fd.into(), SOCKET_BUFFER) {
+            tracing::debug!("cannot enlarge the UDP receive buffer: {e}");
+        }
+        if let Err(e) = state.set_send_buffer_size(fd.into(), SOCKET_BUFFER) {
+            tracing::debug!("cannot enlarge the UDP send buffer: {e}");
+        }
+        Ok(socket)
     }
 }
 
