@@ -29,7 +29,7 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Global options")]
 pub struct GlobalArgs {
-    /// Print machine-readable JSON instead of tables.
+    /// Print machine-readable JSON instead of tables (an error: one JSON object on stderr).
     #[arg(long, global = true)]
     pub json: bool,
     /// Controller URL (default: the saved profile's, else http://127.0.0.1:9200).

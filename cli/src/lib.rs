@@ -53,6 +53,7 @@ where
         }
     };
     init_tracing(cli.global.verbose);
+    let json = cli.global.json;
 
     // A session client is one relay loop: on one thread it wakes no second one per packet
     // (the benchmark measured 46% of a small-query session's CPU in cross-thread wake-ups).
@@ -82,7 +83,11 @@ where
         // The reader asked for no more (`| head`): like any Unix tool, stop without a word.
         Err(e) if e.is::<output::StdoutClosed>() => ExitCode::SUCCESS,
         Err(e) => {
-            print_error(&e);
+            if json {
+                print_error_json(&e);
+            } else {
+                print_error(&e);
+            }
             ExitCode::FAILURE
         }
     }
@@ -123,15 +128,45 @@ pub fn print_error(e: &anyhow::Error) {
 
 fn error_text(e: &anyhow::Error) -> String {
     let mut text = format!("error: {e}");
+    for line in causes(e) {
+        text.push_str(&format!("\n  caused by: {line}"));
+    }
+    text
+}
+
+/// `e`'s causes, each once: a cause whose text the one above already holds adds nothing.
+fn causes(e: &anyhow::Error) -> Vec<String> {
+    let mut out = Vec::new();
     let mut above = e.to_string();
     for cause in e.chain().skip(1) {
         let line = cause.to_string();
         if !above.contains(&line) {
-            text.push_str(&format!("\n  caused by: {line}"));
+            out.push(line.clone());
         }
         above = line;
     }
-    text
+    out
+}
+
+/// With `--json`: the error as one JSON object on stderr, `{"error": {"message", "causes",
+/// and for a controller's refusal "status" and "code"}}`, so a script reads the reason as
+/// it reads the results (stdout stays empty).
+pub fn print_error_json(e: &anyhow::Error) {
+    crate::errln!("{}", error_json(e));
+}
+
+fn error_json(e: &anyhow::Error) -> serde_json::Value {
+    let mut error = serde_json::json!({
+        "message": e.to_string(),
+        "causes": causes(e),
+    });
+    if let Some(client::ApiError::Api { status, code, .. }) =
+        e.chain().find_map(|c| c.downcast_ref::<client::ApiError>())
+    {
+        error["status"] = (*status).into();
+        error["code"] = code.as_str().into();
+    }
+    serde_json::json!({ "error": error })
 }
 
 fn init_tracing(verbose: u8) {
@@ -187,6 +222,30 @@ mod tests {
         assert_eq!(
             error_text(&e),
             "error: starting\n  caused by: connecting\n  caused by: database \"x\" does not exist"
+        );
+    }
+
+    #[test]
+    fn a_json_error_carries_the_causes_and_the_controllers_code() {
+        let refusal = client::ApiError::Api {
+            status: 403,
+            code: "forbidden".into(),
+            message: "permission denied".into(),
+        };
+        let e = anyhow::Error::new(refusal).context("cannot list sessions");
+        let json = error_json(&e);
+        assert_eq!(json["error"]["message"], "cannot list sessions");
+        assert_eq!(
+            json["error"]["causes"],
+            serde_json::json!(["permission denied"])
+        );
+        assert_eq!(json["error"]["status"], 403);
+        assert_eq!(json["error"]["code"], "forbidden");
+        // Not the controller's: no status or code.
+        let json = error_json(&anyhow::anyhow!("no profile"));
+        assert_eq!(
+            json,
+            serde_json::json!({"error": {"message": "no profile", "causes": []}})
         );
     }
 

@@ -249,6 +249,24 @@ fn dev_then_connect_runs_real_psql_through_the_worker() {
     assert!(out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("s_nope"), "{stderr}");
+    // With --json an error is JSON too: one object on stderr, nothing on stdout.
+    let out = postern(&dir, &["--json", "sessions", "show", "s_nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty(), "{:?}", out.stdout);
+    let err: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap_or_else(|e| {
+        panic!("{e}: {}", String::from_utf8_lossy(&out.stderr));
+    });
+    assert_eq!(err["error"]["status"], 404, "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("s_nope")),
+        "{err}"
+    );
+    assert!(
+        err["error"]["code"].as_str().is_some_and(|c| !c.is_empty()),
+        "{err}"
+    );
 
     // A reader that stops reading (`postern audit list | head`) ends the command quietly:
     // no panic, no error, whichever way it prints. The pipe's read end is closed before
