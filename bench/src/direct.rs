@@ -19,8 +19,8 @@ use anyhow::{bail, Context as _, Result};
 use bytes::{Buf as _, Bytes, BytesMut};
 use quinn::udp::RecvMeta;
 use quinn_proto::{
-    Connection, ConnectionHandle, DatagramEvent, Dir, Endpoint, Event, ReadError, StreamEvent,
-    StreamId, VarInt, WriteError,
+    Connection, ConnectionHandle, DatagramEvent, Dir, Endpoint, Event, StreamEvent, StreamId,
+    VarInt, WriteError,
 };
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
@@ -31,6 +31,7 @@ use postern_cli::session::{client_config, new_client_key, worker_transport};
 use postern_proto::session::{ConnOpen, ConnReply, SessionHello, SessionReply};
 use postern_proto::{frame, PROTOCOL_VERSION};
 
+use crate::floor::drain;
 use crate::{authorize, ApiArgs};
 
 const CHUNK: usize = 64 * 1024;
@@ -307,21 +308,7 @@ impl Driver {
 
 /// Reads what stream `id` has into `buf`; `true` if the stream finished.
 fn read_into(conn: &mut Connection, id: StreamId, buf: &mut Vec<u8>) -> Result<bool> {
-    let mut stream = conn.recv_stream(id);
-    let mut chunks = stream.read(true)?;
-    let fin = loop {
-        match chunks.next(usize::MAX) {
-            Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
-            Ok(None) => break true,
-            Err(ReadError::Blocked) => break false,
-            Err(e) => {
-                let _ = chunks.finalize();
-                return Err(e.into());
-            }
-        }
-    };
-    let _ = chunks.finalize();
-    Ok(fin)
+    drain(conn, id, |bytes| buf.extend_from_slice(&bytes))
 }
 
 /// One forwarded connection's work: the worker's reply, stream → socket, socket → stream.
@@ -349,23 +336,7 @@ fn step(
                 None => {}
             }
         } else {
-            let mut stream = conn.recv_stream(id);
-            let mut chunks = stream.read(true)?;
-            loop {
-                match chunks.next(usize::MAX) {
-                    Ok(Some(c)) => f.out.push_back(c.bytes),
-                    Ok(None) => {
-                        f.stream_fin = true;
-                        break;
-                    }
-                    Err(ReadError::Blocked) => break,
-                    Err(e) => {
-                        let _ = chunks.finalize();
-                        return Err(e.into());
-                    }
-                }
-            }
-            let _ = chunks.finalize();
+            f.stream_fin = drain(conn, id, |bytes| f.out.push_back(bytes))?;
         }
         progress = true;
     }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn_proto::{
     Connection, ConnectionHandle, DatagramEvent, Dir, Endpoint, Event, ReadError, ServerConfig,
@@ -123,18 +123,8 @@ impl End {
     /// Reads whatever `id` holds; returns the byte count.
     fn read(&mut self, id: StreamId) -> Result<usize> {
         let t = Instant::now();
-        let conn = self.conn()?;
-        let mut stream = conn.recv_stream(id);
-        let mut chunks = stream.read(true).context("reading the stream")?;
         let mut n = 0;
-        loop {
-            match chunks.next(usize::MAX) {
-                Ok(Some(chunk)) => n += chunk.bytes.len(),
-                Ok(None) | Err(ReadError::Blocked) => break,
-                Err(e) => bail!("reading the stream: {e}"),
-            }
-        }
-        let _ = chunks.finalize();
+        drain(self.conn()?, id, |bytes| n += bytes.len()).context("reading the stream")?;
         self.busy += t.elapsed();
         Ok(n)
     }
@@ -152,6 +142,26 @@ impl End {
         self.busy += t.elapsed();
         Ok(())
     }
+}
+
+/// Hands `each` every chunk stream `id` holds now; `true` if the stream has finished.
+pub(crate) fn drain(
+    conn: &mut Connection,
+    id: StreamId,
+    mut each: impl FnMut(Bytes),
+) -> Result<bool> {
+    let mut stream = conn.recv_stream(id);
+    let mut chunks = stream.read(true)?;
+    let read = loop {
+        match chunks.next(usize::MAX) {
+            Ok(Some(c)) => each(c.bytes),
+            Ok(None) => break Ok(true),
+            Err(ReadError::Blocked) => break Ok(false),
+            Err(e) => break Err(e.into()),
+        }
+    };
+    let _ = chunks.finalize();
+    read
 }
 
 /// Moves datagrams both ways until neither end has anything to send.

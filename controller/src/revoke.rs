@@ -198,6 +198,23 @@ pub async fn end_target_sessions(
     end_sessions(state, &sessions, reason, actor).await
 }
 
+/// Audits a change to roles, rules, bindings or groups by `actor` (a success), then ends the
+/// open sessions it no longer allows ([`reevaluate`]): they end even if the record fails,
+/// whose error comes after.
+pub async fn audit_policy_change(
+    state: &AppState,
+    actor: &str,
+    action: &str,
+    resource: &str,
+    details: serde_json::Value,
+) -> Result<(), StoreError> {
+    let audited = state
+        .audit(actor, action, resource, "success", details)
+        .await;
+    reevaluate(state, actor).await?;
+    audited
+}
+
 /// Re-evaluates every live session against the current policy and ends those it no longer
 /// allows ("policy changed"). Called after any change to roles, rules, bindings, groups.
 pub async fn reevaluate(state: &AppState, actor: &str) -> Result<usize, StoreError> {

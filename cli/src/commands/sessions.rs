@@ -83,23 +83,18 @@ pub async fn run(ctx: &Ctx, cmd: SessionsCmd) -> Result<ExitCode> {
                     .ok()
                     .and_then(|all| all.into_iter().find(|w| w.name == s.worker))
                     .map(|w| w.connected);
+                let done = format!("Cancelled session {} ({} to {})", s.id, s.user, s.target);
                 if connected == Some(false) {
                     crate::outln!(
-                        "Cancelled session {} ({} to {}). Its worker {} is not connected to any \
-                         controller: it ends the session when it reconnects, or on its own \
-                         once its grace period without a controller is over.",
-                        s.id,
-                        s.user,
-                        s.target,
+                        "{done}. Its worker {} is not connected to any controller: it ends the \
+                         session when it reconnects, or on its own once its grace period \
+                         without a controller is over.",
                         s.worker
                     );
                 } else {
                     crate::outln!(
-                        "Cancelled session {} ({} to {}); its connections are being closed \
-                         (`postern sessions show {}` counts them once the worker reports them).",
-                        s.id,
-                        s.user,
-                        s.target,
+                        "{done}; its connections are being closed (`postern sessions show {}` \
+                         counts them once the worker reports them).",
                         s.id
                     );
                 }

@@ -357,19 +357,15 @@ pub async fn delete_group(
 ) -> Result<StatusCode, ApiError> {
     caller.require(&state, "groups:write", None).await?;
     state.store.delete_group(&name).await?;
-    // Recorded first; the sessions end even if the record fails.
-    let audited = state
-        .audit(
-            caller.name(),
-            "group.delete",
-            &format!("group:{name}"),
-            "success",
-            json!({}),
-        )
-        .await;
-    // Open sessions the change no longer allows end now, not at their expiry.
-    crate::revoke::reevaluate(&state, caller.name()).await?;
-    audited?;
+    // Recorded; open sessions the change no longer allows end now, not at their expiry.
+    crate::revoke::audit_policy_change(
+        &state,
+        caller.name(),
+        "group.delete",
+        &format!("group:{name}"),
+        json!({}),
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -402,19 +398,15 @@ pub async fn remove_member(
 ) -> ApiResult<Group> {
     caller.require(&state, "groups:write", None).await?;
     state.store.remove_member(&name, &user).await?;
-    // Recorded first; the sessions end even if the record fails.
-    let audited = state
-        .audit(
-            caller.name(),
-            "group.remove_member",
-            &format!("group:{name}"),
-            "success",
-            json!({"user": user}),
-        )
-        .await;
-    // Open sessions the change no longer allows end now, not at their expiry.
-    crate::revoke::reevaluate(&state, caller.name()).await?;
-    audited?;
+    // Recorded; open sessions the change no longer allows end now, not at their expiry.
+    crate::revoke::audit_policy_change(
+        &state,
+        caller.name(),
+        "group.remove_member",
+        &format!("group:{name}"),
+        json!({"user": user}),
+    )
+    .await?;
     Ok(Json(group_view(&state, &name).await?))
 }
 
@@ -487,19 +479,15 @@ pub async fn delete_role(
         )));
     }
     state.store.delete_role(&name).await?;
-    // Recorded first; the sessions end even if the record fails.
-    let audited = state
-        .audit(
-            caller.name(),
-            "role.delete",
-            &format!("role:{name}"),
-            "success",
-            json!({}),
-        )
-        .await;
-    // Open sessions the change no longer allows end now, not at their expiry.
-    crate::revoke::reevaluate(&state, caller.name()).await?;
-    audited?;
+    // Recorded; open sessions the change no longer allows end now, not at their expiry.
+    crate::revoke::audit_policy_change(
+        &state,
+        caller.name(),
+        "role.delete",
+        &format!("role:{name}"),
+        json!({}),
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -552,19 +540,15 @@ pub async fn add_rule(
         )));
     }
     state.store.add_rule(&name, &rule).await?;
-    // Recorded first; the sessions end even if the record fails.
-    let audited = state
-        .audit(
-            caller.name(),
-            "role.add_rule",
-            &format!("role:{name}"),
-            "success",
-            json!({"rule": rule}),
-        )
-        .await;
-    // Open sessions the change no longer allows end now, not at their expiry.
-    crate::revoke::reevaluate(&state, caller.name()).await?;
-    audited?;
+    // Recorded; open sessions the change no longer allows end now, not at their expiry.
+    crate::revoke::audit_policy_change(
+        &state,
+        caller.name(),
+        "role.add_rule",
+        &format!("role:{name}"),
+        json!({"rule": rule}),
+    )
+    .await?;
     Ok(Json(role_view(&state, &name).await?))
 }
 
@@ -586,19 +570,15 @@ pub async fn remove_rule(
         )));
     }
     let rule = state.store.remove_rule(&name, position).await?;
-    // Recorded first; the sessions end even if the record fails.
-    let audited = state
-        .audit(
-            caller.name(),
-            "role.remove_rule",
-            &format!("role:{name}"),
-            "success",
-            json!({"position": position, "rule": rule}),
-        )
-        .await;
-    // Open sessions the change no longer allows end now, not at their expiry.
-    crate::revoke::reevaluate(&state, caller.name()).await?;
-    audited?;
+    // Recorded; open sessions the change no longer allows end now, not at their expiry.
+    crate::revoke::audit_policy_change(
+        &state,
+        caller.name(),
+        "role.remove_rule",
+        &format!("role:{name}"),
+        json!({"position": position, "rule": rule}),
+    )
+    .await?;
     Ok(Json(role_view(&state, &name).await?))
 }
 
@@ -643,18 +623,14 @@ pub async fn unbind(
              admin do it, or bind yourself a role that allows roles:write first)"
         )));
     }
-    // Recorded first; the sessions end even if the record fails.
-    let audited = state
-        .audit(
-            caller.name(),
-            "role.unbind",
-            &format!("role:{name}"),
-            "success",
-            json!({"principal": who}),
-        )
-        .await;
-    // Open sessions the change no longer allows end now, not at their expiry.
-    crate::revoke::reevaluate(&state, caller.name()).await?;
-    audited?;
+    // Recorded; open sessions the change no longer allows end now, not at their expiry.
+    crate::revoke::audit_policy_change(
+        &state,
+        caller.name(),
+        "role.unbind",
+        &format!("role:{name}"),
+        json!({"principal": who}),
+    )
+    .await?;
     Ok(Json(role_view(&state, &name).await?))
 }

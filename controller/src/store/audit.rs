@@ -434,10 +434,7 @@ impl Store {
             .fetch_one(&self.pool)
             .await?
             .try_get("m")?;
-        let head_now: i64 = sqlx::query("SELECT seq FROM audit_head WHERE id = 1")
-            .fetch_one(&self.pool)
-            .await?
-            .try_get("seq")?;
+        let head_now = self.audit_head().await?;
         if let Some(newest) = newest.filter(|n| *n > head_now) {
             return Ok(broken(
                 head_now + 1,
