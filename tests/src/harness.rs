@@ -264,12 +264,31 @@ pub fn worker_config(
 /// Two free loopback ports (TCP for the API, UDP for the cluster), for a controller that
 /// must come back on the same addresses.
 pub fn free_addrs() -> (SocketAddr, SocketAddr) {
-    let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("tcp port");
-    let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp port");
     (
-        tcp.local_addr().expect("addr"),
-        udp.local_addr().expect("addr"),
+        free_port(|a| std::net::TcpListener::bind(a).is_ok()),
+        free_port(|a| std::net::UdpSocket::bind(a).is_ok()),
     )
+}
+
+/// A free loopback port below the kernel's ephemeral range: a test picks it now and binds
+/// it later (or again, after a restart), and meanwhile no `bind(…:0)` anywhere — another
+/// test's client, listener or endpoint — can be given it.
+fn free_port(binds: impl Fn(SocketAddr) -> bool) -> SocketAddr {
+    use std::hash::BuildHasher as _;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let (low, high) = (10_000u16, ephemeral_low.max(10_001));
+    let random = std::hash::RandomState::new();
+    for attempt in 0u32..1_000 {
+        let port = low + (random.hash_one(attempt) % u64::from(high - low)) as u16;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        if binds(addr) {
+            return addr;
+        }
+    }
+    panic!("no free loopback port from {low} to {high}");
 }
 
 /// A controller (SQLite in a temp dir) and one registered worker, both in-process.
