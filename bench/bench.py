@@ -24,7 +24,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WORK = os.path.join(HERE, "work")
 RUN = os.path.join(WORK, "run")
 BIN = os.environ["BENCH_BIN_DIR"]
-POSTERN = os.path.join(BIN, "postern")
+# bench/run points this at the profile-guided build (BENCH_PGO) or, for its training run, at
+# the instrumented one; postern-bench always comes from the ordinary release build.
+POSTERN = os.environ.get("BENCH_POSTERN") or os.path.join(BIN, "postern")
+BUILD_NOTE = os.environ.get("BENCH_BUILD_NOTE", "")
+TRAIN = os.environ.get("BENCH_TRAIN") == "1"
 PBENCH = os.path.join(BIN, "postern-bench")
 RATHOLE = os.environ.get("BENCH_RATHOLE", "")
 RATHOLE_NOTE = os.environ.get("BENCH_RATHOLE_NOTE", "")
@@ -588,6 +592,8 @@ def measure_sessions(env, res):
              "127.0.0.1:{port}", "--count", "1", "--warmup", "0"], LOGINS, env=env.postern_env))
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         log(f"postern connect -- CMD failed: {e}")
+    if env.ssh_base is None:
+        return  # the training run (BENCH_TRAIN) starts no peers
     try:
         res.add("session", "ssh-login", wall(env.ssh_base + ["true"], LOGINS))
         proxy = " ".join(["ssh"] + env.ssh_opts + ["-W", "%h:%p", "root@127.0.0.1"])
@@ -691,7 +697,7 @@ def report(env, res, idle, elapsed):
                     "path_mtu": PATH_MTU or None,
                     "conns_per_round": CONNS, "pg_scale": PG_SCALE, "elapsed_secs": elapsed,
                     "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": os.uname().nodename,
-                    "nproc": os.cpu_count()},
+                    "nproc": os.cpu_count(), "postern_build": BUILD_NOTE or None},
            "groups": {}, "targets": [], "notes": notes, "unavailable": failures}
     lines = []
     w = 66
@@ -909,6 +915,47 @@ def report(env, res, idle, elapsed):
 # ----------------------------------------------------------------------------------------
 
 
+def train():
+    """BENCH_TRAIN=1, bench/run's training run before the profile-guided build: Postern alone
+    (no peers), one short round of each measurement that goes through the `postern` binary,
+    nothing reported. The instrumented `postern` processes write their profiles as they exit
+    (SIGTERM at the end)."""
+    env = Env()
+    res = Results()
+    log("training: targets, postern dev (SQLite and PostgreSQL stores), postern connect")
+    env.start_targets()
+    env.start_postern()
+    env.start_postern_pg_controller()
+    failed = []
+
+    def check(what, value):
+        if value is None or value == (None, None):
+            failed.append(what)
+
+    log("training: new connections and echoes")
+    check("connlat", connlat(env, "postern"))
+    check("echo CPU", rtt_cpu(env, "postern"))
+    log("training: new sessions")
+    measure_sessions(env, res)
+    log("training: bulk, default and 1500-byte packets, 1 and 4 connections")
+    for c in ("postern", "postern-1500"):
+        for n in (1, 4):
+            check(f"iperf3 -P {n} via {c}", iperf(env, c, n))
+    log("training: pgbench -S, tcp and postgres, with and without -C")
+    for c in ("postern", "postern-pg"):
+        for each in (False, True):
+            check(f"pgbench{' -C' if each else ''} via {c}", pgbench(env, c, each))
+    log("training: authorizations and revocations")
+    measure_authz(env, res, 0)
+    measure_revoke(env, res)
+    for group in ("session", "authz", "revoke-p50"):
+        if not any(g == group for g, _ in res.rows):
+            failed.append(group)
+    if failed:
+        raise RuntimeError(f"training run: these failed (see bench/work/run/): {failed}")
+    log("training: done; stopping Postern (each process writes its profile as it exits)")
+
+
 def main():
     t0 = time.time()
     shutil.rmtree(RUN, ignore_errors=True)
@@ -917,6 +964,11 @@ def main():
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
+    if TRAIN:
+        train()
+        return
+    if BUILD_NOTE:
+        notes.append(BUILD_NOTE)
     env = Env()
     res = Results()
     log("starting targets (echo, iperf3, PostgreSQL)")
