@@ -42,7 +42,15 @@ pub async fn run(ctx: &Ctx, cmd: SessionsCmd) -> Result<ExitCode> {
                 return ok();
             }
             let mut t = Table::new(&[
-                "ID", "USER", "TARGET", "WORKER", "STATUS", "CREATED", "EXPIRES", "CONNS", "UP",
+                "ID",
+                "USER",
+                "TARGET",
+                "WORKER",
+                "STATUS",
+                "CREATED",
+                "EXPIRES",
+                "CLOSED CONNS",
+                "UP",
                 "DOWN",
             ]);
             for s in sessions {
@@ -129,9 +137,10 @@ fn show(ctx: &Ctx, s: &Session) -> Result<()> {
         ),
         ("Ended", opt(s.ended_at.map(when))),
         ("End reason", opt(s.end_reason.clone())),
-        ("Connections", s.connections.to_string()),
-        ("Bytes up", bytes(s.bytes_up)),
-        ("Bytes down", bytes(s.bytes_down)),
+        // The worker reports a connection (and its bytes) as it closes.
+        ("Closed connections", s.connections.to_string()),
+        ("Bytes up (closed)", bytes(s.bytes_up)),
+        ("Bytes down (closed)", bytes(s.bytes_down)),
     ])?;
     Ok(())
 }
