@@ -46,6 +46,9 @@ FLOOR_ROUND_TRIPS = int(os.environ.get("BENCH_FLOOR_ROUND_TRIPS", "50000"))
 AUTHZ = int(os.environ.get("BENCH_AUTHZ", "2000"))
 IDLE = int(os.environ.get("BENCH_IDLE_CONNS", "10000"))
 PG_SCALE = int(os.environ.get("BENCH_PG_SCALE", "10"))
+# Session lanes: `postern dev --session-lanes N` and a second set of tunnels through
+# `postern connect --lanes N` (rows "Postern tcp, N lanes"); 1 leaves them out.
+LANES = int(os.environ.get("BENCH_LANES", "2"))
 ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
 # Set (and checked, with BENCH_ONLY) by bench/run, which then runs this script in a network
 # namespace of its own whose loopback has this MTU: every tunnel, not only Postern's QUIC,
@@ -68,6 +71,8 @@ LABELS = {
     "postern": "Postern tcp (postern connect)",
     "postern-1500": "Postern tcp, QUIC packets capped for a 1500-byte path MTU",
     "postern-pg": "Postern postgres (wire proxy, statement audit on)",
+    "postern-lanes": f"Postern tcp, {LANES} lanes (connect --lanes {LANES}, session_lanes "
+                     f"{LANES})",
     "controller": "Postern controller (postern dev, SQLite)",
     "controller-pg": "Postern controller (postern dev --database-url, PostgreSQL)",
 }
@@ -395,7 +400,8 @@ LogLevel ERROR
         return p, prof["addr"], prof["token"], env
 
     def start_postern(self):
-        p, self.api, self.token, env = self.start_dev("postern")
+        lanes = ["--session-lanes", str(LANES)] if LANES > 1 else []
+        p, self.api, self.token, env = self.start_dev("postern", lanes)
         self.postern_env = env
         self.postern_pid = p.pid
         self.controllers["controller"] = (self.api, self.token)
@@ -436,6 +442,17 @@ LogLevel ERROR
         self.roots["postern-pg"] = [p.pid, pc.pid]
         wait_port(lp, pc)
         self.tunnels["postern-pg"] = {"pg": lp}
+        # A session spread over LANES connections, each on a thread of its own at both ends
+        # (the worker's session lanes share its port): several CPUs for one session.
+        if LANES > 1:
+            ports = {"iperf": free_port(), "pg": free_port()}
+            self.roots["postern-lanes"] = [p.pid]
+            for key, lp in ports.items():
+                pc = start([POSTERN, "connect", f"bench-{key}", "--port", str(lp), "--lanes",
+                            str(LANES)], f"postern-connect-{key}-lanes", env=env)
+                self.roots["postern-lanes"].append(pc.pid)
+                wait_port(lp, pc)
+            self.tunnels["postern-lanes"] = ports
 
     def start_postern_pg_controller(self):
         """A second `postern dev` whose controller keeps its state in PostgreSQL (a fresh
@@ -820,13 +837,17 @@ def report(env, res, idle, elapsed):
     def target(text, ok, detail):
         targets.append({"target": text, "met": ok, "detail": detail})
 
-    for (g, label), pc in itertools.product((("tput1", "1 conn"), ("tput4", "4 conns")),
-                                            ("postern",) if PATH_MTU else
-                                            ("postern", "postern-1500")):
+    rows = list(itertools.product((("tput1", "1 conn"), ("tput4", "4 conns")),
+                                  ("postern",) if PATH_MTU else ("postern", "postern-1500")))
+    if LANES > 1:
+        rows.append((("tput4", "4 conns"), "postern-lanes"))
+    for (g, label), pc in rows:
         p = m(g, pc)
+        if pc == "postern-lanes":
+            label += f", {LANES} lanes"
         if PATH_MTU:
             label += f", every tunnel on a {PATH_MTU}-byte path"
-        elif pc != "postern":
+        elif pc == "postern-1500":
             label += ", 1500-byte path"
         for c, factor in (("ssh", 1.5), ("ssh-aes128gcm", 1.0), ("rathole-tls", 1.0),
                           ("rathole-noise", 1.0)):
@@ -855,12 +876,14 @@ def report(env, res, idle, elapsed):
     if p is not None:
         target("whole new session < 5 ms, first session to a target", p < 5.0,
                f"{p:.2f} ms (in-process, median; worker dialled after authorize)")
-    p = m("pgS", "postern")
-    for c in ("ssh", "ssh-aes128gcm", "rathole-tls", "rathole-noise"):
-        v = m("pgS", c)
-        if p is not None and v is not None:
-            target(f"pgbench -S through Postern tcp > {LABELS[c]}", p > v,
-                   f"{p:.0f} vs {v:.0f} TPS")
+    for pc, label in (("postern", "Postern tcp"),
+                      ("postern-lanes", f"Postern tcp, {LANES} lanes")):
+        p = m("pgS", pc)
+        for c in ("ssh", "ssh-aes128gcm", "rathole-tls", "rathole-noise"):
+            v = m("pgS", c)
+            if p is not None and v is not None:
+                target(f"pgbench -S through {label} > {LABELS[c]}", p > v,
+                       f"{p:.0f} vs {v:.0f} TPS")
     if idle and "error" not in idle:
         per = idle["rss_per_conn_bytes"] / 1024
         target(f"{IDLE} idle connections, < 32 KiB RSS each, all up",
@@ -942,7 +965,7 @@ def train():
         for n in (1, 4):
             check(f"iperf3 -P {n} via {c}", iperf(env, c, n))
     log("training: pgbench -S, tcp and postgres, with and without -C")
-    for c in ("postern", "postern-pg"):
+    for c in ("postern", "postern-pg") + (("postern-lanes",) if LANES > 1 else ()):
         for each in (False, True):
             check(f"pgbench{' -C' if each else ''} via {c}", pgbench(env, c, each))
     log("training: authorizations and revocations")
@@ -1010,13 +1033,15 @@ def main():
             measure_sessions(env, res)
         if want("tput"):
             # On a path of PATH_MTU, Postern's own row is the capped one.
-            for c in order(configs + ([] if PATH_MTU else ["postern-1500"]), rnd):
+            lanes = ["postern-lanes"] if "postern-lanes" in env.tunnels else []
+            for c in order(configs + ([] if PATH_MTU else ["postern-1500"]) + lanes, rnd):
                 for g, n in (("tput1", 1), ("tput4", 4)):
                     gbps, per_gb = iperf(env, c, n)
                     res.add(g, c, gbps)
                     res.add(g + "-cpu", c, per_gb)
         if want("pg"):
-            for c in order(configs + ["postern-pg"], rnd):
+            lanes = ["postern-lanes"] if "postern-lanes" in env.tunnels else []
+            for c in order(configs + ["postern-pg"] + lanes, rnd):
                 res.add("pgS", c, pgbench(env, c, False))
                 res.add("pgSC", c, pgbench(env, c, True))
         if want("authz"):

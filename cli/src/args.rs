@@ -219,6 +219,11 @@ pub struct ConnectArgs {
     /// Session length, e.g. 30m or 2h (default: the target's).
     #[arg(long, short, value_parser = parse_duration_secs, value_name = "DURATION")]
     pub duration: Option<u64>,
+    /// Spread the session's connections over this many QUIC connections, each on a thread
+    /// of its own, for a worker with as many session lanes (`session_lanes`): concurrent
+    /// connections then use several CPUs at both ends (1-16).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16), value_name = "N")]
+    pub lanes: u8,
     /// Command to run against the session; `{port}` and `{host}` in its arguments are
     /// replaced by the local port and address. The session ends when it exits.
     #[arg(last = true, value_name = "CMD")]
@@ -664,6 +669,11 @@ pub struct DevArgs {
     /// only.
     #[arg(long, value_name = "URL")]
     pub database_url: Option<String>,
+    /// The dev worker's session lanes (`session_lanes`): endpoints on one port, each on a
+    /// thread of its own, for sessions spread over several connections
+    /// (`postern connect --lanes N`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64), value_name = "N")]
+    pub session_lanes: u32,
 }
 
 /// Parses `KEY=VALUE`.

@@ -139,7 +139,7 @@ pub async fn run(args: DevArgs, json: bool) -> Result<ExitCode> {
 
         let api = ApiClient::new(&api_url, Some(login.token))?;
         ensure_demo_targets(&api).await?;
-        let worker = start_worker(&runtime, &api, &api_url, &data_dir).await?;
+        let worker = start_worker(&runtime, &api, &api_url, &data_dir, args.session_lanes).await?;
         anyhow::Ok((admin, password, worker))
     };
     let (admin, password, worker) = match started.await {
@@ -267,10 +267,11 @@ async fn start_worker(
     api: &ApiClient,
     api_url: &str,
     data_dir: &Path,
+    lanes: u32,
 ) -> Result<postern_worker::WorkerHandle> {
     let worker_dir: PathBuf = data_dir.join("worker");
     if worker_dir.join("cert.pem").exists() {
-        match runtime.start(worker_config(api_url, &worker_dir, None)).await {
+        match runtime.start(worker_config(api_url, &worker_dir, None, lanes)).await {
             Ok(worker) if wait_connected(api, RECONNECT_WAIT).await => return Ok(worker),
             Ok(worker) => {
                 runtime.shutdown(worker).await;
@@ -299,7 +300,7 @@ async fn start_worker(
         )
         .await
         .context("creating the dev worker")?;
-    let config = worker_config(api_url, &worker_dir, Some(created.activation_token));
+    let config = worker_config(api_url, &worker_dir, Some(created.activation_token), lanes);
     let worker = runtime
         .start(config)
         .await
@@ -317,9 +318,11 @@ fn worker_config(
     api_url: &str,
     worker_dir: &Path,
     activation_token: Option<String>,
+    session_lanes: u32,
 ) -> postern_worker::WorkerConfig {
     postern_worker::WorkerConfig {
         activation_token,
+        session_lanes,
         ..postern_worker::WorkerConfig::loopback(api_url, worker_dir)
     }
 }

@@ -208,7 +208,23 @@ pub struct Session {
     session_id: String,
     expires_at: i64,
     connection_limit: Option<u32>,
+    /// The worker's session lane this connection landed on, if it has several.
+    lane: Option<u32>,
+    /// Further connections of the session on threads of their own ([`Session::add_lanes`]),
+    /// as they come up: new local connections are spread over these and this one.
+    lanes: Arc<std::sync::Mutex<Vec<LaneHandle>>>,
 }
+
+/// One further connection of a session, served on a thread of its own.
+#[derive(Debug)]
+struct LaneHandle {
+    conn: Connection,
+    /// Local connections for this lane to relay.
+    relay: tokio::sync::mpsc::UnboundedSender<std::net::TcpStream>,
+}
+
+/// How often a lane dials again when it lands on a worker lane the session uses already.
+const LANE_DIAL_ATTEMPTS: usize = 6;
 
 /// Dials the worker named in `auth`, proves possession of `key`, and presents the token.
 pub async fn open_session(auth: &Authorization, key: &ClientKey) -> Result<Session, SessionError> {
@@ -364,6 +380,7 @@ pub async fn open_session_on(
             session_id,
             expires_at,
             connection_limit,
+            lane,
         } => Ok(Session {
             endpoint,
             conn,
@@ -371,6 +388,8 @@ pub async fn open_session_on(
             session_id: session_id.0,
             expires_at,
             connection_limit,
+            lane,
+            lanes: Arc::default(),
         }),
         SessionReply::Refused { code, message } => {
             conn.close(VarInt::from_u32(close::CLIENT_DONE), b"refused");
@@ -401,6 +420,20 @@ impl Session {
         self.connection_limit
     }
 
+    /// The worker's session lane this connection landed on, if the worker has several.
+    pub fn lane(&self) -> Option<u32> {
+        self.lane
+    }
+
+    /// How many further connections ([`Session::add_lanes`]) are up and taking local
+    /// connections.
+    pub fn lanes_up(&self) -> usize {
+        lock(&self.lanes)
+            .iter()
+            .filter(|l| !l.relay.is_closed())
+            .count()
+    }
+
     /// The underlying QUIC connection.
     pub fn connection(&self) -> &Connection {
         &self.conn
@@ -422,7 +455,30 @@ impl Session {
     /// Proxies every connection accepted on `listener` through the session, until the
     /// session ends. A failing connection affects only itself.
     pub fn serve(&self, listener: TcpListener) -> JoinHandle<()> {
-        tokio::spawn(accept_loop(listener, self.conn.clone()))
+        tokio::spawn(accept_loop(listener, self.conn.clone(), self.lanes.clone()))
+    }
+
+    /// Spreads the session over up to `more` further connections ("lanes"), each dialled
+    /// from a socket and thread of its own, so that a worker with several session lanes
+    /// (`session_lanes`) serves the session's connections on several CPUs at both ends.
+    /// Returns at once; each lane joins [`Session::serve`]'s rotation when its connection is
+    /// up. A lane that lands on a worker lane the session already uses dials again (a few
+    /// times); against a worker with one lane, none is kept.
+    pub fn add_lanes(&self, auth: &Authorization, key: &Arc<ClientKey>, more: usize) {
+        let Some(first) = self.lane else {
+            return; // the worker has one lane: more connections would share its thread
+        };
+        let taken = Arc::new(std::sync::Mutex::new(vec![first]));
+        for index in 1..=more {
+            let (auth, key, taken, lanes) =
+                (auth.clone(), key.clone(), taken.clone(), self.lanes.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("postern-lane-{index}"))
+                .spawn(move || run_lane(auth, key, taken, lanes));
+            if let Err(e) = spawned {
+                tracing::debug!("cannot start session lane {index}: {e}");
+            }
+        }
     }
 
     /// Waits until the session connection ends, and says why.
@@ -432,13 +488,128 @@ impl Session {
 
     /// Ends the session cleanly (`CLIENT_DONE`) and waits briefly for the worker to hear it.
     pub async fn close(self) {
+        for lane in lock(&self.lanes).iter() {
+            lane.conn
+                .close(VarInt::from_u32(close::CLIENT_DONE), b"client done");
+        }
         self.conn
             .close(VarInt::from_u32(close::CLIENT_DONE), b"client done");
         let _ = tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await;
     }
 }
 
-async fn accept_loop(listener: TcpListener, conn: Connection) {
+/// A lane of a session (see [`Session::add_lanes`]): a one-thread runtime whose connection
+/// to the worker, once on a worker lane of its own, relays the local connections handed to
+/// it until the session ends.
+fn run_lane(
+    auth: Authorization,
+    key: Arc<ClientKey>,
+    taken: Arc<std::sync::Mutex<Vec<u32>>>,
+    lanes: Arc<std::sync::Mutex<Vec<LaneHandle>>>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return tracing::debug!("cannot start a session lane: {e}"),
+    };
+    runtime.block_on(async move {
+        let mut session = None;
+        for _ in 0..LANE_DIAL_ATTEMPTS {
+            match open_session_on(None, &auth, &key).await {
+                Ok(s) => {
+                    let fresh = s.lane.is_some_and(|l| {
+                        let mut taken = lock(&taken);
+                        let fresh = !taken.contains(&l);
+                        if fresh {
+                            taken.push(l);
+                        }
+                        fresh
+                    });
+                    if fresh {
+                        session = Some(s);
+                        break;
+                    }
+                    s.close().await;
+                }
+                Err(e) => return tracing::debug!("a session lane could not connect: {e}"),
+            }
+        }
+        let Some(session) = session else {
+            return tracing::debug!("no free worker lane for a session lane");
+        };
+        let (relay, mut local) = tokio::sync::mpsc::unbounded_channel();
+        lock(&lanes).push(LaneHandle {
+            conn: session.conn.clone(),
+            relay,
+        });
+        let mut relays = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                tcp = local.recv() => match tcp.map(TcpStream::from_std) {
+                    Some(Ok(tcp)) => {
+                        let conn = session.conn.clone();
+                        relays.spawn(async move { report(proxy_one(&conn, tcp).await) });
+                    }
+                    Some(Err(e)) => tracing::debug!("a local connection was lost on its way to a lane: {e}"),
+                    None => break,
+                },
+                _ = session.conn.closed() => break,
+                Some(_) = relays.join_next(), if !relays.is_empty() => {}
+            }
+        }
+        // The session's end closes every stream; let the relays report what they carried.
+        while relays.join_next().await.is_some() {}
+    });
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Logs how one relayed connection ended.
+fn report(outcome: Result<(u64, u64), SessionError>) {
+    match outcome {
+        Ok((up, down)) => tracing::debug!(up, down, "connection closed"),
+        Err(e @ SessionError::ConnRefused { .. }) => crate::errln!("{e}"),
+        Err(SessionError::Ended(_)) => {}
+        Err(e) => tracing::debug!("connection ended: {e}"),
+    }
+}
+
+/// Hands `tcp` to the next lane in turn (counting the session's own connection as lane 0):
+/// `None` if it is this connection's turn or no lane takes it.
+fn next_lane(
+    lanes: &std::sync::Mutex<Vec<LaneHandle>>,
+    turn: &mut usize,
+    tcp: TcpStream,
+) -> Option<TcpStream> {
+    let lanes = lock(lanes);
+    *turn = (*turn + 1) % (lanes.len() + 1);
+    let Some(lane) = turn.checked_sub(1).and_then(|i| lanes.get(i)) else {
+        return Some(tcp);
+    };
+    let std = match tcp.into_std() {
+        Ok(std) => std,
+        Err(e) => {
+            tracing::debug!("cannot hand a local connection to a lane: {e}");
+            return None;
+        }
+    };
+    match lane.relay.send(std) {
+        Ok(()) => None,
+        // The lane has ended (its session with it): relay it here.
+        Err(back) => TcpStream::from_std(back.0).ok(),
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    conn: Connection,
+    lanes: Arc<std::sync::Mutex<Vec<LaneHandle>>>,
+) {
+    let mut turn = 0;
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -453,15 +624,11 @@ async fn accept_loop(listener: TcpListener, conn: Connection) {
                 continue;
             }
         };
+        let Some(tcp) = next_lane(&lanes, &mut turn, tcp) else {
+            continue;
+        };
         let conn = conn.clone();
-        tokio::spawn(async move {
-            match proxy_one(&conn, tcp).await {
-                Ok((up, down)) => tracing::debug!(up, down, "connection closed"),
-                Err(e @ SessionError::ConnRefused { .. }) => crate::errln!("{e}"),
-                Err(SessionError::Ended(_)) => {}
-                Err(e) => tracing::debug!("connection ended: {e}"),
-            }
-        });
+        tokio::spawn(async move { report(proxy_one(&conn, tcp).await) });
     }
 }
 

@@ -36,6 +36,11 @@ pub enum SessionReply {
         expires_at: i64,
         /// Maximum number of connections, if any.
         connection_limit: Option<u32>,
+        /// Which of the worker's session lanes (one-thread endpoints sharing its session
+        /// port) serves this connection, if it has more than one: a client spreading a
+        /// session over several connections dials again when two land on the same lane.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lane: Option<u32>,
     },
     /// The session was refused; the connection is closed after this frame.
     Refused {

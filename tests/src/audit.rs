@@ -120,6 +120,7 @@ async fn sigkilled_controller_loses_no_event_and_stores_none_twice() {
         data_dir: dir.path().join("worker"),
         session_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         public_addr: None,
+        session_lanes: 1,
         mode: Default::default(),
         grace_period: Duration::from_secs(30),
         postgres: Default::default(),

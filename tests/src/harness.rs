@@ -213,6 +213,8 @@ pub struct ClusterOptions {
     pub recording_max_bytes: Option<u64>,
     /// The controller's `cluster_public_addrs` (the bound address if empty).
     pub cluster_public_addrs: Vec<String>,
+    /// The worker's `session_lanes`.
+    pub session_lanes: u32,
 }
 
 impl Default for ClusterOptions {
@@ -225,6 +227,7 @@ impl Default for ClusterOptions {
             worker_mode: Default::default(),
             recording_max_bytes: None,
             cluster_public_addrs: Vec::new(),
+            session_lanes: 1,
         }
     }
 }
@@ -332,6 +335,7 @@ impl Cluster {
         let worker = postern_worker::start(WorkerConfig {
             mode: opts.worker_mode,
             grace_period: opts.grace,
+            session_lanes: opts.session_lanes,
             ..worker_config(
                 &api.base,
                 &dir.path().join("worker"),

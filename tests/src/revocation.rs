@@ -245,6 +245,63 @@ async fn revocations_cut_open_connections() {
     c.stop().await;
 }
 
+/// A session spread over two QUIC connections (`postern connect --lanes 2`) to a worker with
+/// two session lanes: the second connection lands on the other lane, local connections take
+/// turns between the two, and a cancel cuts every one of them as one session's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_over_two_lanes_carries_on_both_and_is_cut_whole() {
+    let c = Cluster::start_with(ClusterOptions {
+        session_lanes: 2,
+        ..Default::default()
+    })
+    .await
+    .expect("cluster");
+    let echo = echo_server().await;
+    c.create_target("echo", &echo.to_string(), &[]).await;
+    let (auth, key) = authorize(&c.admin, "echo").await.expect("authorized");
+    let session = open_session(&auth, &key).await.expect("session opens");
+    assert!(
+        session.lane().is_some(),
+        "a worker with two lanes names the lane"
+    );
+    session.add_lanes(&auth, &std::sync::Arc::new(key), 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while session.lanes_up() < 1 {
+        assert!(Instant::now() < deadline, "the second lane never came up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (local, _) = session.listen(0).await.expect("listen");
+    // Each echoes once before `start` returns: four connections, two over each lane.
+    let mut traffic = Vec::new();
+    for _ in 0..4 {
+        traffic.push(Traffic::start(local).await);
+    }
+    assert!(traffic.iter_mut().all(Traffic::alive));
+
+    let t0 = Instant::now();
+    c.admin.cancel_session(&auth.session_id).await;
+    for t in traffic {
+        let cut = t
+            .wait_cut(CUT_BOUND * 5)
+            .await
+            .expect("a connection of the session was not cut");
+        assert!(cut.saturating_duration_since(t0) < CUT_BOUND);
+    }
+    let end = tokio::time::timeout(Duration::from_secs(2), session.closed())
+        .await
+        .expect("session closed");
+    assert!(end.reason.contains("cancelled"), "{}", end.reason);
+    let e = audited(&c.admin, "session.connections_cut", |e| {
+        e.resource == format!("session:{}", auth.session_id)
+    })
+    .await;
+    assert_eq!(
+        e.details["connections_cut"], 4,
+        "the worker counts both lanes' connections as the session's"
+    );
+    c.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_and_connection_limit() {
     let c = Cluster::start().await.expect("cluster");

@@ -30,6 +30,11 @@ pub struct WorkerConfig {
     /// Address (`host:port`) advertised to clients; defaults to the bound session address.
     #[serde(default)]
     pub public_addr: Option<String>,
+    /// Session lanes (1–64, default 1): endpoints sharing the session port (`SO_REUSEPORT`),
+    /// each on a thread of its own, so that one session spread over several connections
+    /// (`postern connect --lanes N`) is served by several CPUs. Direct mode only.
+    #[serde(default = "default_session_lanes")]
+    pub session_lanes: u32,
     /// `direct` (default): clients dial `session_listen`. `outbound-only`: the worker listens
     /// on nothing and clients reach it through the relay of the controller it is connected
     /// to (for a worker in a network nothing can connect into); `session_listen` and
@@ -110,6 +115,7 @@ impl std::fmt::Debug for WorkerConfig {
             .field("data_dir", &self.data_dir)
             .field("session_listen", &self.session_listen)
             .field("public_addr", &self.public_addr)
+            .field("session_lanes", &self.session_lanes)
             .field("mode", &self.mode)
             .field("grace_period", &self.grace_period)
             .field("postgres", &self.postgres)
@@ -131,6 +137,7 @@ impl WorkerConfig {
             data_dir: data_dir.to_owned(),
             session_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             public_addr: None,
+            session_lanes: default_session_lanes(),
             mode: Default::default(),
             grace_period: default_grace_period(),
             postgres: Default::default(),
@@ -173,6 +180,16 @@ impl WorkerConfig {
                      controller (30 days)",
                     self.grace_period.as_secs(),
                     self.grace_period.as_secs_f64() / 86_400.0
+                ),
+            });
+        }
+        if !(1..=MAX_SESSION_LANES).contains(&self.session_lanes) {
+            return Err(ConfigError::Invalid {
+                key: "session_lanes",
+                message: format!(
+                    "{}: give 1 to {MAX_SESSION_LANES} (one per CPU serves a session's \
+                     connections on every CPU)",
+                    self.session_lanes
                 ),
             });
         }
@@ -295,6 +312,13 @@ impl WorkerConfig {
         }
         Ok(())
     }
+}
+
+/// The most session lanes a worker runs (threads, each with a socket and endpoint).
+pub const MAX_SESSION_LANES: u32 = 64;
+
+fn default_session_lanes() -> u32 {
+    1
 }
 
 fn default_session_listen() -> SocketAddr {

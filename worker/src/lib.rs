@@ -127,6 +127,8 @@ pub struct WorkerHandle {
     listener_stop: watch::Sender<bool>,
     control_stop: watch::Sender<bool>,
     listener: Option<JoinHandle<()>>,
+    /// Session lanes past the first: each ends (its sender dropped) when its thread does.
+    lanes: Vec<tokio::sync::oneshot::Receiver<()>>,
     control: Option<JoinHandle<()>>,
     watchdog: Option<JoinHandle<()>>,
     /// The lock on the data directory, held while the worker runs.
@@ -161,6 +163,7 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
     let server_config = tls::session_server_config(&identity)?;
     let client_config = tls::control_client_config(&identity)?;
     let outbound_only = config.mode == WorkerMode::OutboundOnly;
+    let mut lane_sockets = Vec::new();
     let (endpoint, relay, per_path) = if outbound_only {
         // No socket at all: clients come through the controller's relay.
         let (endpoint, relay) =
@@ -171,13 +174,19 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
         (endpoint, Some(relay), None)
     } else {
         let per_path = Arc::new(server_config.clone());
-        let endpoint =
-            udp::endpoint(config.session_listen, Some(server_config)).map_err(|error| {
-                WorkerError::Bind {
-                    addr: config.session_listen,
-                    error,
-                }
-            })?;
+        let bind_error = |error| WorkerError::Bind {
+            addr: config.session_listen,
+            error,
+        };
+        let endpoint = if config.session_lanes > 1 {
+            // Lane 0 here, the others on threads of their own (below), all on one port.
+            lane_sockets = udp::lane_sockets(config.session_listen, config.session_lanes as usize)
+                .map_err(bind_error)?;
+            udp::endpoint_on(lane_sockets.remove(0), Some(server_config))
+        } else {
+            udp::endpoint(config.session_listen, Some(server_config))
+        }
+        .map_err(bind_error)?;
         (endpoint, None, Some(per_path))
     };
     let session_addr = endpoint.local_addr().map_err(|error| WorkerError::Bind {
@@ -231,11 +240,24 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
         }
     });
 
+    let lane = |i: usize| (config.session_lanes > 1).then_some(i as u32);
+    let mut lanes = Vec::new();
+    for (i, socket) in lane_sockets.into_iter().enumerate() {
+        lanes.push(spawn_lane(
+            i + 1,
+            socket,
+            per_path.clone(),
+            shared.clone(),
+            listener_stop_rx.clone(),
+            config.session_listen,
+        )?);
+    }
     let listener = tokio::spawn(listener::accept_loop(
         endpoint.clone(),
         per_path,
         shared.clone(),
         listener_stop_rx.clone(),
+        lane(0),
     ));
     let control = tokio::spawn(
         control::ControlTask {
@@ -286,10 +308,47 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
         listener_stop,
         control_stop,
         listener: Some(listener),
+        lanes,
         control: Some(control),
         watchdog: Some(watchdog),
         _data_dir_lock: data_dir_lock,
     })
+}
+
+/// Session lane `index`: a thread of its own running a one-thread runtime, whose endpoint on
+/// `socket` accepts the session connections the kernel steers to that socket, until `stop`.
+fn spawn_lane(
+    index: usize,
+    socket: std::net::UdpSocket,
+    server: Option<Arc<quinn::ServerConfig>>,
+    shared: Arc<state::Shared>,
+    stop: watch::Receiver<bool>,
+    session_listen: SocketAddr,
+) -> Result<tokio::sync::oneshot::Receiver<()>, WorkerError> {
+    let addr = socket.local_addr().unwrap_or(session_listen);
+    let bind_error = |error| WorkerError::Bind { addr, error };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(bind_error)?;
+    let (done, finished) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("postern-lane-{index}"))
+        .spawn(move || {
+            runtime.block_on(async move {
+                let config = server.as_deref().cloned();
+                match udp::endpoint_on(socket, config) {
+                    Ok(endpoint) => {
+                        listener::accept_loop(endpoint, server, shared, stop, Some(index as u32))
+                            .await
+                    }
+                    Err(e) => tracing::error!(lane = index, "session lane failed to start: {e}"),
+                }
+            });
+            drop(done);
+        })
+        .map_err(bind_error)?;
+    Ok(finished)
 }
 
 /// Runs the worker until `shutdown` completes, then stops it.
@@ -324,7 +383,8 @@ impl WorkerHandle {
     pub async fn shutdown(mut self) {
         self.listener_stop.send_replace(true);
         if let Some(task) = self.listener.take() {
-            if tokio::time::timeout(LISTENER_STOP_TIMEOUT, task)
+            let lanes = futures::future::join_all(std::mem::take(&mut self.lanes));
+            if tokio::time::timeout(LISTENER_STOP_TIMEOUT, async { tokio::join!(task, lanes) })
                 .await
                 .is_err()
             {

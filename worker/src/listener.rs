@@ -67,11 +67,14 @@ pub(crate) const MAX_STREAMS: u32 = 10_000;
 /// `per_path`: the listener's server config when clients arrive over real UDP, so each
 /// connection's packet size can follow its own route (`None` behind the outbound relay,
 /// whose addresses are not routes).
+/// `lane`: which of the worker's session lanes this endpoint is, when it has several
+/// (told to each client in its acceptance).
 pub(crate) async fn accept_loop(
     endpoint: quinn::Endpoint,
     per_path: Option<Arc<quinn::ServerConfig>>,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
+    lane: Option<u32>,
 ) {
     let mut conns = JoinSet::new();
     loop {
@@ -79,7 +82,7 @@ pub(crate) async fn accept_loop(
             incoming = endpoint.accept() => match incoming {
                 Some(incoming) => {
                     let span = tracing::info_span!("session_conn", remote = %incoming.remote_address());
-                    conns.spawn(handle(incoming, per_path.clone(), shared.clone()).instrument(span));
+                    conns.spawn(handle(incoming, per_path.clone(), shared.clone(), lane).instrument(span));
                 }
                 None => break,
             },
@@ -104,6 +107,7 @@ async fn handle(
     incoming: quinn::Incoming,
     per_path: Option<Arc<quinn::ServerConfig>>,
     shared: Arc<Shared>,
+    lane: Option<u32>,
 ) {
     let connecting = match per_path {
         Some(base) => {
@@ -130,7 +134,7 @@ async fn handle(
         conn.close(VarInt::from_u32(close::PROTOCOL), b"no client certificate");
         return;
     };
-    let session = match admit(&conn, &spki, &shared).await {
+    let session = match admit(&conn, &spki, &shared, lane).await {
         Ok(session) => session,
         Err(HelloError::Refused(refusal)) => {
             tracing::info!(code = ?refusal.code, "session refused: {}", refusal.message);
@@ -155,6 +159,7 @@ async fn admit(
     conn: &Connection,
     spki: &[u8],
     shared: &Arc<Shared>,
+    lane: Option<u32>,
 ) -> Result<Arc<Session>, HelloError> {
     let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
     let (mut send, mut recv) = match tokio::time::timeout_at(deadline, conn.accept_bi()).await {
@@ -187,6 +192,7 @@ async fn admit(
                 session_id: claims.sid.clone(),
                 expires_at: claims.exp,
                 connection_limit: claims.connection_limit,
+                lane,
             };
             if let Err(e) = write_frame(&mut send, &reply).await {
                 // The connection's close is noticed by the stream loop, which detaches it.

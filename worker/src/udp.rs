@@ -50,12 +50,39 @@ pub fn endpoint(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
 ) -> std::io::Result<quinn::Endpoint> {
+    endpoint_on(std::net::UdpSocket::bind(addr)?, server)
+}
+
+/// A QUIC endpoint on `socket` (from [`lane_sockets`]): what [`endpoint`] does with a socket
+/// it binds itself. Its driver runs on the current runtime.
+pub fn endpoint_on(
+    socket: std::net::UdpSocket,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
     quinn::Endpoint::new_with_abstract_socket(
         endpoint_config()?,
         server,
-        Arc::new(Socket::with_buffers(std::net::UdpSocket::bind(addr)?)?),
+        Arc::new(Socket::with_buffers(socket)?),
         Arc::new(quinn::TokioRuntime),
     )
+}
+
+/// `lanes` UDP sockets bound to the same address with `SO_REUSEPORT` (the first picks the
+/// port if `addr`'s is 0): the kernel hands each one the datagrams of some peers by their
+/// addresses, so every connection stays on the socket its first packet reached.
+pub fn lane_sockets(addr: SocketAddr, lanes: usize) -> io::Result<Vec<std::net::UdpSocket>> {
+    use socket2::{Domain, Protocol, Socket as RawSocket, Type};
+    let mut bound = addr;
+    let mut sockets = Vec::with_capacity(lanes);
+    for _ in 0..lanes {
+        let socket = RawSocket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        socket.set_reuse_port(true)?;
+        socket.bind(&bound.into())?;
+        let socket: std::net::UdpSocket = socket.into();
+        bound = socket.local_addr()?;
+        sockets.push(socket);
+    }
+    Ok(sockets)
 }
 
 /// A session endpoint's configuration: the packet size it accepts (a transport parameter;

@@ -27,6 +27,8 @@ pub(super) struct SessionRequest {
     pub(super) duration: Option<u64>,
     /// Login on the target (database user, SSH user) to authorize.
     pub(super) login: Option<String>,
+    /// QUIC connections to spread the session over ([`Session::add_lanes`]).
+    pub(super) lanes: u8,
     /// Command to run against the local port (`{port}`, `{host}` substituted); none serves
     /// until Ctrl-C.
     pub(super) command: Vec<String>,
@@ -41,6 +43,7 @@ pub async fn run(ctx: &Ctx, args: ConnectArgs) -> Result<ExitCode> {
             port: args.port,
             duration: args.duration,
             login: None,
+            lanes: args.lanes,
             command: args.command,
         },
     )
@@ -60,7 +63,7 @@ pub(super) async fn run_session(ctx: &Ctx, args: SessionRequest) -> Result<ExitC
         .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
     let addr = listener.local_addr().context("reading the local address")?;
     let setup = async {
-        let key = new_client_key()?;
+        let key = std::sync::Arc::new(new_client_key()?);
         let api = ctx.api()?;
         // The session's endpoint is made while the controller answers.
         let path = ["v1", "targets", &args.target, "authorize"];
@@ -82,6 +85,7 @@ pub(super) async fn run_session(ctx: &Ctx, args: SessionRequest) -> Result<ExitC
         if hint.as_ref() != Some(&seen) {
             save_hint(ctx, &args.target, seen);
         }
+        session.add_lanes(&auth, &key, usize::from(args.lanes).saturating_sub(1));
         anyhow::Ok((auth, session))
     };
     let (auth, session) = tokio::select! {

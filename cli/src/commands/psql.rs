@@ -60,6 +60,7 @@ pub async fn run(ctx: &Ctx, args: PsqlArgs) -> Result<ExitCode> {
             port: args.port,
             duration: args.duration,
             login: args.db_user,
+            lanes: 1,
             command,
         },
     )

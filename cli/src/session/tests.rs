@@ -159,6 +159,7 @@ async fn fake_worker(script: Script) -> (Authorization, mpsc::UnboundedReceiver<
                     session_id: "s_test".into(),
                     expires_at: 4_000_000_000,
                     connection_limit: None,
+                    lane: None,
                 };
                 write_frame(&mut send, &accepted, &conn)
                     .await
