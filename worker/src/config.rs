@@ -154,7 +154,7 @@ impl WorkerConfig {
 
     /// Applies `POSTERN_CONTROLLER_URL`, `POSTERN_ACTIVATION_TOKEN` (or
     /// `POSTERN_ACTIVATION_TOKEN_FILE`), `POSTERN_DATA_DIR`, `POSTERN_SESSION_LISTEN`,
-    /// `POSTERN_PUBLIC_ADDR`, `POSTERN_MODE`, `POSTERN_GRACE_PERIOD`,
+    /// `POSTERN_PUBLIC_ADDR`, `POSTERN_SESSION_LANES`, `POSTERN_MODE`, `POSTERN_GRACE_PERIOD`,
     /// `POSTERN_POSTGRES_AUDIT_STATEMENT_LIMIT`, `POSTERN_CONTROLLER_CA_FILE`,
     /// `POSTERN_CONTROLLER_CA_FINGERPRINT` and `POSTERN_METRICS_LISTEN`. A variable
     /// with an invalid value is logged and ignored; use [`Self::try_apply_env`] to refuse it.
@@ -264,6 +264,13 @@ impl WorkerConfig {
         }
         if let Some(v) = get("POSTERN_PUBLIC_ADDR") {
             self.public_addr = (!v.is_empty()).then_some(v);
+        }
+        if let Some(v) = get("POSTERN_SESSION_LANES") {
+            self.session_lanes = v.parse().map_err(|e| ConfigError::Env {
+                var: "POSTERN_SESSION_LANES",
+                reason: format!("{e}"),
+                value: v,
+            })?;
         }
         if let Some(v) = get("POSTERN_MODE") {
             self.mode = match v.as_str() {
