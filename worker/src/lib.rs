@@ -199,6 +199,12 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
         (Some(public), false) => public.clone(),
         (None, false) => session_addr.to_string(),
     };
+    if outbound_only && config.session_lanes > 1 {
+        tracing::warn!(
+            "session_lanes is not used in outbound-only mode: the controller's relay carries \
+             this worker's sessions over its one connection"
+        );
+    }
     if outbound_only && config.public_addr.is_some() {
         tracing::warn!(
             "public_addr is not used in outbound-only mode: clients reach this worker through \
