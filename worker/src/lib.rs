@@ -246,7 +246,6 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
         }
     });
 
-    let lane = |i: usize| (config.session_lanes > 1).then_some(i as u32);
     let mut lanes = Vec::new();
     for (i, socket) in lane_sockets.into_iter().enumerate() {
         lanes.push(spawn_lane(
@@ -263,7 +262,7 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
         per_path,
         shared.clone(),
         listener_stop_rx.clone(),
-        lane(0),
+        (config.session_lanes > 1).then_some(0),
     ));
     let control = tokio::spawn(
         control::ControlTask {
